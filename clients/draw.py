@@ -1,0 +1,32 @@
+"""Draw detections on the original image (a client-side choice of threshold)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from clients.grpc_client import Detections
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+
+
+def draw_detections(image: bytes, detections: Detections, out_path: Path, class_names: list[str] | None = None) -> Path:
+    """Save ``image`` with one labelled box per detection; returns the written path (PNG/JPEG by suffix)."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(io.BytesIO(image)) as im:
+        canvas = im.convert("RGB")
+    pen = ImageDraw.Draw(canvas)
+    width = max(1, round(max(canvas.size) / 300))
+    for box, score, label in zip(detections.boxes, detections.scores, detections.labels, strict=True):
+        colour = _PALETTE[int(label) % len(_PALETTE)]
+        name = class_names[int(label)] if class_names and 0 <= int(label) < len(class_names) else str(int(label))
+        x1, y1, x2, y2 = (float(v) for v in box)
+        pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        text = f"{name} {float(score):.2f}"
+        tx, ty = x1, max(0.0, y1 - 11)
+        pen.rectangle(pen.textbbox((tx, ty), text), fill=colour)
+        pen.text((tx, ty), text, fill=(0, 0, 0))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path)
+    return out_path

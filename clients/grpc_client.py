@@ -1,0 +1,176 @@
+"""gRPC client for a detserve ensemble: encoded images in, detections out.
+
+One request per image: Triton's dynamic batcher groups concurrent requests on the server, and
+each image keeps its own canvas, so its detections never depend on what else was sent.
+Needs only tritonclient + numpy (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from detserve.errors import ClientError
+
+OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections, in original-image pixels, sorted by score (highest first)."""
+
+    boxes: np.ndarray  # float32 [K, 4] x1, y1, x2, y2
+    scores: np.ndarray  # float32 [K]
+    labels: np.ndarray  # int32 [K]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def above(self, threshold: float) -> Detections:
+        keep = self.scores >= threshold
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "boxes": [[round(float(v), 2) for v in b] for b in self.boxes],
+            "scores": [round(float(s), 5) for s in self.scores],
+            "labels": [int(v) for v in self.labels],
+        }
+
+    @classmethod
+    def from_padded(cls, num: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> Detections:
+        return cls(boxes[:num].astype(np.float32), scores[:num].astype(np.float32), labels[:num].astype(np.int32))
+
+
+def request_parameters(score_threshold: float | None, iou_threshold: float | None, max_det: int | None) -> dict[str, Any]:
+    """Per-request controls; they travel as request parameters through the ensemble."""
+    params: dict[str, Any] = {}
+    if score_threshold is not None:
+        params["score_threshold"] = float(score_threshold)
+    if iou_threshold is not None:
+        params["iou_threshold"] = float(iou_threshold)
+    if max_det is not None:
+        params["max_det"] = int(max_det)
+    return params
+
+
+def _image_input(images: Sequence[bytes]) -> Any:
+    import tritonclient.grpc as grpcclient
+
+    inp = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[bytes(b)] for b in images], dtype=np.object_))
+    return inp
+
+
+def _split(result: Any) -> list[Detections]:
+    num = result.as_numpy("num_detections").reshape(-1)
+    boxes, scores, labels = (result.as_numpy(n) for n in OUTPUTS[1:])
+    return [Detections.from_padded(int(num[i]), boxes[i], scores[i], labels[i]) for i in range(num.shape[0])]
+
+
+def _wrap(e: Exception, model: str) -> ClientError:
+    msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
+    return ClientError(f"model {model!r}: {msg}")
+
+
+class DetectorClient:
+    """A gRPC connection to one detector ensemble."""
+
+    def __init__(self, url: str, model: str, timeout_s: float | None = 60.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        try:
+            self._client = grpcclient.InferenceServerClient(url)
+        except Exception as e:
+            raise ClientError(f"cannot connect to {url}: {e}") from e
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> DetectorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_ready(self) -> None:
+        try:
+            ready = self._client.is_model_ready(self.model)
+        except Exception as e:
+            raise ClientError(f"no Triton server answers at {self.url}: {e}", hint="start one with `detserve serve`") from e
+        if not ready:
+            raise ClientError(f"model {self.model!r} is not ready on {self.url}", hint="`detserve serve` lists the loaded models")
+
+    def detect(self, image: bytes, score_threshold: float | None = None, iou_threshold: float | None = None, max_det: int | None = None) -> Detections:
+        return self.detect_batch([image], score_threshold, iou_threshold, max_det)[0]
+
+    def detect_batch(
+        self, images: Sequence[bytes], score_threshold: float | None = None, iou_threshold: float | None = None, max_det: int | None = None
+    ) -> list[Detections]:
+        """Several images in ONE request (they share one canvas on the server, as in a torchvision batch)."""
+        params = request_parameters(score_threshold, iou_threshold, max_det)
+        try:
+            result = self._client.infer(
+                self.model, [_image_input(images)], parameters=params or None, client_timeout=self.timeout_s
+            )
+        except Exception as e:
+            raise _wrap(e, self.model) from e
+        return _split(result)
+
+    def detect_many(
+        self,
+        images: Sequence[bytes],
+        score_threshold: float | None = None,
+        iou_threshold: float | None = None,
+        max_det: int | None = None,
+        max_in_flight: int = 16,
+    ) -> list[Detections | ClientError]:
+        """One request per image, up to ``max_in_flight`` at once; a failed image yields its error."""
+        params = request_parameters(score_threshold, iou_threshold, max_det)
+        results: list[Detections | ClientError | None] = [None] * len(images)
+        slots = threading.Semaphore(max_in_flight)
+        done = threading.Event()
+        remaining = [len(images)]
+        lock = threading.Lock()
+
+        def callback(index: int, result: Any, error: Exception | None) -> None:
+            results[index] = _wrap(error, self.model) if error is not None else _split(result)[0]
+            slots.release()
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        if not images:
+            return []
+        for i, image in enumerate(images):
+            slots.acquire()
+            self._client.async_infer(
+                self.model,
+                [_image_input([image])],
+                callback=lambda result, error, i=i: callback(i, result, error),
+                parameters=params or None,
+                client_timeout=self.timeout_s,
+            )
+        done.wait()
+        return [r for r in results if r is not None]
+
+    def preprocessed(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """The server's preprocessed tensor and image_info for one image (verification rung 1)."""
+        try:
+            result = self._client.infer(f"{self.model}_preprocess", [_image_input([image])], client_timeout=self.timeout_s)
+        except Exception as e:
+            raise _wrap(e, f"{self.model}_preprocess") from e
+        return result.as_numpy("images")[0], result.as_numpy("image_info")[0]
+
+    def model_parameters(self, model: str, key: str) -> str:
+        config = self._client.get_model_config(model, as_json=True)["config"]
+        return str(json.loads(json.dumps(config))["parameters"][key]["string_value"])

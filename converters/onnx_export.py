@@ -1,0 +1,182 @@
+"""Split a torchvision detector into its core, export it to ONNX and verify ONNX Runtime against PyTorch.
+
+The core is backbone + heads and returns raw tensors only; the transform (resize/normalise) and
+the post-processing (decode, NMS, rescale) stay out of the graph: they run in torch in their own
+Triton models, so no engine needs NMS plugins and each piece is checked on its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detserve.errors import VerificationError
+from detserve.specs import PostprocessSpec, PreprocessSpec
+
+# FP32 tolerance of the ONNX Runtime check: |ort - torch| <= ATOL + RTOL * |torch| elementwise.
+# Kernel reordering in float32 gives ~1e-6..1e-5 here; 1e-4 catches real conversion bugs.
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-4
+OPSET = 17
+
+
+class DetectorCore(torch.nn.Module):
+    """backbone + head of a torchvision SSD/RetinaNet/FCOS: normalised padded images -> raw outputs."""
+
+    def __init__(self, model: torch.nn.Module, output_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+        self.output_names = output_names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.backbone(images)
+        if isinstance(features, torch.Tensor):  # SSD backbones may return one map
+            features = OrderedDict([("0", features)])
+        head_outputs = self.head(list(features.values()))
+        return tuple(head_outputs[name] for name in self.output_names)
+
+
+def export_core(
+    model: torch.nn.Module, pre: PreprocessSpec, post: PostprocessSpec, path: Path, sample_hw: tuple[int, int]
+) -> Path:
+    """Export the core with a dynamic batch (and dynamic H/W unless the spec fixes the size); fold constants; check."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    core = DetectorCore(model, post.output_names).eval()
+    fixed = pre.fixed_input_hw
+    hw = fixed or sample_hw
+    dynamic_axes: dict[str, dict[int, str]] = {"images": {0: "batch"}}
+    for name in post.output_names:
+        dynamic_axes[name] = {0: "batch"}
+    if fixed is None:
+        dynamic_axes["images"].update({2: "height", 3: "width"})
+        for name in post.output_names:
+            dynamic_axes[name][1] = "anchors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
+        # dynamo=False: the TorchScript-based exporter handles torchvision's detection heads with
+        # dynamic H/W and needs no onnxscript; the graph is checked below either way.
+        torch.onnx.export(
+            core,
+            (torch.zeros((2, 3, *hw)),),
+            str(path),
+            input_names=["images"],
+            output_names=list(post.output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    graph = gs.import_onnx(onnx.load(str(path)))
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    onnx.checker.check_model(cleaned, full_check=True)
+    onnx.save(cleaned, str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class OutputError:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    worst_excess: float  # max(|a-b| - (atol + rtol|b|)); <= 0 means within tolerance
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_excess <= 0.0
+
+
+@dataclass(frozen=True)
+class CoreVerification:
+    backend: str
+    atol: float
+    rtol: float
+    input_shapes: list[tuple[int, ...]]
+    outputs: list[OutputError]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def summary(self) -> str:
+        parts = [f"{o.name}: max abs {o.max_abs:.2e}, max rel {o.max_rel:.2e}" for o in self.outputs]
+        return f"{self.backend} vs PyTorch ({'ok' if self.ok else 'FAILED'}): " + "; ".join(parts)
+
+
+def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> OutputError:
+    if got.shape != ref.shape:
+        raise VerificationError(f"output {name}: shape {got.shape} differs from PyTorch's {ref.shape}")
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    mag = np.abs(ref.astype(np.float64))
+    rel = diff / np.maximum(mag, 1e-12)
+    return OutputError(
+        name=name,
+        shape=tuple(int(s) for s in got.shape),
+        max_abs=float(diff.max(initial=0.0)),
+        max_rel=float(rel.max(initial=0.0)),
+        worst_excess=float((diff - (atol + rtol * mag)).max(initial=-np.inf)),
+    )
+
+
+def verify_onnxruntime(
+    model: torch.nn.Module,
+    post: PostprocessSpec,
+    onnx_path: Path,
+    batches: list[torch.Tensor],
+    atol: float = FP32_ATOL,
+    rtol: float = FP32_RTOL,
+) -> CoreVerification:
+    """Run the same inputs through PyTorch and ONNX Runtime; per-output max abs/rel error."""
+    import onnxruntime as ort
+
+    core = DetectorCore(model, post.output_names).eval()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    errors: dict[str, list[OutputError]] = {n: [] for n in post.output_names}
+    for batch in batches:
+        with torch.no_grad():
+            ref = [t.numpy() for t in core(batch)]
+        got = session.run(list(post.output_names), {"images": batch.numpy()})
+        for name, g, r in zip(post.output_names, got, ref, strict=True):
+            errors[name].append(compare_outputs(name, g, r, atol, rtol))
+    merged = [
+        OutputError(
+            name=n,
+            shape=errs[-1].shape,
+            max_abs=max(e.max_abs for e in errs),
+            max_rel=max(e.max_rel for e in errs),
+            worst_excess=max(e.worst_excess for e in errs),
+        )
+        for n, errs in errors.items()
+    ]
+    return CoreVerification(
+        backend=f"onnxruntime {ort.__version__}",
+        atol=atol,
+        rtol=rtol,
+        input_shapes=[tuple(int(s) for s in b.shape) for b in batches],
+        outputs=merged,
+    )
+
+
+def require_ok(result: CoreVerification) -> None:
+    if not result.ok:
+        bad = [o for o in result.outputs if not o.ok]
+        raise VerificationError(
+            "converted core disagrees with PyTorch beyond tolerance: "
+            + "; ".join(f"{o.name} max abs {o.max_abs:.3e} (rel {o.max_rel:.3e})" for o in bad),
+            hint=f"tolerance is |diff| <= {result.atol} + {result.rtol}*|ref|; --no-verify skips the check (not advised)",
+        )

@@ -1,0 +1,46 @@
+"""What every detserve python-backend model shares: config parameters and per-request errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from detserve.errors import DetserveError
+
+
+def config_parameter(args: dict[str, Any], key: str) -> str:
+    """A ``parameters { key: ... string_value }`` entry of the model's config."""
+    config = json.loads(args["model_config"])
+    try:
+        return str(config["parameters"][key]["string_value"])
+    except KeyError as e:
+        raise DetserveError(f"model {config.get('name')!r} has no config parameter {key!r}") from e
+
+
+def error_response(pb_utils: Any, exc: BaseException) -> Any:
+    """One failed request -> its own error response; the rest of the batch is unaffected."""
+    if isinstance(exc, DetserveError):
+        message = str(exc)
+    else:  # a bug: keep the type so it can be found in the logs
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+def respond_each(pb_utils: Any, requests: Sequence[Any], handle: Callable[[Any], Any]) -> list[Any]:
+    """Run ``handle`` per request, turning each failure into that request's error response."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except Exception as e:  # noqa: BLE001 - one request's failure must not fail the batch
+            responses.append(error_response(pb_utils, e))
+    return responses
+
+
+def group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
+    """Indices grouped by key, in first-seen order (requests of one shape run together)."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups

@@ -1,0 +1,193 @@
+"""The ``detserve`` command: thin commands that parse, call one library function and print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from detserve.errors import DetserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve PyTorch object detectors on Triton.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(fn: F) -> F:
+    """A DetserveError is the user's to fix: message + hint, exit 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DetserveError as e:
+            typer.secho(f"error: {e.message}", fg=typer.colors.RED, err=True)
+            if e.hint:
+                typer.echo(f"hint: {e.hint}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_kwargs(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DetserveError(f"model keyword {item!r} is not KEY=VALUE", hint="e.g. --kw min_size=320")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@app.command()
+@_user_errors
+def build(
+    detector: Annotated[str, typer.Argument(help="torchvision detector, e.g. ssdlite320_mobilenet_v3_large")],
+    repository: Annotated[Path, typer.Option(help="model repository directory")] = Path("model_repository"),
+    name: Annotated[str | None, typer.Option(help="ensemble name (default: the detector's)")] = None,
+    num_classes: Annotated[int, typer.Option(help="classes including background")] = 91,
+    checkpoint: Annotated[Path | None, typer.Option(help="state dict (.pt), loaded with weights_only=True")] = None,
+    version: Annotated[int, typer.Option(help="version directory to write")] = 1,
+    target: Annotated[str, typer.Option(help="python-onnxruntime | onnxruntime")] = "python-onnxruntime",
+    kw: Annotated[list[str], typer.Option(help="model keyword KEY=VALUE (repeatable), e.g. min_size=320")] = [],  # noqa: B006
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching limit")] = 8,
+    max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images before decoding")] = None,
+    verify: Annotated[bool, typer.Option(help="check ONNX Runtime against PyTorch")] = True,
+) -> None:
+    """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
+    from detserve.repository import BuildRequest, build_repository
+    from detserve.tritonconfig import ServingOptions
+
+    req = BuildRequest(
+        detector=detector,
+        repository=repository,
+        name=name,
+        num_classes=num_classes,
+        checkpoint=checkpoint,
+        version=version,
+        target=target,
+        model_kwargs=_parse_kwargs(kw),
+        options=ServingOptions(max_batch_size=max_batch_size),
+        max_image_pixels=max_image_pixels,
+        verify=verify,
+    )
+    started = time.monotonic()
+    result = build_repository(req)
+    typer.echo(f"built {result.name} version {result.version} in {result.repository} ({time.monotonic() - started:.1f} s)")
+    core = result.record["verification"]["core"]
+    if core:
+        for out in core["outputs"]:
+            typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} (onnxruntime vs PyTorch)")
+
+
+@app.command()
+@_user_errors
+def serve(
+    repository: Annotated[Path, typer.Option(help="model repository directory")] = Path("model_repository"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    grpc_port: int = 8001,
+    http_port: int = 8000,
+    metrics_port: int = 8002,
+    log_file: Annotated[Path | None, typer.Option(help="Triton's log (default: a temp file)")] = None,
+) -> None:
+    """Start the embedded Triton server; Ctrl-C or SIGTERM stops it (in-flight requests drain)."""
+    from detserve.server import ServerOptions, TritonServer
+
+    server = TritonServer(ServerOptions(repository, host, grpc_port, http_port, metrics_port, log_file))
+    server.start()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.wait_ready()
+        typer.echo(f"ready: gRPC {host}:{grpc_port}  HTTP {host}:{http_port}  metrics http://{host}:{metrics_port}/metrics")
+        typer.echo(f"Triton log: {server.log_path}")
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        raise DetserveError("tritonserver exited: " + server.errors(), hint=f"full log: {server.log_path}")
+    except KeyboardInterrupt:
+        typer.echo("stopping (draining in-flight requests)...")
+    finally:
+        server.stop()
+
+
+@app.command()
+@_user_errors
+def detect(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    url: Annotated[str, typer.Option(help="gRPC HOST:PORT")] = "127.0.0.1:8001",
+    score_threshold: Annotated[float | None, typer.Option(help="per request; default: the model's")] = None,
+    iou_threshold: Annotated[float | None, typer.Option(help="NMS IoU, per request")] = None,
+    max_det: Annotated[int | None, typer.Option(help="max detections per image")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    draw: Annotated[Path | None, typer.Option(help="save annotated images here")] = None,
+) -> None:
+    """Send images to a served detector over gRPC and print their detections."""
+    from clients.draw import draw_detections
+    from clients.grpc_client import DetectorClient
+
+    blobs = []
+    for path in images:
+        if not path.is_file():
+            raise DetserveError(f"image not found: {path}")
+        blobs.append(path.read_bytes())
+    with DetectorClient(url, model) as client:
+        client.check_ready()
+        results = client.detect_many(blobs, score_threshold, iou_threshold, max_det)
+    failed = 0
+    report: list[dict[str, Any]] = []
+    for path, blob, res in zip(images, blobs, results, strict=True):
+        if isinstance(res, DetserveError):
+            failed += 1
+            report.append({"image": str(path), "error": res.message})
+            continue
+        report.append({"image": str(path), "num_detections": len(res), **res.to_dict()})
+        if draw is not None:
+            draw_detections(blob, res, draw / f"{path.stem}.png")
+    _print_detections(report, as_json)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_detections(report: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for item in report:
+        if "error" in item:
+            typer.secho(f"{item['image']}: error: {item['error']}", fg=typer.colors.RED, err=True)
+            continue
+        typer.echo(f"{item['image']}: {item['num_detections']} detections")
+        for box, score, label in list(zip(item["boxes"], item["scores"], item["labels"], strict=True))[:10]:
+            typer.echo(f"  label {label:>3}  score {score:.3f}  box {box}")
+        if item["num_detections"] > 10:
+            typer.echo(f"  ... {item['num_detections'] - 10} more")
+
+
+@app.command()
+@_user_errors
+def samples(out: Annotated[Path, typer.Argument(help="directory to write sample photographs to")]) -> None:
+    """Write real sample photographs (from scikit-image) of several sizes, one grey, as JPEG/PNG."""
+    from detserve.samples import write_samples
+
+    for path in write_samples(out):
+        typer.echo(str(path))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

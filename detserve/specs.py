@@ -1,0 +1,267 @@
+"""Frozen, validated specs: how an image becomes the core's input, and how raw outputs become boxes.
+
+A spec is declared once per model, stored in the repository (as JSON in a config parameter and
+as a file in each version directory) and used by the server *and* by every reference path, so
+serving cannot drift from what the model was trained/evaluated with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args
+
+from detserve.errors import SpecError
+
+ResizeMode = Literal["torchvision", "fixed", "letterbox"]
+ColorOrder = Literal["RGB", "BGR"]
+Family = Literal["ssd", "retinanet", "fcos"]
+AnchorKind = Literal["default_boxes", "grid"]
+
+T = TypeVar("T")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SpecError(msg)
+
+
+def _tuple(value: Any) -> Any:
+    """JSON gives lists; specs hold tuples so they stay hashable and frozen."""
+    if isinstance(value, list | tuple):
+        return tuple(_tuple(v) for v in value)
+    return value
+
+
+def _from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{cls.__name__} must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise SpecError(
+            f"unknown key(s) for {cls.__name__}: {', '.join(unknown)}",
+            hint=f"valid keys: {', '.join(names)}",
+        )
+    try:
+        return cls(**{k: _tuple(v) for k, v in data.items()})
+    except TypeError as e:  # a required key missing
+        raise SpecError(f"cannot build {cls.__name__}: {e}") from e
+
+
+class _Spec:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+        return _from_mapping(cls, data)
+
+    @classmethod
+    def from_json(cls: type[T], text: str) -> T:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{cls.__name__} is not valid JSON: {e}") from e
+        return _from_mapping(cls, data)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec(_Spec):
+    """How encoded image bytes become the core model's input tensor.
+
+    ``resize_mode``:
+      - ``torchvision``: torchvision's ``GeneralizedRCNNTransform`` (scale so the short side is
+        ``min_size`` unless the long side would pass ``max_size``), bilinear, no corner alignment;
+      - ``fixed``: stretch to ``fixed_size`` (what SSD models do);
+      - ``letterbox``: keep aspect inside ``fixed_size``, pad the rest with ``pad_value``.
+    The order matches torchvision: scale to 0..1, normalise, resize, pad (bottom/right) to a
+    multiple of ``size_divisible``. ``pad_value`` is in normalised units, like torchvision's 0.
+    """
+
+    resize_mode: ResizeMode = "torchvision"
+    min_size: int = 800
+    max_size: int = 1333
+    fixed_size: tuple[int, int] | None = None  # (height, width)
+    size_divisible: int = 32
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    pixel_max: float = 255.0  # uint8 pixels are divided by this (torchvision: x.float() / 255)
+    color_order: ColorOrder = "RGB"
+    grey: Literal["replicate"] = "replicate"  # a grey image becomes 3 equal channels
+    pad_value: float = 0.0
+    interpolation: Literal["bilinear"] = "bilinear"
+    max_image_pixels: int = 40_000_000  # refused before decoding (decompression bombs)
+
+    def __post_init__(self) -> None:
+        _check(self.resize_mode in get_args(ResizeMode), f"resize_mode must be one of {get_args(ResizeMode)}, got {self.resize_mode!r}")
+        _check(self.color_order in get_args(ColorOrder), f"color_order must be RGB or BGR, got {self.color_order!r}")
+        _check(self.grey == "replicate", f"grey must be 'replicate', got {self.grey!r}")
+        _check(self.interpolation == "bilinear", f"interpolation must be 'bilinear', got {self.interpolation!r}")
+        if self.resize_mode == "torchvision":
+            _check(0 < self.min_size <= self.max_size, f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        else:
+            _check(
+                self.fixed_size is not None and len(self.fixed_size) == 2 and min(self.fixed_size) > 0,
+                f"resize_mode {self.resize_mode!r} needs fixed_size=(height, width) > 0, got {self.fixed_size}",
+            )
+        _check(self.size_divisible >= 1, f"size_divisible must be >= 1, got {self.size_divisible}")
+        _check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std need 3 values")
+        _check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
+        _check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")
+        _check(self.max_image_pixels > 0, f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+
+    @property
+    def fixed_input_hw(self) -> tuple[int, int] | None:
+        """The core's spatial input size when every image gets the same one, else None."""
+        if self.fixed_size is None or self.resize_mode == "torchvision":
+            return None
+        d = self.size_divisible
+        return (math.ceil(self.fixed_size[0] / d) * d, math.ceil(self.fixed_size[1] / d) * d)
+
+    def padded_hw(self, resized_hw: tuple[int, int]) -> tuple[int, int]:
+        d = self.size_divisible
+        return (math.ceil(resized_hw[0] / d) * d, math.ceil(resized_hw[1] / d) * d)
+
+
+@dataclass(frozen=True)
+class AnchorSpec(_Spec):
+    """The model's own anchor/prior/point generator, rebuilt in the post-processing model.
+
+    ``grid``: torchvision ``AnchorGenerator(sizes, aspect_ratios)`` (RetinaNet, FCOS points).
+    ``default_boxes``: torchvision ``DefaultBoxGenerator`` (SSD priors).
+    Feature-map sizes come from ``fixed_grid_sizes`` when the input size is fixed, else from
+    ``strides`` as ceil(H / stride) — checked against the real model when the repository is built.
+    """
+
+    kind: AnchorKind
+    sizes: tuple[tuple[int, ...], ...] = ()
+    aspect_ratios: tuple[tuple[float, ...], ...] = ()
+    min_ratio: float = 0.15
+    max_ratio: float = 0.9
+    scales: tuple[float, ...] | None = None
+    steps: tuple[int, ...] | None = None
+    clip: bool = True
+    strides: tuple[int, ...] | None = None
+    fixed_input_hw: tuple[int, int] | None = None
+    fixed_grid_sizes: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in get_args(AnchorKind), f"anchor kind must be one of {get_args(AnchorKind)}, got {self.kind!r}")
+        _check(len(self.aspect_ratios) > 0, "aspect_ratios must not be empty")
+        if self.kind == "grid":
+            _check(len(self.sizes) == len(self.aspect_ratios), "grid anchors need one sizes entry per aspect_ratios entry")
+        _check(
+            self.strides is not None or (self.fixed_input_hw is not None and self.fixed_grid_sizes is not None),
+            "anchors need strides, or fixed_input_hw with fixed_grid_sizes",
+        )
+
+    def grid_sizes(self, padded_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        h, w = padded_hw
+        if self.fixed_grid_sizes is not None and self.fixed_input_hw is not None and tuple(padded_hw) == tuple(self.fixed_input_hw):
+            return [(int(a), int(b)) for a, b in self.fixed_grid_sizes]
+        if self.strides is None:
+            raise SpecError(f"this model only accepts inputs of {self.fixed_input_hw}, got {padded_hw}")
+        return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
+
+
+@dataclass(frozen=True)
+class PostprocessSpec(_Spec):
+    """How the core's raw outputs become detections, exactly as the eager torchvision model does."""
+
+    family: Family
+    num_classes: int
+    anchors: AnchorSpec
+    score_thresh: float
+    nms_thresh: float
+    detections_per_img: int
+    topk_candidates: int
+    box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    normalize_by_size: bool = True  # FCOS' BoxLinearCoder
+    bbox_xform_clip: float = math.log(1000.0 / 16)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.anchors, Mapping):  # built from JSON
+            object.__setattr__(self, "anchors", AnchorSpec.from_dict(self.anchors))
+        _check(self.family in get_args(Family), f"family must be one of {get_args(Family)}, got {self.family!r}")
+        _check(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        _check(0.0 <= self.score_thresh < 1.0, f"score_thresh must be in [0, 1), got {self.score_thresh}")
+        _check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        _check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
+        _check(self.topk_candidates >= 1, f"topk_candidates must be >= 1, got {self.topk_candidates}")
+        _check(len(self.box_coder_weights) == 4, "box_coder_weights needs 4 values")
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The core's raw outputs, in order."""
+        if self.family == "fcos":
+            return ("cls_logits", "bbox_regression", "bbox_ctrness")
+        return ("cls_logits", "bbox_regression")
+
+
+MAX_DET_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class RequestControls:
+    """Per-request knobs; each request may choose its own (thresholds are per scenario)."""
+
+    score_threshold: float
+    iou_threshold: float
+    max_det: int
+
+    def __post_init__(self) -> None:
+        from detserve.errors import RequestError
+
+        if not (0.0 <= self.score_threshold <= 1.0) or math.isnan(self.score_threshold):
+            raise RequestError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not (0.0 < self.iou_threshold <= 1.0):
+            raise RequestError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
+        if not (1 <= self.max_det <= MAX_DET_LIMIT):
+            raise RequestError(f"max_det must be in [1, {MAX_DET_LIMIT}], got {self.max_det}")
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, Any], spec: PostprocessSpec) -> RequestControls:
+        """Read controls from request parameters, falling back to the model's own defaults."""
+        from detserve.errors import RequestError
+
+        known = {"score_threshold", "iou_threshold", "max_det"}
+        values: dict[str, Any] = {}
+        for key in known & set(params):
+            v = params[key]
+            if isinstance(v, bool) or not isinstance(v, int | float | str):
+                raise RequestError(f"{key} must be a number, got {v!r}")
+            try:
+                values[key] = int(v) if key == "max_det" else float(v)
+            except ValueError as e:
+                raise RequestError(f"{key} must be a number, got {v!r}") from e
+        if "max_det" in values and isinstance(params["max_det"], float) and not float(params["max_det"]).is_integer():
+            raise RequestError(f"max_det must be an integer, got {params['max_det']!r}")
+        return cls(
+            score_threshold=values.get("score_threshold", spec.score_thresh),
+            iou_threshold=values.get("iou_threshold", spec.nms_thresh),
+            max_det=values.get("max_det", spec.detections_per_img),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec(_Spec):
+    """Everything a repository build needs to know about one detector."""
+
+    detector: str
+    num_classes: int
+    preprocess: PreprocessSpec
+    postprocess: PostprocessSpec
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preprocess, Mapping):
+            object.__setattr__(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
+        if isinstance(self.postprocess, Mapping):
+            object.__setattr__(self, "postprocess", PostprocessSpec.from_dict(self.postprocess))

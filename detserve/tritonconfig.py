@@ -1,0 +1,152 @@
+"""Triton ``config.pbtxt`` files generated from specs (protobuf messages, never string pasting).
+
+Tensor names are the ensemble contract of DESIGN.md: clients send ``IMAGE`` (encoded bytes) and
+read ``num_detections``, ``boxes``, ``scores``, ``labels`` whatever the detector family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from detserve.errors import SpecError
+from detserve.specs import PostprocessSpec, PreprocessSpec
+
+Target = Literal["python-onnxruntime", "onnxruntime"]
+TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime")
+
+IMAGE = "IMAGE"
+CORE_INPUT = "images"
+IMAGE_INFO = "image_info"
+OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Scheduling knobs shared by the generated configs (tuned per machine in the load-test work)."""
+
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    ort_intra_op_threads: int = 0  # 0: onnxruntime decides
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise SpecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise SpecError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.instances < 1:
+            raise SpecError(f"instances must be >= 1, got {self.instances}")
+
+
+def _tensor(container: Any, name: str, dtype: int, dims: list[int]) -> None:
+    container.add(name=name, data_type=dtype, dims=dims)
+
+
+def _batched(config: mc.ModelConfig, opts: ServingOptions) -> None:
+    config.max_batch_size = opts.max_batch_size
+    config.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=opts.instances)
+
+
+def _core_dims(pre: PreprocessSpec) -> list[int]:
+    fixed = pre.fixed_input_hw
+    return [3, *(fixed if fixed else (-1, -1))]
+
+
+def _raw_output_dims(post: PostprocessSpec, num_anchors: int | None) -> dict[str, list[int]]:
+    m = num_anchors if num_anchors is not None else -1
+    dims = {"cls_logits": [m, post.num_classes], "bbox_regression": [m, 4], "bbox_ctrness": [m, 1]}
+    return {n: dims[n] for n in post.output_names}
+
+
+def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=f"{name}_preprocess", backend="python")
+    _batched(config, opts)
+    _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
+    _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
+    _tensor(config.output, IMAGE_INFO, mc.TYPE_INT32, [6])
+    config.parameters["preprocess_spec"].string_value = pre.to_json()
+    return config
+
+
+def core_config(
+    name: str, target: str, pre: PreprocessSpec, post: PostprocessSpec, opts: ServingOptions, num_anchors: int | None
+) -> mc.ModelConfig:
+    if target not in TARGETS:
+        raise SpecError(f"unknown target {target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
+    config = mc.ModelConfig(name=f"{name}_core")
+    if target == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+    else:
+        config.backend = "python"
+        config.parameters["onnx_file"].string_value = "model.onnx"
+        config.parameters["intra_op_threads"].string_value = str(opts.ort_intra_op_threads)
+    _batched(config, opts)
+    _tensor(config.input, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
+    for out_name, dims in _raw_output_dims(post, num_anchors).items():
+        _tensor(config.output, out_name, mc.TYPE_FP32, dims)
+    return config
+
+
+def postprocess_config(name: str, post: PostprocessSpec, opts: ServingOptions, num_anchors: int | None) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=f"{name}_postprocess", backend="python")
+    _batched(config, opts)
+    for in_name, dims in _raw_output_dims(post, num_anchors).items():
+        _tensor(config.input, in_name, mc.TYPE_FP32, dims)
+    _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
+    _add_detection_outputs(config)
+    config.parameters["postprocess_spec"].string_value = post.to_json()
+    return config
+
+
+def _add_detection_outputs(config: mc.ModelConfig) -> None:
+    _tensor(config.output, "num_detections", mc.TYPE_INT32, [1])
+    _tensor(config.output, "boxes", mc.TYPE_FP32, [-1, 4])
+    _tensor(config.output, "scores", mc.TYPE_FP32, [-1])
+    _tensor(config.output, "labels", mc.TYPE_INT32, [-1])
+
+
+def ensemble_config(name: str, post: PostprocessSpec, opts: ServingOptions, version: int = -1) -> mc.ModelConfig:
+    """preprocess -> core -> postprocess; every step pins a version (-1 = latest, never unset)."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch_size)
+    _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
+    _add_detection_outputs(config)
+    steps = config.ensemble_scheduling.step
+    pre = steps.add(model_name=f"{name}_preprocess", model_version=version)
+    pre.input_map[IMAGE] = IMAGE
+    pre.output_map[CORE_INPUT] = "_images"
+    pre.output_map[IMAGE_INFO] = "_image_info"
+    core = steps.add(model_name=f"{name}_core", model_version=version)
+    core.input_map[CORE_INPUT] = "_images"
+    post_step = steps.add(model_name=f"{name}_postprocess", model_version=version)
+    for raw in post.output_names:
+        core.output_map[raw] = f"_{raw}"
+        post_step.input_map[raw] = f"_{raw}"
+    post_step.input_map[IMAGE_INFO] = "_image_info"
+    for out in OUTPUTS:
+        post_step.output_map[out] = out
+    return config
+
+
+def render(config: mc.ModelConfig) -> str:
+    return str(text_format.MessageToString(config))
+
+
+def parse(text: str) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as e:
+        raise SpecError(f"invalid config.pbtxt: {e}") from e
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    path = model_dir / "config.pbtxt"
+    if not path.is_file():
+        raise SpecError(f"no config.pbtxt in {model_dir}")
+    return parse(path.read_text())
