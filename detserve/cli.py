@@ -62,6 +62,9 @@ def build(
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching limit")] = 8,
     max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images before decoding")] = None,
     verify: Annotated[bool, typer.Option(help="check ONNX Runtime against PyTorch")] = True,
+    spread_init_seed: Annotated[
+        int | None, typer.Option(help="test fixture: untrained heads re-initialised so scores spread over 0..1")
+    ] = None,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
     from detserve.repository import BuildRequest, build_repository
@@ -79,6 +82,7 @@ def build(
         options=ServingOptions(max_batch_size=max_batch_size),
         max_image_pixels=max_image_pixels,
         verify=verify,
+        spread_init_seed=spread_init_seed,
     )
     started = time.monotonic()
     result = build_repository(req)
@@ -180,6 +184,20 @@ def samples(out: Annotated[Path, typer.Argument(help="directory to write sample 
 
     for path in write_samples(out):
         typer.echo(str(path))
+
+
+@app.command()
+@_user_errors
+def demo(
+    repository: Annotated[Path, typer.Option(help="model repository to build into")] = Path("model_repository"),
+    out: Annotated[Path, typer.Option(help="where sample and annotated images go")] = Path("out/demo"),
+) -> None:
+    """Build the demo detector, serve it on loopback, detect over gRPC and print the results."""
+    from detserve.demo import run_demo
+
+    result = run_demo(repository, out, typer.echo)
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    typer.echo(f"done: {timings}")
 
 
 def main() -> None:

@@ -32,7 +32,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageError(f"image is too large to decode: {e}") from e
+        raise ImageError(
+            f"image declares more pixels than allowed, over the limit of {max_pixels} ({e})",
+            hint="resize it before sending, or build the repository with a larger --max-image-pixels",
+        ) from e
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageError(f"not a decodable image ({len(data)} bytes): {type(e).__name__}: {e}") from e
     width, height = im.size
@@ -48,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         rgb = im.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data
         raise ImageError(f"cannot decode {im.format or 'image'} pixel data ({len(data)} bytes): {e}") from e
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -50,6 +50,9 @@ class BuildRequest:
     options: ServingOptions = field(default_factory=ServingOptions)
     max_image_pixels: int | None = None
     verify: bool = True
+    # Test fixture, not a trained model: untrained heads re-initialised with this seed so that
+    # scores spread over 0..1 (see converters.detectors.spread_head_init). Recorded in build.json.
+    spread_init_seed: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -112,7 +115,7 @@ def _verification_batches(pre: PreprocessSpec) -> list[Any]:
 
 def build_repository(req: BuildRequest) -> BuildResult:
     """Build (or add a version to) the detector's four models in ``req.repository``."""
-    from converters.detectors import build_detector, family_of, file_sha256
+    from converters.detectors import build_detector, family_of, file_sha256, spread_head_init
     from converters.onnx_export import export_core, require_ok, verify_onnxruntime
     from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
 
@@ -120,6 +123,10 @@ def build_repository(req: BuildRequest) -> BuildResult:
     if req.version < 1:
         raise SpecError(f"--version must be >= 1, got {req.version}")
     model = build_detector(req.detector, req.num_classes, req.checkpoint, **req.model_kwargs)
+    if req.spread_init_seed is not None:
+        if req.checkpoint is not None:
+            raise SpecError("--spread-init-seed replaces the heads' weights; it cannot be combined with --checkpoint")
+        spread_head_init(model, seed=req.spread_init_seed)
     pre = preprocess_spec_from_model(model)
     if req.max_image_pixels is not None:
         pre = PreprocessSpec.from_dict({**pre.to_dict(), "max_image_pixels": req.max_image_pixels})
@@ -151,6 +158,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "model_kwargs": req.model_kwargs,
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
         "checkpoint_sha256": file_sha256(req.checkpoint) if req.checkpoint else None,
+        "weights": "checkpoint" if req.checkpoint else ("spread-init test fixture, seed %d" % req.spread_init_seed if req.spread_init_seed is not None else "random init (untrained)"),
         "target": req.target,
         "precision": "fp32",
         "onnx_opset": 17,

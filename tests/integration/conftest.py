@@ -1,0 +1,52 @@
+"""A real tritonserver on free loopback ports, serving the four parity detectors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from detserve.server import TritonServer
+from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS, SHORT_NAMES, make_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("checkpoints")
+    return {d: make_checkpoint(d, directory) for d in PARITY_DETECTORS}
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
+    from detserve.repository import BuildRequest, build_repository
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    for detector, (kwargs, _) in PARITY_DETECTORS.items():
+        build_repository(
+            BuildRequest(
+                detector=detector,
+                repository=repo,
+                name=SHORT_NAMES[detector],
+                num_classes=NUM_CLASSES,
+                checkpoint=checkpoints[detector],
+                model_kwargs=kwargs,
+                max_image_pixels=20_000_000,
+            )
+        )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path) -> Iterator[TritonServer]:
+    from detserve.server import running_server
+
+    with running_server(repository) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def grpc_url(server: TritonServer) -> str:
+    return server.options.grpc_url

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+
+from detserve.errors import RequestError, SpecError
+from detserve.specs import AnchorSpec, ModelSpec, PostprocessSpec, PreprocessSpec, RequestControls
+
+
+def _post(**kw: object) -> PostprocessSpec:
+    base: dict[str, object] = dict(
+        family="retinanet",
+        num_classes=5,
+        anchors=AnchorSpec(kind="grid", sizes=((32,),), aspect_ratios=((0.5, 1.0, 2.0),), strides=(8,)),
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=300,
+        topk_candidates=1000,
+    )
+    base.update(kw)
+    return PostprocessSpec(**base)  # type: ignore[arg-type]
+
+
+def test_preprocess_round_trip() -> None:
+    spec = PreprocessSpec(resize_mode="fixed", fixed_size=(320, 320), size_divisible=1)
+    assert PreprocessSpec.from_json(spec.to_json()) == spec
+    assert spec.fixed_input_hw == (320, 320)
+
+
+def test_unknown_key_is_rejected_and_valid_keys_listed() -> None:
+    with pytest.raises(SpecError) as e:
+        PreprocessSpec.from_dict({"min_sise": 3})
+    assert "min_sise" in e.value.message and e.value.hint and "min_size" in e.value.hint
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        (dict(resize_mode="crop"), "resize_mode"),
+        (dict(min_size=900, max_size=800), "min_size"),
+        (dict(resize_mode="fixed"), "fixed_size"),
+        (dict(image_std=(0.1, 0.0, 0.1)), "image_std"),
+        (dict(color_order="RBG"), "color_order"),
+    ],
+)
+def test_invalid_preprocess_spec(kw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment):
+        PreprocessSpec(**kw)  # type: ignore[arg-type]
+
+
+def test_postprocess_round_trip_with_nested_anchors() -> None:
+    spec = _post()
+    again = PostprocessSpec.from_json(spec.to_json())
+    assert again == spec and isinstance(again.anchors, AnchorSpec)
+    model = ModelSpec("retinanet_resnet50_fpn_v2", 5, PreprocessSpec(), spec)
+    assert ModelSpec.from_json(model.to_json()) == model
+
+
+def test_grid_sizes_from_strides_and_fixed() -> None:
+    a = AnchorSpec(kind="grid", sizes=((32,), (64,)), aspect_ratios=((1.0,), (1.0,)), strides=(8, 16))
+    assert a.grid_sizes((256, 192)) == [(32, 24), (16, 12)]
+    f = AnchorSpec(kind="default_boxes", aspect_ratios=((2.0,),), fixed_input_hw=(320, 320), fixed_grid_sizes=((20, 20),))
+    assert f.grid_sizes((320, 320)) == [(20, 20)]
+    with pytest.raises(SpecError, match="only accepts"):
+        f.grid_sizes((640, 640))
+
+
+def test_fcos_has_three_raw_outputs() -> None:
+    assert _post(family="fcos").output_names == ("cls_logits", "bbox_regression", "bbox_ctrness")
+    with pytest.raises(SpecError, match="family"):
+        _post(family="yolo")
+
+
+def test_request_controls_defaults_and_overrides() -> None:
+    spec = _post()
+    c = RequestControls.from_parameters({}, spec)
+    assert (c.score_threshold, c.iou_threshold, c.max_det) == (0.05, 0.5, 300)
+    c = RequestControls.from_parameters({"score_threshold": 0.3, "max_det": 5000, "iou_threshold": "0.6"}, spec)
+    assert (c.score_threshold, c.iou_threshold, c.max_det) == (0.3, 0.6, 5000)
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"score_threshold": 1.5}, "score_threshold"),
+        ({"score_threshold": "high"}, "score_threshold"),
+        ({"iou_threshold": 0}, "iou_threshold"),
+        ({"max_det": 0}, "max_det"),
+        ({"max_det": 2.5}, "max_det"),
+        ({"max_det": 10**9}, "max_det"),
+        ({"max_det": True}, "max_det"),
+    ],
+)
+def test_request_controls_out_of_range(params: dict[str, object], fragment: str) -> None:
+    with pytest.raises(RequestError, match=fragment):
+        RequestControls.from_parameters(params, _post())

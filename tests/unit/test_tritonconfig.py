@@ -1,0 +1,100 @@
+"""Generated config.pbtxt files against golden files.
+
+Regenerate after an intended change with DETSERVE_UPDATE_GOLDEN=1 and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from detserve.errors import SpecError
+from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec
+from detserve.tritonconfig import (
+    ServingOptions,
+    core_config,
+    ensemble_config,
+    parse,
+    postprocess_config,
+    preprocess_config,
+    render,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+SSD_PRE = PreprocessSpec(resize_mode="fixed", fixed_size=(320, 320), size_divisible=1, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+SSD_POST = PostprocessSpec(
+    family="ssd",
+    num_classes=5,
+    anchors=AnchorSpec(kind="default_boxes", aspect_ratios=((2.0, 3.0),), fixed_input_hw=(320, 320), fixed_grid_sizes=((20, 20),)),
+    score_thresh=0.001,
+    nms_thresh=0.55,
+    detections_per_img=300,
+    topk_candidates=300,
+    box_coder_weights=(10.0, 10.0, 5.0, 5.0),
+)
+FCOS_PRE = PreprocessSpec(min_size=256, max_size=320)
+FCOS_POST = PostprocessSpec(
+    family="fcos",
+    num_classes=5,
+    anchors=AnchorSpec(kind="grid", sizes=((8,), (16,)), aspect_ratios=((1.0,), (1.0,)), strides=(8, 16)),
+    score_thresh=0.2,
+    nms_thresh=0.6,
+    detections_per_img=100,
+    topk_candidates=1000,
+)
+OPTS = ServingOptions(max_batch_size=8, max_queue_delay_us=2000, instances=1)
+
+
+def _configs() -> dict[str, str]:
+    return {
+        "ssd_preprocess": render(preprocess_config("ssd", SSD_PRE, OPTS)),
+        "ssd_core_python": render(core_config("ssd", "python-onnxruntime", SSD_PRE, SSD_POST, OPTS, 3234)),
+        "ssd_core_onnxruntime": render(core_config("ssd", "onnxruntime", SSD_PRE, SSD_POST, OPTS, 3234)),
+        "ssd_postprocess": render(postprocess_config("ssd", SSD_POST, OPTS, 3234)),
+        "ssd_ensemble": render(ensemble_config("ssd", SSD_POST, OPTS)),
+        "fcos_core_python": render(core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_POST, OPTS, None)),
+        "fcos_ensemble": render(ensemble_config("fcos", FCOS_POST, OPTS)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_configs()))
+def test_matches_golden(name: str) -> None:
+    text = _configs()[name]
+    path = GOLDEN / f"{name}.pbtxt"
+    if os.environ.get("DETSERVE_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.is_file(), f"missing golden file {path}; run with DETSERVE_UPDATE_GOLDEN=1"
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize("name", sorted(_configs()))
+def test_round_trips_through_the_parser(name: str) -> None:
+    text = _configs()[name]
+    assert render(parse(text)) == text
+
+
+def test_ensemble_pins_every_step_and_wires_all_raw_outputs() -> None:
+    config = ensemble_config("fcos", FCOS_POST, OPTS)
+    steps = config.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["fcos_preprocess", "fcos_core", "fcos_postprocess"]
+    assert all(s.model_version == -1 for s in steps)
+    assert set(steps[1].output_map) == {"cls_logits", "bbox_regression", "bbox_ctrness"}
+    assert set(steps[2].input_map) == {"cls_logits", "bbox_regression", "bbox_ctrness", "image_info"}
+
+
+def test_dynamic_core_has_dynamic_spatial_dims() -> None:
+    config = core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_POST, OPTS, None)
+    assert list(config.input[0].dims) == [3, -1, -1]
+    assert list(config.output[0].dims) == [-1, 5]
+
+
+def test_invalid_inputs() -> None:
+    with pytest.raises(SpecError, match="target"):
+        core_config("x", "tensorrt-lite", SSD_PRE, SSD_POST, OPTS, None)
+    with pytest.raises(SpecError, match="max_batch_size"):
+        ServingOptions(max_batch_size=0)
+    with pytest.raises(SpecError, match="invalid config"):
+        parse("name: ")
