@@ -7,7 +7,16 @@ from pathlib import Path
 
 from clients.grpc_client import Detections
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+]
 
 
 def draw_detections(image: bytes, detections: Detections, out_path: Path, class_names: list[str] | None = None) -> Path:

@@ -109,11 +109,17 @@ class DetectorClient:
         if not ready:
             raise ClientError(f"model {self.model!r} is not ready on {self.url}", hint="`detserve serve` lists the loaded models")
 
-    def detect(self, image: bytes, score_threshold: float | None = None, iou_threshold: float | None = None, max_det: int | None = None) -> Detections:
+    def detect(
+        self, image: bytes, score_threshold: float | None = None, iou_threshold: float | None = None, max_det: int | None = None
+    ) -> Detections:
         return self.detect_batch([image], score_threshold, iou_threshold, max_det)[0]
 
     def detect_batch(
-        self, images: Sequence[bytes], score_threshold: float | None = None, iou_threshold: float | None = None, max_det: int | None = None
+        self,
+        images: Sequence[bytes],
+        score_threshold: float | None = None,
+        iou_threshold: float | None = None,
+        max_det: int | None = None,
     ) -> list[Detections]:
         """Several images in ONE request (they share one canvas on the server, as in a torchvision batch)."""
         params = request_parameters(score_threshold, iou_threshold, max_det)

@@ -56,24 +56,34 @@ def build_detector(
         raise SpecError(f"num_classes must be >= 2 (torchvision counts the background), got {num_classes}")
     for reserved in ("weights", "weights_backbone", "num_classes"):
         if reserved in model_kwargs:
-            raise SpecError(f"model keyword {reserved!r} is set by detserve itself", hint="pass --num-classes / --checkpoint instead")
+            raise SpecError(
+                f"model keyword {reserved!r} is set by detserve itself", hint="pass --num-classes / --checkpoint instead"
+            )
+    # torchvision forwards unknown keywords down to GeneralizedRCNNTransform(**kwargs), which
+    # ignores them: a typo (min_sise=320) would be silently lost. Check them here instead.
+    valid = _model_keywords(name)
+    unknown = sorted(set(model_kwargs) - set(valid))
+    if unknown:
+        raise SpecError(f"bad keyword for {name}: {', '.join(unknown)}", hint=f"model keywords: {', '.join(valid)}")
     try:
         model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **model_kwargs)
-    except TypeError as e:
-        valid = _model_keywords(name)
-        raise SpecError(f"bad keyword for {name}: {e}", hint=f"model keywords: {', '.join(valid)}") from e
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"bad keyword value for {name}: {e}", hint=f"model keywords: {', '.join(valid)}") from e
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.eval()
 
 
 def _model_keywords(name: str) -> list[str]:
-    from torchvision.models.detection import FCOS, SSD, RetinaNet
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
 
     cls = {"ssd": SSD, "retinanet": RetinaNet, "fcos": FCOS}[family_of(name)]
-    skip = {"self", "backbone", "num_classes", "anchor_generator", "head", "kwargs", "size"}
-    params = [p for p in inspect.signature(cls.__init__).parameters if p not in skip]
-    return params + ["min_size", "max_size", "image_mean", "image_std", "fixed_size", "size_divisible"]
+    skip = {"self", "backbone", "num_classes", "anchor_generator", "head", "kwargs", "size", "weights", "weights_backbone"}
+    params = set(inspect.signature(cls.__init__).parameters) | set(inspect.signature(_builder(name)).parameters)
+    params |= {"min_size", "max_size", "image_mean", "image_std", "fixed_size", "size_divisible"}
+    return sorted(params - skip)
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
@@ -125,7 +135,7 @@ def _final_cls_and_reg_layers(model: torch.nn.Module) -> tuple[list[Any], list[A
     """The last conv of each classification / regression branch (SSD has one per level)."""
     import torch
 
-    head = model.head  # type: ignore[attr-defined]
+    head: Any = model.head
     cls_layers: list[torch.nn.Conv2d] = []
     reg_layers: list[torch.nn.Conv2d] = []
     for branch, out in ((head.classification_head, cls_layers), (head.regression_head, reg_layers)):
@@ -139,7 +149,9 @@ def _final_cls_and_reg_layers(model: torch.nn.Module) -> tuple[list[Any], list[A
     return cls_layers, reg_layers
 
 
-def spread_head_init(model: torch.nn.Module, seed: int = 0, logit_std: float = 3.0, fraction_above: float = 0.002) -> torch.nn.Module:
+def spread_head_init(
+    model: torch.nn.Module, seed: int = 0, logit_std: float = 3.0, fraction_above: float = 0.002
+) -> torch.nn.Module:
     """Give an untrained detector scores spread over 0..1, deterministically.
 
     A randomly initialised detector gives near-uniform scores, which cannot test NMS, thresholds
@@ -167,7 +179,8 @@ def spread_head_init(model: torch.nn.Module, seed: int = 0, logit_std: float = 3
     finally:
         for h in hooks:
             h.remove()
-    softmax = hasattr(model.head.classification_head, "module_list")  # type: ignore[attr-defined]
+    cls_head: Any = model.head.classification_head  # type: ignore[union-attr]
+    softmax = hasattr(cls_head, "module_list")
     with torch.no_grad():
         for conv in reg_layers:
             conv.weight.mul_(0.3 / (float(torch.cat(captured[id(conv)]).std()) or 1.0))
@@ -182,7 +195,7 @@ def spread_head_init(model: torch.nn.Module, seed: int = 0, logit_std: float = 3
         shift = math.log(0.05 / 0.95) - float(torch.quantile(torch.cat(scaled)[:1_000_000], 1.0 - fraction_above))
         for conv in cls_layers:
             if softmax:
-                ncol = model.head.classification_head.num_columns  # type: ignore[attr-defined]
+                ncol = int(cls_head.num_columns)
                 bias = torch.full((conv.bias.numel() // ncol, ncol), shift)
                 bias[:, 0] = 0.0
                 conv.bias.copy_(bias.flatten())

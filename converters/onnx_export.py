@@ -31,8 +31,8 @@ class DetectorCore(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, output_names: tuple[str, ...]) -> None:
         super().__init__()
-        self.backbone = model.backbone
-        self.head = model.head
+        self.backbone: Any = model.backbone
+        self.head: Any = model.head
         self.output_names = output_names
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:

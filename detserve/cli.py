@@ -90,7 +90,9 @@ def build(
     core = result.record["verification"]["core"]
     if core:
         for out in core["outputs"]:
-            typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} (onnxruntime vs PyTorch)")
+            typer.echo(
+                f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} (onnxruntime vs PyTorch)"
+            )
 
 
 @app.command()

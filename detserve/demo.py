@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.grpc_client import DetectorClient, Detections
+from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import DetserveError
 
 DEMO_DETECTOR = "ssdlite320_mobilenet_v3_large"

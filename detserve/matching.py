@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 DEGENERATE_TOL_PX = 0.01
 
 

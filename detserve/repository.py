@@ -69,7 +69,9 @@ class BuildResult:
 
     @property
     def model_dirs(self) -> list[Path]:
-        return [self.repository / n for n in (self.name, f"{self.name}_preprocess", f"{self.name}_core", f"{self.name}_postprocess")]
+        return [
+            self.repository / n for n in (self.name, f"{self.name}_preprocess", f"{self.name}_core", f"{self.name}_postprocess")
+        ]
 
 
 def validate_name(name: str) -> str:
@@ -158,17 +160,27 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "model_kwargs": req.model_kwargs,
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
         "checkpoint_sha256": file_sha256(req.checkpoint) if req.checkpoint else None,
-        "weights": "checkpoint" if req.checkpoint else ("spread-init test fixture, seed %d" % req.spread_init_seed if req.spread_init_seed is not None else "random init (untrained)"),
+        "weights": _weights_note(req),
         "target": req.target,
         "precision": "fp32",
         "onnx_opset": 17,
         "onnx_sha256": file_sha256(onnx_path),
         "tools": tool_versions(),
         "verification": {"core": verification, "ok": verification is None or verification["ok"]},
-        "options": {k: getattr(req.options, k) for k in ("max_batch_size", "max_queue_delay_us", "instances", "ort_intra_op_threads")},
+        "options": {
+            k: getattr(req.options, k) for k in ("max_batch_size", "max_queue_delay_us", "instances", "ort_intra_op_threads")
+        },
     }
     _write_models(repo, name, req, configs, spec, record)
     return BuildResult(name, req.version, repo, spec, record)
+
+
+def _weights_note(req: BuildRequest) -> str:
+    if req.checkpoint:
+        return "checkpoint"
+    if req.spread_init_seed is not None:
+        return f"untrained; spread-init test fixture, seed {req.spread_init_seed}"
+    return "random init (untrained)"
 
 
 def _sample_hw(pre: PreprocessSpec) -> tuple[int, int]:
@@ -190,7 +202,9 @@ def _fixed_num_anchors(post: PostprocessSpec) -> int | None:
     return int(anchors.shape[0])
 
 
-def _write_models(repo: Path, name: str, req: BuildRequest, configs: dict[str, Any], spec: ModelSpec, record: dict[str, Any]) -> None:
+def _write_models(
+    repo: Path, name: str, req: BuildRequest, configs: dict[str, Any], spec: ModelSpec, record: dict[str, Any]
+) -> None:
     from detserve import __version__
 
     roles = {f"{name}_preprocess": "preprocess_model", f"{name}_postprocess": "postprocess_model"}
@@ -202,6 +216,8 @@ def _write_models(repo: Path, name: str, req: BuildRequest, configs: dict[str, A
         (repo / model_name / "config.pbtxt").write_text(render(config))
         if model_name in roles:
             role = roles[model_name].removesuffix("_model")
-            (version_dir / "model.py").write_text(MODEL_PY.format(version=__version__, role=role, name=name, module=roles[model_name]))
+            (version_dir / "model.py").write_text(
+                MODEL_PY.format(version=__version__, role=role, name=name, module=roles[model_name])
+            )
         (version_dir / "build.json").write_text(json.dumps({**record, "model": model_name}, indent=2, sort_keys=True) + "\n")
         (version_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")

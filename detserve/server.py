@@ -167,7 +167,9 @@ class TritonServer:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        wanted = [ln for ln in lines if ln.startswith("E") or "failed to load" in ln or "UNAVAILABLE" in ln or "error:" in ln.lower()]
+        wanted = [
+            ln for ln in lines if ln.startswith("E") or "failed to load" in ln or "UNAVAILABLE" in ln or "error:" in ln.lower()
+        ]
         return "\n".join(wanted[-15:]) or "\n".join(lines[-10:])
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> None:
@@ -178,10 +180,8 @@ class TritonServer:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash
         proc.wait()
@@ -204,7 +204,11 @@ class TritonServer:
 def running_server(repository: Path, **kwargs: object) -> Iterator[TritonServer]:
     """A server on free loopback ports (tests, the demo)."""
     opts = ServerOptions(
-        repository=repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs  # type: ignore[arg-type]
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        **kwargs,  # type: ignore[arg-type]
     )
     with TritonServer(opts) as server:
         yield server

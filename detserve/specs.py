@@ -100,7 +100,10 @@ class PreprocessSpec(_Spec):
     max_image_pixels: int = 40_000_000  # refused before decoding (decompression bombs)
 
     def __post_init__(self) -> None:
-        _check(self.resize_mode in get_args(ResizeMode), f"resize_mode must be one of {get_args(ResizeMode)}, got {self.resize_mode!r}")
+        _check(
+            self.resize_mode in get_args(ResizeMode),
+            f"resize_mode must be one of {get_args(ResizeMode)}, got {self.resize_mode!r}",
+        )
         _check(self.color_order in get_args(ColorOrder), f"color_order must be RGB or BGR, got {self.color_order!r}")
         _check(self.grey == "replicate", f"grey must be 'replicate', got {self.grey!r}")
         _check(self.interpolation == "bilinear", f"interpolation must be 'bilinear', got {self.interpolation!r}")
@@ -164,7 +167,11 @@ class AnchorSpec(_Spec):
 
     def grid_sizes(self, padded_hw: tuple[int, int]) -> list[tuple[int, int]]:
         h, w = padded_hw
-        if self.fixed_grid_sizes is not None and self.fixed_input_hw is not None and tuple(padded_hw) == tuple(self.fixed_input_hw):
+        if (
+            self.fixed_grid_sizes is not None
+            and self.fixed_input_hw is not None
+            and tuple(padded_hw) == tuple(self.fixed_input_hw)
+        ):
             return [(int(a), int(b)) for a, b in self.fixed_grid_sizes]
         if self.strides is None:
             raise SpecError(f"this model only accepts inputs of {self.fixed_input_hw}, got {padded_hw}")

@@ -20,10 +20,8 @@ def config_parameter(args: dict[str, Any], key: str) -> str:
 
 def error_response(pb_utils: Any, exc: BaseException) -> Any:
     """One failed request -> its own error response; the rest of the batch is unaffected."""
-    if isinstance(exc, DetserveError):
-        message = str(exc)
-    else:  # a bug: keep the type so it can be found in the logs
-        message = f"internal error: {type(exc).__name__}: {exc}"
+    # a bug (not a DetserveError) keeps its type so it can be found in the logs
+    message = str(exc) if isinstance(exc, DetserveError) else f"internal error: {type(exc).__name__}: {exc}"
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
@@ -33,7 +31,7 @@ def respond_each(pb_utils: Any, requests: Sequence[Any], handle: Callable[[Any],
     for request in requests:
         try:
             responses.append(handle(request))
-        except Exception as e:  # noqa: BLE001 - one request's failure must not fail the batch
+        except Exception as e:
             responses.append(error_response(pb_utils, e))
     return responses
 

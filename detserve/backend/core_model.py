@@ -33,14 +33,16 @@ class TritonPythonModel:
             try:
                 batch = np.concatenate([arrays[i] for i in idxs]) if len(idxs) > 1 else arrays[idxs[0]]
                 outputs = self.session.run(self.output_names, {"images": batch})
-            except Exception as e:  # noqa: BLE001 - fail this shape group only
+            except Exception as e:
                 for i in idxs:
                     responses[i] = error_response(pb_utils, e)
                 continue
             start = 0
             for i in idxs:
                 n = arrays[i].shape[0]
-                tensors = [pb_utils.Tensor(name, out[start : start + n]) for name, out in zip(self.output_names, outputs)]
+                tensors = [
+                    pb_utils.Tensor(name, out[start : start + n]) for name, out in zip(self.output_names, outputs, strict=True)
+                ]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
                 start += n
         return responses

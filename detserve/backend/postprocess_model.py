@@ -62,17 +62,17 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 parsed[i] = _Parsed(request, self.spec)
-            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            except Exception as e:
                 responses[i] = error_response(pb_utils, e)
         keys = list(parsed)
         for _, idxs in group_by([parsed[k].padded_hw for k in keys]).items():
             members = [keys[j] for j in idxs]
             try:
                 results = _run_group(self.spec, [parsed[k] for k in members])
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 for k in members:
                     responses[k] = error_response(pb_utils, e)
                 continue
-            for k, per_image in zip(members, results):
+            for k, per_image in zip(members, results, strict=True):
                 responses[k] = _response(per_image)
         return responses

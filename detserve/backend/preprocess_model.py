@@ -47,9 +47,7 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         blobs = [bytes(b) for b in tensor.as_numpy().reshape(-1)]
         images, info = preprocess_images(blobs, self.spec)
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor("images", images), pb_utils.Tensor("image_info", info)]
-        )
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images), pb_utils.Tensor("image_info", info)])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, requests, self._handle)

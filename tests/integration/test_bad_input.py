@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.grpc_client import DetectorClient, Detections
+from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError
 from detserve.server import TritonServer
 from tests.bad_images import NOT_AN_IMAGE, bomb_png, truncated_jpeg

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clients.grpc_client import DetectorClient, Detections
+from clients.grpc_client import Detections, DetectorClient
 from detserve.imaging import decode_image
 from detserve.matching import check_parity
 from tests.detector_fixtures import PARITY_DETECTORS, SHORT_NAMES, eager_model
@@ -64,7 +64,9 @@ def test_preprocessing_is_bit_exact(detector: str, grpc_url: str, samples: dict[
 
 
 @pytest.mark.parametrize("detector", DETECTORS)
-def test_detections_equal_eager_torchvision(detector: str, grpc_url: str, samples: dict[str, bytes], eager: dict[str, Any]) -> None:
+def test_detections_equal_eager_torchvision(
+    detector: str, grpc_url: str, samples: dict[str, bytes], eager: dict[str, Any]
+) -> None:
     stats = {}
     with DetectorClient(grpc_url, SHORT_NAMES[detector]) as client:
         for name, blob in samples.items():

@@ -24,11 +24,15 @@ from detserve.tritonconfig import (
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 
-SSD_PRE = PreprocessSpec(resize_mode="fixed", fixed_size=(320, 320), size_divisible=1, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+SSD_PRE = PreprocessSpec(
+    resize_mode="fixed", fixed_size=(320, 320), size_divisible=1, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)
+)
 SSD_POST = PostprocessSpec(
     family="ssd",
     num_classes=5,
-    anchors=AnchorSpec(kind="default_boxes", aspect_ratios=((2.0, 3.0),), fixed_input_hw=(320, 320), fixed_grid_sizes=((20, 20),)),
+    anchors=AnchorSpec(
+        kind="default_boxes", aspect_ratios=((2.0, 3.0),), fixed_input_hw=(320, 320), fixed_grid_sizes=((20, 20),)
+    ),
     score_thresh=0.001,
     nms_thresh=0.55,
     detections_per_img=300,
