@@ -67,7 +67,7 @@ def _image_input(images: Sequence[bytes]) -> Any:
     return inp
 
 
-def _split(result: Any) -> list[Detections]:
+def split_result(result: Any) -> list[Detections]:
     num = result.as_numpy("num_detections").reshape(-1)
     boxes, scores, labels = (result.as_numpy(n) for n in OUTPUTS[1:])
     return [Detections.from_padded(int(num[i]), boxes[i], scores[i], labels[i]) for i in range(num.shape[0])]
@@ -129,7 +129,7 @@ class DetectorClient:
             )
         except Exception as e:
             raise _wrap(e, self.model) from e
-        return _split(result)
+        return split_result(result)
 
     def detect_many(
         self,
@@ -148,7 +148,7 @@ class DetectorClient:
         lock = threading.Lock()
 
         def callback(index: int, result: Any, error: Exception | None) -> None:
-            results[index] = _wrap(error, self.model) if error is not None else _split(result)[0]
+            results[index] = _wrap(error, self.model) if error is not None else split_result(result)[0]
             slots.release()
             with lock:
                 remaining[0] -= 1

@@ -202,6 +202,46 @@ def demo(
     typer.echo(f"done: {timings}")
 
 
+def _seconds(text: str) -> float:
+    """'60s', '2m', '90' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError as e:
+        raise DetserveError(f"not a duration: {text!r}", hint="e.g. 30s, 2m") from e
+
+
+@app.command()
+@_user_errors
+def loadtest(
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    url: Annotated[str, typer.Option(help="gRPC HOST:PORT")] = "127.0.0.1:8001",
+    users: Annotated[int, typer.Option(help="concurrent users (closed loop)")] = 8,
+    duration: Annotated[str, typer.Option(help="e.g. 60s, 2m (fixed and step shapes)")] = "60s",
+    shape: Annotated[str, typer.Option(help="fixed | step | sweep")] = "fixed",
+    step: Annotated[str, typer.Option(help="time per step of the step/sweep shapes")] = "10s",
+    sweep: Annotated[str, typer.Option(help="concurrency levels of the sweep shape")] = "1,2,4,8,16",
+    images: Annotated[Path | None, typer.Option(help="folder of images (default: sample photographs)")] = None,
+    score_threshold: Annotated[float | None, typer.Option(help="sent with every request")] = None,
+    max_det: Annotated[int | None, typer.Option(help="sent with every request")] = None,
+    out: Annotated[Path, typer.Option(help="report folder")] = Path("out/loadtest"),
+) -> None:
+    """Load-test a served ensemble with Locust over gRPC; writes Locust's CSV/HTML and our report."""
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    try:
+        levels = tuple(int(v) for v in sweep.split(",") if v.strip())
+    except ValueError as e:
+        raise DetserveError(f"--sweep must be comma-separated integers, got {sweep!r}") from e
+    cfg = LoadTestConfig(
+        grpc_url=url, model=model, out_dir=out, users=users, duration_s=_seconds(duration), shape=shape,
+        step_s=_seconds(step), sweep=levels, images=images, score_threshold=score_threshold, max_det=max_det,
+    )  # fmt: skip
+    result = run_loadtest(cfg)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report: {', '.join(str(p) for p in result.files.values())}")
+
+
 def main() -> None:
     try:
         app()

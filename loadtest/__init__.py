@@ -1,0 +1,1 @@
+"""Load testing for detserve: server-side statistics, stability, and reports beside the measured numbers."""

@@ -1,0 +1,111 @@
+"""Large images through Triton's system shared memory instead of the gRPC payload.
+
+The encoded image is serialised as a BYTES tensor into a POSIX shared-memory region that the
+server reads directly; only the region's name crosses the socket. Outputs stay on gRPC (small).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from clients.grpc_client import Detections, split_result
+from detserve.errors import ClientError
+
+
+@dataclass(frozen=True)
+class TransferTiming:
+    mode: str
+    requests: int
+    mean_ms: float
+    p50_ms: float
+    p99_ms: float
+
+
+class SharedMemoryImageSender:
+    """Sends one encoded image per request through a registered system shared-memory region."""
+
+    def __init__(self, url: str, model: str, capacity_bytes: int) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        self._shm = shm
+        self.model = model
+        self.client = grpcclient.InferenceServerClient(url)
+        self.name = f"detserve_img_{uuid.uuid4().hex[:8]}"
+        self.key = f"/{self.name}"
+        self.capacity = capacity_bytes + 16  # room for the BYTES length prefix
+        self.handle = shm.create_shared_memory_region(self.name, self.key, self.capacity)
+        try:
+            self.client.register_system_shared_memory(self.name, self.key, self.capacity)
+        except Exception as e:
+            shm.destroy_shared_memory_region(self.handle)
+            raise ClientError(f"cannot register shared memory with the server: {e}") from e
+
+    def detect(self, image: bytes) -> Detections:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import serialize_byte_tensor
+
+        data = np.array([[image]], dtype=np.object_)
+        serialized = serialize_byte_tensor(data)
+        size = int(serialized.size * serialized.itemsize)
+        if size > self.capacity:
+            raise ClientError(f"image of {size} bytes does not fit the {self.capacity}-byte region")
+        self._shm.set_shared_memory_region(self.handle, [serialized])
+        inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        inp.set_shared_memory(self.name, size)
+        try:
+            result = self.client.infer(self.model, [inp])
+        except Exception as e:
+            raise ClientError(f"model {self.model!r}: {e}") from e
+        return split_result(result)[0]
+
+    def close(self) -> None:
+        try:
+            self.client.unregister_system_shared_memory(self.name)
+        finally:
+            self._shm.destroy_shared_memory_region(self.handle)
+            self.client.close()
+
+    def __enter__(self) -> SharedMemoryImageSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def compare_transfer(url: str, model: str, image: bytes, requests: int = 20) -> list[TransferTiming]:
+    """The same large image, sequentially, over plain gRPC and over system shared memory."""
+    from clients.grpc_client import DetectorClient
+
+    timings = []
+    with DetectorClient(url, model) as plain, SharedMemoryImageSender(url, model, len(image)) as shared:
+        for mode, send in (("grpc", plain.detect), ("system shared memory", shared.detect)):
+            send(image)  # warm-up
+            ms = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                send(image)
+                ms.append((time.perf_counter() - t0) * 1000.0)
+            arr = np.array(ms)
+            timings.append(
+                TransferTiming(mode, requests, float(arr.mean()), float(np.percentile(arr, 50)), float(np.percentile(arr, 99)))
+            )
+    return timings
+
+
+def large_jpeg(width: int = 3840, height: int = 2160, quality: int = 95) -> bytes:
+    """A 4K JPEG made from a sample photograph (upscaled), so decode cost is realistic."""
+    import io
+
+    from PIL import Image
+
+    from detserve.samples import sample_array
+
+    im = Image.fromarray(sample_array("astronaut")).resize((width, height), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,364 @@
+"""Numbers a load test reports: Triton's own per-model statistics, latency percentiles, stability, environment.
+
+Client-side latency says what a user waits; Triton's statistics say *where* the time goes (queue vs
+compute, per composing model of the ensemble) and how well the dynamic batcher groups requests.
+Both are cumulative counters on the server, so a measurement is the difference of two snapshots.
+
+Checked against Triton 2.51 (the embedded server):
+- JSON int64 values arrive as strings; a model that has served nothing has no ``inference_count``,
+  ``execution_count`` or ``last_inference`` keys and empty ``{}`` phases.
+- queue/compute counts are per *request*; ``execution_count`` is per batch, so
+  ``inference_count / execution_count`` is the average batch size the batcher achieved.
+- ``fail.count`` of an ensemble counts each failed request twice, and a python-backend model whose
+  response carries an error counts it as a success: trust the client's failure count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detserve.errors import ClientError, DetserveError
+
+PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+PERCENTILES = (50, 90, 95, 99)
+PACKAGES = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tritonclient", "nvidia-pytriton", "numpy")
+NVIDIA_SMI_QUERY = "name,driver_version,clocks.sm,power.draw"
+SUBPROCESS_TIMEOUT_S = 10
+
+
+class StatsError(DetserveError):
+    """Server statistics cannot be read or do not form a valid measurement window."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One cumulative counter pair: how many requests, and their summed duration."""
+
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model version's cumulative statistics at one instant."""
+
+    name: str
+    version: str
+    inference_count: int
+    execution_count: int
+    success: Phase
+    fail: Phase
+    queue: Phase
+    compute_input: Phase
+    compute_infer: Phase
+    compute_output: Phase
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> ModelStats:
+        """Parse one ``model_stats`` entry; absent keys are zero (a model that served nothing has none)."""
+        phases = entry.get("inference_stats") or {}
+        return cls(
+            name=str(entry["name"]),
+            version=str(entry.get("version", "")),
+            inference_count=int(entry.get("inference_count", 0)),
+            execution_count=int(entry.get("execution_count", 0)),
+            **{p: _phase(phases.get(p)) for p in PHASES},
+        )
+
+
+def _phase(raw: Mapping[str, Any] | None) -> Phase:
+    raw = raw or {}
+    return Phase(count=int(raw.get("count", 0)), ns=int(raw.get("ns", 0)))
+
+
+def parse_statistics(stats: Mapping[str, Any]) -> dict[str, ModelStats]:
+    """Key by model name; a name loaded in several versions is keyed ``name@version`` so nothing is merged."""
+    try:
+        models = [ModelStats.from_json(e) for e in stats.get("model_stats", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise StatsError(f"unexpected inference statistics from Triton: {e!r}") from e
+    names = [m.name for m in models]
+    return {(m.name if names.count(m.name) == 1 else f"{m.name}@{m.version}"): m for m in models}
+
+
+def snapshot(client: Any) -> dict[str, ModelStats]:
+    """All loaded models' statistics now, from a ``tritonclient.grpc.InferenceServerClient``."""
+    try:
+        raw = client.get_inference_statistics(as_json=True)
+    except Exception as e:
+        raise ClientError(f"cannot read inference statistics: {e}", hint="is the Triton server still running?") from e
+    return parse_statistics(raw)
+
+
+@dataclass(frozen=True)
+class PhaseSplit:
+    """Where a model's time went over one measurement window; ``*_ms`` are averages per request."""
+
+    model: str
+    requests: int
+    failures: int
+    inferences: int
+    executions: int
+    avg_batch_size: float
+    request_ms: float
+    queue_ms: float
+    compute_input_ms: float
+    compute_infer_ms: float
+    compute_output_ms: float
+
+    @property
+    def compute_ms(self) -> float:
+        """Input + infer + output: the time an instance was busy per request."""
+        return self.compute_input_ms + self.compute_infer_ms + self.compute_output_ms
+
+
+def _avg_ms(before: Phase, after: Phase) -> float:
+    count = after.count - before.count
+    return (after.ns - before.ns) / count / 1e6 if count else 0.0
+
+
+def _check_monotonic(name: str, before: ModelStats, after: ModelStats) -> None:
+    """Counters only grow while a server lives: a decrease means it restarted and the window is meaningless."""
+    pairs = [("inference_count", before.inference_count, after.inference_count)]
+    pairs.append(("execution_count", before.execution_count, after.execution_count))
+    for p in PHASES:
+        b, a = getattr(before, p), getattr(after, p)
+        pairs += [(f"{p}.count", b.count, a.count), (f"{p}.ns", b.ns, a.ns)]
+    for counter, b_val, a_val in pairs:
+        if a_val < b_val:
+            raise StatsError(
+                f"model {name!r}: counter {counter} went backwards ({b_val} -> {a_val}) during the measurement window",
+                hint="the server (or the model) was restarted mid-run; measure again",
+            )
+
+
+def _split(name: str, before: ModelStats, after: ModelStats) -> PhaseSplit:
+    _check_monotonic(name, before, after)
+    inferences = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    return PhaseSplit(
+        model=name,
+        requests=after.success.count - before.success.count,
+        failures=after.fail.count - before.fail.count,
+        inferences=inferences,
+        executions=executions,
+        avg_batch_size=inferences / executions if executions else 0.0,
+        request_ms=_avg_ms(before.success, after.success),
+        queue_ms=_avg_ms(before.queue, after.queue),
+        compute_input_ms=_avg_ms(before.compute_input, after.compute_input),
+        compute_infer_ms=_avg_ms(before.compute_infer, after.compute_infer),
+        compute_output_ms=_avg_ms(before.compute_output, after.compute_output),
+    )
+
+
+def delta(before: Mapping[str, ModelStats], after: Mapping[str, ModelStats]) -> dict[str, PhaseSplit]:
+    """Per-model split over the window between two snapshots; a model loaded mid-window starts from zero."""
+    out: dict[str, PhaseSplit] = {}
+    for name, a in after.items():
+        b = before.get(name) or ModelStats(name, a.version, 0, 0, *(Phase() for _ in PHASES))
+        out[name] = _split(name, b, a)
+    return out
+
+
+def naive_throughput(ms_per_inference: float, batch: int = 1) -> float:
+    """The back-of-envelope ``1000 / ms * batch`` that reports set beside measured throughput.
+
+    It assumes one request at a time with no queueing and no overlap between pipeline stages, so
+    the gap to the measured number shows what batching, concurrency and contention did.
+    """
+    if ms_per_inference <= 0:
+        raise StatsError(f"ms per inference must be > 0, got {ms_per_inference}")
+    if batch < 1:
+        raise StatsError(f"batch must be >= 1, got {batch}")
+    return 1000.0 / ms_per_inference * batch
+
+
+@dataclass(frozen=True)
+class Window:
+    """One fixed-length slice of a run; stability is judged on consecutive windows, as perf_analyzer does."""
+
+    throughput: float  # completed requests per second
+    p95_ms: float | None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    requests: int = 0
+    failures: int = 0
+    start_s: float = 0.0
+    duration_s: float = 0.0
+
+    @classmethod
+    def from_latencies(cls, latencies_ms: Sequence[float], duration_s: float, start_s: float = 0.0, failures: int = 0) -> Window:
+        """A window from the successful requests that completed in it; no requests leaves the percentiles None."""
+        if duration_s <= 0:
+            raise StatsError(f"window duration must be > 0, got {duration_s}")
+        pct: dict[str, float | None] = dict(percentiles(latencies_ms)) if len(latencies_ms) else dict.fromkeys(_keys())
+        return cls(
+            throughput=len(latencies_ms) / duration_s,
+            p95_ms=pct["p95"],
+            p50_ms=pct["p50"],
+            p90_ms=pct["p90"],
+            p99_ms=pct["p99"],
+            requests=len(latencies_ms),
+            failures=failures,
+            start_s=start_s,
+            duration_s=duration_s,
+        )
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Window:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def _keys() -> list[str]:
+    return [f"p{q}" for q in PERCENTILES]
+
+
+def percentiles(latencies_ms: Iterable[float]) -> dict[str, float]:
+    """p50/p90/p95/p99 with numpy's "linear" method (the default most tools use, so numbers compare)."""
+    values = np.asarray(list(latencies_ms), dtype=np.float64)
+    if values.size == 0:
+        raise StatsError("no latencies to summarise: no request completed")
+    qs = np.percentile(values, PERCENTILES, method="linear")
+    return {k: float(v) for k, v in zip(_keys(), qs, strict=True)}
+
+
+def _spread(values: Sequence[float]) -> float:
+    """Largest relative distance from the mean (0 when all are 0)."""
+    mean = float(np.mean(values))
+    if mean == 0:
+        return 0.0 if all(v == 0 for v in values) else float("inf")
+    return max(abs(v - mean) for v in values) / abs(mean)
+
+
+def stability(windows: Sequence[Window], n: int = 3, tolerance: float = 0.10) -> tuple[bool, str]:
+    """The verdict and the sentence a report prints; see :func:`is_stable`."""
+    if n < 1:
+        raise StatsError(f"n must be >= 1, got {n}")
+    if len(windows) < n:
+        return False, f"NOT stable: only {len(windows)} window(s), need {n}"
+    last = windows[-n:]
+    p95s = [w.p95_ms for w in last]
+    if any(p is None for p in p95s):
+        return False, f"NOT stable: a window among the last {n} completed no request"
+    tput, lat = _spread([w.throughput for w in last]), _spread([float(p) for p in p95s if p is not None])
+    if tput <= tolerance and lat <= tolerance:
+        return True, f"stable: {n} windows within {tolerance:.0%}"
+    return False, (
+        f"NOT stable: over the last {n} windows throughput deviates up to {tput:.1%} and p95 up to {lat:.1%}"
+        f" from their mean (limit {tolerance:.0%})"
+    )
+
+
+def is_stable(windows: Sequence[Window], n: int = 3, tolerance: float = 0.10) -> bool:
+    """perf_analyzer's rule: the last ``n`` windows each have throughput and p95 within ±tolerance of their mean."""
+    return stability(windows, n, tolerance)[0]
+
+
+def fingerprint(grpc_url: str | None = None) -> dict[str, Any]:
+    """What a number was measured on, so two reports are only compared when their machines match."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_governor": _read_text(Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")) or "unknown",
+        "memory_total_gib": _memory_total_gib(),
+        "os": _os_name(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "gpu": _gpus(),
+        "packages": _package_versions(),
+    }
+    if grpc_url is not None:
+        info["triton_server"] = _server_version(grpc_url)
+    return info
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    text = _read_text(Path("/proc/cpuinfo")) or ""
+    match = re.search(r"^(?:model name|Model|cpu model)\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else platform.processor() or "unknown"
+
+
+def _memory_total_gib() -> float | None:
+    match = re.search(r"^MemTotal:\s*(\d+)\s*kB", _read_text(Path("/proc/meminfo")) or "", re.MULTILINE)
+    return round(int(match.group(1)) / 2**20, 1) if match else None
+
+
+def _os_name() -> str:
+    match = re.search(r'^PRETTY_NAME="?([^"\n]+)"?', _read_text(Path("/etc/os-release")) or "", re.MULTILINE)
+    return match.group(1) if match else platform.platform()
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _gpus() -> list[dict[str, str]] | str:
+    """One entry per GPU from nvidia-smi, or "none" where there is no nvidia-smi (or it fails: no driver)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "none"
+    out = _run([smi, f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv,noheader"])
+    if not out or not out.strip():
+        return "none"
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", _run([smi]) or "")
+    keys = NVIDIA_SMI_QUERY.split(",")
+    gpus = []
+    for line in out.strip().splitlines():
+        gpu = dict(zip(keys, (v.strip() for v in line.split(",")), strict=False))
+        gpu["cuda"] = cuda.group(1) if cuda else "unknown"
+        gpus.append(gpu)
+    return gpus
+
+
+def _package_versions() -> dict[str, str | None]:
+    """Versions from package metadata: importing torch or tensorrt here would cost seconds and memory."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _server_version(grpc_url: str) -> str:
+    import tritonclient.grpc as grpcclient
+
+    try:
+        client = grpcclient.InferenceServerClient(grpc_url)
+    except Exception as e:
+        raise ClientError(f"cannot connect to {grpc_url}: {e}") from e
+    try:
+        meta = client.get_server_metadata(as_json=True)
+    except Exception as e:
+        raise ClientError(f"no Triton server answers at {grpc_url}: {e}", hint="start one with `detserve serve`") from e
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+    return f"{meta.get('name', 'triton')} {meta.get('version', 'unknown')}"
