@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import DetserveError
@@ -19,20 +20,20 @@ DEMO_NAME = "demo"
 class DemoResult:
     repository: Path
     grpc_url: str
-    detections: dict[str, Detections]
-    drawn: list[Path]
+    detections: dict[str, Detections | DetserveError]
     seconds: dict[str, float]
 
 
-def run_demo(repository: Path, out: Path, echo: Callable[[str], None], score_threshold: float = 0.3) -> DemoResult:
-    from clients.draw import draw_detections
+def run_demo(
+    repository: Path, out: Path, echo: Callable[[str], None], score_threshold: float = 0.3, load_seconds: float = 20.0
+) -> DemoResult:
     from detserve.repository import BuildRequest, build_repository
     from detserve.samples import write_samples
     from detserve.server import running_server
 
     seconds: dict[str, float] = {}
     t = time.monotonic()
-    echo(f"[1/3] building {DEMO_DETECTOR} as {DEMO_NAME!r} in {repository} (ONNX export + ONNX Runtime check)")
+    echo(f"[1/4] building {DEMO_DETECTOR} as {DEMO_NAME!r} in {repository} (ONNX export + ONNX Runtime check)")
     build = build_repository(
         BuildRequest(detector=DEMO_DETECTOR, repository=repository, name=DEMO_NAME, num_classes=91, spread_init_seed=0)
     )
@@ -43,23 +44,40 @@ def run_demo(repository: Path, out: Path, echo: Callable[[str], None], score_thr
 
     images = write_samples(out / "samples")
     t = time.monotonic()
-    echo("[2/3] starting the embedded Triton server on loopback")
+    echo("[2/4] starting the embedded Triton server on loopback")
     with running_server(repository) as server:
         seconds["server_start"] = time.monotonic() - t
         echo(f"      ready at {server.options.grpc_url} after {seconds['server_start']:.1f} s")
-        echo(f"[3/3] detecting over gRPC on {len(images)} photographs (score >= {score_threshold})")
+        echo(f"[3/4] detecting over gRPC on {len(images)} photographs (score >= {score_threshold})")
         t = time.monotonic()
         with DetectorClient(server.options.grpc_url, DEMO_NAME) as client:
             results = client.detect_many([p.read_bytes() for p in images], score_threshold=score_threshold)
         seconds["detect"] = time.monotonic() - t
-    detections: dict[str, Detections] = {}
-    drawn = []
+        _report_detections(images, results, out, echo)
+        if load_seconds > 0:
+            t = time.monotonic()
+            echo(f"[4/4] load test: Locust over gRPC, 8 users for {load_seconds:.0f} s")
+            report_md = _load_test(server.options.grpc_url, out / "loadtest", load_seconds)
+            seconds["load_test"] = time.monotonic() - t
+            echo(report_md)
+    return DemoResult(repository, server.options.grpc_url, {p.name: r for p, r in zip(images, results, strict=True)}, seconds)
+
+
+def _load_test(url: str, out: Path, seconds: float) -> str:
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    cfg = LoadTestConfig(grpc_url=url, model=DEMO_NAME, out_dir=out, users=8, duration_s=seconds, window_s=seconds / 5)
+    result = run_loadtest(cfg)
+    return result.files["markdown"].read_text() + f"\n(report files: {out})"
+
+
+def _report_detections(images: list[Path], results: list[Any], out: Path, echo: Callable[[str], None]) -> None:
+    from clients.draw import draw_detections
+
     for path, res in zip(images, results, strict=True):
         if isinstance(res, DetserveError):
             raise res
-        detections[path.name] = res
-        drawn.append(draw_detections(path.read_bytes(), res, out / "drawn" / f"{path.stem}.png"))
+        draw_detections(path.read_bytes(), res, out / "drawn" / f"{path.stem}.png")
         top = ", ".join(f"{int(lbl)}:{float(s):.2f}" for lbl, s in zip(res.labels[:5], res.scores[:5], strict=True))
         echo(f"      {path.name:16s} {len(res):3d} detections  top label:score {top}")
     echo(f"      annotated images in {out / 'drawn'}")
-    return DemoResult(repository, server.options.grpc_url, detections, drawn, seconds)

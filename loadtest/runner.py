@@ -120,13 +120,17 @@ def run_locust(cfg: LoadTestConfig, locustfile: Path = LOCUSTFILE, host: str | N
 def windows_of(log: RequestLog, window_s: float, skip_s: float = 0.0) -> list[stats.Window]:
     """Consecutive windows over the run (by completion time), after ``skip_s`` of ramp-up."""
     done = log.start + log.latency_ms / 1000.0
-    t0 = float(log.start.min()) + skip_s
+    origin = float(log.start.min())
+    t0 = origin + skip_s
     end = float(done.max())
     out = []
     while t0 + window_s <= end + 1e-9:
-        sel = (done >= t0) & (done < t0 + window_s) & log.ok
-        if sel.any():
-            out.append(stats.Window(throughput=float(sel.sum()) / window_s, p95_ms=float(np.percentile(log.latency_ms[sel], 95))))
+        inside = (done >= t0) & (done < t0 + window_s)
+        out.append(
+            stats.Window.from_latencies(
+                log.latency_ms[inside & log.ok].tolist(), window_s, start_s=t0 - origin, failures=int((inside & ~log.ok).sum())
+            )
+        )
         t0 += window_s
     return out
 
