@@ -202,3 +202,17 @@ def spread_head_init(
             else:
                 conv.bias.fill_(shift)
     return model
+
+
+def spread_init_detector(name: str, num_classes: int, seed: int, **model_kwargs: Any) -> torch.nn.Module:
+    """The test-fixture detector for ``seed``: backbone from ``torch.manual_seed(seed)``, heads spread.
+
+    Every user of a seeded fixture (repository builds, the Flask baseline, tests) gets identical
+    weights; the global RNG is left as it was.
+    """
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_detector(name, num_classes, None, **model_kwargs)
+        return spread_head_init(model, seed=seed).eval()

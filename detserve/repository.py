@@ -7,6 +7,7 @@ onnxruntime backend), ``<name>_postprocess`` (python, torch) and the ``<name>`` 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -117,18 +118,19 @@ def _verification_batches(pre: PreprocessSpec) -> list[Any]:
 
 def build_repository(req: BuildRequest) -> BuildResult:
     """Build (or add a version to) the detector's four models in ``req.repository``."""
-    from converters.detectors import build_detector, family_of, file_sha256, spread_head_init
+    from converters.detectors import build_detector, family_of, file_sha256, spread_init_detector
     from converters.onnx_export import export_core, require_ok, verify_onnxruntime
     from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
 
     name = validate_name(req.model_name)
     if req.version < 1:
         raise SpecError(f"--version must be >= 1, got {req.version}")
-    model = build_detector(req.detector, req.num_classes, req.checkpoint, **req.model_kwargs)
     if req.spread_init_seed is not None:
         if req.checkpoint is not None:
             raise SpecError("--spread-init-seed replaces the heads' weights; it cannot be combined with --checkpoint")
-        spread_head_init(model, seed=req.spread_init_seed)
+        model = spread_init_detector(req.detector, req.num_classes, req.spread_init_seed, **req.model_kwargs)
+    else:
+        model = build_detector(req.detector, req.num_classes, req.checkpoint, **req.model_kwargs)
     pre = preprocess_spec_from_model(model)
     if req.max_image_pixels is not None:
         pre = PreprocessSpec.from_dict({**pre.to_dict(), "max_image_pixels": req.max_image_pixels})
@@ -167,9 +169,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "onnx_sha256": file_sha256(onnx_path),
         "tools": tool_versions(),
         "verification": {"core": verification, "ok": verification is None or verification["ok"]},
-        "options": {
-            k: getattr(req.options, k) for k in ("max_batch_size", "max_queue_delay_us", "instances", "ort_intra_op_threads")
-        },
+        "options": dataclasses.asdict(req.options),
     }
     _write_models(repo, name, req, configs, spec, record)
     return BuildResult(name, req.version, repo, spec, record)

@@ -209,6 +209,8 @@ def render_bench(r: dict[str, Any]) -> str:
         "",
     ]
     for t in r["triton"].get("shm", []):
-        lines.append(f"- 4K image via {t['mode']}: mean {t['mean_ms']:.0f} ms, p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms")
+        lines.append(
+            f"- 4K image via {t['mode']}: mean {t['mean_ms']:.0f} ms, p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms"
+        )
     lines += ["", "## Machine", "", *[f"- {k}: {v}" for k, v in r["fingerprint"].items()], ""]
     return "\n".join(lines)

@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from detserve.backend.common import config_parameter, error_response, group_by
+from detserve.onnxrt import cpu_session
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "onnx_file")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(config_parameter(args, "intra_op_threads"))
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(
+            path, int(config_parameter(args, "intra_op_threads")), config_parameter(args, "allow_spinning") == "1"
+        )
         self.output_names = [o["name"] for o in config["output"]]
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -1,0 +1,178 @@
+"""The served pipeline in one process, no server: the practical throughput limit of this machine.
+
+Loads the very files the server loads (``spec.json`` and the core's ``model.onnx``) and runs what
+the three composing models run — decode, preprocess, one onnxruntime call per padded size,
+vectorised post-processing — as plain function calls. Whatever the served ensemble does slower
+than this is the price of serving (transport, queueing, copies between models), not of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detserve.errors import SpecError
+from detserve.specs import ModelSpec, RequestControls
+
+CORE_INPUT = "images"  # the core's input tensor, as the server feeds it
+
+
+def latest_version(model_dir: Path) -> int:
+    """The highest numbered version directory that holds a core model, as Triton's default policy serves."""
+    versions = (
+        [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()]
+        if model_dir.is_dir()
+        else []
+    )
+    if not versions:
+        raise SpecError(f"no version with a model.onnx in {model_dir}", hint="build the repository first (detserve build)")
+    return max(versions)
+
+
+@dataclass
+class InProcessPipeline:
+    """preprocess → core → postprocess of one repository model, run in the calling thread."""
+
+    spec: ModelSpec
+    session: Any  # onnxruntime.InferenceSession
+    version_dir: Path
+
+    @classmethod
+    def from_repository(
+        cls, repository: Path, name: str, version: int | None = None, intra_op_threads: int | None = None
+    ) -> InProcessPipeline:
+        """Load ``<name>_core/<version>/{spec.json, model.onnx}`` with the served core's session settings
+        (from its config.pbtxt) unless ``intra_op_threads`` overrides them."""
+        from detserve.onnxrt import cpu_session
+        from detserve.tritonconfig import read_config
+
+        core_dir = Path(repository) / f"{name}_core"
+        version_dir = core_dir / str(version if version is not None else latest_version(core_dir))
+        spec_path, onnx_path = version_dir / "spec.json", version_dir / "model.onnx"
+        for path in (spec_path, onnx_path):
+            if not path.is_file():
+                raise SpecError(f"{path} not found", hint=f"is {name!r} (version {version}) built in {repository}?")
+        spec = ModelSpec.from_json(spec_path.read_text())
+        params = read_config(core_dir).parameters
+        threads = intra_op_threads if intra_op_threads is not None else int(params["intra_op_threads"].string_value or 0)
+        session = cpu_session(onnx_path, threads, params["allow_spinning"].string_value == "1")
+        return cls(spec, session, version_dir)
+
+    def default_controls(self) -> RequestControls:
+        """The model's own thresholds, what a request without parameters gets from the server."""
+        post = self.spec.postprocess
+        return RequestControls(post.score_thresh, post.nms_thresh, post.detections_per_img)
+
+    def run(
+        self, blobs: Sequence[bytes], controls: RequestControls | Sequence[RequestControls] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Detections per encoded image: boxes [K, 4] float32 (original pixels), scores [K] float32, labels [K] int64.
+
+        Images of equal padded size share one onnxruntime call, as the dynamic batcher groups
+        same-shaped requests; each image keeps its own canvas, so results do not depend on the batch.
+        """
+        per_image = self._controls_per_image(controls, len(blobs))
+        items = [self._preprocess(blob) for blob in blobs]
+        results: list[dict[str, np.ndarray]] = [{} for _ in blobs]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.padded_hw, []).append(i)
+        for padded_hw, idxs in groups.items():
+            dets = self._core_and_postprocess(padded_hw, [items[i] for i in idxs], [per_image[i] for i in idxs])
+            for i, det in zip(idxs, dets, strict=True):
+                results[i] = det
+        return results
+
+    def _controls_per_image(self, controls: RequestControls | Sequence[RequestControls] | None, n: int) -> list[RequestControls]:
+        if controls is None:
+            return [self.default_controls()] * n
+        if isinstance(controls, RequestControls):
+            return [controls] * n
+        if len(controls) != n:
+            raise ValueError(f"{n} images but {len(controls)} request controls")
+        return list(controls)
+
+    def _preprocess(self, blob: bytes) -> Any:
+        from detserve.imaging import decode_image
+        from detserve.preprocess import preprocess
+
+        pre = self.spec.preprocess
+        return preprocess(decode_image(blob, pre.max_image_pixels), pre)
+
+    def _core_and_postprocess(
+        self, padded_hw: tuple[int, int], items: list[Any], controls: list[RequestControls]
+    ) -> list[dict[str, np.ndarray]]:
+        import torch
+
+        from detserve.postprocess import postprocess_batch
+
+        post = self.spec.postprocess
+        batch = torch.stack([it.tensor for it in items]).numpy()
+        raw = self.session.run(list(post.output_names), {CORE_INPUT: batch})
+        outputs = {name: torch.from_numpy(arr) for name, arr in zip(post.output_names, raw, strict=True)}
+        resized = torch.tensor([it.resized_hw for it in items], dtype=torch.int32)
+        original = torch.tensor([it.original_hw for it in items], dtype=torch.int32)
+        dets = postprocess_batch(post, outputs, padded_hw, resized, original, controls)
+        return [{k: v.numpy() for k, v in d.items()} for d in dets]
+
+
+def _batches(blobs: Sequence[bytes], batch_size: int) -> list[list[bytes]]:
+    """As many batches as images, each starting further along the pool, so every image is measured."""
+    n = len(blobs)
+    return [[blobs[(i * batch_size + j) % n] for j in range(batch_size)] for i in range(n)]
+
+
+def _measure_one(pipeline: InProcessPipeline, blobs: Sequence[bytes], batch_size: int, seconds: float) -> dict[str, float]:
+    """Whole batches until ``seconds`` have passed (at least one), after one untimed warm-up batch."""
+    batches = _batches(blobs, batch_size)
+    pipeline.run(batches[0])  # first-call costs (allocations, anchor cache) stay out
+    times: list[float] = []
+    started = time.perf_counter()
+    while not times or time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        pipeline.run(batches[len(times) % len(batches)])
+        times.append(time.perf_counter() - t0)
+    total = sum(times)
+    return {
+        "batch_size": batch_size,
+        "batches": len(times),
+        "images": len(times) * batch_size,
+        "seconds": total,
+        "images_per_s": len(times) * batch_size / total,
+        "ms_per_batch": 1000.0 * total / len(times),
+        "ms_per_batch_p50": 1000.0 * float(np.median(times)),
+        "ms_per_image": 1000.0 * total / (len(times) * batch_size),
+    }
+
+
+def measure(
+    pipeline: InProcessPipeline,
+    blobs: Sequence[bytes],
+    batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    seconds_per_size: float = 5.0,
+) -> dict[str, Any]:
+    """Throughput of the in-process pipeline per batch size, and the best one: the practical limit.
+
+    Single-threaded, closed loop: each batch starts when the previous one ends, so images/s is
+    what this process can do with onnxruntime's and torch's own intra-op threads.
+    """
+    if not blobs:
+        raise ValueError("measure needs at least one image")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {tuple(batch_sizes)}")
+    rows = [_measure_one(pipeline, blobs, int(b), seconds_per_size) for b in batch_sizes]
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {
+        "detector": pipeline.spec.detector,
+        "version_dir": str(pipeline.version_dir),
+        "images_in_pool": len(blobs),
+        "seconds_per_size": seconds_per_size,
+        "per_batch_size": rows,
+        "best_batch_size": int(best["batch_size"]),
+        "best_images_per_s": best["images_per_s"],
+    }
