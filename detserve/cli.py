@@ -242,6 +242,50 @@ def loadtest(
     typer.echo(f"report: {', '.join(str(p) for p in result.files.values())}")
 
 
+@app.command()
+@_user_errors
+def bench(
+    repository: Annotated[
+        Path, typer.Option(help="repository holding the model (built with the demo detector if missing)")
+    ] = Path("out/bench/model_repository"),
+    model: Annotated[str, typer.Option(help="ensemble name")] = "demo",
+    users: Annotated[int, typer.Option(help="concurrent users for every served/Flask run")] = 16,
+    duration: Annotated[str, typer.Option(help="length of each run")] = "20s",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench"),
+) -> None:
+    """Served ensemble vs in-process limit, Flask + eager PyTorch, and no dynamic batching; prints the ratios."""
+    from detserve.demo import DEMO_DETECTOR
+    from loadtest.bench import BenchConfig, run_bench
+
+    if not (repository / model).is_dir():
+        from detserve.repository import BuildRequest, build_repository
+
+        typer.echo(f"building {DEMO_DETECTOR} as {model!r} in {repository}")
+        build_repository(BuildRequest(DEMO_DETECTOR, repository, name=model, num_classes=91, spread_init_seed=0))
+    cfg = BenchConfig(repository=repository, model=model, out_dir=out, users=users, duration_s=_seconds(duration))
+    run_bench(cfg, typer.echo)
+    typer.echo((out / "bench.md").read_text())
+
+
+@app.command()
+@_user_errors
+def tune(
+    repository: Annotated[Path, typer.Option(help="repository holding the model")],
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    users: Annotated[int, typer.Option(help="concurrent users")] = 16,
+    duration: Annotated[str, typer.Option(help="length of each run")] = "15s",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("out/tune"),
+) -> None:
+    """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
+    from loadtest.tune import render_tuning, run_tuning
+
+    rows = run_tuning(repository, model, out, users, _seconds(duration), typer.echo)
+    table = render_tuning(rows, users)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.md").write_text(table + "\n")
+    typer.echo(table)
+
+
 def main() -> None:
     try:
         app()

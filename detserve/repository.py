@@ -163,6 +163,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
         "checkpoint_sha256": file_sha256(req.checkpoint) if req.checkpoint else None,
         "weights": _weights_note(req),
+        "spread_init_seed": req.spread_init_seed,
         "target": req.target,
         "precision": "fp32",
         "onnx_opset": 17,

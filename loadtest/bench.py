@@ -12,14 +12,12 @@ Every figure is a ratio of numbers measured here, now (these machines are shared
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detserve.tritonconfig import parse, render
 from loadtest.runner import LoadTestConfig, run_loadtest
 
 
@@ -37,17 +35,26 @@ class BenchConfig:
     flask: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Flask service
 
 
+def flask_kwargs_from_build(repository: Path, model: str) -> dict[str, Any]:
+    """The Flask baseline must hold the same weights as the served model: read how it was built."""
+    from loadtest.inprocess import latest_version
+
+    core = repository / f"{model}_core"
+    record = json.loads((core / str(latest_version(core)) / "build.json").read_text())
+    return {
+        "detector": record["detector"],
+        "num_classes": record["num_classes"],
+        "checkpoint": Path(record["checkpoint"]) if record.get("checkpoint") else None,
+        "model_kwargs": record.get("model_kwargs") or None,
+        "spread_init_seed": record.get("spread_init_seed"),
+    }
+
+
 def without_dynamic_batching(src: Path, dst: Path, model: str) -> Path:
     """A copy of the model's repository whose composing models schedule each request alone."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    for suffix in ("", "_preprocess", "_core", "_postprocess"):
-        shutil.copytree(src / f"{model}{suffix}", dst / f"{model}{suffix}")
-        path = dst / f"{model}{suffix}" / "config.pbtxt"
-        config = parse(path.read_text())
-        config.ClearField("dynamic_batching")
-        path.write_text(render(config))
-    return dst
+    from loadtest.tune import no_dynamic_batching, variant_repository
+
+    return variant_repository(src, dst, model, no_dynamic_batching)
 
 
 def process_tree_rss_mb(pid: int) -> float:
@@ -113,7 +120,7 @@ def _flask(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
 
     port = free_port()
     echo(f"  flask + eager PyTorch: {cfg.users} users for {cfg.duration_s:.0f} s")
-    with FlaskService(port=port, **cfg.flask):
+    with FlaskService(port=port, **(cfg.flask or flask_kwargs_from_build(cfg.repository, cfg.model))):
         lt = LoadTestConfig(
             grpc_url=f"127.0.0.1:{port}", model=cfg.model, out_dir=cfg.out_dir / "flask", users=cfg.users,
             duration_s=cfg.duration_s, title=f"{cfg.model}: Flask + eager PyTorch, {cfg.users} users", warmup_requests=0,
@@ -121,7 +128,7 @@ def _flask(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         from loadtest.runner import build_report, run_locust
 
         log = run_locust(lt, locustfile=LOCUSTFILE.with_name("locust_flask.py"), host=f"http://127.0.0.1:{port}")
-        report = build_report(lt, log, {}, ["Flask's threaded server with the eager torchvision model"])
+        report = build_report(lt, log, {}, ["Flask's threaded server with the eager torchvision model"], triton=False)
     return {"report": report.to_dict()}
 
 

@@ -192,7 +192,10 @@ def run_loadtest(cfg: LoadTestConfig, notes: Sequence[str] = ()) -> LoadTestResu
     return LoadTestResult(report, write_report(report, cfg.out_dir))
 
 
-def build_report(cfg: LoadTestConfig, log: RequestLog, split: dict[str, stats.PhaseSplit], notes: list[str]) -> LoadReport:
+def build_report(
+    cfg: LoadTestConfig, log: RequestLog, split: dict[str, stats.PhaseSplit], notes: list[str], triton: bool = True
+) -> LoadReport:
+    """``triton=False`` for a service that is not a Triton server (the Flask baseline)."""
     done = log.start + log.latency_ms / 1000.0
     elapsed = max(float(done.max() - log.start.min()), 1e-9)
     ok = log.ok
@@ -213,7 +216,7 @@ def build_report(cfg: LoadTestConfig, log: RequestLog, split: dict[str, stats.Ph
         stable=stats.is_stable(windows),
         server_split={name: s for name, s in split.items() if name == cfg.model or name.startswith(cfg.model + "_")},
         naive_throughput_rps=stats.naive_throughput(compute_ms) if compute_ms > 0 else 0.0,
-        fingerprint=stats.fingerprint(cfg.grpc_url),
+        fingerprint=stats.fingerprint(cfg.grpc_url if triton else None),
         steps=sweep_steps(log, cfg) if cfg.shape == "sweep" else [],
         notes=notes,
     )

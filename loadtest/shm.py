@@ -47,11 +47,11 @@ class SharedMemoryImageSender:
 
     def detect(self, image: bytes) -> Detections:
         import tritonclient.grpc as grpcclient
-        from tritonclient.utils import serialize_byte_tensor
+        from tritonclient.utils import serialize_byte_tensor, serialized_byte_size
 
         data = np.array([[image]], dtype=np.object_)
         serialized = serialize_byte_tensor(data)
-        size = int(serialized.size * serialized.itemsize)
+        size = int(serialized_byte_size(serialized))
         if size > self.capacity:
             raise ClientError(f"image of {size} bytes does not fit the {self.capacity}-byte region")
         self._shm.set_shared_memory_region(self.handle, [serialized])

@@ -1,0 +1,122 @@
+"""Measure scheduling variants of one built model side by side (instances, batching delay, ORT threads).
+
+Each variant is a copy of the model's four directories with edited configs, served in turn and
+loaded with the same closed-loop Locust run; the table shows what each knob does on *this*
+machine. The defaults in ``ServingOptions`` come from running this on the 2-core CPU machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detserve.tritonconfig import parse, render
+
+Mutation = Callable[[str, Any], None]  # (role, ModelConfig) -> edits in place; role: preprocess|core|postprocess
+ROLES = ("preprocess", "core", "postprocess")
+
+
+def variant_repository(src: Path, dst: Path, model: str, mutate: Mutation) -> Path:
+    """Copy ``model``'s ensemble and composing models to ``dst`` and edit each composing config."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src / model, dst / model)
+    for role in ROLES:
+        shutil.copytree(src / f"{model}_{role}", dst / f"{model}_{role}")
+        path = dst / f"{model}_{role}" / "config.pbtxt"
+        config = parse(path.read_text())
+        mutate(role, config)
+        path.write_text(render(config))
+    return dst
+
+
+def set_instances(counts: dict[str, int]) -> Mutation:
+    def mutate(role: str, config: Any) -> None:
+        if role in counts:
+            config.instance_group[0].count = counts[role]
+
+    return mutate
+
+
+def set_delay(us: int) -> Mutation:
+    def mutate(role: str, config: Any) -> None:
+        if config.HasField("dynamic_batching"):
+            config.dynamic_batching.max_queue_delay_microseconds = us
+
+    return mutate
+
+
+def set_ort_threads(threads: int) -> Mutation:
+    def mutate(role: str, config: Any) -> None:
+        if role == "core" and "intra_op_threads" in config.parameters:
+            config.parameters["intra_op_threads"].string_value = str(threads)
+
+    return mutate
+
+
+def no_dynamic_batching(role: str, config: Any) -> None:
+    config.ClearField("dynamic_batching")
+
+
+def combine(*mutations: Mutation) -> Mutation:
+    def mutate(role: str, config: Any) -> None:
+        for m in mutations:
+            m(role, config)
+
+    return mutate
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mutate: Mutation
+
+
+VARIANTS = [
+    Variant("as built", combine()),
+    Variant("batching delay 0", set_delay(0)),
+    Variant("batching delay 10 ms", set_delay(10_000)),
+    Variant("postprocess x2 instances", set_instances({"postprocess": 2})),
+    Variant("pre x2 + post x2 instances", set_instances({"preprocess": 2, "postprocess": 2})),
+    Variant("ORT 1 thread", set_ort_threads(1)),
+    Variant("ORT 1 thread + post x2", combine(set_ort_threads(1), set_instances({"postprocess": 2}))),
+]
+
+
+def run_tuning(
+    repository: Path, model: str, out_dir: Path, users: int, duration_s: float, echo: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    from detserve.server import running_server
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    rows = []
+    for i, variant in enumerate(VARIANTS):
+        repo = variant_repository(repository, out_dir / f"repo-{i}", model, variant.mutate)
+        echo(f"  {variant.name}")
+        with running_server(repo) as server:
+            cfg = LoadTestConfig(
+                grpc_url=server.options.grpc_url, model=model, out_dir=out_dir / f"run-{i}", users=users, duration_s=duration_s
+            )
+            report = run_loadtest(cfg).report
+        rows.append(
+            {"variant": variant.name, "throughput_rps": report.throughput_rps, **report.latency_ms, "failures": report.failures}
+        )
+        shutil.rmtree(repo)
+    return rows
+
+
+def render_tuning(rows: list[dict[str, Any]], users: int) -> str:
+    base = rows[0]["throughput_rps"] or 1e-9
+    lines = [
+        f"| variant ({users} users) | req/s | vs as built | p50 ms | p99 ms | failures |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['throughput_rps']:.1f} | {r['throughput_rps'] / base:.2f} | "
+            f"{r.get('p50', 0):.0f} | {r.get('p99', 0):.0f} | {r['failures']} |"
+        )
+    return "\n".join(lines)
