@@ -27,33 +27,47 @@ OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 
 @dataclass(frozen=True)
 class ServingOptions:
-    """Scheduling knobs shared by the generated configs (tuned per machine in the load-test work)."""
+    """Scheduling knobs of the generated configs.
+
+    Defaults measured with ``detserve tune`` on the 2-core CPU machine (docs/performance.md):
+    against torch on all cores in every stub, one torch thread per stub gave 1.5x the throughput;
+    a second post-processing instance (the costliest step: per-class NMS) +33%; one onnxruntime
+    thread +10%; the batching delay (0 / 2 / 10 ms) made no difference beyond noise.
+    """
 
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
-    instances: int = 1
-    ort_intra_op_threads: int = 0  # 0: onnxruntime decides
+    preprocess_instances: int = 1
+    core_instances: int = 1
+    postprocess_instances: int = 2
+    ort_intra_op_threads: int = 1  # 0: onnxruntime decides (all cores)
     # onnxruntime's threads spin after each call; on a small CPU that steals time from the
-    # torch pre/post-processing stubs running beside it (measured: +5-15% in-process throughput off)
+    # torch pre/post-processing stubs running beside it
     ort_allow_spinning: bool = False
+    # intra-op threads of torch in the pre/post-processing stubs (0: torch decides = all cores).
+    # Each stub is its own process: several stubs x all cores oversubscribes a small CPU.
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise SpecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise SpecError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
-        if self.instances < 1:
-            raise SpecError(f"instances must be >= 1, got {self.instances}")
+        if self.torch_threads < 0 or self.ort_intra_op_threads < 0:
+            raise SpecError("thread counts must be >= 0 (0: the library decides)")
+        for role in ("preprocess", "core", "postprocess"):
+            if getattr(self, f"{role}_instances") < 1:
+                raise SpecError(f"{role}_instances must be >= 1, got {getattr(self, f'{role}_instances')}")
 
 
 def _tensor(container: Any, name: str, dtype: int, dims: list[int]) -> None:
     container.add(name=name, data_type=dtype, dims=dims)
 
 
-def _batched(config: mc.ModelConfig, opts: ServingOptions) -> None:
+def _batched(config: mc.ModelConfig, opts: ServingOptions, instances: int) -> None:
     config.max_batch_size = opts.max_batch_size
     config.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=opts.instances)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
 
 
 def _core_dims(pre: PreprocessSpec) -> list[int]:
@@ -69,11 +83,12 @@ def _raw_output_dims(post: PostprocessSpec, num_anchors: int | None) -> dict[str
 
 def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> mc.ModelConfig:
     config = mc.ModelConfig(name=f"{name}_preprocess", backend="python")
-    _batched(config, opts)
+    _batched(config, opts, opts.preprocess_instances)
     _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
     _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     _tensor(config.output, IMAGE_INFO, mc.TYPE_INT32, [6])
     config.parameters["preprocess_spec"].string_value = pre.to_json()
+    config.parameters["torch_threads"].string_value = str(opts.torch_threads)
     return config
 
 
@@ -91,7 +106,7 @@ def core_config(
         config.parameters["onnx_file"].string_value = "model.onnx"
         config.parameters["intra_op_threads"].string_value = str(opts.ort_intra_op_threads)
         config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
-    _batched(config, opts)
+    _batched(config, opts, opts.core_instances)
     _tensor(config.input, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     for out_name, dims in _raw_output_dims(post, num_anchors).items():
         _tensor(config.output, out_name, mc.TYPE_FP32, dims)
@@ -100,12 +115,13 @@ def core_config(
 
 def postprocess_config(name: str, post: PostprocessSpec, opts: ServingOptions, num_anchors: int | None) -> mc.ModelConfig:
     config = mc.ModelConfig(name=f"{name}_postprocess", backend="python")
-    _batched(config, opts)
+    _batched(config, opts, opts.postprocess_instances)
     for in_name, dims in _raw_output_dims(post, num_anchors).items():
         _tensor(config.input, in_name, mc.TYPE_FP32, dims)
     _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
     _add_detection_outputs(config)
     config.parameters["postprocess_spec"].string_value = post.to_json()
+    config.parameters["torch_threads"].string_value = str(opts.torch_threads)
     return config
 
 

@@ -57,6 +57,14 @@ def set_ort_threads(threads: int) -> Mutation:
     return mutate
 
 
+def set_torch_threads(threads: int) -> Mutation:
+    def mutate(role: str, config: Any) -> None:
+        if "torch_threads" in config.parameters:
+            config.parameters["torch_threads"].string_value = str(threads)
+
+    return mutate
+
+
 def no_dynamic_batching(role: str, config: Any) -> None:
     config.ClearField("dynamic_batching")
 
@@ -82,6 +90,7 @@ VARIANTS = [
     Variant("postprocess x2 instances", set_instances({"postprocess": 2})),
     Variant("pre x2 + post x2 instances", set_instances({"preprocess": 2, "postprocess": 2})),
     Variant("ORT 1 thread", set_ort_threads(1)),
+    Variant("torch all cores in stubs", set_torch_threads(0)),
     Variant("ORT 1 thread + post x2", combine(set_ort_threads(1), set_instances({"postprocess": 2}))),
 ]
 

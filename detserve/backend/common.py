@@ -18,6 +18,16 @@ def config_parameter(args: dict[str, Any], key: str) -> str:
         raise DetserveError(f"model {config.get('name')!r} has no config parameter {key!r}") from e
 
 
+def apply_torch_threads(args: dict[str, Any]) -> None:
+    """Limit torch's intra-op threads in this stub process (config parameter ``torch_threads``)."""
+    import torch
+
+    config = json.loads(args["model_config"])
+    raw = config.get("parameters", {}).get("torch_threads", {}).get("string_value", "0")
+    if int(raw) > 0:
+        torch.set_num_threads(int(raw))
+
+
 def error_response(pb_utils: Any, exc: BaseException) -> Any:
     """One failed request -> its own error response; the rest of the batch is unaffected."""
     # a bug (not a DetserveError) keeps its type so it can be found in the logs

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import config_parameter, error_response, group_by
+from detserve.backend.common import apply_torch_threads, config_parameter, error_response, group_by
 from detserve.postprocess import pad_detections, postprocess_batch
 from detserve.specs import PostprocessSpec, RequestControls
 from detserve.tritonconfig import IMAGE_INFO, OUTPUTS
@@ -54,6 +54,7 @@ def _response(per_image: list[dict[str, np.ndarray]]) -> Any:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
+        apply_torch_threads(args)
         self.spec = PostprocessSpec.from_json(config_parameter(args, "postprocess_spec"))
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -49,7 +49,7 @@ FCOS_POST = PostprocessSpec(
     detections_per_img=100,
     topk_candidates=1000,
 )
-OPTS = ServingOptions(max_batch_size=8, max_queue_delay_us=2000, instances=1)
+OPTS = ServingOptions()
 
 
 def _configs() -> dict[str, str]:
@@ -100,5 +100,7 @@ def test_invalid_inputs() -> None:
         core_config("x", "tensorrt-lite", SSD_PRE, SSD_POST, OPTS, None)
     with pytest.raises(SpecError, match="max_batch_size"):
         ServingOptions(max_batch_size=0)
+    with pytest.raises(SpecError, match="postprocess_instances"):
+        ServingOptions(postprocess_instances=0)
     with pytest.raises(SpecError, match="invalid config"):
         parse("name: ")
