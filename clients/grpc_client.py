@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,38 @@ def split_result(result: Any) -> list[Detections]:
     return [Detections.from_padded(int(num[i]), boxes[i], scores[i], labels[i]) for i in range(num.shape[0])]
 
 
+_RETRYABLE_TEXT = ("failed to connect", "connection reset", "socket closed", "upstream", "stub process", "broken pipe", "goaway")
+
+
+def is_retryable(e: BaseException) -> bool:
+    """Transient transport failures (a replica restarting or killed, a proxy without upstream).
+
+    Inference is idempotent, so these may be retried; a bad request (INVALID_ARGUMENT, a decode
+    error) never is.
+    """
+    status = e.status() if hasattr(e, "status") and callable(e.status) else ""
+    text = str(e).lower()
+    if "invalid_argument" in str(status).lower():
+        return False
+    return "UNAVAILABLE" in str(status) or any(t in text for t in _RETRYABLE_TEXT)
+
+
+def with_retries(call: Any, retries: int, backoff_s: float, deadline_s: float | None) -> Any:
+    """``call()`` again on transient failures: exponential backoff, at most ``retries`` more times, within a deadline."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            elapsed = time.monotonic() - start
+            wait = backoff_s * (2**attempt)
+            if attempt >= retries or not is_retryable(e) or (deadline_s is not None and elapsed + wait > deadline_s):
+                raise
+            time.sleep(wait)
+            attempt += 1
+
+
 def _wrap(e: Exception, model: str) -> ClientError:
     msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
     return ClientError(f"model {model!r}: {msg}")
@@ -81,12 +114,14 @@ def _wrap(e: Exception, model: str) -> ClientError:
 class DetectorClient:
     """A gRPC connection to one detector ensemble."""
 
-    def __init__(self, url: str, model: str, timeout_s: float | None = 60.0) -> None:
+    def __init__(self, url: str, model: str, timeout_s: float | None = 60.0, retries: int = 0, backoff_s: float = 0.1) -> None:
         import tritonclient.grpc as grpcclient
 
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
         try:
             self._client = grpcclient.InferenceServerClient(url)
         except Exception as e:
@@ -123,10 +158,14 @@ class DetectorClient:
     ) -> list[Detections]:
         """Several images in ONE request (they share one canvas on the server, as in a torchvision batch)."""
         params = request_parameters(score_threshold, iou_threshold, max_det)
-        try:
-            result = self._client.infer(
+
+        def call() -> Any:
+            return self._client.infer(
                 self.model, [_image_input(images)], parameters=params or None, client_timeout=self.timeout_s
             )
+
+        try:
+            result = with_retries(call, self.retries, self.backoff_s, self.timeout_s)
         except Exception as e:
             raise _wrap(e, self.model) from e
         return split_result(result)

@@ -104,13 +104,18 @@ def serve(
     http_port: int = 8000,
     metrics_port: int = 8002,
     log_file: Annotated[Path | None, typer.Option(help="Triton's log (default: a temp file)")] = None,
+    replicas: Annotated[int, typer.Option(help="N > 1: N servers behind nginx, gRPC on --grpc-port")] = 1,
 ) -> None:
     """Start the embedded Triton server; Ctrl-C or SIGTERM stops it (in-flight requests drain)."""
     from detserve.server import ServerOptions, TritonServer
 
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if replicas > 1:
+        _serve_replicas(repository, replicas, host, grpc_port)
+        return
+
     server = TritonServer(ServerOptions(repository, host, grpc_port, http_port, metrics_port, log_file))
     server.start()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         server.wait_ready()
         typer.echo(f"ready: gRPC {host}:{grpc_port}  HTTP {host}:{http_port}  metrics http://{host}:{metrics_port}/metrics")
@@ -122,6 +127,24 @@ def serve(
         typer.echo("stopping (draining in-flight requests)...")
     finally:
         server.stop()
+
+
+def _serve_replicas(repository: Path, replicas: int, host: str, grpc_port: int) -> None:
+    from detserve.replicas import ReplicaSet
+
+    rs = ReplicaSet(repository, replicas, host, grpc_port)
+    try:
+        rs.start()
+        typer.echo(f"ready: gRPC {rs.grpc_url} (nginx) -> {', '.join(s.options.grpc_url for s in rs.servers)}")
+        while all(s.process is not None and s.process.poll() is None for s in rs.servers):
+            time.sleep(0.5)
+        raise DetserveError(
+            "a replica exited: " + "; ".join(s.errors() for s in rs.servers if s.process and s.process.poll() is not None)
+        )
+    except KeyboardInterrupt:
+        typer.echo("stopping replicas (draining in-flight requests)...")
+    finally:
+        rs.stop()
 
 
 @app.command()

@@ -9,6 +9,7 @@ Environment (set by the runner):
     DETSERVE_SHAPE            fixed | step | sweep (see ``DetserveShape``)
     DETSERVE_USERS, DETSERVE_DURATION_S, DETSERVE_STEP_S, DETSERVE_STEP_USERS, DETSERVE_SWEEP   shape parameters
     DETSERVE_LATENCY_LOG      CSV file to write every request's (start, latency_ms, users, ok)
+    DETSERVE_RETRIES          retries of a transient failure (a replica gone), with backoff; default 0
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TritonDetectUser(User):
         self.params = request_parameters() or None
         self.client = grpcclient.InferenceServerClient(self.host)  # one client per user
         self.rng = random.Random(id(self))
+        self.retries = int(os.environ.get("DETSERVE_RETRIES", "0"))
 
     def on_stop(self) -> None:
         # an open channel keeps the Locust process from exiting
@@ -83,7 +85,11 @@ class TritonDetectUser(User):
         exception: Exception | None = None
         length = 0
         try:
-            result = self.client.infer(self.model, [inp], parameters=self.params, client_timeout=60.0)
+            from clients.grpc_client import with_retries
+
+            result = with_retries(
+                lambda: self.client.infer(self.model, [inp], parameters=self.params, client_timeout=60.0), self.retries, 0.1, 60.0
+            )
             length = _response_bytes(result)
         except Exception as e:  # reported to Locust as a failure
             exception = e

@@ -42,6 +42,7 @@ class LoadTestConfig:
     window_s: float = 5.0
     warmup_requests: int = 16
     title: str = ""
+    retries: int = 0
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -87,6 +88,7 @@ def _locust_env(cfg: LoadTestConfig, log_path: Path) -> dict[str, str]:
         "DETSERVE_STEP_S": str(cfg.step_s),
         "DETSERVE_SWEEP": ",".join(str(v) for v in cfg.sweep),
         "DETSERVE_LATENCY_LOG": str(log_path),
+        "DETSERVE_RETRIES": str(cfg.retries),
         "DETSERVE_SCORE_THRESHOLD": "" if cfg.score_threshold is None else str(cfg.score_threshold),
         "DETSERVE_IOU_THRESHOLD": "" if cfg.iou_threshold is None else str(cfg.iou_threshold),
         "DETSERVE_MAX_DET": "" if cfg.max_det is None else str(cfg.max_det),

@@ -9,12 +9,15 @@ from typing import Any
 from detserve.errors import DetserveError
 
 
-def config_parameter(args: dict[str, Any], key: str) -> str:
-    """A ``parameters { key: ... string_value }`` entry of the model's config."""
+def config_parameter(args: dict[str, Any], key: str, default: str | None = None) -> str:
+    """A ``parameters { key: ... string_value }`` entry of the model's config (``default`` for
+    settings added after a repository was built)."""
     config = json.loads(args["model_config"])
     try:
         return str(config["parameters"][key]["string_value"])
     except KeyError as e:
+        if default is not None:
+            return default
         raise DetserveError(f"model {config.get('name')!r} has no config parameter {key!r}") from e
 
 

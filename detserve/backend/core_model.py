@@ -22,7 +22,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "onnx_file")
         self.session = cpu_session(
-            path, int(config_parameter(args, "intra_op_threads")), config_parameter(args, "allow_spinning") == "1"
+            path, int(config_parameter(args, "intra_op_threads")), config_parameter(args, "allow_spinning", "0") == "1"
         )
         self.output_names = [o["name"] for o in config["output"]]
 
