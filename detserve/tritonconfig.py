@@ -45,15 +45,19 @@ class ServingOptions:
     # torch pre/post-processing stubs running beside it
     ort_allow_spinning: bool = False
     # intra-op threads of torch in the pre/post-processing stubs (0: torch decides = all cores).
-    # Each stub is its own process: several stubs x all cores oversubscribes a small CPU.
-    torch_threads: int = 1
+    # Each stub is its own process: several stubs x all cores oversubscribes a small CPU, so
+    # post-processing gets one. Pre-processing keeps two: torch's CPU kernels (normalise/resize)
+    # give last-bit different floats on one thread than on two or more, and the served tensor
+    # must equal the (multi-threaded) reference bit for bit.
+    preprocess_torch_threads: int = 2
+    postprocess_torch_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise SpecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise SpecError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
-        if self.torch_threads < 0 or self.ort_intra_op_threads < 0:
+        if min(self.preprocess_torch_threads, self.postprocess_torch_threads, self.ort_intra_op_threads) < 0:
             raise SpecError("thread counts must be >= 0 (0: the library decides)")
         for role in ("preprocess", "core", "postprocess"):
             if getattr(self, f"{role}_instances") < 1:
@@ -88,7 +92,7 @@ def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> m
     _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     _tensor(config.output, IMAGE_INFO, mc.TYPE_INT32, [6])
     config.parameters["preprocess_spec"].string_value = pre.to_json()
-    config.parameters["torch_threads"].string_value = str(opts.torch_threads)
+    config.parameters["torch_threads"].string_value = str(opts.preprocess_torch_threads)
     return config
 
 
@@ -121,7 +125,7 @@ def postprocess_config(name: str, post: PostprocessSpec, opts: ServingOptions, n
     _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
     _add_detection_outputs(config)
     config.parameters["postprocess_spec"].string_value = post.to_json()
-    config.parameters["torch_threads"].string_value = str(opts.torch_threads)
+    config.parameters["torch_threads"].string_value = str(opts.postprocess_torch_threads)
     return config
 
 
