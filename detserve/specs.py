@@ -164,6 +164,12 @@ class AnchorSpec(_Spec):
             self.strides is not None or (self.fixed_input_hw is not None and self.fixed_grid_sizes is not None),
             "anchors need strides, or fixed_input_hw with fixed_grid_sizes",
         )
+        levels = len(self.aspect_ratios)
+        for name in ("strides", "fixed_grid_sizes", "steps"):
+            value = getattr(self, name)
+            _check(value is None or len(value) == levels, f"{name} needs one entry per level ({levels}), got {value}")
+        if self.kind == "default_boxes" and self.scales is not None:
+            _check(len(self.scales) == levels + 1, f"default boxes need {levels + 1} scales (levels + 1), got {len(self.scales)}")
 
     def grid_sizes(self, padded_hw: tuple[int, int]) -> list[tuple[int, int]]:
         h, w = padded_hw
@@ -183,7 +189,7 @@ class PostprocessSpec(_Spec):
     """How the core's raw outputs become detections, exactly as the eager torchvision model does."""
 
     family: Family
-    num_classes: int
+    num_classes: int  # class columns of the head; for SSD this includes background column 0
     anchors: AnchorSpec
     score_thresh: float
     nms_thresh: float

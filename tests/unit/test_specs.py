@@ -93,3 +93,10 @@ def test_request_controls_defaults_and_overrides() -> None:
 def test_request_controls_out_of_range(params: dict[str, object], fragment: str) -> None:
     with pytest.raises(RequestError, match=fragment):
         RequestControls.from_parameters(params, _post())
+
+
+def test_anchor_level_counts_must_agree() -> None:
+    with pytest.raises(SpecError, match="strides needs one entry per level"):
+        AnchorSpec(kind="grid", sizes=((32,), (64,)), aspect_ratios=((1.0,), (1.0,)), strides=(8,))
+    with pytest.raises(SpecError, match="scales"):
+        AnchorSpec(kind="default_boxes", aspect_ratios=((2.0,),), scales=(0.1,), fixed_input_hw=(8, 8), fixed_grid_sizes=((1, 1),))
