@@ -57,7 +57,7 @@ def build(
     num_classes: Annotated[int, typer.Option(help="classes including background")] = 91,
     checkpoint: Annotated[Path | None, typer.Option(help="state dict (.pt), loaded with weights_only=True")] = None,
     version: Annotated[int, typer.Option(help="version directory to write")] = 1,
-    target: Annotated[str, typer.Option(help="python-onnxruntime | onnxruntime")] = "python-onnxruntime",
+    target: Annotated[str, typer.Option(help="python-onnxruntime | onnxruntime | tensorrt")] = "python-onnxruntime",
     kw: Annotated[list[str], typer.Option(help="model keyword KEY=VALUE (repeatable), e.g. min_size=320")] = [],  # noqa: B006
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching limit")] = 8,
     max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images before decoding")] = None,
@@ -65,6 +65,13 @@ def build(
     spread_init_seed: Annotated[
         int | None, typer.Option(help="test fixture: untrained heads re-initialised so scores spread over 0..1")
     ] = None,
+    precision: Annotated[str, typer.Option(help="tensorrt engine precision: fp32 | fp16 | int8")] = "fp32",
+    calibration_images: Annotated[
+        Path | None, typer.Option(help="tensorrt int8: folder of representative images to calibrate on")
+    ] = None,
+    postprocess_on_gpu: Annotated[
+        bool, typer.Option(help="tensorrt: post-processing instances on the GPU, reading the core's outputs there")
+    ] = False,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
     from detserve.repository import BuildRequest, build_repository
@@ -79,10 +86,12 @@ def build(
         version=version,
         target=target,
         model_kwargs=_parse_kwargs(kw),
-        options=ServingOptions(max_batch_size=max_batch_size),
+        options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu),
         max_image_pixels=max_image_pixels,
         verify=verify,
         spread_init_seed=spread_init_seed,
+        precision=precision,
+        calibration_images=calibration_images,
     )
     started = time.monotonic()
     result = build_repository(req)
@@ -92,6 +101,13 @@ def build(
         for out in core["outputs"]:
             typer.echo(
                 f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} (onnxruntime vs PyTorch)"
+            )
+    trt = result.record["verification"].get("tensorrt")
+    if trt:
+        for out in trt["outputs"]:
+            typer.echo(
+                f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} "
+                f"(tensorrt {result.record['precision']} vs onnxruntime)"
             )
 
 

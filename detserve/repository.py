@@ -54,6 +54,11 @@ class BuildRequest:
     # Test fixture, not a trained model: untrained heads re-initialised with this seed so that
     # scores spread over 0..1 (see converters.detectors.spread_head_init). Recorded in build.json.
     spread_init_seed: int | None = None
+    # target "tensorrt" only: engine precision, INT8 calibration photos, and the tactic timing
+    # cache (default: <repository>/.trt_timing_cache, shared by every build into the repository)
+    precision: str = "fp32"
+    calibration_images: Path | None = None
+    timing_cache: Path | None = None
 
     @property
     def model_name(self) -> str:
@@ -88,7 +93,8 @@ def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for dist in ("detserve", "torch", "torchvision", "onnx", "onnxruntime", "onnx-graphsurgeon", "nvidia-pytriton"):
+    dists = ("detserve", "torch", "torchvision", "onnx", "onnxruntime", "onnx-graphsurgeon", "nvidia-pytriton", "polygraphy")
+    for dist in (*dists, "tensorrt", "tensorrt-cu13", "tensorrt-cu12"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -125,6 +131,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
     name = validate_name(req.model_name)
     if req.version < 1:
         raise SpecError(f"--version must be >= 1, got {req.version}")
+    _check_target_options(req)
     if req.spread_init_seed is not None:
         if req.checkpoint is not None:
             raise SpecError("--spread-init-seed replaces the heads' weights; it cannot be combined with --checkpoint")
@@ -145,6 +152,11 @@ def build_repository(req: BuildRequest) -> BuildResult:
         result = verify_onnxruntime(model, post, onnx_path, _verification_batches(pre))
         require_ok(result)
         verification = result.to_dict()
+    tensorrt = _build_tensorrt(req, repo, onnx_path, pre) if req.target == "tensorrt" else None
+    checks: dict[str, Any] = {"core": verification}
+    if tensorrt is not None:
+        checks["tensorrt"] = tensorrt["verification"]
+    checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
     num_anchors = _fixed_num_anchors(post)
     configs = {
         f"{name}_preprocess": preprocess_config(name, pre, req.options),
@@ -165,15 +177,58 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "weights": _weights_note(req),
         "spread_init_seed": req.spread_init_seed,
         "target": req.target,
-        "precision": "fp32",
+        "precision": req.precision,
         "onnx_opset": 17,
         "onnx_sha256": file_sha256(onnx_path),
         "tools": tool_versions(),
-        "verification": {"core": verification, "ok": verification is None or verification["ok"]},
+        "verification": checks,
         "options": dataclasses.asdict(req.options),
     }
+    if tensorrt is not None:
+        record["tensorrt"] = tensorrt["engine"]
     _write_models(repo, name, req, configs, spec, record)
     return BuildResult(name, req.version, repo, spec, record)
+
+
+def _check_target_options(req: BuildRequest) -> None:
+    """Refuse options of another target, and (tensorrt) a machine that cannot build engines, before the slow export."""
+    from detserve.tritonconfig import TARGETS
+
+    if req.target not in TARGETS:
+        raise SpecError(f"unknown target {req.target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
+    if req.target != "tensorrt":
+        if req.precision != "fp32" or req.calibration_images is not None:
+            raise SpecError(f"--precision/--calibration-images apply to --target tensorrt, not {req.target}")
+        if req.options.postprocess_on_gpu:
+            raise SpecError("post-processing on the GPU needs --target tensorrt (its raw outputs are on the GPU)")
+        return
+    from converters.tensorrt_build import check_precision_supported, import_tensorrt, require_cuda_gpu, validate_precision
+
+    validate_precision(req.precision, req.calibration_images)
+    check_precision_supported(import_tensorrt(), req.precision)
+    require_cuda_gpu()
+
+
+def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: PreprocessSpec) -> dict[str, Any]:
+    """``model.plan`` (+ ``model.plan.json``) next to the ONNX, verified against ONNX Runtime unless --no-verify."""
+    from converters.onnx_export import require_ok
+    from converters.tensorrt_build import BuildOptions, build_engine, default_timing_cache
+    from converters.tensorrt_verify import verify_tensorrt
+
+    plan = onnx_path.with_name("model.plan")
+    opts = BuildOptions(
+        precision=req.precision,
+        timing_cache=req.timing_cache or default_timing_cache(repo),
+        calibration_images=req.calibration_images,
+    )
+    meta = build_engine(onnx_path, plan, pre, req.options.max_batch_size, opts)
+    verification = None
+    if req.verify:
+        batches = [b for b in _verification_batches(pre) if b.shape[0] <= req.options.max_batch_size]
+        result = verify_tensorrt(onnx_path, plan, batches, req.precision)
+        require_ok(result)
+        verification = result.to_dict()
+    return {"engine": meta.to_dict(), "verification": verification}
 
 
 def _weights_note(req: BuildRequest) -> str:

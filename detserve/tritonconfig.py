@@ -16,8 +16,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from detserve.errors import SpecError
 from detserve.specs import PostprocessSpec, PreprocessSpec
 
-Target = Literal["python-onnxruntime", "onnxruntime"]
-TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime")
+Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt"]
+TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt")
 
 IMAGE = "IMAGE"
 CORE_INPUT = "images"
@@ -51,6 +51,11 @@ class ServingOptions:
     # must equal the (multi-threaded) reference bit for bit.
     preprocess_torch_threads: int = 2
     postprocess_torch_threads: int = 1
+    # Post-processing instances on the GPU (KIND_GPU), GPU inputs left where they are
+    # (FORCE_CPU_ONLY_INPUT_TENSORS=no): with a TensorRT core the raw outputs reach the torch
+    # post-processing without a device-to-host copy and decode/NMS run on the GPU. Off by default;
+    # only meaningful with the tensorrt target (the build refuses it otherwise).
+    postprocess_on_gpu: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -68,10 +73,11 @@ def _tensor(container: Any, name: str, dtype: int, dims: list[int]) -> None:
     container.add(name=name, data_type=dtype, dims=dims)
 
 
-def _batched(config: mc.ModelConfig, opts: ServingOptions, instances: int) -> None:
+def _batched(config: mc.ModelConfig, opts: ServingOptions, instances: int, gpu: bool = False) -> None:
     config.max_batch_size = opts.max_batch_size
     config.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=instances)
 
 
 def _core_dims(pre: PreprocessSpec) -> list[int]:
@@ -105,12 +111,16 @@ def core_config(
     if target == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"
+    elif target == "tensorrt":
+        # the engine converters.tensorrt_build built for the GPU it runs on
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
     else:
         config.backend = "python"
         config.parameters["onnx_file"].string_value = "model.onnx"
         config.parameters["intra_op_threads"].string_value = str(opts.ort_intra_op_threads)
         config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
-    _batched(config, opts, opts.core_instances)
+    _batched(config, opts, opts.core_instances, gpu=target == "tensorrt")
     _tensor(config.input, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     for out_name, dims in _raw_output_dims(post, num_anchors).items():
         _tensor(config.output, out_name, mc.TYPE_FP32, dims)
@@ -119,7 +129,10 @@ def core_config(
 
 def postprocess_config(name: str, post: PostprocessSpec, opts: ServingOptions, num_anchors: int | None) -> mc.ModelConfig:
     config = mc.ModelConfig(name=f"{name}_postprocess", backend="python")
-    _batched(config, opts, opts.postprocess_instances)
+    _batched(config, opts, opts.postprocess_instances, gpu=opts.postprocess_on_gpu)
+    if opts.postprocess_on_gpu:
+        # the python backend copies every input to the CPU unless told not to
+        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     for in_name, dims in _raw_output_dims(post, num_anchors).items():
         _tensor(config.input, in_name, mc.TYPE_FP32, dims)
     _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])

@@ -2,6 +2,11 @@
 
 All requests handed to one ``execute`` that share a padded size are decoded and NMS'd together
 (one vectorised pass), then split back into one response per request, in order.
+
+Inputs on the CPU (the default: the python backend copies every input there) take the numpy
+path. With ``FORCE_CPU_ONLY_INPUT_TENSORS=no`` (``ServingOptions.postprocess_on_gpu``, a TensorRT
+core) the raw outputs arrive on the GPU: they are taken zero-copy through DLPack and decoded and
+NMS'd there; the (small) padded detections come back to the CPU for the response.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ class _Parsed:
     def __init__(self, request: Any, spec: PostprocessSpec) -> None:
         params = json.loads(request.parameters() or "{}")
         self.controls = RequestControls.from_parameters(params, spec)
-        self.raw = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in spec.output_names}
-        self.info = pb_utils.get_input_tensor_by_name(request, IMAGE_INFO).as_numpy()
+        self.raw = {n: _array(pb_utils.get_input_tensor_by_name(request, n)) for n in spec.output_names}
+        info = _array(pb_utils.get_input_tensor_by_name(request, IMAGE_INFO))
+        self.info = info if isinstance(info, np.ndarray) else info.cpu().numpy()  # a few ints, read on the CPU
         self.n = int(self.info.shape[0])
 
     @property
@@ -34,9 +40,24 @@ class _Parsed:
         return (int(self.info[0, 4]), int(self.info[0, 5]))
 
 
+def _array(tensor: Any) -> np.ndarray | torch.Tensor:
+    """A CPU input as numpy (as before); a GPU input as a CUDA torch tensor sharing its memory."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+
+def _concat(parts: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """One batch tensor: numpy parts as before; otherwise on the GPU the parts came from."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return torch.from_numpy(np.concatenate(parts))
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([torch.as_tensor(p, device=device) for p in parts])
+
+
 def _run_group(spec: PostprocessSpec, items: list[_Parsed]) -> list[list[dict[str, np.ndarray]]]:
-    """Decode + NMS every image of these requests in one pass; padded outputs per image."""
-    raw = {n: torch.from_numpy(np.concatenate([it.raw[n] for it in items])) for n in spec.output_names}
+    """Decode + NMS every image of these requests in one pass (where the inputs are); padded outputs per image."""
+    raw = {n: _concat([it.raw[n] for it in items]) for n in spec.output_names}
     info = torch.from_numpy(np.concatenate([it.info for it in items]))
     controls = [it.controls for it in items for _ in range(it.n)]
     dets = postprocess_batch(spec, raw, items[0].padded_hw, info[:, 2:4], info[:, 0:2], controls)

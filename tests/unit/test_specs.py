@@ -99,4 +99,6 @@ def test_anchor_level_counts_must_agree() -> None:
     with pytest.raises(SpecError, match="strides needs one entry per level"):
         AnchorSpec(kind="grid", sizes=((32,), (64,)), aspect_ratios=((1.0,), (1.0,)), strides=(8,))
     with pytest.raises(SpecError, match="scales"):
-        AnchorSpec(kind="default_boxes", aspect_ratios=((2.0,),), scales=(0.1,), fixed_input_hw=(8, 8), fixed_grid_sizes=((1, 1),))
+        AnchorSpec(
+            kind="default_boxes", aspect_ratios=((2.0,),), scales=(0.1,), fixed_input_hw=(8, 8), fixed_grid_sizes=((1, 1),)
+        )

@@ -57,6 +57,8 @@ def _configs() -> dict[str, str]:
         "ssd_preprocess": render(preprocess_config("ssd", SSD_PRE, OPTS)),
         "ssd_core_python": render(core_config("ssd", "python-onnxruntime", SSD_PRE, SSD_POST, OPTS, 3234)),
         "ssd_core_onnxruntime": render(core_config("ssd", "onnxruntime", SSD_PRE, SSD_POST, OPTS, 3234)),
+        "ssd_core_tensorrt": render(core_config("ssd", "tensorrt", SSD_PRE, SSD_POST, OPTS, 3234)),
+        "ssd_postprocess_gpu": render(postprocess_config("ssd", SSD_POST, ServingOptions(postprocess_on_gpu=True), 3234)),
         "ssd_postprocess": render(postprocess_config("ssd", SSD_POST, OPTS, 3234)),
         "ssd_ensemble": render(ensemble_config("ssd", SSD_POST, OPTS)),
         "fcos_core_python": render(core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_POST, OPTS, None)),

@@ -1,0 +1,148 @@
+"""Verify a TensorRT engine against ONNX Runtime with Polygraphy, per output, per precision.
+
+Polygraphy runs both (``OnnxrtRunner`` on the CPU as the reference, ``TrtRunner`` on the GPU) on
+the same batches through ``Comparator.run``, and judges them with ``SimpleCompareFunc`` and
+per-output tolerances. The returned :class:`~converters.onnx_export.CoreVerification` is the same
+record the ONNX Runtime check gives (max abs/rel error per output), and its ``ok`` uses the
+project's rule, ``|trt - ort| <= atol + rtol * |ort|`` elementwise; Polygraphy's own verdict
+(``elemwise``: an element fails when it is beyond *both* tolerances) is recorded in ``backend``.
+
+Tolerances (atol, rtol), per precision:
+- fp32: 1e-4, 1e-4 for every output — the ONNX Runtime check's; TF32 is off in fp32 engines.
+- fp16: 1e-2 relative; absolute 2e-2 for logits (|x| up to ~10) and ctrness, 1e-2 for box
+  regressions (|x| ~0.1-1). fp16 keeps ~3 decimal digits per op; a backbone accumulates ~10x that.
+- int8: 0.1 relative; absolute 0.5 for logits/ctrness and 0.25 for box regressions. An elementwise
+  bound only catches a broken engine here (wrong scales, garbage); whether int8 is accurate
+  enough is a detection-level question (mAP on your data), which this check does not answer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.onnx_export import CoreVerification, OutputError, compare_outputs
+from converters.tensorrt_build import INPUT_NAME, check_plan_compatible, import_tensorrt
+from detserve.errors import SpecError
+
+TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "fp32": {"cls_logits": (1e-4, 1e-4), "bbox_regression": (1e-4, 1e-4), "bbox_ctrness": (1e-4, 1e-4)},
+    "fp16": {"cls_logits": (2e-2, 1e-2), "bbox_regression": (1e-2, 1e-2), "bbox_ctrness": (2e-2, 1e-2)},
+    "int8": {"cls_logits": (0.5, 0.1), "bbox_regression": (0.25, 0.1), "bbox_ctrness": (0.5, 0.1)},
+}
+
+
+def tolerances_for(precision: str, output_names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """(atol, rtol) per output; an output not in the table gets the loosest of its precision."""
+    table = TOLERANCES[precision]
+    loosest = (max(a for a, _ in table.values()), max(r for _, r in table.values()))
+    return {name: table.get(name, loosest) for name in output_names}
+
+
+def cudart_dirs() -> list[Path]:
+    """Folders of pip-installed CUDA runtimes (``nvidia/cuda_runtime/lib``, or ``nvidia/cu13/lib``
+    as the CUDA 13 wheels that torch pulls lay it out)."""
+    import site
+    import sys
+
+    roots = [Path(p) for p in [*site.getsitepackages(), *sys.path] if p and Path(p).is_dir()]
+    found = []
+    for root in dict.fromkeys(roots):
+        for lib in (root / "nvidia").glob("*/lib"):
+            if any(lib.glob("libcudart.so*")):
+                found.append(lib)
+    return found
+
+
+def ensure_cudart_visible() -> None:
+    """Polygraphy finds libcudart on LD_LIBRARY_PATH, system paths or ``nvidia/cuda_runtime``; torch's
+    CUDA 13 wheels put it in ``nvidia/cu13/lib``, so add such folders to the search list (read by
+    Polygraphy's Python code, so setting it in-process is enough)."""
+    current = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    extra = [str(d) for d in cudart_dirs() if str(d) not in current]
+    if extra:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*current, *extra])
+
+
+def _merge(name: str, errs: Sequence[OutputError]) -> OutputError:
+    return OutputError(
+        name=name,
+        shape=errs[-1].shape,
+        max_abs=max(e.max_abs for e in errs),
+        max_rel=max(e.max_rel for e in errs),
+        worst_excess=max(e.worst_excess for e in errs),
+    )
+
+
+def _feeds(batches: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+    """Polygraphy data-loader items from torch tensors or arrays (CPU, float32, contiguous)."""
+    out = []
+    for b in batches:
+        arr = b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b)
+        out.append({INPUT_NAME: np.ascontiguousarray(arr, dtype=np.float32)})
+    return out
+
+
+def compare_runners(
+    reference: Any,
+    candidate: Any,
+    batches: Sequence[Any],
+    output_names: Sequence[str],
+    tolerances: Mapping[str, tuple[float, float]],
+    backend: str,
+) -> CoreVerification:
+    """Run two Polygraphy runners on the same batches; per-output errors of ``candidate`` vs ``reference``."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+
+    feeds = _feeds(batches)
+    results = Comparator.run([reference, candidate], data_loader=feeds)
+    compare = SimpleCompareFunc(
+        atol={n: tolerances[n][0] for n in output_names},
+        rtol={n: tolerances[n][1] for n in output_names},
+        check_error_stat="elemwise",
+    )
+    polygraphy_ok = bool(Comparator.compare_accuracy(results, compare_func=compare))
+    errors: dict[str, list[OutputError]] = {n: [] for n in output_names}
+    for ref, got in zip(results[reference.name], results[candidate.name], strict=True):
+        for n in output_names:
+            atol, rtol = tolerances[n]
+            errors[n].append(compare_outputs(n, np.asarray(got[n]), np.asarray(ref[n]), atol, rtol))
+    return CoreVerification(
+        backend=f"{backend} (polygraphy: {'passed' if polygraphy_ok else 'FAILED'})",
+        atol=max(a for a, _ in tolerances.values()),  # the loosest; each output has its own
+        rtol=max(r for _, r in tolerances.values()),
+        input_shapes=[tuple(int(s) for s in f[INPUT_NAME].shape) for f in feeds],
+        outputs=[_merge(n, errs) for n, errs in errors.items()],
+    )
+
+
+def onnx_output_names(onnx_path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
+
+
+def verify_tensorrt(onnx_path: Path, plan_path: Path, batches: Sequence[Any], precision: str) -> CoreVerification:
+    """TensorRT engine vs ONNX Runtime (CPU) on ``batches`` ([N, 3, H, W] each), with ``precision``'s tolerances.
+
+    The engine's metadata is checked against this machine first, so an engine built elsewhere
+    fails with :class:`~converters.tensorrt_build.EngineMismatchError`, not inside TensorRT.
+    """
+    meta = check_plan_compatible(plan_path)
+    if meta.precision != precision:
+        raise SpecError(f"{plan_path.name} is a {meta.precision} engine; it cannot be checked with {precision} tolerances")
+    trt = import_tensorrt()
+    ensure_cudart_visible()
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    names = onnx_output_names(onnx_path)
+    reference = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]), name="onnxruntime")
+    candidate = TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path))), name="tensorrt")
+    backend = f"tensorrt {trt.__version__} {precision} on {meta.gpu_name} vs onnxruntime"
+    return compare_runners(reference, candidate, batches, names, tolerances_for(precision, names), backend)

@@ -1,0 +1,252 @@
+"""A numpy stand-in for the few TensorRT network-building calls converters.tensorrt_nms makes.
+
+It evaluates a layer graph with the semantics TensorRT documents for each layer (elementwise
+broadcasting over equal ranks, gather DEFAULT/ND with element-wise dims, scatter ND, shuffle,
+softmax/top-k/reduce over axis bitmasks, INMSLayer per batch item and class, sorted by batch then
+score), so the graph wiring — index columns, shapes, dtypes, the padding of empty rows — is tested
+on a CPU. What it cannot test is TensorRT itself (kernels, build-time checks): the gpu tests do.
+Rank and dtype mismatches that TensorRT would refuse are refused here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+
+def _enum(*names: str) -> SimpleNamespace:
+    return SimpleNamespace(**{n: n for n in names})
+
+
+ElementWiseOperation = _enum("SUM", "SUB", "PROD", "DIV", "MIN", "MAX", "FLOOR_DIV", "GREATER")
+UnaryOperation = _enum("EXP")
+GatherMode = _enum("DEFAULT", "ND")
+ScatterMode = _enum("ND")
+TopKOperation = _enum("MAX")
+ReduceOperation = _enum("SUM")
+BoundingBoxFormat = _enum("CORNER_PAIRS")
+float32 = np.dtype(np.float32)
+int32 = np.dtype(np.int32)
+__version__ = "fake"
+
+
+def _axis(bitmask: int) -> int:
+    assert bitmask and bitmask & (bitmask - 1) == 0, f"exactly one axis expected, got bitmask {bitmask}"
+    return bitmask.bit_length() - 1
+
+
+class Tensor:
+    def __init__(self, compute: Callable[[], np.ndarray], name: str = "") -> None:
+        self._compute = compute
+        self._value: np.ndarray | None = None
+        self.name = name
+
+    @property
+    def value(self) -> np.ndarray:
+        if self._value is None:
+            self._value = np.asarray(self._compute())
+        return self._value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+
+class Layer:
+    def __init__(self, *computes: Callable[[], np.ndarray]) -> None:
+        self._outputs = [Tensor(c) for c in computes]
+
+    def get_output(self, i: int) -> Tensor:
+        return self._outputs[i]
+
+
+def _elementwise(a: np.ndarray, b: np.ndarray, op: str) -> np.ndarray:
+    assert a.ndim == b.ndim, f"elementwise needs equal ranks, got {a.shape} and {b.shape}"
+    assert a.dtype == b.dtype, f"elementwise needs equal types, got {a.dtype} and {b.dtype}"
+    fns = {
+        "SUM": np.add,
+        "SUB": np.subtract,
+        "PROD": np.multiply,
+        "DIV": np.divide,
+        "MIN": np.minimum,
+        "MAX": np.maximum,
+        "FLOOR_DIV": np.floor_divide,
+        "GREATER": np.greater,
+    }
+    out = fns[op](a, b)
+    return out if op == "GREATER" else out.astype(a.dtype)
+
+
+def _gather_nd(data: np.ndarray, indices: np.ndarray, batch_dims: int) -> np.ndarray:
+    assert indices.dtype == np.int32
+    depth = indices.shape[-1]
+    lead = indices.shape[:-1]
+    out = np.empty((*lead, *data.shape[batch_dims + depth :]), dtype=data.dtype)
+    for pos in np.ndindex(*lead):
+        out[pos] = data[(*pos[:batch_dims], *indices[pos])]
+    return out
+
+
+def _nms(layer: NMSLayer) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    from torchvision.ops import nms
+
+    boxes, scores = layer.inputs[0].value, layer.inputs[1].value
+    assert boxes.ndim == 3 and scores.ndim == 3 and boxes.shape[:2] == scores.shape[:2] and boxes.dtype == scores.dtype
+    max_per_class = int(layer.inputs[2].value)
+    iou = float(layer.inputs[3].value) if len(layer.inputs) > 3 else 0.0
+    thresh = float(layer.inputs[4].value) if len(layer.inputs) > 4 else 0.0
+    rows = []
+    for b in range(scores.shape[0]):
+        box_i, cls_i = np.nonzero(scores[b] > thresh)
+        s = scores[b, box_i, cls_i]
+        order = np.argsort(-s, kind="stable")[: layer.topk_box_limit]
+        box_i, cls_i, s = box_i[order], cls_i[order], s[order]
+        picked = []
+        for c in np.unique(cls_i):
+            sel = np.nonzero(cls_i == c)[0]
+            keep = nms(torch.from_numpy(boxes[b, box_i[sel]]), torch.from_numpy(s[sel]), iou).numpy()[:max_per_class]
+            picked.extend(sel[keep].tolist())
+        picked.sort(key=lambda j: (-s[j], j))
+        rows.extend([b, cls_i[j], box_i[j]] for j in picked)
+    selected = np.array(rows, dtype=np.int32).reshape(-1, 3)
+    return selected, np.array(len(rows), dtype=np.int32)
+
+
+class NMSLayer:
+    def __init__(self, boxes: Tensor, scores: Tensor, max_out: Tensor) -> None:
+        self.inputs = [boxes, scores, max_out]
+        self.bounding_box_format = "CORNER_PAIRS"
+        self.topk_box_limit = 5000
+        result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            if "r" not in result:
+                result["r"] = _nms(self)
+            return result["r"]
+
+        self._outputs = [Tensor(lambda: run()[0]), Tensor(lambda: run()[1])]
+
+    def set_input(self, index: int, tensor: Tensor) -> None:
+        assert index == len(self.inputs), "optional inputs are set in order here"
+        assert tensor.value.shape == () and tensor.value.dtype == np.float32
+        self.inputs.append(tensor)
+
+    def get_output(self, i: int) -> Tensor:
+        return self._outputs[i]
+
+
+class Network:
+    """Starts with ``outputs`` (name -> array) marked as outputs, like a parsed core network."""
+
+    def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        self.outputs = [Tensor(lambda v=v: v, name=k) for k, v in outputs.items()]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_output(self, i: int) -> Tensor:
+        return self.outputs[i]
+
+    def mark_output(self, tensor: Tensor) -> None:
+        self.outputs.append(tensor)
+
+    def unmark_output(self, tensor: Tensor) -> None:
+        self.outputs.remove(tensor)
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {t.name: t.value for t in self.outputs}
+
+    def add_constant(self, shape: tuple[int, ...], weights: np.ndarray) -> Layer:
+        assert weights.ndim == 1 and weights.size == int(np.prod(shape)), (shape, weights.shape)
+        return Layer(lambda: weights.reshape(shape))
+
+    def add_elementwise(self, a: Tensor, b: Tensor, op: str) -> Layer:
+        return Layer(lambda: _elementwise(a.value, b.value, op))
+
+    def add_unary(self, x: Tensor, op: str) -> Layer:
+        assert op == "EXP"
+        return Layer(lambda: np.exp(x.value))
+
+    def add_softmax(self, x: Tensor) -> Any:
+        layer = Layer()
+
+        def compute() -> np.ndarray:
+            v = x.value
+            e = np.exp(v - v.max(axis=_axis(layer.axes), keepdims=True))
+            return (e / e.sum(axis=_axis(layer.axes), keepdims=True)).astype(v.dtype)
+
+        layer.axes = 0
+        layer._outputs = [Tensor(compute)]
+        return layer
+
+    def add_gather(self, x: Tensor, indices: Tensor, axis: int) -> Layer:
+        return Layer(lambda: np.take(x.value, indices.value, axis=axis))
+
+    def add_gather_v2(self, x: Tensor, indices: Tensor, mode: str) -> Any:
+        assert mode == "ND"
+        layer = Layer()
+        layer.num_elementwise_dims = 0
+        layer._outputs = [Tensor(lambda: _gather_nd(x.value, indices.value, layer.num_elementwise_dims))]
+        return layer
+
+    def add_scatter(self, data: Tensor, indices: Tensor, updates: Tensor, mode: str) -> Layer:
+        assert mode == "ND"
+
+        def compute() -> np.ndarray:
+            out = data.value.copy()
+            idx = indices.value
+            assert idx.dtype == np.int32 and updates.value.shape == idx.shape[:-1]
+            out[tuple(idx.T)] = updates.value
+            return out
+
+        return Layer(compute)
+
+    def add_shuffle(self, x: Tensor) -> Any:
+        layer = Layer()
+        layer.first_transpose = None
+        layer.reshape_dims = None
+
+        def compute() -> np.ndarray:
+            v = x.value
+            if layer.first_transpose is not None:
+                v = v.transpose(layer.first_transpose)
+            if layer.reshape_dims is not None:
+                dims = [v.shape[i] if d == 0 else d for i, d in enumerate(layer.reshape_dims)]
+                v = v.reshape(dims)
+            return v
+
+        layer._outputs = [Tensor(compute)]
+        return layer
+
+    def add_concatenation(self, tensors: list[Tensor]) -> Any:
+        layer = Layer()
+        layer.axis = 0
+        layer._outputs = [Tensor(lambda: np.concatenate([t.value for t in tensors], axis=layer.axis))]
+        return layer
+
+    def add_nms(self, boxes: Tensor, scores: Tensor, max_out: Tensor) -> NMSLayer:
+        assert max_out.value.shape == () and max_out.value.dtype == np.int32
+        return NMSLayer(boxes, scores, max_out)
+
+    def add_topk(self, x: Tensor, op: str, k: int, axes: int) -> Layer:
+        assert op == "MAX" and k <= 3840
+        order: dict[str, np.ndarray] = {}
+
+        def idx() -> np.ndarray:
+            if "i" not in order:
+                order["i"] = np.argsort(-x.value, axis=_axis(axes), kind="stable").take(range(k), axis=_axis(axes))
+            return order["i"]
+
+        return Layer(lambda: np.take_along_axis(x.value, idx(), axis=_axis(axes)), lambda: idx().astype(np.int32))
+
+    def add_cast(self, x: Tensor, dtype: np.dtype) -> Layer:
+        return Layer(lambda: x.value.astype(dtype))
+
+    def add_reduce(self, x: Tensor, op: str, axes: int, keep_dims: bool) -> Layer:
+        assert op == "SUM"
+        return Layer(lambda: x.value.sum(axis=_axis(axes), keepdims=keep_dims).astype(x.value.dtype))
