@@ -35,19 +35,6 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _parse_kwargs(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise DetserveError(f"model keyword {item!r} is not KEY=VALUE", hint="e.g. --kw min_size=320")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 @app.command()
 @_user_errors
 def build(
@@ -74,6 +61,7 @@ def build(
     ] = False,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
+    from converters.detectors import parse_model_kwargs
     from detserve.repository import BuildRequest, build_repository
     from detserve.tritonconfig import ServingOptions
 
@@ -85,7 +73,7 @@ def build(
         checkpoint=checkpoint,
         version=version,
         target=target,
-        model_kwargs=_parse_kwargs(kw),
+        model_kwargs=parse_model_kwargs(kw),
         options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu),
         max_image_pixels=max_image_pixels,
         verify=verify,

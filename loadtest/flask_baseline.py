@@ -249,20 +249,6 @@ class FlaskService:
             self.log_path = None
 
 
-def _parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs, values read as JSON where they parse (``min_size=320`` is an int)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise DetserveError(f"model keyword {item!r} is not KEY=VALUE", hint="e.g. --kw min_size=320")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.flask_baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
@@ -274,13 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spread-init-seed", type=int, help="test fixture: untrained heads with a score spread")
     parser.add_argument("--access-log", action="store_true", help="log every request (off: logging would be measured too)")
     args = parser.parse_args(argv)
+    from converters.detectors import parse_model_kwargs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.INFO if args.access_log else logging.WARNING)
     try:
         LOG.info("loading %s (%d classes) on http://%s:%d", args.detector, args.num_classes, args.host, args.port)
         serve_flask(
             args.host, args.port, detector=args.detector, num_classes=args.num_classes, checkpoint=args.checkpoint,
-            model_kwargs=_parse_kwargs(args.kw), spread_init_seed=args.spread_init_seed,
+            model_kwargs=parse_model_kwargs(args.kw), spread_init_seed=args.spread_init_seed,
         )  # fmt: skip
     except DetserveError as e:
         LOG.error("%s", e)
