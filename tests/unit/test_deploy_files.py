@@ -1,0 +1,235 @@
+"""The deployment files (docker/, deploy/k8s/) lint clean and agree with each other.
+
+- hadolint on docker/Dockerfile, yamllint (``.yamllint.yaml``) on every YAML file under docker/
+  and deploy/k8s/, kubernetes-validate (strict schemas, shipped with the tool: offline) on every
+  Kubernetes manifest. A failure shows the tool's own output. A linter's test is skipped only
+  when its executable is not installed (they come with the ``deploy`` extra).
+- docker/entrypoint.sh, run against a stand-in ``tritonserver``: the flags it passes, and its
+  refusal to start without an admin key.
+- Names shared between files (Secret, metric, ports) match.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+K8S = ROOT / "deploy" / "k8s"
+YAMLLINT_CONFIG = ROOT / ".yamllint.yaml"
+# Oldest Kubernetes the manifests target, and a recent one (both ship with kubernetes-validate).
+K8S_VERSIONS = ("1.30", "1.33")
+
+
+def _yaml_files() -> list[Path]:
+    found = [p for d in (ROOT / "docker", K8S) for p in d.rglob("*") if p.suffix in (".yaml", ".yml")]
+    return sorted([*found, YAMLLINT_CONFIG])
+
+
+def _manifests() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _tool(name: str) -> str:
+    """The executable beside the running interpreter (the virtualenv), else on PATH; skip if none."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[deploy]')")
+    return found
+
+
+def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, **kwargs)  # type: ignore[call-overload]
+
+
+def _output(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit status {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+def _load_yaml(path: Path) -> list[dict]:
+    yaml = pytest.importorskip("yaml")  # PyYAML comes with yamllint / kubernetes-validate
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def test_the_deployment_files_are_there() -> None:
+    # the parametrized tests below would pass vacuously on an empty folder
+    kinds = {doc["kind"] for p in _manifests() for doc in _load_yaml(p)}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret", "ConfigMap"} <= kinds
+    for path in (DOCKERFILE, ENTRYPOINT, COMPOSE, ROOT / "docker" / "prometheus.yml", ROOT / ".dockerignore"):
+        assert path.is_file(), path
+
+
+# --- linters ----------------------------------------------------------------------------------
+
+
+def test_hadolint_dockerfile() -> None:
+    proc = _run([_tool("hadolint"), "--no-color", "--failure-threshold", "info", _rel(DOCKERFILE)])
+    assert proc.returncode == 0 and not proc.stdout.strip(), "hadolint:\n" + _output(proc)
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=_rel)
+def test_yamllint(path: Path) -> None:
+    proc = _run([_tool("yamllint"), "--strict", "-c", _rel(YAMLLINT_CONFIG), "-f", "parsable", _rel(path)])
+    assert proc.returncode == 0, "yamllint:\n" + _output(proc)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", _manifests(), ids=_rel)
+def test_kubernetes_validate(path: Path, version: str) -> None:
+    proc = _run([_tool("kubernetes-validate"), "--strict", "-k", version, _rel(path)])
+    # a kind without a schema (a CRD such as ServiceMonitor) is only a WARN: not validated, so fail
+    assert proc.returncode == 0 and "WARN" not in proc.stdout + proc.stderr, "kubernetes-validate:\n" + _output(proc)
+
+
+# --- the entrypoint -----------------------------------------------------------------------------
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def _entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run docker/entrypoint.sh with a stand-in tritonserver that prints its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "tritonserver"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DETSERVE_")}
+    clean["PATH"] = f"{bin_dir}{os.pathsep}{clean.get('PATH', '')}"
+    return _run(["bash", str(ENTRYPOINT), *args], env={**clean, **env})
+
+
+def test_entrypoint_flags(tmp_path: Path) -> None:
+    proc = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY": KEY}, "--log-info=false")
+    assert proc.returncode == 0, _output(proc)
+    argv = proc.stdout.splitlines()
+    admin = "model-repository,model-config,shared-memory,trace,logging"
+    for flag in (
+        "--model-repository=/models",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--strict-readiness=true",
+        "--exit-timeout-secs=30",
+        f"--grpc-restricted-protocol={admin}:admin-key={KEY}",
+        f"--http-restricted-api={admin}:admin-key={KEY}",
+    ):
+        assert flag in argv, f"{flag} not in {argv}"
+    assert argv[-1] == "--log-info=false"  # extra flags go last
+
+
+def test_entrypoint_shm_matches_embedded_server(tmp_path: Path) -> None:
+    # the container and `detserve serve` give the python stubs the same shared memory
+    argv = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY": KEY}).stdout.splitlines()
+    served = re.findall(r"--backend-config=python,shm-[a-z-]+=\d+", (ROOT / "detserve" / "server.py").read_text())
+    assert served and set(served) <= set(argv), (served, argv)
+
+
+def test_entrypoint_reads_the_key_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "admin-key"
+    key_file.write_text(KEY + "\n")
+    proc = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY_FILE": str(key_file)})
+    assert proc.returncode == 0, _output(proc)
+    assert f"--http-restricted-api=model-repository,model-config,shared-memory,trace,logging:admin-key={KEY}" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"DETSERVE_ADMIN_KEY": "short"},
+        {"DETSERVE_ADMIN_KEY": "<replace with: openssl rand -hex 32>"},
+        {"DETSERVE_ADMIN_KEY_FILE": "/nonexistent/admin-key"},
+    ],
+    ids=["unset", "too-short", "template-placeholder", "missing-file"],
+)
+def test_entrypoint_refuses_to_start_without_a_usable_key(tmp_path: Path, env: dict[str, str]) -> None:
+    proc = _entrypoint(tmp_path, env)
+    assert proc.returncode == 64, _output(proc)
+    assert "--model-repository" not in proc.stdout  # tritonserver never ran
+    assert "DETSERVE_ADMIN_KEY" in proc.stderr
+
+
+def test_entrypoint_runs_other_commands(tmp_path: Path) -> None:
+    proc = _entrypoint(tmp_path, {}, "echo", "hello")
+    assert proc.returncode == 0 and proc.stdout == "hello\n", _output(proc)
+
+
+# --- names shared between files ------------------------------------------------------------------
+
+
+def _k8s(kind: str, name: str | None = None) -> dict:
+    docs = [d for p in _manifests() for d in _load_yaml(p) if d["kind"] == kind]
+    docs = [d for d in docs if name is None or d["metadata"]["name"] == name]
+    assert len(docs) == 1, f"expected one {kind} {name or ''}, found {len(docs)}"
+    return docs[0]
+
+
+def test_kubernetes_names_agree() -> None:
+    deployment = _k8s("Deployment")
+    pod = deployment["spec"]["template"]
+    triton = next(c for c in pod["spec"]["containers"] if c["name"] == "triton")
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"mountPath": "/dev/shm", "name": "dshm"} in triton["volumeMounts"]
+
+    key_ref = next(e for e in triton["env"] if e["name"] == "DETSERVE_ADMIN_KEY")["valueFrom"]["secretKeyRef"]
+    secret = _k8s("Secret", key_ref["name"])
+    assert key_ref["key"] in secret["stringData"]
+
+    hpa = _k8s("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load(_k8s("ConfigMap", "prometheus-adapter")["data"]["config.yaml"])["rules"]
+    assert metric in [r["name"]["as"] for r in rules]
+
+
+def test_queue_time_rule_is_the_same_in_prometheus_and_the_adapter() -> None:
+    # the HPA's metric (adapter) and the alert (Prometheus rules) measure the same thing
+    yaml = pytest.importorskip("yaml")
+    adapter = yaml.safe_load(_k8s("ConfigMap", "prometheus-adapter")["data"]["config.yaml"])["rules"][0]["metricsQuery"]
+    rules = _load_yaml(ROOT / "docker" / "prometheus-rules.yml")[0]["groups"][0]["rules"]
+    recorded = next(r["expr"] for r in rules if r["record"] == "detserve:queue_time_per_request_us:rate1m")
+
+    def selectors(expr: str) -> list[tuple[str, str]]:
+        return re.findall(r"rate\((nv_inference_[a-z_]+)\{[^}]*?(model[!=]~\"[^\"]+\")\}\[1m\]\)", expr)
+
+    assert (
+        selectors(adapter)
+        == selectors(recorded)
+        == [
+            ("nv_inference_queue_duration_us", 'model=~".+_(preprocess|core|postprocess)"'),
+            ("nv_inference_request_success", 'model!~".+_(preprocess|core|postprocess)"'),
+        ]
+    )
+
+
+def test_compose() -> None:
+    services = _load_yaml(COMPOSE)[0]["services"]
+    assert {"triton", "prometheus", "locust"} <= set(services)
+    triton = services["triton"]
+    assert triton["shm_size"] and triton["healthcheck"]["test"]
+    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["locust"]["profiles"] == ["loadtest"]
+    assert "triton:8001" in services["locust"]["command"]
+    scrape = _load_yaml(ROOT / "docker" / "prometheus.yml")[0]["scrape_configs"]
+    assert ["triton:8002"] in [t["targets"] for job in scrape for t in job["static_configs"]]
