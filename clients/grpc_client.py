@@ -7,7 +7,6 @@ Needs only tritonclient + numpy (no torch).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -215,7 +214,3 @@ class DetectorClient:
         except Exception as e:
             raise _wrap(e, f"{self.model}_preprocess") from e
         return result.as_numpy("images")[0], result.as_numpy("image_info")[0]
-
-    def model_parameters(self, model: str, key: str) -> str:
-        config = self._client.get_model_config(model, as_json=True)["config"]
-        return str(json.loads(json.dumps(config))["parameters"][key]["string_value"])
