@@ -53,13 +53,3 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(f"cannot decode {im.format or 'image'} pixel data ({len(data)} bytes): {e}") from e
     return np.array(rgb, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
 
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the header only."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size[1], im.size[0]
-    except Exception as e:
-        raise ImageError(f"not a decodable image: {e}") from e
