@@ -52,4 +52,3 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as e:  # truncated or corrupt pixel data
         raise ImageError(f"cannot decode {im.format or 'image'} pixel data ({len(data)} bytes): {e}") from e
     return np.array(rgb, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
-
