@@ -118,11 +118,21 @@ def serve(
         _serve_replicas(repository, replicas, host, grpc_port)
         return
 
-    server = TritonServer(ServerOptions(repository, host, grpc_port, http_port, metrics_port, log_file))
-    server.start()
+    from detserve.admin import ENV_VAR, admin_key, restricted_args
+
+    key = admin_key()
+    extra = restricted_args(key) if key else []
+    server = TritonServer(ServerOptions(repository, host, grpc_port, http_port, metrics_port, log_file, extra_args=extra))
     try:
+        server.start()  # inside the try: a SIGTERM during start-up still stops what was started
         server.wait_ready()
         typer.echo(f"ready: gRPC {host}:{grpc_port}  HTTP {host}:{http_port}  metrics http://{host}:{metrics_port}/metrics")
+        if key:
+            typer.echo(
+                "model control: explicit (all models loaded at start; load/unload and other admin APIs need the admin key)"
+            )
+        else:
+            typer.echo(f"model control: none (all models loaded at start; no load/unload; set {ENV_VAR} for explicit mode)")
         typer.echo(f"Triton log: {server.log_path}")
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
@@ -311,6 +321,83 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuning.md").write_text(table + "\n")
     typer.echo(table)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
+app.add_typer(models_app, name="models")
+_URL = Annotated[str, typer.Option(help="gRPC HOST:PORT")]
+
+
+@models_app.command("list")
+@_user_errors
+def models_list(
+    url: _URL = "127.0.0.1:8001",
+    repository: Annotated[Path | None, typer.Option(help="repository directory: adds each version's build record")] = None,
+) -> None:
+    """Each model version and its state (repository index with the admin key, else readiness per model)."""
+    from detserve.admin import admin_key
+    from detserve.status import list_models
+
+    rows = list_models(url, admin_key(), repository)
+    if not rows:
+        typer.echo("no models")
+    for row in rows:
+        reason = f" ({row.reason})" if row.reason else ""
+        typer.echo(f"{row.name:<32} version {row.version or '-':<4} {row.state}{reason}")
+        b = row.build
+        if b is not None:
+            verified = {True: "ok", False: "FAILED", None: "not run"}[b.verified]
+            typer.echo(
+                f"    {b.detector}, weights {b.weights}, checkpoint sha256 {b.checkpoint_sha256 or '-'}, "
+                f"{b.precision}, verification {verified}, built {b.built_at}"
+            )
+
+
+def _admin_call(action: str, name: str, url: str) -> None:
+    from detserve.admin import ModelAdmin, admin_key
+
+    with ModelAdmin(url, admin_key()) as admin:
+        getattr(admin, f"{action}_model")(name)
+
+
+@models_app.command("load")
+@_user_errors
+def models_load(name: Annotated[str, typer.Argument(help="model name")], url: _URL = "127.0.0.1:8001") -> None:
+    """Load (or reload) a model from the server's repository; needs DETSERVE_ADMIN_KEY."""
+    _admin_call("load", name, url)
+    typer.echo(f"loaded {name}")
+
+
+@models_app.command("unload")
+@_user_errors
+def models_unload(name: Annotated[str, typer.Argument(help="model name")], url: _URL = "127.0.0.1:8001") -> None:
+    """Unload a model (in-flight requests finish first); needs DETSERVE_ADMIN_KEY."""
+    _admin_call("unload", name, url)
+    typer.echo(f"unloaded {name}")
+
+
+@app.command()
+@_user_errors
+def status(
+    url: _URL = "127.0.0.1:8001",
+    metrics_url: Annotated[str, typer.Option(help="Triton's Prometheus endpoint")] = "http://127.0.0.1:8002/metrics",
+) -> None:
+    """Readiness of the server and each model, with Triton's counters per model since it loaded."""
+    from detserve.status import server_status
+
+    st = server_status(url, metrics_url)
+    typer.echo(f"server {st.url}: live {'yes' if st.live else 'no'}, ready {'yes' if st.ready else 'no'}")
+    typer.echo(
+        f"{'model':<32} {'ver':>3} {'ready':>5} {'ok':>8} {'failed':>7} {'queue ms':>9} {'compute ms':>10} {'batch':>6} {'pending':>7}"
+    )
+    for m in st.models:
+        pending = "-" if m.pending is None else str(m.pending)
+        typer.echo(
+            f"{m.name:<32} {m.version:>3} {'yes' if m.ready else 'no':>5} {m.requests:>8} {m.failures:>7} "
+            f"{m.queue_ms:>9.2f} {m.compute_ms:>10.2f} {m.avg_batch_size:>6.2f} {pending:>7}"
+        )
+    if st.metrics_error:
+        typer.echo(f"pending requests unavailable: {st.metrics_error}", err=True)
 
 
 def main() -> None:

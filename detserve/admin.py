@@ -1,0 +1,150 @@
+"""The admin key and the key-protected model-repository API (load, unload, repository index).
+
+The same rules as ``docker/entrypoint.sh``: the key comes from ``DETSERVE_ADMIN_KEY`` or from the
+file named by ``DETSERVE_ADMIN_KEY_FILE``, is at least 16 characters of ``[A-Za-z0-9._~-]``, and
+puts the admin APIs behind a header. Checked against the Triton 2.51 binary: over HTTP the header
+is ``admin-key``, over gRPC Triton expects it prefixed, ``triton-grpc-protocol-admin-key``; a
+request without it (or with a wrong value) is answered ``UNAVAILABLE`` "This protocol is
+restricted".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detserve.errors import ClientError, DetserveError
+
+ENV_VAR = "DETSERVE_ADMIN_KEY"
+FILE_ENV = "DETSERVE_ADMIN_KEY_FILE"
+ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
+HEADER = "admin-key"
+GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
+_KEY = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
+_KEY_HINT = "use a random key of at least 16 characters from [A-Za-z0-9._~-], e.g. $(openssl rand -hex 32)"
+
+
+class AdminError(DetserveError):
+    """The admin API refused or failed a request."""
+
+
+class AdminKeyError(AdminError):
+    """No usable admin key: unreadable key file or a key that breaks the rules."""
+
+
+class AdminRefusedError(AdminError):
+    """The server refused a restricted API: no key sent, or not the server's key."""
+
+
+def validate_key(key: str, source: str = ENV_VAR) -> str:
+    if not _KEY.match(key):
+        raise AdminKeyError(f"the admin key from {source} is not valid ({len(key)} characters)", hint=_KEY_HINT)
+    return key
+
+
+def _read_key_file(path: str, file_env: str) -> str:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise AdminKeyError(f"{file_env}={path} is not a readable file: {e.strerror or e}") from e
+    text = text.rstrip("\n")  # as the entrypoint's $(<file): trailing newlines go, then one CR
+    return text[:-1] if text.endswith("\r") else text
+
+
+def admin_key(env_var: str = ENV_VAR, file_env: str = FILE_ENV) -> str | None:
+    """The configured admin key, or None when neither variable is set (empty counts as unset).
+
+    Same rule as docker/entrypoint.sh: the variable wins; the file is read only when it is empty.
+    """
+    key = os.environ.get(env_var, "")
+    if key:
+        return validate_key(key, env_var)
+    path = os.environ.get(file_env, "")
+    return validate_key(_read_key_file(path, file_env), f"{file_env}={path}") if path else None
+
+
+def restricted_args(key: str) -> list[str]:
+    """The tritonserver flags of docker/entrypoint.sh: explicit model control, admin APIs behind the key."""
+    validate_key(key)
+    apis = ",".join(ADMIN_APIS)
+    return [
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        f"--grpc-restricted-protocol={apis}:{HEADER}={key}",
+        f"--http-restricted-api={apis}:{HEADER}={key}",
+    ]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One model version in the server's repository index."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class ModelAdmin:
+    """Load, unload and list models over gRPC, sending the admin key with every call."""
+
+    def __init__(self, url: str, key: str | None, timeout_s: float = 300.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.key = key
+        self.timeout_s = timeout_s
+        try:
+            self._client = grpcclient.InferenceServerClient(url)
+        except Exception as e:
+            raise ClientError(f"cannot connect to {url}: {e}") from e
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {GRPC_HEADER: self.key} if self.key else None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    def __enter__(self) -> ModelAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, headers=self.headers, client_timeout=self.timeout_s, **kwargs)
+        except Exception as e:
+            raise self._error(what, e) from e
+
+    def _error(self, what: str, e: Exception) -> DetserveError:
+        status = str(getattr(e, "status", lambda: "")() or "")
+        message = str(getattr(e, "message", lambda: str(e))() or e)
+        if "UNAVAILABLE" in status and "restricted" in message:
+            sent = f"the key from {ENV_VAR} was sent" if self.key else f"no key was sent: {ENV_VAR} is not set"
+            return AdminRefusedError(
+                f"{what}: refused: the admin key is missing or wrong ({sent})",
+                hint=f"set {ENV_VAR} (or {FILE_ENV}) to the key the server was started with",
+            )
+        if "UNAVAILABLE" in status:
+            return ClientError(f"no Triton server answers at {self.url}: {message}", hint="start one with `detserve serve`")
+        return AdminError(f"{what}: {message}")
+
+    def load_model(self, name: str) -> None:
+        self._call(f"load {name!r}", self._client.load_model, name)
+
+    def unload_model(self, name: str) -> None:
+        self._call(f"unload {name!r}", self._client.unload_model, name)
+
+    def get_model_repository_index(self) -> list[IndexEntry]:
+        raw = self._call("repository index", self._client.get_model_repository_index, as_json=True)
+        return [
+            IndexEntry(str(m["name"]), str(m.get("version", "")), str(m.get("state", "")), str(m.get("reason", "")))
+            for m in raw.get("models", [])
+        ]

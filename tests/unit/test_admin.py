@@ -1,0 +1,113 @@
+"""Admin key rules and the restricted flags, which must equal docker/entrypoint.sh's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from detserve.admin import ADMIN_APIS, AdminKeyError, admin_key, restricted_args
+from detserve.status import BuildSummary, parse_pending
+
+ENTRYPOINT = Path(__file__).resolve().parents[2] / "docker" / "entrypoint.sh"
+KEY = "0123456789abcdef-._~XYZ"
+
+
+@pytest.fixture(autouse=True)
+def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DETSERVE_ADMIN_KEY", raising=False)
+    monkeypatch.delenv("DETSERVE_ADMIN_KEY_FILE", raising=False)
+
+
+def test_no_key_configured_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert admin_key() is None
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY", "")
+    assert admin_key() is None
+
+
+def test_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY", KEY)
+    assert admin_key() == KEY
+
+
+@pytest.mark.parametrize(
+    "bad", ["short", "x" * 15, "has space in it 123", "quote'd-0123456789", "semi;colon0123456789", "é" * 20]
+)
+def test_invalid_keys_are_refused(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY", bad)
+    with pytest.raises(AdminKeyError, match="DETSERVE_ADMIN_KEY is not valid") as e:
+        admin_key()
+    assert e.value.hint and "16 characters" in e.value.hint
+    assert bad not in e.value.message  # the message never echoes a key
+
+
+def test_variable_wins_file_loses_its_line_ending(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The entrypoint's rule: the variable wins, the file is read only when it is empty."""
+    path = tmp_path / "admin-key"
+    path.write_text("fromfile-0123456789\r\n")
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY", KEY)
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", str(path))
+    assert admin_key() == KEY
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY", "")
+    assert admin_key() == "fromfile-0123456789"
+
+
+def test_unreadable_or_invalid_key_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(AdminKeyError, match="is not a readable file"):
+        admin_key()
+    (tmp_path / "short").write_text("short\n")
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", str(tmp_path / "short"))
+    with pytest.raises(AdminKeyError, match="not valid"):
+        admin_key()
+
+
+def test_custom_variable_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", KEY)
+    assert admin_key(env_var="MY_KEY", file_env="MY_KEY_FILE") == KEY
+
+
+def _entrypoint_flags(key: str) -> list[str]:
+    """The tritonserver flags of the entrypoint's exec block, with its variables filled in."""
+    text = ENTRYPOINT.read_text()
+    apis = re.search(r'^admin_apis="([^"]+)"$', text, re.MULTILINE)
+    assert apis is not None
+    block = text[text.index("exec tritonserver") :]
+    flags = [m.strip('"') for m in re.findall(r'^\s+("?--[^\s\\]+)', block, re.MULTILINE)]
+    return [f.replace("$admin_apis", apis.group(1)).replace("$key", key) for f in flags]
+
+
+def test_restricted_args_equal_the_entrypoints() -> None:
+    flags = _entrypoint_flags(KEY)
+    ours = restricted_args(KEY)
+    assert [f for f in flags if "restricted" in f] == [f for f in ours if "restricted" in f]
+    assert "--model-control-mode=explicit" in flags and "--load-model=*" in flags
+    assert set(ours) <= set(flags)
+    assert ",".join(ADMIN_APIS) in ours[-1]
+
+
+def test_restricted_args_refuse_an_invalid_key() -> None:
+    with pytest.raises(AdminKeyError):
+        restricted_args("short")
+
+
+def test_parse_pending_from_prometheus_text() -> None:
+    text = (
+        "# HELP nv_inference_pending_request_count Instantaneous number\n"
+        "# TYPE nv_inference_pending_request_count gauge\n"
+        'nv_inference_pending_request_count{model="a_core",version="1"} 3\n'
+        'nv_inference_pending_request_count{model="a",version="2"} 0\n'
+        'nv_inference_queue_duration_us{model="a",version="1"} 77\n'
+    )
+    assert parse_pending(text) == {("a_core", "1"): 3, ("a", "2"): 0}
+
+
+def test_build_summary_from_a_record() -> None:
+    record = {
+        "detector": "ssd300_vgg16", "weights": "checkpoint", "checkpoint_sha256": "ab" * 32, "precision": "fp16",
+        "verification": {"core": {"ok": True}, "ok": True}, "built_at": "2026-01-01T00:00:00+00:00",
+    }  # fmt: skip
+    summary = BuildSummary.from_record(record)
+    assert summary.checkpoint_sha256 == "ab" * 6 and summary.verified is True and summary.precision == "fp16"
+    assert BuildSummary.from_record({"verification": {"core": None, "ok": True}}).verified is None
