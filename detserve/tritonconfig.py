@@ -37,6 +37,13 @@ class ServingOptions:
 
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
+    # Overload: each composing model queues at most this many requests; past it a request is
+    # rejected at once (UNAVAILABLE, "Exceeds maximum queue size") instead of waiting without
+    # bound, so admitted requests keep a bounded latency. 0 = unbounded.
+    max_queue_size: int = 64
+    # A request still queued after this long is rejected (clients may ask for less: Triton's
+    # per-request timeout override). 0 = no timeout.
+    queue_timeout_ms: int = 30_000
     preprocess_instances: int = 1
     core_instances: int = 1
     postprocess_instances: int = 2
@@ -60,6 +67,8 @@ class ServingOptions:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise SpecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_size < 0 or self.queue_timeout_ms < 0:
+            raise SpecError("max_queue_size and queue_timeout_ms must be >= 0 (0: unbounded)")
         if self.max_queue_delay_us < 0:
             raise SpecError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if min(self.preprocess_torch_threads, self.postprocess_torch_threads, self.ort_intra_op_threads) < 0:
@@ -76,6 +85,11 @@ def _tensor(container: Any, name: str, dtype: int, dims: list[int]) -> None:
 def _batched(config: mc.ModelConfig, opts: ServingOptions, instances: int, gpu: bool = False) -> None:
     config.max_batch_size = opts.max_batch_size
     config.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.max_queue_size = opts.max_queue_size
+    policy.default_timeout_microseconds = opts.queue_timeout_ms * 1000
+    policy.allow_timeout_override = True
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=instances)
 
