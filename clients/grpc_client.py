@@ -73,11 +73,15 @@ def split_result(result: Any) -> list[Detections]:
     return [Detections.from_padded(int(num[i]), boxes[i], scores[i], labels[i]) for i in range(num.shape[0])]
 
 
-_RETRYABLE_TEXT = ("failed to connect", "connection reset", "socket closed", "upstream", "stub process", "broken pipe", "goaway")
+_RETRYABLE_TEXT = (
+    "failed to connect", "connection reset", "socket closed", "upstream", "stub process", "broken pipe", "goaway",
+    # a server restarting or a model being reloaded answers these for a few seconds
+    "server is stopping", "has no available versions", "is not ready",
+)  # fmt: skip
 
 
 def is_retryable(e: BaseException) -> bool:
-    """Transient transport failures (a replica restarting or killed, a proxy without upstream).
+    """Transient failures: a replica restarting or killed, a proxy without upstream, a model reloading.
 
     Inference is idempotent, so these may be retried; a bad request (INVALID_ARGUMENT, a decode
     error) never is.

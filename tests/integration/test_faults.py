@@ -1,0 +1,105 @@
+"""Faults with traffic flowing, each against a real tritonserver: nothing is lost.
+
+- a python-backend stub killed mid-load (Triton restarts it; clients retry the failed calls);
+- the server restarted while a client runs (the client retries with backoff inside a deadline);
+Results go to out/reports/faults.json (no timing asserts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.grpc_client import Detections, DetectorClient
+from detserve.server import ServerOptions, TritonServer, free_port
+from loadtest.runner import LoadTestConfig, run_locust
+
+REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
+
+
+def _record(key: str, value: dict[str, Any]) -> None:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path = REPORTS / "faults.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture()
+def ssdlite_repo(repository: Path, tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    for suffix in ("", "_preprocess", "_core", "_postprocess"):
+        shutil.copytree(repository / f"ssdlite{suffix}", repo / f"ssdlite{suffix}")
+    return repo
+
+
+def _options(repo: Path) -> ServerOptions:
+    return ServerOptions(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+
+
+def _kill_stub(model_instance: str) -> int:
+    out = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub.*{model_instance}"], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def test_stub_killed_mid_load_loses_no_request(ssdlite_repo: Path, tmp_path: Path) -> None:
+    with TritonServer(_options(ssdlite_repo)) as server:
+        cfg = LoadTestConfig(
+            grpc_url=server.options.grpc_url, model="ssdlite", out_dir=tmp_path / "lt", users=4, duration_s=12.0, retries=8
+        )
+        killed: list[int] = []
+        timer = threading.Timer(4.0, lambda: killed.append(_kill_stub("ssdlite_postprocess")))
+        timer.start()
+        try:
+            log = run_locust(cfg)
+        finally:
+            timer.cancel()
+    assert killed and killed[0] >= 1, "no post-processing stub was found to kill"
+    _record(
+        "stub_killed", {"requests": len(log.ok), "failed": int((~log.ok).sum()), "max_latency_ms": float(log.latency_ms.max())}
+    )
+    assert log.ok.all(), f"{int((~log.ok).sum())} of {len(log.ok)} failed"
+
+
+def test_server_restart_while_a_client_runs(ssdlite_repo: Path, samples: dict[str, bytes]) -> None:
+    opts = _options(ssdlite_repo)
+    first = TritonServer(opts)
+    first.__enter__()
+    results: list[bool] = []
+    with DetectorClient(opts.grpc_url, "ssdlite", timeout_s=90.0, retries=12, backoff_s=0.1) as client:
+
+        def run() -> None:
+            for _ in range(12):
+                try:
+                    results.append(isinstance(client.detect(samples["chelsea.png"]), Detections))
+                except Exception:
+                    results.append(False)
+                time.sleep(0.2)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        first.stop()
+        second = TritonServer(opts)  # same ports
+        try:
+            second.start()
+            second.wait_ready()
+            downtime = time.monotonic() - t0
+            worker.join(timeout=120)
+        finally:
+            second.stop()
+    _record("server_restart", {"requests": len(results), "failed": results.count(False), "downtime_s": downtime})
+    assert len(results) == 12 and all(results)
