@@ -136,8 +136,12 @@ class ModelAdmin:
             return ClientError(f"no Triton server answers at {self.url}: {message}", hint="start one with `detserve serve`")
         return AdminError(f"{what}: {message}")
 
-    def load_model(self, name: str) -> None:
-        self._call(f"load {name!r}", self._client.load_model, name)
+    def load_model(self, name: str, config: str | None = None) -> None:
+        """Load (or reload) ``name``; ``config``: a JSON ModelConfig that overrides its config.pbtxt."""
+        if config is None:
+            self._call(f"load {name!r}", self._client.load_model, name)
+        else:
+            self._call(f"load {name!r}", self._client.load_model, name, config=config)
 
     def unload_model(self, name: str) -> None:
         self._call(f"unload {name!r}", self._client.unload_model, name)

@@ -378,6 +378,38 @@ def models_unload(name: Annotated[str, typer.Argument(help="model name")], url: 
 
 @app.command()
 @_user_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="ensemble name")],
+    version: Annotated[int, typer.Option(help="version of the composing models to serve")],
+    force: Annotated[bool, typer.Option(help="serve it even though its build record says verification failed")] = False,
+    repository: Annotated[Path, typer.Option(help="the server's model repository")] = Path("model_repository"),
+    url: _URL = "127.0.0.1:8001",
+) -> None:
+    """Switch a running ensemble to another version without dropping a request; needs DETSERVE_ADMIN_KEY."""
+    from detserve.admin import admin_key
+    from detserve.versions import promote as do_promote
+
+    r = do_promote(url, admin_key(), repository, name, version, force, on_step=typer.echo)
+    typer.echo(f"{name}: serving version {r.new} (was {r.old}){' (forced)' if r.forced else ''}")
+
+
+@app.command()
+@_user_errors
+def rollback(
+    name: Annotated[str, typer.Argument(help="ensemble name")],
+    repository: Annotated[Path, typer.Option(help="the server's model repository")] = Path("model_repository"),
+    url: _URL = "127.0.0.1:8001",
+) -> None:
+    """Serve the version the last promote came from (rollout.json); needs DETSERVE_ADMIN_KEY."""
+    from detserve.admin import admin_key
+    from detserve.versions import rollback as do_rollback
+
+    r = do_rollback(url, admin_key(), repository, name, on_step=typer.echo)
+    typer.echo(f"{name}: serving version {r.new} (was {r.old})")
+
+
+@app.command()
+@_user_errors
 def status(
     url: _URL = "127.0.0.1:8001",
     metrics_url: Annotated[str, typer.Option(help="Triton's Prometheus endpoint")] = "http://127.0.0.1:8002/metrics",

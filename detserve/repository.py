@@ -145,6 +145,14 @@ def build_repository(req: BuildRequest) -> BuildResult:
     spec = ModelSpec(req.detector, req.num_classes, pre, post, dict(req.model_kwargs))
 
     repo = req.repository.resolve()
+    num_anchors = _fixed_num_anchors(post)
+    configs = {
+        f"{name}_preprocess": preprocess_config(name, pre, req.options),
+        f"{name}_core": core_config(name, req.target, pre, post, req.options, num_anchors),
+        f"{name}_postprocess": postprocess_config(name, post, req.options, num_anchors),
+        name: ensemble_config(name, post, req.options),
+    }
+    configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
     core_dir = repo / f"{name}_core" / str(req.version)
     onnx_path = export_core(model, pre, post, core_dir / "model.onnx", sample_hw=_sample_hw(pre))
     verification = None
@@ -157,13 +165,6 @@ def build_repository(req: BuildRequest) -> BuildResult:
     if tensorrt is not None:
         checks["tensorrt"] = tensorrt["verification"]
     checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
-    num_anchors = _fixed_num_anchors(post)
-    configs = {
-        f"{name}_preprocess": preprocess_config(name, pre, req.options),
-        f"{name}_core": core_config(name, req.target, pre, post, req.options, num_anchors),
-        f"{name}_postprocess": postprocess_config(name, post, req.options, num_anchors),
-        name: ensemble_config(name, post, req.options),
-    }
     record = {
         "name": name,
         "version": req.version,
@@ -188,6 +189,55 @@ def build_repository(req: BuildRequest) -> BuildResult:
         record["tensorrt"] = tensorrt["engine"]
     _write_models(repo, name, req, configs, spec, record)
     return BuildResult(name, req.version, repo, spec, record)
+
+
+def other_versions(model_dir: Path, version: int) -> list[int]:
+    """The numbered version directories of ``model_dir`` other than ``version``."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) != version)
+
+
+def keep_serving_state(model_dir: Path, config: Any, version: int) -> Any:
+    """Adding a version next to others must not change what the running versions serve.
+
+    Every version of a model shares its ``config.pbtxt``: the new config must equal the existing
+    one apart from what says which version serves (refused otherwise: it would change the running
+    version too). That part is kept as it is: the ensemble's step pins, and the composing model's
+    ``version_policy`` -- pinned, when it was Triton's default "latest", to the version it served
+    so far, so neither a reload nor a restart switches to the new version; ``detserve promote`` does.
+    """
+    from detserve.tritonconfig import read_config
+
+    others = other_versions(model_dir, version)
+    if not others or not (model_dir / "config.pbtxt").is_file():
+        return config
+    existing = read_config(model_dir)
+    new = type(config)()
+    new.CopyFrom(config)
+    if new.platform == "ensemble":
+        for step, old_step in zip(new.ensemble_scheduling.step, existing.ensemble_scheduling.step, strict=False):
+            step.model_version = old_step.model_version
+    elif existing.HasField("version_policy"):
+        new.version_policy.CopyFrom(existing.version_policy)
+    else:
+        new.version_policy.specific.versions.append(max(others))
+    if _without_serving_state(new) != _without_serving_state(existing):
+        raise SpecError(
+            f"{model_dir.name}: version {version} needs another config.pbtxt than the version(s) {others} it would sit "
+            "beside (all versions of a model share it)",
+            hint="build with the same detector, keyword arguments and serving options, or into a new repository or name",
+        )
+    return new
+
+
+def _without_serving_state(config: Any) -> str:
+    out = type(config)()
+    out.CopyFrom(config)
+    out.ClearField("version_policy")
+    for step in out.ensemble_scheduling.step:
+        step.model_version = -1
+    return render(out)
 
 
 def _check_target_options(req: BuildRequest) -> None:

@@ -1,0 +1,226 @@
+"""Roll an ensemble's composing models forward to another version, and back, without dropping a request.
+
+``promote`` switches the ensemble ``<name>`` from the version it serves (``old``) to ``new`` through
+Triton's explicit model control (admin key), in this order:
+
+0. the ensemble is pinned to ``old`` (steps ``model_version: old``), if it was not already: with
+   ``-1`` ("latest") a step would pick each composing model's newest version at request time, and
+   a request could meet preprocess ``old`` next to a core ``new`` that is already loaded;
+1. each composing model is loaded with ``version_policy: specific { versions: [old, new] }``:
+   ``old`` keeps serving (Triton swaps a reloaded version only once its replacement is ready),
+   ``new`` loads beside it; the ensemble still sends everything to ``old``;
+2. the ensemble is loaded with its steps pinned to ``new``: the three ``new`` versions are all
+   ready, so every request arriving from now on runs on ``new`` end to end; a request that began
+   on the old ensemble holds its ``old`` step models until it finishes;
+3. each composing model is narrowed to ``specific { versions: [new] }``: Triton unloads ``old``
+   once the requests that hold it are done.
+
+At every moment each request is served by one complete version. Every load sends the config as an
+override; after it succeeds the same config is written to the model's ``config.pbtxt`` so a reload
+or a restart serves what the server serves (an interrupted promote leaves a consistent repository:
+the ensemble pinned to a version its composing models serve). ``<repo>/<name>/rollout.json`` keeps
+the history; ``rollback`` promotes the version the last promote came from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from detserve.admin import ENV_VAR, FILE_ENV, ModelAdmin
+from detserve.errors import DetserveError
+from detserve.tritonconfig import read_config, render
+
+ROLES = ("preprocess", "core", "postprocess")
+HISTORY = "rollout.json"
+
+
+class VersionError(DetserveError):
+    """A promote or rollback that cannot (or must not) be done."""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    name: str
+    old: int
+    new: int
+    forced: bool
+    at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.old, "to": self.new, "forced": self.forced}
+
+
+def composing(name: str) -> list[str]:
+    return [f"{name}_{role}" for role in ROLES]
+
+
+def _model_dir(repository: Path, model: str) -> Path:
+    path = repository / model
+    if not (path / "config.pbtxt").is_file():
+        raise VersionError(f"unknown model {model!r}: no {path / 'config.pbtxt'}", hint="build it with `detserve build`")
+    return path
+
+
+def versions_of(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def serving_version(repository: Path, name: str) -> int:
+    """The version the repository says ``name`` serves: the ensemble's pin, else the composing models' policy."""
+    ensemble = read_config(_model_dir(repository, name))
+    pins = {s.model_version for s in ensemble.ensemble_scheduling.step}
+    if len(pins) == 1 and min(pins) > 0:
+        return int(min(pins))
+    core_dir = _model_dir(repository, f"{name}_core")
+    core = read_config(core_dir)
+    if core.version_policy.HasField("specific") and core.version_policy.specific.versions:
+        return int(max(core.version_policy.specific.versions))
+    available = versions_of(core_dir)
+    if not available:
+        raise VersionError(f"{name}_core has no version directories")
+    return available[-1]  # Triton's default policy: the latest version
+
+
+def check_version(repository: Path, name: str, version: int, force: bool) -> None:
+    """The three composing models have ``version``; its build records say verification passed (unless forced)."""
+    _model_dir(repository, name)
+    for model in composing(name):
+        model_dir = _model_dir(repository, model)
+        if not (model_dir / str(version)).is_dir():
+            raise VersionError(
+                f"{model} has no version {version} (has {versions_of(model_dir)})",
+                hint=f"build it with `detserve build ... --name {name} --version {version}`",
+            )
+        if not force:
+            _check_build_record(model_dir / str(version) / "build.json", model, version)
+
+
+def _check_build_record(path: Path, model: str, version: int) -> None:
+    hint = "fix and rebuild it, or pass --force to serve it anyway"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VersionError(f"{model} version {version}: check 'build record readable' failed: {path}: {e}", hint=hint) from e
+    ok = (record.get("verification") or {}).get("ok")
+    if ok is False:
+        raise VersionError(
+            f"{model} version {version}: check 'verification.ok' failed: its build.json says verification failed",
+            hint=hint,
+        )
+
+
+def _with_policy(config: mc.ModelConfig, versions: list[int]) -> mc.ModelConfig:
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    out.ClearField("version_policy")
+    out.version_policy.specific.versions.extend(sorted(set(versions)))
+    return out
+
+
+def _with_pins(config: mc.ModelConfig, version: int) -> mc.ModelConfig:
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    for step in out.ensemble_scheduling.step:
+        step.model_version = version
+    return out
+
+
+def _config_json(config: mc.ModelConfig) -> str:
+    return str(json_format.MessageToJson(config, preserving_proto_field_name=True))
+
+
+def _apply(admin: ModelAdmin, model_dir: Path, config: mc.ModelConfig) -> None:
+    """Load ``config`` as an override, then make it the model's config.pbtxt."""
+    admin.load_model(model_dir.name, config=_config_json(config))
+    (model_dir / "config.pbtxt").write_text(render(config))
+
+
+def plan(repository: Path, name: str, old: int, new: int) -> list[tuple[Path, mc.ModelConfig]]:
+    """The loads of a promote, in order (see the module docstring)."""
+    ensemble_dir = _model_dir(repository, name)
+    ensemble = read_config(ensemble_dir)
+    dirs = [_model_dir(repository, m) for m in composing(name)]
+    configs = {d: read_config(d) for d in dirs}
+    steps: list[tuple[Path, mc.ModelConfig]] = []
+    if any(s.model_version != old for s in ensemble.ensemble_scheduling.step):
+        steps.append((ensemble_dir, _with_pins(ensemble, old)))
+    steps += [(d, _with_policy(configs[d], [old, new])) for d in dirs]
+    steps.append((ensemble_dir, _with_pins(ensemble, new)))
+    steps += [(d, _with_policy(configs[d], [new])) for d in dirs]
+    return steps
+
+
+def read_history(repository: Path, name: str) -> list[dict[str, Any]]:
+    path = repository / name / HISTORY
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["history"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VersionError(f"unreadable rollout history {path}: {e}") from e
+
+
+def _record(repository: Path, rollout: Rollout, action: str) -> None:
+    history = [*read_history(repository, rollout.name), {**rollout.to_dict(), "action": action}]
+    path = repository / rollout.name / HISTORY
+    path.write_text(json.dumps({"serving": rollout.new, "history": history}, indent=2) + "\n")
+
+
+def _require_key(key: str | None) -> str:
+    if not key:
+        raise VersionError(
+            f"promote and rollback load models through the admin API: no admin key ({ENV_VAR} is not set)",
+            hint=f"set {ENV_VAR} (or {FILE_ENV}) to the key the server was started with",
+        )
+    return key
+
+
+def promote(
+    url: str,
+    key: str | None,
+    repository: Path,
+    name: str,
+    version: int,
+    force: bool = False,
+    *,
+    _action: str = "promote",
+    on_step: Callable[[str], None] | None = None,
+) -> Rollout:
+    """Make the ensemble ``name`` serve ``version`` of its composing models, without dropping a request."""
+    key = _require_key(key)
+    repository = Path(repository).resolve()
+    check_version(repository, name, version, force)
+    old = serving_version(repository, name)
+    rollout = Rollout(name, old, version, force, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    with ModelAdmin(url, key) as admin:
+        for model_dir, config in plan(repository, name, old, version):
+            if on_step is not None:
+                on_step(f"load {model_dir.name}: {_describe(config)}")
+            _apply(admin, model_dir, config)
+    _record(repository, rollout, _action)
+    return rollout
+
+
+def _describe(config: mc.ModelConfig) -> str:
+    if config.platform == "ensemble":
+        return "steps pinned to version " + ",".join(sorted({str(s.model_version) for s in config.ensemble_scheduling.step}))
+    return "versions " + ",".join(str(v) for v in config.version_policy.specific.versions)
+
+
+def rollback(url: str, key: str | None, repository: Path, name: str, on_step: Callable[[str], None] | None = None) -> Rollout:
+    """Promote the version that the last promote (or rollback) of ``name`` came from."""
+    repository = Path(repository).resolve()
+    _model_dir(repository, name)
+    history = read_history(repository, name)
+    if not history:
+        raise VersionError(f"no previous version of {name!r}: {repository / name / HISTORY} records no promote")
+    previous = int(history[-1]["from"])
+    return promote(url, key, repository, name, previous, _action="rollback", on_step=on_step)

@@ -1,0 +1,183 @@
+"""Versions rolled forward and back under load: promote ssdlite to version 2, roll back to 1, no request lost.
+
+Its own explicit-mode server (as test_admin.py) on a copy of the session's ssdlite (version 1) plus
+a version 2 built from other weights (spread-init seed 1), so the two versions' detections differ.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detserve.admin import restricted_args
+from detserve.server import TritonServer, running_server
+from detserve.versions import VersionError, promote, rollback, serving_version
+from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS
+
+KEY = "test-rollout-key-0123456789abcdef"
+DETECTOR = "ssdlite320_mobilenet_v3_large"
+ROLES = ("", "_preprocess", "_core", "_postprocess")
+
+
+@pytest.fixture(scope="module")
+def rollout_repo(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from detserve.repository import BuildRequest, build_repository
+
+    repo = tmp_path_factory.mktemp("rollout_repo")
+    for suffix in ROLES:
+        shutil.copytree(repository / f"ssdlite{suffix}", repo / f"ssdlite{suffix}")
+    kwargs, _ = PARITY_DETECTORS[DETECTOR]
+    build_repository(
+        BuildRequest(
+            detector=DETECTOR,
+            repository=repo,
+            name="ssdlite",
+            num_classes=NUM_CLASSES,
+            version=2,
+            model_kwargs=kwargs,
+            max_image_pixels=20_000_000,
+            spread_init_seed=1,
+        )
+    )
+    return repo
+
+
+@pytest.fixture(scope="module")
+def rollout_server(rollout_repo: Path) -> Iterator[TritonServer]:
+    with running_server(rollout_repo, extra_args=restricted_args(KEY)) as srv:
+        yield srv
+
+
+def _served(url: str, image: bytes) -> Any:
+    from clients.grpc_client import DetectorClient
+
+    with DetectorClient(url, "ssdlite") as client:
+        return client.detect(image)
+
+
+def _same(served: Any, reference: dict[str, np.ndarray]) -> bool:
+    if len(served.scores) != len(reference["scores"]):
+        return False
+    return bool(
+        np.allclose(served.scores, reference["scores"], atol=1e-3)
+        and np.allclose(served.boxes, reference["boxes"], atol=1e-2)
+        and np.array_equal(served.labels, reference["labels"])
+    )
+
+
+def _reference(repo: Path, version: int, image: bytes) -> dict[str, np.ndarray]:
+    from loadtest.inprocess import InProcessPipeline
+
+    return InProcessPipeline.from_repository(repo, "ssdlite", version=version).run([image])[0]
+
+
+def test_adding_version_2_keeps_version_1_serving(rollout_repo: Path) -> None:
+    from detserve.tritonconfig import read_config
+
+    assert serving_version(rollout_repo, "ssdlite") == 1
+    for role in ROLES[1:]:
+        assert list(read_config(rollout_repo / f"ssdlite{role}").version_policy.specific.versions) == [1]
+    assert {s.model_version for s in read_config(rollout_repo / "ssdlite").ensemble_scheduling.step} == {-1}
+
+
+# slow: ~100 s on 2 cores, and one run under CPU contention once saw 32 of 883 requests fail
+# around the first ensemble reload (cause not established yet; two later runs: 0 failed)
+@pytest.mark.slow
+def test_promote_and_rollback_under_load(
+    rollout_server: TritonServer, rollout_repo: Path, samples: dict[str, bytes], tmp_path: Path
+) -> None:
+    from loadtest.runner import LoadTestConfig, run_locust
+
+    url = rollout_server.options.grpc_url
+    image = samples["astronaut.jpg"]
+    v1, v2 = _reference(rollout_repo, 1, image), _reference(rollout_repo, 2, image)
+    assert not _same(_served(url, image), v2) and _same(_served(url, image), v1)
+
+    cfg = LoadTestConfig(grpc_url=url, model="ssdlite", out_dir=tmp_path / "load", users=4, duration_s=60, retries=0)
+    logs: list[Any] = []
+    load = threading.Thread(target=lambda: logs.append(run_locust(cfg)))
+    marks = {"load": time.time()}
+    load.start()
+    time.sleep(6)
+    marks["promote"] = time.time()
+    rolled = promote(url, KEY, rollout_repo, "ssdlite", 2)
+    marks["promoted"] = time.time()
+    assert (rolled.old, rolled.new) == (1, 2)
+    assert _same(_served(url, image), v2)
+    time.sleep(2)
+    marks["rollback"] = time.time()
+    back = rollback(url, KEY, rollout_repo, "ssdlite")
+    marks["rolled_back"] = time.time()
+    assert (back.old, back.new) == (2, 1)
+    assert _same(_served(url, image), v1)
+    load.join(timeout=120)
+    assert logs, "the load test did not finish"
+    log = logs[0]
+    timeline = _timeline(log, marks)
+    print("rollout timeline:", json.dumps(timeline))
+    assert timeline["failed"] == 0, timeline
+    assert timeline["during_promote"] > 0 and timeline["during_rollback"] > 0 and timeline["after"] > 0, timeline
+
+    history = json.loads((rollout_repo / "ssdlite" / "rollout.json").read_text())
+    assert history["serving"] == 1
+    assert [(h["from"], h["to"], h["action"]) for h in history["history"]] == [(1, 2, "promote"), (2, 1, "rollback")]
+    assert serving_version(rollout_repo, "ssdlite") == 1  # what a restart would serve
+
+
+def _timeline(log: Any, marks: dict[str, float]) -> dict[str, Any]:
+    start = log.start
+
+    def count(lo: float, hi: float) -> int:
+        return int(((start >= lo) & (start < hi)).sum())
+
+    return {
+        "requests": len(start),
+        "failed": int((~log.ok).sum()),
+        "before": count(0, marks["promote"]),
+        "during_promote": count(marks["promote"], marks["promoted"]),
+        "between": count(marks["promoted"], marks["rollback"]),
+        "during_rollback": count(marks["rollback"], marks["rolled_back"]),
+        "after": count(marks["rolled_back"], float("inf")),
+        "promote_s": round(marks["promoted"] - marks["promote"], 1),
+        "rollback_s": round(marks["rolled_back"] - marks["rollback"], 1),
+    }
+
+
+def test_promote_refuses_a_failed_verification_unless_forced(rollout_server: TritonServer, rollout_repo: Path) -> None:
+    url = rollout_server.options.grpc_url
+    path = rollout_repo / "ssdlite_core" / "2" / "build.json"
+    saved = path.read_text()
+    record = json.loads(saved)
+    record["verification"]["ok"] = False
+    path.write_text(json.dumps(record))
+    try:
+        with pytest.raises(VersionError, match=r"verification\.ok"):
+            promote(url, KEY, rollout_repo, "ssdlite", 2)
+        assert serving_version(rollout_repo, "ssdlite") == 1
+        forced = promote(url, KEY, rollout_repo, "ssdlite", 2, force=True)
+        assert forced.forced and serving_version(rollout_repo, "ssdlite") == 2
+    finally:
+        path.write_text(saved)
+
+
+def test_clear_errors(rollout_server: TritonServer, rollout_repo: Path, tmp_path: Path) -> None:
+    url = rollout_server.options.grpc_url
+    with pytest.raises(VersionError, match="no version 7"):
+        promote(url, KEY, rollout_repo, "ssdlite", 7)
+    with pytest.raises(VersionError, match="unknown model 'nope'"):
+        promote(url, KEY, rollout_repo, "nope", 1)
+    with pytest.raises(VersionError, match="no admin key"):
+        promote(url, None, rollout_repo, "ssdlite", 1)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(rollout_repo / "ssdlite", fresh / "ssdlite")
+    (fresh / "ssdlite" / "rollout.json").unlink(missing_ok=True)
+    with pytest.raises(VersionError, match="no previous version"):
+        rollback(url, KEY, fresh, "ssdlite")
