@@ -46,8 +46,13 @@ def _options(repo: Path) -> ServerOptions:
     return ServerOptions(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
 
 
-def _kill_stub(model_instance: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub.*{model_instance}"], capture_output=True, text=True)
+def _kill_stub(server: TritonServer, model_instance: str) -> int:
+    """SIGKILL this server's stubs of one model (only its children: other servers run the same model)."""
+    assert server.process is not None
+    parent = str(server.process.pid)
+    out = subprocess.run(
+        ["pgrep", "-P", parent, "-f", f"triton_python_backend_stub.*{model_instance}"], capture_output=True, text=True
+    )
     pids = [int(p) for p in out.stdout.split()]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -60,7 +65,7 @@ def test_stub_killed_mid_load_loses_no_request(ssdlite_repo: Path, tmp_path: Pat
             grpc_url=server.options.grpc_url, model="ssdlite", out_dir=tmp_path / "lt", users=4, duration_s=12.0, retries=8
         )
         killed: list[int] = []
-        timer = threading.Timer(4.0, lambda: killed.append(_kill_stub("ssdlite_postprocess")))
+        timer = threading.Timer(4.0, lambda: killed.append(_kill_stub(server, "ssdlite_postprocess")))
         timer.start()
         try:
             log = run_locust(cfg)
