@@ -1,6 +1,6 @@
 """Train the demo detector (SSDlite320-MobileNetV3, from scratch) on the generated shapes dataset, on a CPU.
 
-    python -m training.train --out weights/demo_ssdlite320_shapes.pt
+    python -m training.train --out detserve/weights/demo_ssdlite320_shapes.pt
 
 Reproducible: images are a pure function of (split seed, index) and torch is seeded, so the same
 command on the same torch build gives the same weights. Writes the weights (fp16 state dict, loaded
@@ -64,7 +64,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("weights/demo_ssdlite320_shapes.pt"))
+    ap.add_argument("--out", type=Path, default=Path("detserve/weights/demo_ssdlite320_shapes.pt"))
     ap.add_argument("--iterations", type=int, default=1800)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
