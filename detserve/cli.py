@@ -432,6 +432,80 @@ def status(
         typer.echo(f"pending requests unavailable: {st.metrics_error}", err=True)
 
 
+@app.command("eval")
+@_user_errors
+def eval_(
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    annotations: Annotated[Path, typer.Option(help="COCO annotation file (instances JSON)")],
+    images: Annotated[Path, typer.Option(help="folder holding the annotation file's images")],
+    url: _URL = "127.0.0.1:8001",
+    repository: Annotated[Path, typer.Option(help="the served repository (for the PyTorch reference)")] = Path(
+        "model_repository"
+    ),
+    max_det: Annotated[int, typer.Option(help="detections per image counted: 100, 500 or 5000")] = 100,
+    max_in_flight: Annotated[int, typer.Option(help="concurrent requests of the bulk client")] = 8,
+    pytorch: Annotated[bool, typer.Option(help="also score in-process PyTorch and print the difference")] = True,
+    out: Annotated[Path, typer.Option(help="report directory (JSON + markdown)")] = Path("out/eval"),
+    progress: Annotated[bool, typer.Option(help="progress bar")] = True,
+) -> None:
+    """COCO mAP of the live endpoint (no score threshold) beside in-process PyTorch; exit 1 past 0.1 point."""
+    from detserve.evalrun import MAX_DET_CHOICES, run_eval, write_report
+
+    if max_det not in MAX_DET_CHOICES:
+        raise DetserveError(f"--max-det must be one of {', '.join(map(str, MAX_DET_CHOICES))}, got {max_det}")
+    report = run_eval(url, model, annotations, images, repository, max_det, max_in_flight, pytorch, progress, typer.echo)
+    paths = write_report(report, out)
+    typer.echo(report.markdown())
+    typer.echo(f"report: {paths['markdown']} {paths['json']}")
+    if report.within_tolerance is False:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def compare(
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    images: Annotated[list[Path], typer.Argument(help="image files, or one folder")],
+    repository: Annotated[Path, typer.Option(help="the model's repository")] = Path("model_repository"),
+    url: Annotated[str | None, typer.Option(help="live endpoint gRPC HOST:PORT (omit: in-process sides only)")] = None,
+    score_threshold: Annotated[float, typer.Option(help="lowest score kept on every side")] = 0.0,
+    score_tol: Annotated[float, typer.Option(help="largest high-score |Δscore| that still agrees")] = 1e-3,
+    limit: Annotated[int, typer.Option(help="at most this many images from a folder")] = 32,
+    out: Annotated[Path, typer.Option(help="report directory (markdown, HTML, JSON)")] = Path("out/compare"),
+) -> None:
+    """Detection-level diff: PyTorch vs ONNX Runtime vs the live endpoint (and TensorRT); exit 1 on high-score disagreement."""
+    from clients.bulk import image_files
+    from detserve.compare import run_compare, write_report
+
+    if len(images) == 1 and images[0].is_dir():
+        images = image_files(images[0])[:limit]
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing or not images:
+        raise DetserveError(f"image(s) not found: {', '.join(missing) or '(none given)'}")
+    report = run_compare(repository, model, images, url, score_threshold, score_tol, echo=typer.echo)
+    paths = write_report(report, out)
+    typer.echo(report.markdown())
+    typer.echo(f"report: {paths['markdown']} {paths['html']} {paths['json']}")
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def dataset(
+    split: Annotated[str, typer.Argument(help="train | val | test")],
+    out: Annotated[Path, typer.Argument(help="directory: images/ + annotations.json")],
+    limit: Annotated[int | None, typer.Option(help="only the first N images of the split")] = None,
+) -> None:
+    """Write a split of the generated shapes dataset (the demo detector's data) as PNG + COCO JSON."""
+    from training.synthetic import SPLITS, write_split
+
+    if split not in SPLITS:
+        raise DetserveError(f"unknown split {split!r}", hint=f"choose one of: {', '.join(SPLITS)}")
+    path = write_split(SPLITS[split], out, limit)
+    typer.echo(str(path))
+
+
 def main() -> None:
     try:
         app()
