@@ -7,12 +7,28 @@ Two things make that binary serve our python-backend models (both checked on thi
   site-packages (torch, onnxruntime, detserve). Without that it picks the base interpreter's
   numpy, and BYTES inputs arrive corrupted. The interpreter's own libpython goes first on
   LD_LIBRARY_PATH so the stub loads the same libpython as the interpreter.
+
+Because the stub's Python is isolated, ``PYTHONDONTWRITEBYTECODE`` does not reach it either: it
+wrote ``__pycache__`` into every python model's version directory, and in explicit model control
+Triton then saw the model as modified and reloaded it (with its dependants) on the next load. The
+``python3`` first on the stubs' PATH is therefore a private prefix (``stub_prefix``) whose
+``site-packages`` holds one ``.pth`` file: it turns bytecode writing off and adds this
+interpreter's site-packages.
+
+Stopping drains first (``TritonServer.drain``): on SIGTERM Triton 2.51 stops every model's
+scheduler at once, composing models included, so an ensemble request that already passed its
+first step is rejected at the next one ("scheduler ... has stopped accepting new inference
+requests"). The server therefore always runs explicit model control -- with the user's admin key,
+or an internal one only this object knows -- and ``stop`` unloads the ensembles first: Triton
+refuses new requests for them at once and unloads each only when its in-flight requests are done.
+Then SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,10 +39,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from detserve.errors import ServerError
 
 EXIT_TIMEOUT_S = 10
+DRAIN_TIMEOUT_S = 30.0
+CONTROL_MODE = "--model-control-mode="
 
 
 def pytriton_root() -> Path:
@@ -62,12 +81,42 @@ def backend_directory() -> Path:
     return target.parent
 
 
+def stub_prefix() -> Path:
+    """A private Python prefix for the stubs: this interpreter, bytecode writing off (module docstring)."""
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    root = Path(sys.prefix) / "var" / "detserve" / f"stub-prefix-py{py}"
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    link = root / "bin" / "python3"
+    if not link.is_symlink() or os.readlink(link) != sys.executable:
+        link.unlink(missing_ok=True)
+        link.symlink_to(sys.executable)
+    home = sysconfig.get_config_var("BINDIR") or str(Path(sys.executable).parent)
+    _write_if_changed(root / "pyvenv.cfg", f"home = {home}\ninclude-system-site-packages = false\n")
+    site_dir = root / "lib" / f"python{py}" / "site-packages"
+    site_dir.mkdir(parents=True, exist_ok=True)
+    import site
+
+    dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    # one line: site.py executes .pth lines that start with "import"; addsitedir also runs the
+    # .pth files found there (this virtualenv's editable installs)
+    # (no comprehension: site.py exec()s the line, a comprehension's scope would not see ``site``)
+    pth = f"import sys, site; sys.dont_write_bytecode = True; list(map(site.addsitedir, {dirs!r}))\n"
+    _write_if_changed(site_dir / "detserve-stub.pth", pth)
+    return root
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 def server_environment() -> dict[str, str]:
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    paths = [str(stub_prefix() / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")]
+    env["PATH"] = os.pathsep.join(paths)
     libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_root().parent.parent / "nvidia_pytriton.libs")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # __pycache__ in a repository makes Triton reload models
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # for any non-isolated Python Triton starts; the stubs: stub_prefix
     env.pop("PYTHONPATH", None)
     return env
 
@@ -97,6 +146,38 @@ class ServerOptions:
     log_file: Path | None = None
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+    drain_timeout_s: float = DRAIN_TIMEOUT_S
+    # unlocks the model-repository API when extra_args do not choose the model control themselves
+    internal_key: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
+
+    def control_args(self) -> list[str]:
+        """Explicit model control behind the internal key, unless extra_args set a control mode."""
+        if any(a.startswith(CONTROL_MODE) for a in self.extra_args):
+            return []
+        from detserve.admin import HEADER
+
+        return [
+            f"{CONTROL_MODE}explicit",
+            "--load-model=*",
+            f"--grpc-restricted-protocol=model-repository:{HEADER}={self.internal_key}",
+            f"--http-restricted-api=model-repository:{HEADER}={self.internal_key}",
+        ]
+
+    def drain_key(self) -> tuple[bool, str | None]:
+        """(can drain, the key of the model-repository API): explicit model control, key known or API open."""
+        if self.control_args():
+            return True, self.internal_key
+        from detserve.admin import HEADER
+
+        if f"{CONTROL_MODE}explicit" not in self.extra_args:
+            return False, None  # none/poll chosen by the caller: no unload, SIGTERM only
+        for arg in self.extra_args:
+            if arg.startswith("--grpc-restricted-protocol="):
+                apis, _, rest = arg.split("=", 1)[1].partition(":")
+                header, _, key = rest.partition("=")
+                if "model-repository" in apis.split(","):
+                    return (header == HEADER), key
+        return True, None
 
     def command(self) -> list[str]:
         return [
@@ -115,6 +196,7 @@ class ServerOptions:
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--log-verbose={self.log_verbose}",
+            *self.control_args(),
             *self.extra_args,
         ]
 
@@ -123,12 +205,51 @@ class ServerOptions:
         return f"{self.host}:{self.grpc_port}"
 
 
+@dataclass
+class DrainReport:
+    """What ``TritonServer.drain`` did: the ensembles it unloaded, how long it waited, what failed."""
+
+    unloaded: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _ensemble_levels(admin: Any) -> list[list[str]]:
+    """The loaded ensembles in unload order: those no other ensemble uses first, then the next level."""
+    names = {e.name for e in admin.get_model_repository_index() if e.state == "READY"}
+    steps: dict[str, set[str]] = {}
+    for name in sorted(names):
+        config = admin.model_config(name)
+        if config.get("platform") == "ensemble":
+            steps[name] = {s["model_name"] for s in config.get("ensemble_scheduling", {}).get("step", [])}
+    levels: list[list[str]] = []
+    while steps:
+        used = set().union(*steps.values())
+        level = sorted(n for n in steps if n not in used) or sorted(steps)  # a cycle cannot load; be safe
+        levels.append(level)
+        for n in level:
+            del steps[n]
+    return levels
+
+
+def _wait_unloaded(admin: Any, names: list[str], deadline: float) -> None:
+    """Until no version of ``names`` is READY or UNLOADING (its in-flight requests are done)."""
+    while True:
+        busy = {e.name for e in admin.get_model_repository_index() if e.name in names and e.state in ("READY", "UNLOADING")}
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise ServerError(f"drain timed out: {', '.join(sorted(busy))} still busy")
+        time.sleep(0.1)
+
+
 class TritonServer:
     """A tritonserver process: started in its own process group so nothing outlives ``stop()``."""
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
+        self.last_drain: DrainReport | None = None
         self.log_path = options.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
 
     def start(self) -> None:
@@ -172,12 +293,14 @@ class TritonServer:
         ]
         return "\n".join(wanted[-15:]) or "\n".join(lines[-10:])
 
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL the whole group if needed."""
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> DrainReport | None:
+        """Drain (see ``drain``), SIGTERM, then SIGKILL the whole group if it has not exited."""
         proc = self.process
         if proc is None:
-            return
+            return None
+        report = None
         if proc.poll() is None:
+            report = self.drain()
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -186,6 +309,37 @@ class TritonServer:
             os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash
         proc.wait()
         self.process = None
+        self.last_drain = report
+        return report
+
+    def drain(self) -> DrainReport | None:
+        """Unload the ensembles, outermost first, and wait until Triton has unloaded them.
+
+        Triton refuses new requests for an ensemble as soon as its unload starts ("unknown model"
+        / "not found": fast and clear) and destroys it only when its in-flight requests are done;
+        their composing models stay loaded meanwhile. None when the server cannot drain (the
+        caller chose model control none/poll, or a header other than ``admin-key``); a drain that
+        fails or times out is logged in the report, and SIGTERM follows anyway.
+        """
+        can, key = self.options.drain_key()
+        if not can:
+            return None
+        from detserve.admin import ModelAdmin
+
+        report = DrainReport()
+        t0 = time.monotonic()
+        deadline = t0 + self.options.drain_timeout_s
+        try:
+            with ModelAdmin(self.options.grpc_url, key, timeout_s=self.options.drain_timeout_s) as admin:
+                for level in _ensemble_levels(admin):
+                    for name in level:
+                        admin.unload_model(name)
+                    report.unloaded += level
+                    _wait_unloaded(admin, level, deadline)
+        except Exception as e:  # the drain is best effort: SIGTERM still stops the server
+            report.error = str(e)
+        report.seconds = time.monotonic() - t0
+        return report
 
     def __enter__(self) -> TritonServer:
         self.start()
