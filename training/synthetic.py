@@ -140,7 +140,7 @@ def _background(cfg: SplitConfig, rng: np.random.Generator, w: int, h: int) -> n
     kind = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
     if kind == "noise":
         small = rng.uniform(0, 255, size=(int(rng.integers(2, 9)), int(rng.integers(2, 9)), 3)).astype(np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
         img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(5, 30)
     elif kind == "gradient":
         a, b = _colour(rng), _colour(rng)
@@ -155,7 +155,7 @@ def _background(cfg: SplitConfig, rng: np.random.Generator, w: int, h: int) -> n
         cw = int(rng.integers(min(pw, ph) // 3, min(pw, ph) + 1))
         chh = min(ph, max(8, int(cw * h / w)))
         x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - chh + 1))
-        img = np.asarray(photo.crop((x0, y0, x0 + cw, y0 + chh)).resize((w, h), Image.BILINEAR), dtype=np.float32)
+        img = np.asarray(photo.crop((x0, y0, x0 + cw, y0 + chh)).resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
     elif kind == "stripes":
         a, b = _colour(rng), _colour(rng)
         period = rng.uniform(6, 40)
@@ -268,10 +268,10 @@ def render(cfg: SplitConfig, index: int) -> Sample:
         full_area.append(int(mask.sum()))
         visible.append(int(mask.sum()))
         labels.append(label)
-    canvas = Image.fromarray(canvas)
+    picture = Image.fromarray(canvas)
     if rng.random() < cfg.blur_prob:
-        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    img = np.asarray(canvas, dtype=np.float32)
+        picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    img = np.asarray(picture, dtype=np.float32)
     sigma = rng.uniform(*cfg.noise_sigma)
     if sigma > 0:
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * sigma
@@ -307,7 +307,8 @@ def _contrasting_fill(rng: np.random.Generator, under: np.ndarray) -> np.ndarray
 
 
 def coco_dict(cfg: SplitConfig, samples: list[tuple[str, Sample]]) -> dict:
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id, (file_name, s) in enumerate(samples, start=1):
         h, w = s.image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
