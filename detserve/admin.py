@@ -40,6 +40,10 @@ class AdminRefusedError(AdminError):
     """The server refused a restricted API: no key sent, or not the server's key."""
 
 
+class ModelLoadError(AdminError):
+    """Triton could not load (a version of) a model; what it served before keeps serving."""
+
+
 def validate_key(key: str, source: str = ENV_VAR) -> str:
     if not _KEY.match(key):
         raise AdminKeyError(f"the admin key from {source} is not valid ({len(key)} characters)", hint=_KEY_HINT)
@@ -137,14 +141,43 @@ class ModelAdmin:
         return AdminError(f"{what}: {message}")
 
     def load_model(self, name: str, config: str | None = None) -> None:
-        """Load (or reload) ``name``; ``config``: a JSON ModelConfig that overrides its config.pbtxt."""
-        if config is None:
-            self._call(f"load {name!r}", self._client.load_model, name)
-        else:
-            self._call(f"load {name!r}", self._client.load_model, name, config=config)
+        """Load (or reload) ``name``; ``config``: a JSON ModelConfig that overrides its config.pbtxt.
+
+        A failed load raises ModelLoadError naming Triton's reason and the versions of ``name``
+        that still serve: Triton keeps a loaded version until its replacement is ready, and a
+        failed model takes no other model down with it.
+        """
+        kwargs = {} if config is None else {"config": config}
+        try:
+            self._call(f"load {name!r}", self._client.load_model, name, **kwargs)
+        except AdminError as e:
+            if isinstance(e, AdminRefusedError) or not e.message.startswith("load "):
+                raise
+            raise self._load_error(name, e.message.split(": ", 1)[-1]) from e
+
+    def _load_error(self, name: str, triton_message: str) -> ModelLoadError:
+        reason = triton_message.split("\n\nAt:", 1)[0].strip().rstrip(";").strip()  # drop the stub's traceback
+        reason = reason.removeprefix(f"load failed for model '{name}': ")
+        if "failed to poll from model repository" in reason:
+            reason += f" (Triton could not read {name}/config.pbtxt or its directory: its log names the line)"
+        try:
+            serving = sorted(e.version for e in self.get_model_repository_index() if e.name == name and e.state == "READY")
+        except DetserveError:
+            serving = []
+        still = f"; still serving {name} version {', '.join(serving)}" if serving else f"; {name} is not serving"
+        return ModelLoadError(
+            f"load {name!r} failed: {reason}{still}; the other models are unaffected",
+            hint=f"fix or remove the broken files under the repository's {name}/ and load again "
+            "(`detserve models list` shows each version's state and reason)",
+        )
 
     def unload_model(self, name: str) -> None:
         self._call(f"unload {name!r}", self._client.unload_model, name)
+
+    def model_config(self, name: str) -> dict[str, Any]:
+        """The config ``name`` is served with, as JSON (the model-config API: restricted by the entrypoint)."""
+        raw = self._call(f"config of {name!r}", self._client.get_model_config, name, as_json=True)
+        return dict(raw.get("config", {}))
 
     def get_model_repository_index(self) -> list[IndexEntry]:
         raw = self._call("repository index", self._client.get_model_repository_index, as_json=True)

@@ -1,13 +1,13 @@
 """The admin API on the embedded server: explicit model control behind the admin key.
 
-Its own server (ssdlite only) started with detserve.admin.restricted_args, the entrypoint's flags.
+Its own server started with detserve.admin.restricted_args, the entrypoint's flags, on its own
+ssdlite-only repository (built here, ~20 s; not the four-detector session repository).
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -21,10 +21,20 @@ REFUSED = "refused: the admin key is missing or wrong"
 
 
 @pytest.fixture(scope="module")
-def admin_server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    from detserve.repository import BuildRequest, build_repository
+
     repo = tmp_path_factory.mktemp("admin_repo")
-    for suffix in ("", "_preprocess", "_core", "_postprocess"):
-        shutil.copytree(repository / f"ssdlite{suffix}", repo / f"ssdlite{suffix}")
+    build_repository(
+        BuildRequest(
+            detector="ssdlite320_mobilenet_v3_large",
+            repository=repo,
+            name="ssdlite",
+            num_classes=5,
+            max_image_pixels=20_000_000,
+            spread_init_seed=0,
+        )
+    )
     with running_server(repo, extra_args=restricted_args(KEY)) as srv:
         yield srv
 
@@ -115,3 +125,33 @@ def test_cli_models_and_status(admin_server: TritonServer, samples: dict[str, by
 
     loaded = runner.invoke(app, ["models", "load", "ssdlite", "--url", url], env=env)
     assert loaded.exit_code == 0 and "loaded ssdlite" in loaded.output
+
+
+# last in the module: the failed versions stay in the server's repository index
+def test_a_model_that_fails_to_load_leaves_the_others_serving(admin_server: TritonServer, samples: dict[str, bytes]) -> None:
+    url = admin_server.options.grpc_url
+    repo = admin_server.options.repository
+    broken = repo / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('backend: "python"\ninput [{ name: "X" data_type: TYPE_NOPE dims: [1] }]\n')
+    core_v2 = repo / "ssdlite_core" / "2"  # the core's version policy is "latest": a load picks version 2
+    shutil.copytree(repo / "ssdlite_core" / "1", core_v2)
+    (core_v2 / "model.onnx").write_bytes(b"not an onnx file")
+    env = {"DETSERVE_ADMIN_KEY": KEY}
+    runner = CliRunner()
+    try:
+        new = runner.invoke(app, ["models", "load", "broken", "--url", url], env=env)
+        assert new.exit_code == 1 and "Traceback" not in new.output, new.output
+        assert "load 'broken' failed" in new.output and "config.pbtxt" in new.output
+        assert "the other models are unaffected" in new.output and "broken is not serving" in new.output
+
+        corrupted = runner.invoke(app, ["models", "load", "ssdlite_core", "--url", url], env=env)
+        assert corrupted.exit_code == 1 and "Traceback" not in corrupted.output, corrupted.output
+        assert "load 'ssdlite_core' failed: version 2" in corrupted.output and "Protobuf parsing failed" in corrupted.output
+        assert "still serving ssdlite_core version 1" in corrupted.output and "\nAt:" not in corrupted.output
+
+        assert _ready(url)
+        assert _detect(url, samples["astronaut.jpg"]) > 0
+    finally:
+        shutil.rmtree(broken)
+        shutil.rmtree(core_v2)
