@@ -506,6 +506,27 @@ def dataset(
     typer.echo(str(path))
 
 
+@app.command("ops-report")
+@_user_errors
+def ops_report(
+    work: Annotated[Path, typer.Option(help="work directory: small repositories built once, one copy per scenario")] = Path(
+        "out/ops/work"
+    ),
+    out: Annotated[Path, typer.Option(help="where ops-report.md and ops-report.json go")] = Path("out/ops"),
+    users: Annotated[int, typer.Option(help="concurrent clients held during each fault")] = 4,
+    duration: Annotated[str, typer.Option(help="load per scenario, e.g. 10s")] = "10s",
+) -> None:
+    """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
+    from detserve.opsreport import run_ops_report
+
+    md = run_ops_report(work, out, typer.echo, users=users, duration_s=_seconds(duration))
+    typer.echo(md.read_text())
+    lost = json.loads((md.parent / "ops-report.json").read_text())["lost_total"]
+    if lost:
+        typer.secho(f"{lost} request(s) lost", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()
