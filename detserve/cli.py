@@ -472,6 +472,7 @@ def compare(
     score_tol: Annotated[float, typer.Option(help="largest high-score |Δscore| that still agrees")] = 1e-3,
     limit: Annotated[int, typer.Option(help="at most this many images from a folder")] = 32,
     out: Annotated[Path, typer.Option(help="report directory (markdown, HTML, JSON)")] = Path("out/compare"),
+    require_tensorrt: Annotated[bool, typer.Option(help="fail when the TensorRT side cannot run (GPU checks)")] = False,
 ) -> None:
     """Detection-level diff: PyTorch vs ONNX Runtime vs the live endpoint (and TensorRT); exit 1 on high-score disagreement."""
     from clients.bulk import image_files
@@ -488,6 +489,8 @@ def compare(
     typer.echo(f"report: {paths['markdown']} {paths['html']} {paths['json']}")
     if report.problems:
         raise typer.Exit(1)
+    if require_tensorrt and "tensorrt" in report.skipped:
+        raise DetserveError(f"TensorRT side not compared: {report.skipped['tensorrt']}")
 
 
 @app.command()

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Prove the TensorRT path on a CUDA machine, in under 8 minutes:
+# Prove the TensorRT path on a CUDA machine, in under 10 minutes:
 #   converters/gpu_check.py  builds the demo detector's fp32/fp16/int8 engines, verifies each
 #                            against ONNX Runtime, checks GPU post-processing against CPU, builds
 #                            the end-to-end NMS variant, benchmarks against eager PyTorch
 #                            (results: OUT/gpu_check.json, written step by step)
 #   pytest -m gpu            the GPU tests of tests/unit/test_tensorrt.py (OUT/pytest_gpu.txt)
+#   detserve compare         the trained demo detector built as a TensorRT fp32 engine: detections of
+#                            PyTorch vs ONNX Runtime vs TensorRT per score band on 16 held-out test
+#                            images (OUT/compare/compare.{md,html,json}, log OUT/compare.txt)
 #
 # Prerequisites, installed beforehand (this script installs nothing):
 #   - an NVIDIA GPU with a driver for CUDA 13 (nvidia-smi works)
@@ -35,5 +38,13 @@ timeout --signal=INT 370 "$PY" -m converters.gpu_check --out "$OUT" --budget-s 3
 timeout --signal=INT 90 "$PY" -m pytest -q -m gpu tests/unit/test_tensorrt.py -p no:cacheprovider \
     >"$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 3 "$OUT/pytest_gpu.txt"
+{
+    "$PY" -m detserve.cli dataset test "$OUT/shapes_test" --limit 16 \
+    && timeout 150 "$PY" -m detserve.cli build ssdlite320_mobilenet_v3_large --repository "$OUT/trt_repo" --name demo \
+        --num-classes 6 --checkpoint detserve/weights/demo_ssdlite320_shapes.pt --target tensorrt \
+    && timeout 120 "$PY" -m detserve.cli compare --model demo --repository "$OUT/trt_repo" --out "$OUT/compare" --require-tensorrt \
+        "$OUT/shapes_test/images"
+} >"$OUT/compare.txt" 2>&1 || status=1
+tail -n 4 "$OUT/compare.txt"
 echo "results: $OUT/gpu_check.json, $OUT/pytest_gpu.txt (exit $status)"
 exit "$status"
