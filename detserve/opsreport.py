@@ -270,7 +270,11 @@ def stub_killed(s: Setup) -> Row:
             os.kill(pid, signal.SIGKILL)
         held = s.duration_s / 3 + _hold(load, s.duration_s * 2 / 3)
     fault = f"SIGKILL of {len(pids)} post-processing stub(s) mid-load; clients retry transient errors (<= 12, 120 s)"
-    return Row("python stub killed", s.users, held, fault, Tally.of(load.calls))
+    restarts = "; ".join(
+        f"{r.model} reloaded by the stub watchdog in {r.seconds:.1f} s" + (f" (failed: {r.error})" if r.error else "")
+        for r in server.stub_restarts
+    )  # Triton 2.51 does not restart a dead stub itself (detserve/server.py)
+    return Row("python stub killed", s.users, held, fault, Tally.of(load.calls), restarts or "no stub restart")
 
 
 def server_restarted(s: Setup) -> Row:

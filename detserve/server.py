@@ -22,11 +22,24 @@ requests"). The server therefore always runs explicit model control -- with the 
 or an internal one only this object knows -- and ``stop`` unloads the ensembles first: Triton
 refuses new requests for them at once and unloads each only when its in-flight requests are done.
 Then SIGTERM.
+
+A killed or crashed python stub is brought back by ``StubWatchdog``: Triton 2.51's python backend
+never restarts a dead stub (python_backend removed the restart from ``ModelInstanceExecute`` in
+r24.07, commit 27f04d1), so every request scheduled on that instance fails for good with "Stub
+process '<instance>' is not healthy." and the stub stays a zombie child of tritonserver (nobody
+waits for it). The watchdog sees those zombies and reloads their model through the
+model-repository API (the same explicit control and key the drain uses). A plain load of an
+unchanged model is a no-op in Triton, and a config identical to the served one only "updates" it
+in place, so the reload overrides the served config with one parameter changed
+(``detserve_stub_restart``): Triton loads fresh instances beside the dead ones and swaps them in
+once ready (~10 s here); clients retry the "not healthy" answers meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import secrets
 import signal
@@ -35,6 +48,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +60,11 @@ from detserve.errors import ServerError
 EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
 CONTROL_MODE = "--model-control-mode="
+STUB_BINARY = "triton_python_backend_stub"
+STUB_CHECK_S = 0.5
+RESTART_PARAMETER = "detserve_stub_restart"
+
+log = logging.getLogger(__name__)
 
 
 def pytriton_root() -> Path:
@@ -243,6 +262,116 @@ def _wait_unloaded(admin: Any, names: list[str], deadline: float) -> None:
         time.sleep(0.1)
 
 
+@dataclass
+class StubRestart:
+    """One reload of a model whose python stub(s) died: what died, how long the reload took, its error."""
+
+    model: str
+    instances: list[str]
+    at: float  # monotonic seconds, when the watchdog saw the stubs dead
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _children(pid: int) -> dict[int, tuple[str, list[str]]]:
+    """``pid``'s child processes: {pid: (state letter, argv)} (argv is empty for a zombie)."""
+    out: dict[int, tuple[str, list[str]]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) != pid:
+                continue
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        out[int(entry)] = (fields[0], [a.decode(errors="replace") for a in args if a])
+    return out
+
+
+def stub_identity(args: list[str]) -> tuple[str, str] | None:
+    """(model, instance) of a model-instance stub's argv, else None.
+
+    argv: stub, <repository>/<model>/<version>/model.py, shm region, shm sizes (2), parent pid,
+    backend dir, ipc handle, instance name, runtime model dir (stub_launcher.cc, r24.10).
+    """
+    if len(args) < 9 or not args[0].endswith(STUB_BINARY):
+        return None
+    model = Path(args[1]).parents[1].name
+    instance = args[8]
+    return (model, instance) if instance != model else None  # the auto-complete stub is named after the model
+
+
+class StubWatchdog:
+    """Reloads a model when one of its python stubs dies (module docstring).
+
+    A stub is dead when tritonserver's child that ran it is a zombie in two checks in a row
+    (Triton waits for the stubs it stops itself, so their zombies last microseconds).
+    """
+
+    def __init__(self, server_pid: int, url: str, key: str | None, interval_s: float = STUB_CHECK_S) -> None:
+        self.server_pid, self.url, self.key, self.interval_s = server_pid, url, key, interval_s
+        self.restarts: list[StubRestart] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="detserve-stub-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        stubs: dict[int, tuple[str, str]] = {}  # live stubs seen: pid -> (model, instance)
+        suspects: set[int] = set()  # zombies seen once
+        handled: set[int] = set()  # dead stubs whose model was reloaded (Triton may never reap them)
+        while not self._stop.wait(self.interval_s):
+            try:
+                children = _children(self.server_pid)
+            except OSError:
+                continue
+            dead: dict[str, list[int]] = {}
+            zombies = set()
+            for pid, (state, args) in children.items():
+                if state == "Z":
+                    zombies.add(pid)
+                    if pid in stubs and pid not in handled and pid in suspects:
+                        dead.setdefault(stubs[pid][0], []).append(pid)
+                elif (who := stub_identity(args)) is not None:
+                    stubs[pid] = who
+            suspects = zombies
+            stubs = {p: w for p, w in stubs.items() if p in children}
+            handled &= set(children)
+            for model, pids in sorted(dead.items()):
+                if self._stop.is_set():
+                    return
+                if self._reload(model, sorted(stubs[p][1] for p in pids)):
+                    handled.update(pids)
+                else:
+                    self._stop.wait(5.0)  # and try again
+
+    def _reload(self, model: str, instances: list[str]) -> bool:
+        from detserve.admin import ModelAdmin
+
+        restart = StubRestart(model, instances, time.monotonic())
+        self.restarts.append(restart)
+        log.warning("python stub(s) %s of %s died: reloading %s", ", ".join(instances), model, model)
+        try:
+            with ModelAdmin(self.url, self.key, timeout_s=300.0) as admin:
+                config = admin.model_config(model)  # the served config: keeps a rollout's version policy
+                config.setdefault("parameters", {})[RESTART_PARAMETER] = {"string_value": str(len(self.restarts))}
+                admin.load_model(model, config=json.dumps(config))
+        except Exception as e:
+            restart.error = str(e)
+            log.error("reloading %s after its stub died failed: %s", model, e)
+        restart.seconds = time.monotonic() - restart.at
+        return restart.error is None
+
+
 class TritonServer:
     """A tritonserver process: started in its own process group so nothing outlives ``stop()``."""
 
@@ -250,6 +379,7 @@ class TritonServer:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.last_drain: DrainReport | None = None
+        self.watchdog: StubWatchdog | None = None
         self.log_path = options.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
 
     def start(self) -> None:
@@ -258,11 +388,19 @@ class TritonServer:
             raise ServerError(f"model repository not found: {opts.repository}", hint="build one with `detserve build`")
         for what, port in (("grpc", opts.grpc_port), ("http", opts.http_port), ("metrics", opts.metrics_port)):
             _check_port(opts.host, port, what)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
+        out = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
-            opts.command(), stdout=log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
+            opts.command(), stdout=out, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
         )
-        log.close()
+        out.close()
+        can, key = opts.drain_key()  # the model-repository API is ours: dead stubs can be reloaded
+        if can:
+            self.watchdog = StubWatchdog(self.process.pid, opts.grpc_url, key)
+            self.watchdog.start()
+
+    @property
+    def stub_restarts(self) -> list[StubRestart]:
+        return list(self.watchdog.restarts) if self.watchdog else []
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         import tritonclient.grpc as grpcclient
@@ -298,6 +436,8 @@ class TritonServer:
         proc = self.process
         if proc is None:
             return None
+        if self.watchdog is not None:
+            self.watchdog.stop()  # no reload while the server goes down
         report = None
         if proc.poll() is None:
             report = self.drain()
