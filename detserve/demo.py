@@ -1,8 +1,12 @@
 """The README's main job, end to end: build the demo detector's repository, start the embedded
-Triton server, send real photographs over gRPC, print and draw their detections."""
+Triton server, send held-out test images over gRPC, print and draw their detections, load-test it.
+
+The demo detector is SSDlite320 trained on detserve's generated shapes dataset (``training/``); its
+weights ship in ``detserve/weights`` with their provenance (dataset seeds, command, metrics)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,9 +15,14 @@ from typing import Any
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import DetserveError
+from training.synthetic import CLASSES, NUM_CLASSES
+
+CLASS_NAMES = ["background", *CLASSES]
 
 DEMO_DETECTOR = "ssdlite320_mobilenet_v3_large"
 DEMO_NAME = "demo"
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_ssdlite320_shapes.pt"
+DEMO_IMAGES = 6  # held-out test-split images detected in step 3
 
 
 @dataclass(frozen=True)
@@ -28,27 +37,31 @@ def run_demo(
     repository: Path, out: Path, echo: Callable[[str], None], score_threshold: float = 0.3, load_seconds: float = 20.0
 ) -> DemoResult:
     from detserve.repository import BuildRequest, build_repository
-    from detserve.samples import write_samples
     from detserve.server import running_server
 
     seconds: dict[str, float] = {}
     t = time.monotonic()
     echo(f"[1/4] building {DEMO_DETECTOR} as {DEMO_NAME!r} in {repository} (ONNX export + ONNX Runtime check)")
     build = build_repository(
-        BuildRequest(detector=DEMO_DETECTOR, repository=repository, name=DEMO_NAME, num_classes=91, spread_init_seed=0)
+        BuildRequest(
+            detector=DEMO_DETECTOR, repository=repository, name=DEMO_NAME, num_classes=NUM_CLASSES, checkpoint=DEMO_WEIGHTS
+        )
     )
-    echo(f"      weights: {build.record['weights']}")
+    provenance = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
+    test_metrics = provenance["metrics"]["test_max_det_100"]
+    echo(f"      weights: {DEMO_WEIGHTS.name} (sha256 {build.record['checkpoint_sha256'][:12]}), trained on generated shapes;")
+    echo(f"      held-out test split: mAP@[.5:.95] {test_metrics['mAP']:.3f}, AP50 {test_metrics['AP50']:.3f}")
     for o in build.record["verification"]["core"]["outputs"]:
         echo(f"      {o['name']}: onnxruntime vs PyTorch max abs {o['max_abs']:.2e}")
     seconds["build"] = time.monotonic() - t
 
-    images = write_samples(out / "samples")
+    images = demo_images(out / "images")
     t = time.monotonic()
     echo("[2/4] starting the embedded Triton server on loopback")
     with running_server(repository) as server:
         seconds["server_start"] = time.monotonic() - t
         echo(f"      ready at {server.options.grpc_url} after {seconds['server_start']:.1f} s")
-        echo(f"[3/4] detecting over gRPC on {len(images)} photographs (score >= {score_threshold})")
+        echo(f"[3/4] detecting over gRPC on {len(images)} held-out test images (score >= {score_threshold})")
         t = time.monotonic()
         with DetectorClient(server.options.grpc_url, DEMO_NAME) as client:
             results = client.detect_many([p.read_bytes() for p in images], score_threshold=score_threshold)
@@ -57,16 +70,33 @@ def run_demo(
         if load_seconds > 0:
             t = time.monotonic()
             echo(f"[4/4] load test: Locust over gRPC, 8 users for {load_seconds:.0f} s")
-            report_md = _load_test(server.options.grpc_url, out / "loadtest", load_seconds)
+            report_md = _load_test(server.options.grpc_url, out / "loadtest", load_seconds, out / "images")
             seconds["load_test"] = time.monotonic() - t
             echo(report_md)
     return DemoResult(repository, server.options.grpc_url, {p.name: r for p, r in zip(images, results, strict=True)}, seconds)
 
 
-def _load_test(url: str, out: Path, seconds: float) -> str:
+def demo_images(out: Path) -> list[Path]:
+    """The first test-split images (generated apart from training: other seed, backgrounds, sizes) as PNG files."""
+    from PIL import Image
+
+    from training.synthetic import SPLITS, render
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(DEMO_IMAGES):
+        path = out / f"test_{i:06d}.png"
+        Image.fromarray(render(SPLITS["test"], i).image).save(path)
+        paths.append(path)
+    return paths
+
+
+def _load_test(url: str, out: Path, seconds: float, images: Path) -> str:
     from loadtest.runner import LoadTestConfig, run_loadtest
 
-    cfg = LoadTestConfig(grpc_url=url, model=DEMO_NAME, out_dir=out, users=8, duration_s=seconds, window_s=seconds / 5)
+    cfg = LoadTestConfig(
+        grpc_url=url, model=DEMO_NAME, out_dir=out, users=8, duration_s=seconds, window_s=seconds / 5, images=images
+    )
     result = run_loadtest(cfg)
     return result.files["markdown"].read_text() + f"\n(report files: {out})"
 
@@ -77,7 +107,7 @@ def _report_detections(images: list[Path], results: list[Any], out: Path, echo: 
     for path, res in zip(images, results, strict=True):
         if isinstance(res, DetserveError):
             raise res
-        draw_detections(path.read_bytes(), res, out / "drawn" / f"{path.stem}.png")
-        top = ", ".join(f"{int(lbl)}:{float(s):.2f}" for lbl, s in zip(res.labels[:5], res.scores[:5], strict=True))
+        draw_detections(path.read_bytes(), res, out / "drawn" / f"{path.stem}.png", CLASS_NAMES)
+        top = ", ".join(f"{CLASS_NAMES[int(lbl)]}:{float(s):.2f}" for lbl, s in zip(res.labels[:5], res.scores[:5], strict=True))
         echo(f"      {path.name:16s} {len(res):3d} detections  top label:score {top}")
     echo(f"      annotated images in {out / 'drawn'}")

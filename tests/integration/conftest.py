@@ -1,4 +1,4 @@
-"""A real tritonserver on free loopback ports, serving the four parity detectors."""
+"""A real tritonserver on free loopback ports, serving the four parity detectors and the trained demo detector."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from detserve.demo import DEMO_DETECTOR, DEMO_WEIGHTS
 from detserve.server import TritonServer
 from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS, SHORT_NAMES, make_checkpoint
+from training.synthetic import NUM_CLASSES as SHAPES_CLASSES
 
 pytestmark = pytest.mark.integration
+
+SHAPES = "shapes"  # the trained demo detector (detserve/weights), for eval and compare
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +40,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
                 max_image_pixels=20_000_000,
             )
         )
+    build_repository(
+        BuildRequest(
+            detector=DEMO_DETECTOR, repository=repo, name=SHAPES, num_classes=SHAPES_CLASSES, checkpoint=DEMO_WEIGHTS
+        )
+    )
     return repo
 
 
