@@ -45,14 +45,16 @@ def batch(cfg: SplitConfig, start: int, size: int) -> tuple[list[torch.Tensor], 
 def evaluate(model: torch.nn.Module, cfg: SplitConfig, n: int | None = None, max_det: int = 100) -> dict[str, float]:
     """COCO metrics of ``model`` on the first ``n`` images of split ``cfg`` (no score threshold)."""
     from detserve.evaluation import ImageDetections, coco_metrics
+    from detserve.reference import pytorch_detect
 
     model.eval()
     n = cfg.num_images if n is None else n
     samples = [(f"{cfg.name}_{i:06d}.png", render(cfg, i)) for i in range(n)]
     dets = {}
     for image_id, (_, s) in enumerate(samples, start=1):
-        out = model([to_tensor(s.image)])[0]
-        dets[image_id] = ImageDetections(out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy())
+        # no score threshold and the cap inside the model too, exactly as `detserve eval` scores PyTorch
+        out = pytorch_detect(model, s.image, score_threshold=0.0, max_det=max_det)
+        dets[image_id] = ImageDetections(out["boxes"], out["scores"], out["labels"])
     return coco_metrics(coco_dict(cfg, samples), dets, max_det=max_det)
 
 
