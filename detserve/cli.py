@@ -132,7 +132,10 @@ def serve(
                 "model control: explicit (all models loaded at start; load/unload and other admin APIs need the admin key)"
             )
         else:
-            typer.echo(f"model control: none (all models loaded at start; no load/unload; set {ENV_VAR} for explicit mode)")
+            typer.echo(
+                "model control: explicit behind an internal key (all models loaded at start; used to drain on stop and "
+                f"restart dead stubs; load/unload closed to users: set {ENV_VAR} to hold the key)"
+            )
         typer.echo(f"Triton log: {server.log_path}")
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
