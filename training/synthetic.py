@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -76,31 +76,23 @@ class SplitConfig:
         return asdict(self)
 
 
+_TRAIN = SplitConfig(
+    name="train",
+    seed=1000,
+    num_images=40000,
+    short_side=(256, 384),
+    aspect=(1.0, 1.4),
+    objects=(1, 6),
+    object_frac=(0.12, 0.45),
+    backgrounds=("noise", "gradient", "photo"),
+    photos=TRAIN_PHOTOS,
+    clutter=(0, 12),
+)
+
 SPLITS: dict[str, SplitConfig] = {
-    "train": SplitConfig(
-        name="train",
-        seed=1000,
-        num_images=40000,
-        short_side=(256, 384),
-        aspect=(1.0, 1.4),
-        objects=(1, 6),
-        object_frac=(0.12, 0.45),
-        backgrounds=("noise", "gradient", "photo"),
-        photos=TRAIN_PHOTOS,
-        clutter=(0, 12),
-    ),
-    "val": SplitConfig(
-        name="val",
-        seed=2000,
-        num_images=200,
-        short_side=(256, 384),
-        aspect=(1.0, 1.4),
-        objects=(1, 6),
-        object_frac=(0.12, 0.45),
-        backgrounds=("noise", "gradient", "photo"),
-        photos=TRAIN_PHOTOS,
-        clutter=(0, 12),
-    ),
+    "train": _TRAIN,
+    # the training distribution under its own seed: for training decisions only
+    "val": replace(_TRAIN, name="val", seed=2000, num_images=200),
     "test": SplitConfig(
         name="test",
         seed=3000,
