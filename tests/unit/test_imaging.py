@@ -141,6 +141,10 @@ def test_exif_orientation_is_not_applied() -> None:
 def test_multi_frame_files_use_the_first_frame() -> None:
     assert decode_image(UNUSUAL["MPO jpeg"], 10**6).shape == (24, 32, 3)
     assert (decode_image(UNUSUAL["animated gif"], 10**6) == (0, 1, 2)).all()  # frame 0 is palette index 0
+    frames = [Image.new("RGB", (8, 8), (50 * i, 0, 0)) for i in range(3)]
+    for fmt, save in (("WEBP", {"lossless": True}), ("TIFF", {})):
+        blob = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **save)
+        assert (decode_image(blob, 10**6) == (0, 0, 0)).all(), fmt
 
 
 @pytest.mark.parametrize(
