@@ -67,7 +67,7 @@ def check(blob: bytes, spec_name: str) -> None:
         rgb = decode_image(blob, MAX_PIXELS)
     except ImageError as e:
         assert e.message, "an ImageError must say what is wrong"
-        event("refused: " + re.sub(r"\d+", "N", e.message.split(":")[0])[:60])
+        event("refused: " + re.sub(r"\d+", "N", e.message.split(" (")[0].split(":")[0]))
         return
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.flags.writeable
     assert 0 < rgb.shape[0] * rgb.shape[1] <= MAX_PIXELS
