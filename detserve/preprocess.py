@@ -7,6 +7,7 @@ pad), so the served tensor equals ``model.transform``'s bit for bit — a test c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,16 @@ def resize(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     from torchvision.models.detection.transform import _resize_image_and_masks
 
     if spec.resize_mode == "torchvision":
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        scale = min(float(spec.min_size) / min(h, w), float(spec.max_size) / max(h, w))
+        if math.floor(min(h, w) * scale) < 1:  # torch would raise deep inside interpolate
+            from detserve.errors import ImageError
+
+            raise ImageError(
+                f"image {w}x{h} has too extreme an aspect ratio: resized to fit {spec.max_size} px its short side "
+                "would have 0 pixels",
+                hint=f"send images whose long side is at most about {spec.max_size} times the short side",
+            )
         return _resize_image_and_masks(image, spec.min_size, spec.max_size)[0]
     assert spec.fixed_size is not None  # checked by the spec
     h, w = spec.fixed_size

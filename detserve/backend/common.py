@@ -34,8 +34,9 @@ def apply_torch_threads(args: dict[str, Any]) -> None:
 def error_response(pb_utils: Any, exc: BaseException) -> Any:
     """One failed request -> its own error response; the rest of the batch is unaffected."""
     # a bug (not a DetserveError) keeps its type so it can be found in the logs
-    message = str(exc) if isinstance(exc, DetserveError) else f"internal error: {type(exc).__name__}: {exc}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+    if isinstance(exc, DetserveError):  # the request's fault: INVALID_ARGUMENT, never retried by clients
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def respond_each(pb_utils: Any, requests: Sequence[Any], handle: Callable[[Any], Any]) -> list[Any]:

@@ -147,12 +147,13 @@ def test_unusual_images_preprocess_bit_exact_with_the_reference(model: str, grpc
 
 
 def test_elongated_image_fails_alone(grpc_url: str, samples: dict[str, bytes]) -> None:
-    """1x1000 on a torchvision min/max resize: see the strict xfail in tests/unit/test_imaging.py."""
+    """1x1000 on a torchvision min/max resize: the short side would resize to 0 rows; refused clearly."""
     elongated = png_bytes(1000, 1)
     with DetectorClient(grpc_url, "fcos") as client:
         results = client.detect_many([samples["astronaut.jpg"], elongated, samples["chelsea.png"]], max_in_flight=3)
         assert isinstance(results[0], Detections) and isinstance(results[2], Detections)
         assert isinstance(results[1], ClientError), results[1]
+        assert "aspect ratio" in results[1].message and "internal error" not in results[1].message
     with DetectorClient(grpc_url, "ssdlite") as client:  # a fixed-size model stretches it and serves it
         assert isinstance(client.detect(elongated), Detections)
 
@@ -306,3 +307,14 @@ def test_malformed_raw_grpc_requests_are_refused(
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in e.value.details(), e.value.details()
     assert triton.is_server_live() and triton.is_model_ready(model)
+
+
+def test_a_bad_image_is_invalid_argument_not_internal(grpc_url: str) -> None:
+    """The request's fault gets gRPC INVALID_ARGUMENT (clients never retry it); only bugs are INTERNAL."""
+    import tritonclient.grpc as grpcclient
+
+    inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"garbage"]], dtype=np.object_))
+    with grpcclient.InferenceServerClient(grpc_url) as client, pytest.raises(Exception) as info:
+        client.infer("ssdlite", [inp])
+    assert "INVALID_ARGUMENT" in str(info.value.status()) and "not a decodable image" in info.value.message()

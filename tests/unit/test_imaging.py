@@ -247,13 +247,6 @@ def test_tiny_images_preprocess() -> None:
         assert out.original_hw == (1, 1) and out.tensor.shape[0] == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="known gap in detserve/preprocess.py: torchvision's min/max resize rounds the short side of a "
-    "very elongated image (here 1x1000 at max_size 320) to 0 rows and torch raises a RuntimeError; "
-    "the server answers it as 'internal error' for that request only",
-)
 def test_extreme_aspect_ratio_is_refused_clearly() -> None:
     with pytest.raises(ImageError, match="aspect"):
         preprocess(decode_image(png_bytes(1000, 1), 10**6), FCOS_SPEC)

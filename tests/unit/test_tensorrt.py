@@ -653,10 +653,20 @@ def _pb_utils() -> Any:
         def __init__(self, output_tensors: Any = None, error: Any = None) -> None:
             self.output_tensors, self.error = output_tensors, error
 
+    class TritonError(str):  # the message, like pb_utils.TritonError's; the code is kept aside
+        INTERNAL, INVALID_ARG = 1, 3
+
+        def __new__(cls, message: str, code: int = 1) -> TritonError:
+            obj = super().__new__(cls, message)
+            obj.code = code  # type: ignore[attr-defined]
+            return obj
+
     def get(request: Any, name: str) -> Any:
         return request.tensors[name]
 
-    return SimpleNamespace(Tensor=_PbTensor, InferenceResponse=InferenceResponse, TritonError=str, get_input_tensor_by_name=get)
+    return SimpleNamespace(
+        Tensor=_PbTensor, InferenceResponse=InferenceResponse, TritonError=TritonError, get_input_tensor_by_name=get
+    )
 
 
 @pytest.fixture
