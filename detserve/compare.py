@@ -303,7 +303,6 @@ def run_compare(
     seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> CompareReport:
-    import torch
 
     from clients.grpc_client import DetectorClient
     from converters.onnx_export import verify_onnxruntime

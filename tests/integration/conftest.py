@@ -41,9 +41,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
             )
         )
     build_repository(
-        BuildRequest(
-            detector=DEMO_DETECTOR, repository=repo, name=SHAPES, num_classes=SHAPES_CLASSES, checkpoint=DEMO_WEIGHTS
-        )
+        BuildRequest(detector=DEMO_DETECTOR, repository=repo, name=SHAPES, num_classes=SHAPES_CLASSES, checkpoint=DEMO_WEIGHTS)
     )
     return repo
 

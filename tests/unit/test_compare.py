@@ -30,7 +30,10 @@ def test_identical_sides_agree_in_every_band() -> None:
 
 
 def test_low_score_flips_are_counted_but_not_failures() -> None:
-    other = [_det([(10, 10, 60, 60, 0.95, 1), (100, 100, 150, 150, 0.4, 2), (70, 5, 90, 25, 0.03, 1), (150, 0, 190, 40, 0.01, 4)]), REFERENCE[1]]
+    other = [
+        _det([(10, 10, 60, 60, 0.95, 1), (100, 100, 150, 150, 0.4, 2), (70, 5, 90, 25, 0.03, 1), (150, 0, 190, 40, 0.01, 4)]),
+        REFERENCE[1],
+    ]
     cmp = compare_side("lowflip", REFERENCE, other)
     assert cmp.band("0.05–0.2").missing == 1  # the 0.1 box is gone
     assert cmp.band("<0.05").extra == 1  # a new 0.01 box

@@ -14,7 +14,10 @@ from detserve.evaluation import EvalError, ImageDetections, coco_metrics
 def _annotations() -> dict:
     # image 1: two objects of class 1; image 2: one object of class 2
     return {
-        "images": [{"id": 1, "width": 200, "height": 200, "file_name": "a.png"}, {"id": 2, "width": 200, "height": 200, "file_name": "b.png"}],
+        "images": [
+            {"id": 1, "width": 200, "height": 200, "file_name": "a.png"},
+            {"id": 2, "width": 200, "height": 200, "file_name": "b.png"},
+        ],
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 100, 60, 40], "area": 2400, "iscrowd": 0},
@@ -25,7 +28,9 @@ def _annotations() -> dict:
 
 
 def _det(boxes: list[list[float]], scores: list[float], labels: list[int]) -> ImageDetections:
-    return ImageDetections(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64), np.asarray(labels))
+    return ImageDetections(
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    )
 
 
 def test_perfect_detections_score_one() -> None:

@@ -48,7 +48,9 @@ def test_write_split_is_reproducible_and_valid_coco(tmp_path: Path) -> None:
     for run in ("a", "b"):
         ann = write_split(SPLITS["val"], tmp_path / run, limit=4)
         files = sorted((tmp_path / run / "images").iterdir())
-        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in files] + [hashlib.sha256(ann.read_bytes()).hexdigest()])
+        digests.append(
+            [hashlib.sha256(p.read_bytes()).hexdigest() for p in files] + [hashlib.sha256(ann.read_bytes()).hexdigest()]
+        )
     assert digests[0] == digests[1]
     data = json.loads((tmp_path / "a" / "annotations.json").read_text())
     assert [c["name"] for c in data["categories"]] == list(CLASSES)
