@@ -89,12 +89,11 @@ def test_adding_version_2_keeps_version_1_serving(rollout_repo: Path) -> None:
     assert {s.model_version for s in read_config(rollout_repo / "ssdlite").ensemble_scheduling.step} == {-1}
 
 
-# slow: ~100 s on 2 cores (promote 29 s, rollback 15 s beside a training job: loading version 2's
-# python stubs). One run under CPU contention once saw 32 of 883 requests fail around the first
-# ensemble reload, when that reload also reloaded the composing models (the stubs had written
-# __pycache__ into the repository; no longer, see test_drain.py). Failures now carry their
-# messages in the timeline; the runs since: 0 failed.
-@pytest.mark.slow
+# ~100 s on 2 cores (promote and rollback load version 2's python stubs). Once, under CPU
+# contention, 32 of 883 requests failed around the first ensemble reload, when that reload also
+# reloaded the composing models because the stubs had written __pycache__ into the repository (no
+# longer: see test_drain.py). Failures carry their messages in the timeline; every run since the
+# fix lost 0 (325, 529, 1243 requests, plus this test in the slow suite), so it runs in CI again.
 def test_promote_and_rollback_under_load(
     rollout_server: TritonServer, rollout_repo: Path, samples: dict[str, bytes], tmp_path: Path
 ) -> None:
