@@ -294,14 +294,14 @@ def bench(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench"),
 ) -> None:
     """Served ensemble vs in-process limit, Flask + eager PyTorch, and no dynamic batching; prints the ratios."""
-    from detserve.demo import DEMO_DETECTOR
+    from detserve.demo import DEMO_DETECTOR, demo_build_request
     from loadtest.bench import BenchConfig, run_bench
 
     if not (repository / model).is_dir():
-        from detserve.repository import BuildRequest, build_repository
+        from detserve.repository import build_repository
 
-        typer.echo(f"building {DEMO_DETECTOR} as {model!r} in {repository}")
-        build_repository(BuildRequest(DEMO_DETECTOR, repository, name=model, num_classes=91, spread_init_seed=0))
+        typer.echo(f"building the trained demo detector ({DEMO_DETECTOR}) as {model!r} in {repository}")
+        build_repository(demo_build_request(repository, model))
     cfg = BenchConfig(repository=repository, model=model, out_dir=out, users=users, duration_s=_seconds(duration))
     run_bench(cfg, typer.echo)
     typer.echo((out / "bench.md").read_text())

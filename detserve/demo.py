@@ -36,17 +36,13 @@ class DemoResult:
 def run_demo(
     repository: Path, out: Path, echo: Callable[[str], None], score_threshold: float = 0.3, load_seconds: float = 20.0
 ) -> DemoResult:
-    from detserve.repository import BuildRequest, build_repository
+    from detserve.repository import build_repository
     from detserve.server import running_server
 
     seconds: dict[str, float] = {}
     t = time.monotonic()
     echo(f"[1/4] building {DEMO_DETECTOR} as {DEMO_NAME!r} in {repository} (ONNX export + ONNX Runtime check)")
-    build = build_repository(
-        BuildRequest(
-            detector=DEMO_DETECTOR, repository=repository, name=DEMO_NAME, num_classes=NUM_CLASSES, checkpoint=DEMO_WEIGHTS
-        )
-    )
+    build = build_repository(demo_build_request(repository))
     provenance = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
     test_metrics = provenance["metrics"]["test_max_det_100"]
     echo(f"      weights: {DEMO_WEIGHTS.name} (sha256 {build.record['checkpoint_sha256'][:12]}), trained on generated shapes;")
@@ -74,6 +70,15 @@ def run_demo(
             seconds["load_test"] = time.monotonic() - t
             echo(report_md)
     return DemoResult(repository, server.options.grpc_url, {p.name: r for p, r in zip(images, results, strict=True)}, seconds)
+
+
+def demo_build_request(repository: Path, name: str = DEMO_NAME) -> Any:
+    """The trained demo detector as ``name`` in ``repository`` (the demo's and the bench's model)."""
+    from detserve.repository import BuildRequest
+
+    return BuildRequest(
+        detector=DEMO_DETECTOR, repository=repository, name=name, num_classes=NUM_CLASSES, checkpoint=DEMO_WEIGHTS
+    )
 
 
 def demo_images(out: Path) -> list[Path]:
