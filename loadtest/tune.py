@@ -83,15 +83,19 @@ class Variant:
     mutate: Mutation
 
 
+# Relative to the built defaults (1 pre / 1 core / 2 post instances, ORT 1 thread, torch 1 thread
+# per stub, 2 ms delay): each variant moves one knob, a few move two.
 VARIANTS = [
     Variant("as built", combine()),
     Variant("batching delay 0", set_delay(0)),
     Variant("batching delay 10 ms", set_delay(10_000)),
-    Variant("postprocess x2 instances", set_instances({"postprocess": 2})),
-    Variant("pre x2 + post x2 instances", set_instances({"preprocess": 2, "postprocess": 2})),
-    Variant("ORT 1 thread", set_ort_threads(1)),
+    Variant("ORT 2 threads", set_ort_threads(2)),
+    Variant("core x2 instances", set_instances({"core": 2})),
+    Variant("postprocess x1 instance", set_instances({"postprocess": 1})),
+    Variant("preprocess x2 instances", set_instances({"preprocess": 2})),
+    Variant("ORT 2 threads + post x1", combine(set_ort_threads(2), set_instances({"postprocess": 1}))),
+    Variant("core x2 + post x1", set_instances({"core": 2, "postprocess": 1})),
     Variant("torch all cores in stubs", set_torch_threads(0)),
-    Variant("ORT 1 thread + post x2", combine(set_ort_threads(1), set_instances({"postprocess": 2}))),
 ]
 
 
