@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,6 @@ class BulkResult:
     path: Path
     detections: Detections | None
     error: str | None = None
-    attempts_s: float = 0.0  # wall time of the request, retries included
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -48,8 +47,6 @@ def detect_paths(
     on_result: Callable[[BulkResult], None] | None = None,
 ) -> list[BulkResult]:
     """Detections for every path, in the order given. Never raises for one bad file."""
-    import time
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if max_in_flight < 1:
@@ -67,7 +64,6 @@ def detect_paths(
         return local.client
 
     def one(path: Path) -> BulkResult:
-        t = time.monotonic()
         try:
             blob = path.read_bytes()
         except OSError as e:
@@ -75,8 +71,8 @@ def detect_paths(
         try:
             det = client().detect(blob, score_threshold=score_threshold, max_det=max_det)
         except Exception as e:  # ClientError from the server (bad image), or a transport error after retries
-            return BulkResult(path, None, str(e), time.monotonic() - t)
-        return BulkResult(path, det, None, time.monotonic() - t)
+            return BulkResult(path, None, str(e))
+        return BulkResult(path, det)
 
     results: list[BulkResult | None] = [None] * len(paths)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -87,8 +83,6 @@ def detect_paths(
         ):
             task = bar.add_task(f"{model} @ {url}", total=len(paths))
             futures = {pool.submit(one, p): i for i, p in enumerate(paths)}
-            from concurrent.futures import as_completed
-
             for fut in as_completed(futures):
                 res = fut.result()
                 results[futures[fut]] = res

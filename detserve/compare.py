@@ -285,10 +285,12 @@ class _TrtSession:
 
 
 def _as_det(d: Any) -> Det:
+    """A detections mapping (in-process sides) or a client ``Detections`` (server) as arrays."""
+    get = d.__getitem__ if isinstance(d, dict) else lambda k: getattr(d, k)
     return {
-        "boxes": np.asarray(d["boxes"], dtype=np.float32).reshape(-1, 4),
-        "scores": np.asarray(d["scores"], dtype=np.float32),
-        "labels": np.asarray(d["labels"], dtype=np.int64),
+        "boxes": np.asarray(get("boxes"), dtype=np.float32).reshape(-1, 4),
+        "scores": np.asarray(get("scores"), dtype=np.float32),
+        "labels": np.asarray(get("labels"), dtype=np.int64),
     }
 
 
@@ -373,7 +375,7 @@ def run_compare(
         echo(f"server: {model} at {url}, one request per image, then shuffled concurrent rounds")
         with DetectorClient(url, model, retries=3) as client:
             client.check_ready()
-            served = [_as_det(_det_dict(client.detect(b, score_threshold, None, max_det))) for b in blobs]
+            served = [_as_det(client.detect(b, score_threshold, None, max_det)) for b in blobs]
             report.sides.append(compare_side("server", reference, served, agree_iou))
             trials: list[tuple[int, Det]] = []
             rng = random.Random(seed)
@@ -384,7 +386,7 @@ def run_compare(
                 for i, res in zip(order, results, strict=True):
                     if isinstance(res, Exception):
                         raise res
-                    trials.append((i, _as_det(_det_dict(res))))
+                    trials.append((i, _as_det(res)))
             report.positions.append(position_check("server", "concurrent requests, shuffled, dynamic batching", served, trials))
             if spec.preprocess.fixed_input_hw is not None:  # fixed canvas: images of one request are independent
                 trials = []
@@ -393,10 +395,6 @@ def run_compare(
                     for i, res in zip(
                         order, client.detect_batch([blobs[i] for i in order], score_threshold, None, max_det), strict=True
                     ):
-                        trials.append((i, _as_det(_det_dict(res))))
+                        trials.append((i, _as_det(res)))
                 report.positions.append(position_check("server", "multi-image requests, rotated", served, trials))
     return report
-
-
-def _det_dict(d: Any) -> dict[str, Any]:
-    return {"boxes": d.boxes, "scores": d.scores, "labels": d.labels}

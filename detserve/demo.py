@@ -11,13 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import DetserveError
 from training.synthetic import CLASSES, NUM_CLASSES
 
 CLASS_NAMES = ["background", *CLASSES]
+
+if TYPE_CHECKING:
+    from detserve.repository import BuildRequest
 
 DEMO_DETECTOR = "ssdlite320_mobilenet_v3_large"
 DEMO_NAME = "demo"
@@ -72,7 +75,7 @@ def run_demo(
     return DemoResult(repository, server.options.grpc_url, {p.name: r for p, r in zip(images, results, strict=True)}, seconds)
 
 
-def demo_build_request(repository: Path, name: str = DEMO_NAME) -> Any:
+def demo_build_request(repository: Path, name: str = DEMO_NAME) -> BuildRequest:
     """The trained demo detector as ``name`` in ``repository`` (the demo's and the bench's model)."""
     from detserve.repository import BuildRequest
 
