@@ -131,6 +131,7 @@ def _split_section(r: LoadReport) -> list[str]:
     for name in _split_order(r):
         s = r.server_split[name]
         label = f"`{name}` (ensemble)" if name == r.model else f"`{name}`"
+        label += " (reloaded mid-run, see notes)" if s.reset else ""
         row = [label, f"{s.requests:,}", f"{s.failures:,}", _fmt(s.avg_batch_size, 2)]
         rows.append(row + [_fmt(v, 2) for v in (s.queue_ms, s.compute_input_ms, s.compute_infer_ms, s.compute_output_ms)])
     return [*lines, *_table(header, rows), "", SPLIT_NOTE, ""]

@@ -23,6 +23,7 @@ from loadtest.report import LoadReport, write_report
 
 LOCUSTFILE = Path(__file__).with_name("locust_grpc.py")
 SHAPES = ("fixed", "step", "sweep")
+STATS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -179,18 +180,17 @@ def _pool(images: Path | None) -> list[bytes]:
 
 
 def run_loadtest(cfg: LoadTestConfig, notes: Sequence[str] = ()) -> LoadTestResult:
-    import tritonclient.grpc as grpcclient
-
     _warm_up(cfg)
-    client = grpcclient.InferenceServerClient(cfg.grpc_url)
+    # snapshots every second, not only at both ends: a model reloaded mid-run (a killed stub
+    # brought back) restarts its counters, and the split must keep what it served before
+    poller = stats.SnapshotPoller(cfg.grpc_url, STATS_INTERVAL_S)
+    poller.start()
     try:
-        before = stats.snapshot(client)
         log = run_locust(cfg)
-        after = stats.snapshot(client)
     finally:
-        client.close()
-    split = stats.delta(before, after)
-    report = build_report(cfg, log, split, list(notes))
+        snapshots = poller.stop()
+    split = stats.accumulate(snapshots)
+    report = build_report(cfg, log, split, [*notes, *stats.reset_notes(_own(split, cfg.model))])
     return LoadTestResult(report, write_report(report, cfg.out_dir))
 
 
@@ -216,12 +216,17 @@ def build_report(
         latency_ms=stats.percentiles(log.latency_ms[ok]) if ok.any() else {},
         windows=windows,
         stable=stats.is_stable(windows),
-        server_split={name: s for name, s in split.items() if name == cfg.model or name.startswith(cfg.model + "_")},
+        server_split=_own(split, cfg.model),
         naive_throughput_rps=stats.naive_throughput(compute_ms) if compute_ms > 0 else 0.0,
         fingerprint=stats.fingerprint(cfg.grpc_url if triton else None),
         steps=sweep_steps(log, cfg) if cfg.shape == "sweep" else [],
         notes=notes,
     )
+
+
+def _own(split: dict[str, stats.PhaseSplit], model: str) -> dict[str, stats.PhaseSplit]:
+    """The ensemble's own rows and its composing models'."""
+    return {name: s for name, s in split.items() if name == model or name.startswith(model + "_")}
 
 
 def ensemble_phase_ms(split: dict[str, stats.PhaseSplit], model: str) -> dict[str, float]:

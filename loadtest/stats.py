@@ -2,7 +2,9 @@
 
 Client-side latency says what a user waits; Triton's statistics say *where* the time goes (queue vs
 compute, per composing model of the ensemble) and how well the dynamic batcher groups requests.
-Both are cumulative counters on the server, so a measurement is the difference of two snapshots.
+Both are cumulative counters on the server, so a measurement is the difference of snapshots; a
+model reloaded mid-run (a killed stub brought back) restarts its counters, so a run is polled
+every second and the increases are summed (``accumulate``) rather than failing the report.
 
 Checked against Triton 2.51 (the embedded server):
 - JSON int64 values arrive as strings; a model that has served nothing has no ``inference_count``,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import itertools
 import os
 import platform
 import re
@@ -102,9 +105,59 @@ def snapshot(client: Any) -> dict[str, ModelStats]:
     return parse_statistics(raw)
 
 
+class SnapshotPoller:
+    """Statistics snapshots every ``interval_s`` while a run goes on, for ``accumulate``.
+
+    A model reloaded mid-run (a killed stub brought back) restarts its counters: with only a
+    snapshot at each end of the run, everything it served before the reload would be lost. The
+    first and last snapshots are taken in ``start``/``stop`` and must succeed; one in between that
+    fails (the server busy restarting something) is skipped.
+    """
+
+    def __init__(self, grpc_url: str, interval_s: float = 1.0) -> None:
+        import threading
+
+        self.grpc_url, self.interval_s = grpc_url, interval_s
+        self.snapshots: list[dict[str, ModelStats]] = []
+        self.skipped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="detserve-stats-poller", daemon=True)
+        self._client: Any = None
+
+    def start(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._client = grpcclient.InferenceServerClient(self.grpc_url)
+        self.snapshots.append(snapshot(self._client))
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.snapshots.append(snapshot(self._client))
+            except DetserveError:
+                self.skipped += 1
+
+    def stop(self) -> list[dict[str, ModelStats]]:
+        """The last snapshot, then all of them in time order."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.snapshots.append(snapshot(self._client))
+        finally:
+            with contextlib.suppress(Exception):
+                self._client.close()
+        return self.snapshots
+
+
 @dataclass(frozen=True)
 class PhaseSplit:
-    """Where a model's time went over one measurement window; ``*_ms`` are averages per request."""
+    """Where a model's time went over one measurement window; ``*_ms`` are averages per request.
+
+    ``reset`` is true when the model's counters restarted inside the window (it was reloaded: a
+    dead stub brought back, a rollout, a server restart); its numbers then sum the increments seen
+    between snapshots, and what it served between the last snapshot and the reload is missing.
+    """
 
     model: str
     requests: int
@@ -117,6 +170,7 @@ class PhaseSplit:
     compute_input_ms: float
     compute_infer_ms: float
     compute_output_ms: float
+    reset: bool = False
 
     @property
     def compute_ms(self) -> float:
@@ -124,52 +178,92 @@ class PhaseSplit:
         return self.compute_input_ms + self.compute_infer_ms + self.compute_output_ms
 
 
-def _avg_ms(before: Phase, after: Phase) -> float:
-    count = after.count - before.count
-    return (after.ns - before.ns) / count / 1e6 if count else 0.0
+def _avg_ms(phase: Phase) -> float:
+    return phase.ns / phase.count / 1e6 if phase.count else 0.0
 
 
-def _check_monotonic(name: str, before: ModelStats, after: ModelStats) -> None:
-    """Counters only grow while a server lives: a decrease means it restarted and the window is meaningless."""
-    pairs = [("inference_count", before.inference_count, after.inference_count)]
-    pairs.append(("execution_count", before.execution_count, after.execution_count))
-    for p in PHASES:
-        b, a = getattr(before, p), getattr(after, p)
-        pairs += [(f"{p}.count", b.count, a.count), (f"{p}.ns", b.ns, a.ns)]
-    for counter, b_val, a_val in pairs:
-        if a_val < b_val:
-            raise StatsError(
-                f"model {name!r}: counter {counter} went backwards ({b_val} -> {a_val}) during the measurement window",
-                hint="the server (or the model) was restarted mid-run; measure again",
-            )
+def _counters(s: ModelStats) -> list[int]:
+    """Every cumulative counter of a snapshot, in a fixed order (``_from_counters`` reads it back)."""
+    return [s.inference_count, s.execution_count, *(v for p in PHASES for v in (getattr(s, p).count, getattr(s, p).ns))]
 
 
-def _split(name: str, before: ModelStats, after: ModelStats) -> PhaseSplit:
-    _check_monotonic(name, before, after)
-    inferences = after.inference_count - before.inference_count
-    executions = after.execution_count - before.execution_count
+def _from_counters(name: str, version: str, values: Sequence[int]) -> ModelStats:
+    phases = {p: Phase(values[2 + 2 * i], values[3 + 2 * i]) for i, p in enumerate(PHASES)}
+    return ModelStats(name, version, values[0], values[1], **phases)
+
+
+def increase(before: ModelStats | None, after: ModelStats) -> tuple[ModelStats, bool]:
+    """What a model served between two snapshots, and whether its counters restarted in between.
+
+    Counters only grow while a model stays loaded; any one of them lower than before means the
+    model was reloaded (its counters start again from zero), so ``after`` itself is the increase.
+    A model absent from ``before`` (loaded in between) also counts from zero, without a reset.
+    """
+    if before is None:
+        return after, False
+    b, a = _counters(before), _counters(after)
+    if any(x < y for x, y in zip(a, b, strict=True)):
+        return after, True
+    return _from_counters(after.name, after.version, [x - y for x, y in zip(a, b, strict=True)]), False
+
+
+def _split(name: str, served: ModelStats, reset: bool) -> PhaseSplit:
+    executions = served.execution_count
     return PhaseSplit(
         model=name,
-        requests=after.success.count - before.success.count,
-        failures=after.fail.count - before.fail.count,
-        inferences=inferences,
+        requests=served.success.count,
+        failures=served.fail.count,
+        inferences=served.inference_count,
         executions=executions,
-        avg_batch_size=inferences / executions if executions else 0.0,
-        request_ms=_avg_ms(before.success, after.success),
-        queue_ms=_avg_ms(before.queue, after.queue),
-        compute_input_ms=_avg_ms(before.compute_input, after.compute_input),
-        compute_infer_ms=_avg_ms(before.compute_infer, after.compute_infer),
-        compute_output_ms=_avg_ms(before.compute_output, after.compute_output),
+        avg_batch_size=served.inference_count / executions if executions else 0.0,
+        request_ms=_avg_ms(served.success),
+        queue_ms=_avg_ms(served.queue),
+        compute_input_ms=_avg_ms(served.compute_input),
+        compute_infer_ms=_avg_ms(served.compute_infer),
+        compute_output_ms=_avg_ms(served.compute_output),
+        reset=reset,
     )
 
 
+def accumulate(snapshots: Sequence[Mapping[str, ModelStats]]) -> dict[str, PhaseSplit]:
+    """Per-model split over a window from its snapshots in time order (two or more).
+
+    Each step between consecutive snapshots adds its increase (see ``increase``), so a model
+    reloaded mid-window keeps what was seen before the reload and what it served after; only
+    the requests between the last snapshot before the reload and the reload itself are lost.
+    Snapshots taken often (``SnapshotPoller``) keep that gap small. Models in the last snapshot only.
+    """
+    if len(snapshots) < 2:
+        raise StatsError(f"a measurement window needs at least 2 statistics snapshots, got {len(snapshots)}")
+    totals: dict[str, list[int]] = {}
+    resets: set[str] = set()
+    seen = set(snapshots[0])
+    for before, after in itertools.pairwise(snapshots):
+        for name, a in after.items():
+            served, reset = increase(before.get(name), a)
+            if reset or (name in seen and name not in before):  # gone from a snapshot: unloaded, then loaded again
+                resets.add(name)
+            totals[name] = [x + y for x, y in zip(totals.get(name, [0] * len(_counters(a))), _counters(served), strict=True)]
+        seen |= set(after)
+    last = snapshots[-1]
+    return {name: _split(name, _from_counters(name, last[name].version, totals[name]), name in resets) for name in last}
+
+
 def delta(before: Mapping[str, ModelStats], after: Mapping[str, ModelStats]) -> dict[str, PhaseSplit]:
-    """Per-model split over the window between two snapshots; a model loaded mid-window starts from zero."""
-    out: dict[str, PhaseSplit] = {}
-    for name, a in after.items():
-        b = before.get(name) or ModelStats(name, a.version, 0, 0, *(Phase() for _ in PHASES))
-        out[name] = _split(name, b, a)
-    return out
+    """Per-model split between two snapshots; a model loaded mid-window starts from zero, one
+    reloaded mid-window (counters went backwards) counts from zero and is marked ``reset``."""
+    return accumulate([before, after])
+
+
+def reset_notes(split: Mapping[str, PhaseSplit]) -> list[str]:
+    """A report's note for each model whose counters restarted during the run."""
+    return [
+        f"Triton's counters of `{name}` restarted during the run (the model was reloaded: a stub died and was "
+        "brought back, a rollout, or a server restart); its server-side row sums the statistics snapshots "
+        "taken during the run and misses what it served between the last snapshot and the reload."
+        for name, s in sorted(split.items())
+        if s.reset
+    ]
 
 
 def naive_throughput(ms_per_inference: float, batch: int = 1) -> float:
