@@ -56,6 +56,10 @@ from pathlib import Path
 from typing import Any
 
 from detserve.errors import ServerError
+from detserve.stubshm import ServerShm, StubJanitor, prefix_args
+from detserve.stubshm import new_prefix as new_shm_prefix
+from detserve.stubshm import prepare as prepare_shm
+from detserve.stubshm import release as release_shm
 
 EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
@@ -165,6 +169,7 @@ class ServerOptions:
     log_file: Path | None = None
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+    shm_prefix: str = field(default_factory=new_shm_prefix, repr=False)  # its stubs' /dev/shm regions (stubshm.py)
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     # unlocks the model-repository API when extra_args do not choose the model control themselves
     internal_key: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
@@ -214,6 +219,7 @@ class ServerOptions:
             # images of several MB per request: start the stubs' shared memory large enough
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
+            *prefix_args(self.shm_prefix),
             f"--log-verbose={self.log_verbose}",
             *self.control_args(),
             *self.extra_args,
@@ -327,6 +333,7 @@ class StubWatchdog:
 
     def _run(self) -> None:
         stubs: dict[int, tuple[str, str]] = {}  # live stubs seen: pid -> (model, instance)
+        janitor = StubJanitor()  # the replaced stubs' regions, and replaced stubs that outlive their reload
         suspects: set[int] = set()  # zombies seen once
         handled: set[int] = set()  # dead stubs whose model was reloaded (Triton may never reap them)
         while not self._stop.wait(self.interval_s):
@@ -346,11 +353,13 @@ class StubWatchdog:
             suspects = zombies
             stubs = {p: w for p, w in stubs.items() if p in children}
             handled &= set(children)
+            janitor.observe(children, stubs)
             for model, pids in sorted(dead.items()):
                 if self._stop.is_set():
                     return
                 if self._reload(model, sorted(stubs[p][1] for p in pids)):
                     handled.update(pids)
+                    janitor.reloaded(model)
                 else:
                     self._stop.wait(5.0)  # and try again
 
@@ -380,6 +389,7 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.last_drain: DrainReport | None = None
         self.watchdog: StubWatchdog | None = None
+        self.shm: ServerShm | None = None  # what this start owns in /dev/shm, and its record
         self.log_path = options.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
 
     def start(self) -> None:
@@ -388,11 +398,13 @@ class TritonServer:
             raise ServerError(f"model repository not found: {opts.repository}", hint="build one with `detserve build`")
         for what, port in (("grpc", opts.grpc_port), ("http", opts.http_port), ("metrics", opts.metrics_port)):
             _check_port(opts.host, port, what)
+        self.shm = prepare_shm(opts.extra_args, opts.shm_prefix)  # and clean up after dead servers
         out = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
             opts.command(), stdout=out, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
         )
         out.close()
+        self.shm.record(self.process.pid)
         can, key = opts.drain_key()  # the model-repository API is ours: dead stubs can be reloaded
         if can:
             self.watchdog = StubWatchdog(self.process.pid, opts.grpc_url, key)
@@ -448,6 +460,7 @@ class TritonServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash
         proc.wait()
+        release_shm(self.shm)  # regions left by a SIGKILL, stubs that escaped the group
         self.process = None
         self.last_drain = report
         return report
