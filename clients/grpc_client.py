@@ -181,7 +181,10 @@ class DetectorClient:
         max_det: int | None = None,
         max_in_flight: int = 16,
     ) -> list[Detections | ClientError]:
-        """One request per image, up to ``max_in_flight`` at once; a failed image yields its error."""
+        """One request per image, up to ``max_in_flight`` at once; a failed image yields its error.
+
+        A transient failure is sent again like ``detect`` does (``retries``, exponential backoff, within
+        ``timeout_s`` of the image's first try); the image keeps its slot meanwhile."""
         params = request_parameters(score_threshold, iou_threshold, max_det)
         results: list[Detections | ClientError | None] = [None] * len(images)
         slots = threading.Semaphore(max_in_flight)
@@ -189,27 +192,51 @@ class DetectorClient:
         remaining = [len(images)]
         lock = threading.Lock()
 
-        def callback(index: int, result: Any, error: Exception | None) -> None:
-            results[index] = _wrap(error, self.model) if error is not None else split_result(result)[0]
+        def finish(index: int, outcome: Detections | ClientError) -> None:
+            results[index] = outcome
             slots.release()
             with lock:
                 remaining[0] -= 1
                 if remaining[0] == 0:
                     done.set()
 
+        def send(index: int, attempt: int, start: float) -> None:
+            def callback(result: Any, error: Exception | None) -> None:
+                if error is None:
+                    finish(index, split_result(result)[0])
+                elif (wait := self._retry_wait(error, attempt, start)) is not None:
+                    threading.Timer(wait, send, (index, attempt + 1, start)).start()
+                else:
+                    finish(index, _wrap(error, self.model))
+
+            try:
+                self._client.async_infer(
+                    self.model,
+                    [_image_input([images[index]])],
+                    callback=callback,
+                    parameters=params or None,
+                    client_timeout=self.timeout_s,
+                )
+            except Exception as e:  # refused before sending: same rules as a failed answer
+                callback(None, e)
+
         if not images:
             return []
-        for i, image in enumerate(images):
+        for i in range(len(images)):
             slots.acquire()
-            self._client.async_infer(
-                self.model,
-                [_image_input([image])],
-                callback=lambda result, error, i=i: callback(i, result, error),
-                parameters=params or None,
-                client_timeout=self.timeout_s,
-            )
+            send(i, 0, time.monotonic())
         done.wait()
         return [r for r in results if r is not None]
+
+    def _retry_wait(self, error: Exception, attempt: int, start: float) -> float | None:
+        """Seconds to wait before trying again after ``error`` (the rules of ``with_retries``), or None."""
+        wait = self.backoff_s * (2**attempt)
+        elapsed = time.monotonic() - start
+        if attempt >= self.retries or not is_retryable(error):
+            return None
+        if self.timeout_s is not None and elapsed + wait > self.timeout_s:
+            return None
+        return wait
 
     def preprocessed(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
         """The server's preprocessed tensor and image_info for one image (verification rung 1)."""
