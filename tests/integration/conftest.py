@@ -12,7 +12,15 @@ from detserve.server import TritonServer
 from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS, SHORT_NAMES, make_checkpoint
 from training.synthetic import NUM_CLASSES as SHAPES_CLASSES
 
-pytestmark = pytest.mark.integration
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration (``pytestmark`` in a conftest is ignored by pytest)."""
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
 
 SHAPES = "shapes"  # the trained demo detector (detserve/weights), for eval and compare
 
