@@ -7,10 +7,20 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# Debian's package starts its own nginx service on install; detserve runs nginx from its own config
+# (the gate). Stop only that service: through `service`, else the master in the package's pid file
+# (nothing else writes /run/nginx.pid; nginx was not installed before). Never other users' nginx.
+stop_packaged_nginx() {
+  service nginx stop >/dev/null 2>&1 && return 0
+  local pid
+  pid=$(cat /run/nginx.pid 2>/dev/null) || return 0
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = nginx ] && kill -QUIT "$pid" 2>/dev/null
+  return 0
+}
 # nginx fronts `detserve serve --replicas N` (gRPC load balancing on loopback); its test skips without it.
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >/dev/null 2>&1 \
-    && { service nginx stop >/dev/null 2>&1 || pkill -x nginx || true; } \
+    && stop_packaged_nginx \
     || echo "note: could not install nginx-light; the replica test will be skipped"
 fi
 .venv/bin/python -m pip install -q --upgrade pip
