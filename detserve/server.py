@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detserve.cachedir import cache_directory
 from detserve.errors import ServerError
 from detserve.stubshm import ServerShm, StubJanitor, prefix_args
 from detserve.stubshm import new_prefix as new_shm_prefix
@@ -89,7 +90,7 @@ def backend_directory() -> Path:
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
     if not stub.is_file():
         raise ServerError(f"nvidia-pytriton ships no python backend stub for Python {py}")
-    target = Path(sys.prefix) / "var" / "detserve" / f"backends-py{py}" / "python"
+    target = cache_directory() / f"backends-py{py}" / "python"
     target.mkdir(parents=True, exist_ok=True)
     sources = {
         "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
@@ -107,7 +108,7 @@ def backend_directory() -> Path:
 def stub_prefix() -> Path:
     """A private Python prefix for the stubs: this interpreter, bytecode writing off (module docstring)."""
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    root = Path(sys.prefix) / "var" / "detserve" / f"stub-prefix-py{py}"
+    root = cache_directory() / f"stub-prefix-py{py}"
     (root / "bin").mkdir(parents=True, exist_ok=True)
     link = root / "bin" / "python3"
     if not link.is_symlink() or os.readlink(link) != sys.executable:
