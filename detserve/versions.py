@@ -178,7 +178,8 @@ def _require_key(key: str | None) -> str:
     if not key:
         raise VersionError(
             f"promote and rollback load models through the admin API: no admin key ({ENV_VAR} is not set)",
-            hint=f"set {ENV_VAR} (or {FILE_ENV}) to the key the server was started with",
+            hint=f"set {ENV_VAR} (or {FILE_ENV}) to the server's admin key; a server started without one has "
+            f"its admin API closed: restart it with {ENV_VAR} or {FILE_ENV} set, then set the same key here",
         )
     return key
 
