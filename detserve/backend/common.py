@@ -1,12 +1,80 @@
-"""What every detserve python-backend model shares: config parameters and per-request errors."""
+"""What every detserve python-backend model shares: config parameters, per-request errors, and
+dropping requests nobody waits for any more.
+
+Abandoned requests: Triton 2.51 cancels an ensemble request when its gRPC client cancels or its
+deadline passes, and checks that between ensemble steps (core PR #263), so the core and
+post-processing steps of a cancelled request are rejected by Triton's own scheduler. The *first*
+step never learns of it: its request was created before the cancellation, and
+``request.is_cancelled()`` stays false there (server issue #6739; checked here with 2.51: ten 60 MB
+requests whose 1 s deadline had passed were all still decoded). So besides ``is_cancelled()`` the
+preprocess step reads the client's deadline from request parameters (``request_deadline``):
+``detserve_deadline`` (seconds since the epoch, set by the client), or ``detserve-arrival`` +
+``detserve-timeout`` (the arrival time and the client's ``grpc-timeout`` header, stamped by a
+gate in front of Triton and forwarded as parameters with ``--grpc-header-forward-pattern``).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from detserve.errors import DetserveError
+
+DEADLINE_PARAMETER = "detserve_deadline"
+ARRIVAL_PARAMETER = "detserve-arrival"
+TIMEOUT_PARAMETER = "detserve-timeout"
+# gRPC's wire format for grpc-timeout: up to 8 digits and a unit (gRPC over HTTP2, "Timeout")
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+class Abandoned(Exception):
+    """The client cancelled the request or its deadline passed: answer CANCELLED, do no work."""
+
+
+def grpc_timeout_seconds(text: str) -> float | None:
+    """A ``grpc-timeout`` header value ("300m", "2S") in seconds; None when it is not one."""
+    text = text.strip()
+    if len(text) < 2 or not text[:-1].isdigit() or len(text) > 9 or text[-1] not in _GRPC_TIMEOUT_UNITS:
+        return None
+    return int(text[:-1]) * _GRPC_TIMEOUT_UNITS[text[-1]]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def request_deadline(params: Mapping[str, Any]) -> float | None:
+    """The client's deadline (seconds since the epoch) from request parameters, or None.
+
+    The earlier of the client's own ``detserve_deadline`` and the gate's arrival + grpc-timeout.
+    A value that cannot be read is ignored: a deadline only ever drops work, it never fails a request.
+    """
+    deadlines = []
+    if (own := _number(params.get(DEADLINE_PARAMETER))) is not None:
+        deadlines.append(own)
+    arrival = _number(params.get(ARRIVAL_PARAMETER))
+    timeout = params.get(TIMEOUT_PARAMETER)
+    if arrival is not None and isinstance(timeout, str) and (seconds := grpc_timeout_seconds(timeout)) is not None:
+        deadlines.append(arrival + seconds)
+    return min(deadlines, default=None)
+
+
+def check_wanted(request: Any, now: float | None = None) -> None:
+    """Raise :class:`Abandoned` when nobody waits for ``request`` any more (call before expensive work)."""
+    if request.is_cancelled():
+        raise Abandoned("request cancelled by the client")
+    deadline = request_deadline(json.loads(request.parameters() or "{}"))
+    if deadline is not None and (now if now is not None else time.time()) > deadline:
+        raise Abandoned("the client's deadline passed before processing started")
 
 
 def config_parameter(args: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -33,6 +101,8 @@ def apply_torch_threads(args: dict[str, Any]) -> None:
 
 def error_response(pb_utils: Any, exc: BaseException) -> Any:
     """One failed request -> its own error response; the rest of the batch is unaffected."""
+    if isinstance(exc, Abandoned):  # nobody reads it: CANCELLED, as Triton answers for its own drops
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED))
     # a bug (not a DetserveError) keeps its type so it can be found in the logs
     if isinstance(exc, DetserveError):  # the request's fault: INVALID_ARGUMENT, never retried by clients
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))

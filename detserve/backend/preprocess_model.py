@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import apply_torch_threads, config_parameter, respond_each
+from detserve.backend.common import apply_torch_threads, check_wanted, config_parameter, respond_each
 from detserve.errors import ImageError
 from detserve.imaging import decode_image
 from detserve.preprocess import Preprocessed, preprocess
@@ -45,6 +45,9 @@ class TritonPythonModel:
         self.spec = PreprocessSpec.from_json(config_parameter(args, "preprocess_spec"))
 
     def _handle(self, request: Any) -> Any:
+        # checked per request, just before its decode: the last of a batch of large images may
+        # wait seconds behind the others, and its client may be gone by then (backend/common.py)
+        check_wanted(request)
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         blobs = [bytes(b) for b in tensor.as_numpy().reshape(-1)]
         images, info = preprocess_images(blobs, self.spec)
