@@ -1,11 +1,11 @@
 """The admin key and the key-protected model-repository API (load, unload, repository index).
 
-The same rules as ``docker/entrypoint.sh``: the key comes from ``DETSERVE_ADMIN_KEY`` or from the
-file named by ``DETSERVE_ADMIN_KEY_FILE``, is at least 16 characters of ``[A-Za-z0-9._~-]``, and
-puts the admin APIs behind a header. Checked against the Triton 2.51 binary: over HTTP the header
-is ``admin-key``, over gRPC Triton expects it prefixed, ``triton-grpc-protocol-admin-key``; a
-request without it (or with a wrong value) is answered ``UNAVAILABLE`` "This protocol is
-restricted".
+The key comes from the file named by ``DETSERVE_ADMIN_KEY_FILE`` (keep it 0600) or from
+``DETSERVE_ADMIN_KEY``, is at least 16 characters of ``[A-Za-z0-9._~-]``, and never travels on a
+command line: the gate (detserve/gate.py, nginx in front of tritonserver) checks it in a header --
+over HTTP ``admin-key``, over gRPC ``triton-grpc-protocol-admin-key`` (the header Triton itself
+used for restricted protocols) -- and answers a request without it, or with a wrong one,
+``PERMISSION_DENIED``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from detserve.errors import ClientError, DetserveError
 
 ENV_VAR = "DETSERVE_ADMIN_KEY"
 FILE_ENV = "DETSERVE_ADMIN_KEY_FILE"
-ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
 HEADER = "admin-key"
 GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
 _KEY = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
@@ -71,18 +70,6 @@ def admin_key(env_var: str = ENV_VAR, file_env: str = FILE_ENV) -> str | None:
     return validate_key(_read_key_file(path, file_env), f"{file_env}={path}") if path else None
 
 
-def restricted_args(key: str) -> list[str]:
-    """The tritonserver flags of docker/entrypoint.sh: explicit model control, admin APIs behind the key."""
-    validate_key(key)
-    apis = ",".join(ADMIN_APIS)
-    return [
-        "--model-control-mode=explicit",
-        "--load-model=*",
-        f"--grpc-restricted-protocol={apis}:{HEADER}={key}",
-        f"--http-restricted-api={apis}:{HEADER}={key}",
-    ]
-
-
 @dataclass(frozen=True)
 class IndexEntry:
     """One model version in the server's repository index."""
@@ -130,11 +117,16 @@ class ModelAdmin:
     def _error(self, what: str, e: Exception) -> DetserveError:
         status = str(getattr(e, "status", lambda: "")() or "")
         message = str(getattr(e, "message", lambda: str(e))() or e)
-        if "UNAVAILABLE" in status and "restricted" in message:
-            sent = f"the key from {ENV_VAR} was sent" if self.key else f"no key was sent: {ENV_VAR} is not set"
+        if "PERMISSION_DENIED" in status:
+            if "without an admin key" in message:  # the gate says: no key configured, the APIs are closed
+                return AdminRefusedError(
+                    f"{what}: refused: the server was started without an admin key, so its admin APIs are closed",
+                    hint=f"restart the server (`detserve serve`) with {FILE_ENV} (or {ENV_VAR}) set, then set the same here",
+                )
+            sent = f"the key from {ENV_VAR}/{FILE_ENV} was sent" if self.key else f"no key was sent: {ENV_VAR} is not set"
             return AdminRefusedError(
                 f"{what}: refused: the admin key is missing or wrong ({sent})",
-                hint=f"set {ENV_VAR} (or {FILE_ENV}) to the key the server was started with",
+                hint=f"set {FILE_ENV} (or {ENV_VAR}) to the key the server was started with",
             )
         if "UNAVAILABLE" in status:
             return ClientError(f"no Triton server answers at {self.url}: {message}", hint="start one with `detserve serve`")

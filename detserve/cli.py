@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from detserve.errors import DetserveError
+from detserve.gate import DEFAULT_MAX_REQUEST_BYTES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve PyTorch object detectors on Triton.")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,65 +104,45 @@ def build(
 @_user_errors
 def serve(
     repository: Annotated[Path, typer.Option(help="model repository directory")] = Path("model_repository"),
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address the gate listens on (gRPC, HTTP) and metrics")] = "127.0.0.1",
     grpc_port: int = 8001,
     http_port: int = 8000,
     metrics_port: int = 8002,
     log_file: Annotated[Path | None, typer.Option(help="Triton's log (default: a temp file)")] = None,
-    replicas: Annotated[int, typer.Option(help="N > 1: N servers behind nginx, gRPC on --grpc-port")] = 1,
+    replicas: Annotated[int, typer.Option(help="N > 1: N servers behind the gate, which balances between them")] = 1,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="larger requests are refused by the gate before Triton sees them (RESOURCE_EXHAUSTED)")
+    ] = DEFAULT_MAX_REQUEST_BYTES,
+    tritonserver: Annotated[Path | None, typer.Option(help="a tritonserver binary (default: nvidia-pytriton's)")] = None,
+    backend_directory: Annotated[Path | None, typer.Option(help="its backends (with --tritonserver)")] = None,
+    triton_arg: Annotated[
+        list[str], typer.Option(help="an extra tritonserver flag (repeatable), e.g. --triton-arg=--log-verbose=1")
+    ] = [],  # noqa: B006
 ) -> None:
-    """Start the embedded Triton server; Ctrl-C or SIGTERM stops it (in-flight requests drain)."""
-    from detserve.server import ServerOptions, TritonServer
+    """Start Triton behind the gate; Ctrl-C or SIGTERM stops it (in-flight requests drain).
+
+    The admin key is read from DETSERVE_ADMIN_KEY_FILE (a 0600 file) or DETSERVE_ADMIN_KEY, never
+    from the command line; without one the admin APIs are closed.
+    """
+    from detserve.admin import admin_key
+    from detserve.server import ServerOptions
+    from detserve.supervisor import serve_until_stopped
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    if replicas > 1:
-        _serve_replicas(repository, replicas, host, grpc_port)
-        return
-
-    from detserve.admin import ENV_VAR, admin_key, restricted_args
-
-    key = admin_key()
-    extra = restricted_args(key) if key else []
-    server = TritonServer(ServerOptions(repository, host, grpc_port, http_port, metrics_port, log_file, extra_args=extra))
-    try:
-        server.start()  # inside the try: a SIGTERM during start-up still stops what was started
-        server.wait_ready()
-        typer.echo(f"ready: gRPC {host}:{grpc_port}  HTTP {host}:{http_port}  metrics http://{host}:{metrics_port}/metrics")
-        if key:
-            typer.echo(
-                "model control: explicit (all models loaded at start; load/unload and other admin APIs need the admin key)"
-            )
-        else:
-            typer.echo(
-                "model control: explicit behind an internal key (all models loaded at start; used to drain on stop and "
-                f"restart dead stubs; load/unload closed to users: set {ENV_VAR} to hold the key)"
-            )
-        typer.echo(f"Triton log: {server.log_path}")
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        raise DetserveError("tritonserver exited: " + server.errors(), hint=f"full log: {server.log_path}")
-    except KeyboardInterrupt:
-        typer.echo("stopping (draining in-flight requests)...")
-    finally:
-        server.stop()
-
-
-def _serve_replicas(repository: Path, replicas: int, host: str, grpc_port: int) -> None:
-    from detserve.replicas import ReplicaSet
-
-    rs = ReplicaSet(repository, replicas, host, grpc_port)
-    try:
-        rs.start()
-        typer.echo(f"ready: gRPC {rs.grpc_url} (nginx) -> {', '.join(s.options.grpc_url for s in rs.servers)}")
-        while all(s.process is not None and s.process.poll() is None for s in rs.servers):
-            time.sleep(0.5)
-        raise DetserveError(
-            "a replica exited: " + "; ".join(s.errors() for s in rs.servers if s.process and s.process.poll() is not None)
-        )
-    except KeyboardInterrupt:
-        typer.echo("stopping replicas (draining in-flight requests)...")
-    finally:
-        rs.stop()
+    options = ServerOptions(
+        repository,
+        host,
+        grpc_port,
+        http_port,
+        metrics_port,
+        log_file,
+        admin_key=admin_key(),
+        max_request_bytes=max_request_bytes,
+        tritonserver=tritonserver,
+        backend_directory=backend_directory,
+        extra_args=list(triton_arg),
+    )
+    serve_until_stopped(options, replicas, typer.echo)
 
 
 @app.command()
@@ -422,6 +403,8 @@ def status(
 
     st = server_status(url, metrics_url)
     typer.echo(f"server {st.url}: live {'yes' if st.live else 'no'}, ready {'yes' if st.ready else 'no'}")
+    if st.not_ready_reason:
+        typer.echo(f"  {st.not_ready_reason}")
     typer.echo(
         f"{'model':<32} {'ver':>3} {'ready':>5} {'ok':>8} {'failed':>7} {'queue ms':>9} {'compute ms':>10} {'batch':>6} {'pending':>7}"
     )

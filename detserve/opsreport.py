@@ -231,10 +231,9 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @contextlib.contextmanager
 def _server(repo: Path, key: bool = False) -> Iterator[Any]:
-    from detserve.admin import restricted_args
     from detserve.server import running_server
 
-    with running_server(repo, extra_args=restricted_args(KEY) if key else []) as server:
+    with running_server(repo, admin_key=KEY if key else None) as server:
         yield server
 
 

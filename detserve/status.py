@@ -82,6 +82,19 @@ class ServerStatus:
     ready: bool
     models: list[ModelStatus]
     metrics_error: str | None = None
+    not_ready_reason: str = ""  # what the gate says while a served model cannot serve
+
+
+def server_readiness(client: Any) -> tuple[bool, str]:
+    """(ready, why not): the gate answers ServerReady with UNAVAILABLE naming the failing model."""
+    try:
+        return bool(client.is_server_ready()), ""
+    except Exception as e:
+        message = str(e.message() if hasattr(e, "message") else e)
+        status = str(e.status() if hasattr(e, "status") else "")
+        if "UNAVAILABLE" in status and message.startswith("not ready"):
+            return False, message
+        raise
 
 
 @contextlib.contextmanager
@@ -196,11 +209,12 @@ def server_status(url: str, metrics_url: str | None = None) -> ServerStatus:
     pending, metrics_error = read_pending(metrics_url) if metrics_url else ({}, "no metrics URL")
     with _client(url) as client:
         try:
-            live, ready = bool(client.is_server_live()), bool(client.is_server_ready())
+            live = bool(client.is_server_live())
+            ready, why = server_readiness(client)
             stats = parse_statistics(client.get_inference_statistics(as_json=True))
             models = [_model_status(client, s, pending) for s in sorted(stats.values(), key=lambda s: (s.name, s.version))]
         except DetserveError:
             raise
         except Exception as e:
             raise _unreachable(url, e) from e
-    return ServerStatus(url, live, ready, models, metrics_error)
+    return ServerStatus(url, live, ready, models, metrics_error, why)

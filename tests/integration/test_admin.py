@@ -1,6 +1,6 @@
 """The admin API on the embedded server: explicit model control behind the admin key.
 
-Its own server started with detserve.admin.restricted_args, the entrypoint's flags, on its own
+Its own server started with an admin key (the gate checks it; tritonserver never sees it), on its own
 ssdlite-only repository (built here, ~20 s; not the four-detector session repository).
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from detserve.admin import AdminRefusedError, ModelAdmin, restricted_args
+from detserve.admin import AdminRefusedError, ModelAdmin
 from detserve.cli import app
 from detserve.server import TritonServer, running_server
 
@@ -35,7 +35,7 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSer
             spread_init_seed=0,
         )
     )
-    with running_server(repo, extra_args=restricted_args(KEY)) as srv:
+    with running_server(repo, admin_key=KEY) as srv:
         yield srv
 
 

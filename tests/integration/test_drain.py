@@ -78,7 +78,7 @@ def test_serving_writes_no_bytecode_and_a_reload_keeps_the_composing_models(repo
                 assert len(client.detect(samples[name], score_threshold=0.0)) > 0
         assert not list(repo.rglob("__pycache__")), "the python stubs wrote bytecode into the repository"
         # explicit model control: loading the ensemble again must not reload its (unmodified) steps
-        with ModelAdmin(server.options.grpc_url, server.options.internal_key) as admin:
+        with ModelAdmin(server.internal_url, None) as admin:
             admin.load_model("ssdlite")
         log = server.log_path.read_text()
     for step in ("ssdlite_preprocess", "ssdlite_core", "ssdlite_postprocess"):

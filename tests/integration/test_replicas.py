@@ -1,4 +1,4 @@
-"""Scale-out on one machine: two replicas behind nginx; one killed mid-run loses no request."""
+"""Scale-out on one machine: two replicas behind one gate (nginx); one killed mid-run loses no request."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detserve.replicas import nginx_binary, running_replicas
+from detserve.gate import nginx_binary
+from detserve.replicas import running_replicas
 from loadtest.runner import LoadTestConfig, run_locust
 
 

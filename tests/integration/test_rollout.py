@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detserve.admin import restricted_args
 from detserve.server import TritonServer, running_server
 from detserve.versions import VersionError, promote, rollback, serving_version
 from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS
@@ -53,7 +52,7 @@ def rollout_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rollout_server(rollout_repo: Path) -> Iterator[TritonServer]:
-    with running_server(rollout_repo, extra_args=restricted_args(KEY)) as srv:
+    with running_server(rollout_repo, admin_key=KEY) as srv:
         yield srv
 
 

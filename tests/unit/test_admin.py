@@ -1,16 +1,14 @@
-"""Admin key rules and the restricted flags, which must equal docker/entrypoint.sh's."""
+"""Admin key rules (the same as docker/entrypoint.sh's)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from detserve.admin import ADMIN_APIS, AdminKeyError, admin_key, restricted_args
+from detserve.admin import AdminKeyError, admin_key
 from detserve.status import BuildSummary, parse_pending
 
-ENTRYPOINT = Path(__file__).resolve().parents[2] / "docker" / "entrypoint.sh"
 KEY = "0123456789abcdef-._~XYZ"
 
 
@@ -66,30 +64,6 @@ def test_unreadable_or_invalid_key_file(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_custom_variable_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", KEY)
     assert admin_key(env_var="MY_KEY", file_env="MY_KEY_FILE") == KEY
-
-
-def _entrypoint_flags(key: str) -> list[str]:
-    """The tritonserver flags of the entrypoint's exec block, with its variables filled in."""
-    text = ENTRYPOINT.read_text()
-    apis = re.search(r'^admin_apis="([^"]+)"$', text, re.MULTILINE)
-    assert apis is not None
-    block = text[text.index("exec tritonserver") :]
-    flags = [m.strip('"') for m in re.findall(r'^\s+("?--[^\s\\]+)', block, re.MULTILINE)]
-    return [f.replace("$admin_apis", apis.group(1)).replace("$key", key) for f in flags]
-
-
-def test_restricted_args_equal_the_entrypoints() -> None:
-    flags = _entrypoint_flags(KEY)
-    ours = restricted_args(KEY)
-    assert [f for f in flags if "restricted" in f] == [f for f in ours if "restricted" in f]
-    assert "--model-control-mode=explicit" in flags and "--load-model=*" in flags
-    assert set(ours) <= set(flags)
-    assert ",".join(ADMIN_APIS) in ours[-1]
-
-
-def test_restricted_args_refuse_an_invalid_key() -> None:
-    with pytest.raises(AdminKeyError):
-        restricted_args("short")
 
 
 def test_parse_pending_from_prometheus_text() -> None:

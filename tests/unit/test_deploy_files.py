@@ -103,40 +103,34 @@ KEY = "0123456789abcdef0123456789abcdef"
 
 
 def _entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run docker/entrypoint.sh with a stand-in tritonserver that prints its arguments."""
+    """Run docker/entrypoint.sh with a stand-in ``detserve`` that prints its arguments and the key it got."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    fake = bin_dir / "tritonserver"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake = bin_dir / "detserve"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\necho "KEY=${DETSERVE_ADMIN_KEY:-}" >&2\n')
     fake.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DETSERVE_")}
     clean["PATH"] = f"{bin_dir}{os.pathsep}{clean.get('PATH', '')}"
     return _run(["bash", str(ENTRYPOINT), *args], env={**clean, **env})
 
 
-def test_entrypoint_flags(tmp_path: Path) -> None:
+def test_entrypoint_runs_detserve_serve_with_no_key_on_the_command_line(tmp_path: Path) -> None:
     proc = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY": KEY}, "--log-info=false")
     assert proc.returncode == 0, _output(proc)
     argv = proc.stdout.splitlines()
-    admin = "model-repository,model-config,shared-memory,trace,logging"
-    for flag in (
-        "--model-repository=/models",
-        "--model-control-mode=explicit",
-        "--load-model=*",
-        "--strict-readiness=true",
-        "--exit-timeout-secs=30",
-        f"--grpc-restricted-protocol={admin}:admin-key={KEY}",
-        f"--http-restricted-api={admin}:admin-key={KEY}",
-    ):
+    assert argv[:1] == ["serve"]
+    for flag in ("/models", "0.0.0.0", "/opt/tritonserver/bin/tritonserver", "--triton-arg=--exit-timeout-secs=30"):
         assert flag in argv, f"{flag} not in {argv}"
-    assert argv[-1] == "--log-info=false"  # extra flags go last
+    assert argv[-1] == "--triton-arg=--log-info=false"  # extra flags go last, to tritonserver
+    assert KEY not in proc.stdout  # the key reaches detserve through its environment only
+    assert f"KEY={KEY}" in proc.stderr
 
 
 def test_entrypoint_shm_matches_embedded_server(tmp_path: Path) -> None:
     # the container and `detserve serve` give the python stubs the same shared memory
     argv = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY": KEY}).stdout.splitlines()
     served = re.findall(r"--backend-config=python,shm-[a-z-]+=\d+", (ROOT / "detserve" / "server.py").read_text())
-    assert served and set(served) <= set(argv), (served, argv)
+    assert served and {f"--triton-arg={f}" for f in served} <= set(argv), (served, argv)
 
 
 def test_entrypoint_reads_the_key_from_a_file(tmp_path: Path) -> None:
@@ -144,7 +138,12 @@ def test_entrypoint_reads_the_key_from_a_file(tmp_path: Path) -> None:
     key_file.write_text(KEY + "\n")
     proc = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY_FILE": str(key_file)})
     assert proc.returncode == 0, _output(proc)
-    assert f"--http-restricted-api=model-repository,model-config,shared-memory,trace,logging:admin-key={KEY}" in proc.stdout
+    assert f"KEY={KEY}" in proc.stderr and KEY not in proc.stdout
+
+
+def test_entrypoint_refuses_a_bucket_url(tmp_path: Path) -> None:
+    proc = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY": KEY, "DETSERVE_MODEL_REPOSITORY": "s3://bucket/models"})
+    assert proc.returncode == 64 and "local directory" in proc.stderr, _output(proc)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +159,7 @@ def test_entrypoint_reads_the_key_from_a_file(tmp_path: Path) -> None:
 def test_entrypoint_refuses_to_start_without_a_usable_key(tmp_path: Path, env: dict[str, str]) -> None:
     proc = _entrypoint(tmp_path, env)
     assert proc.returncode == 64, _output(proc)
-    assert "--model-repository" not in proc.stdout  # tritonserver never ran
+    assert "serve" not in proc.stdout  # detserve never ran
     assert "DETSERVE_ADMIN_KEY" in proc.stderr
 
 

@@ -1,0 +1,72 @@
+"""The gate's nginx config: accepted by nginx itself, key only in the 0600 file, every admin API gated."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from detserve.errors import ServerError
+from detserve.gate import GRPC_ADMIN, GRPC_OPEN, GateConfig, Upstream, nginx_binary, render_config, safe_text
+
+KEY = "k" * 16 + "-0123456789abcdef" * 30  # long keys must fit nginx's map buckets too
+
+
+def _config(tmp_path: Path, key: str | None = KEY, **kw: object) -> GateConfig:
+    ups = (Upstream(tmp_path / "grpc.sock", tmp_path / "http.sock"),)
+    return GateConfig(tmp_path, "127.0.0.1", 18001, 18000, ups, key, **kw)  # type: ignore[arg-type]
+
+
+def _nginx_accepts(tmp_path: Path, text: str) -> None:
+    try:
+        binary = nginx_binary()
+    except ServerError:
+        pytest.skip("nginx is not installed")
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    proc = subprocess.run([binary, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("key", [KEY, None])
+@pytest.mark.parametrize("unready", [(), (("demo_core", 'stub died; reload failed: "bad" {x} $y'),)])
+def test_nginx_accepts_the_config(tmp_path: Path, key: str | None, unready: tuple) -> None:
+    _nginx_accepts(tmp_path, render_config(_config(tmp_path, key, unready=unready)))
+
+
+def test_every_triton_method_is_classified_and_admin_ones_need_the_key(tmp_path: Path) -> None:
+    text = render_config(_config(tmp_path))
+    assert not set(GRPC_OPEN) & set(GRPC_ADMIN)
+    admin_line = next(line for line in text.splitlines() if "RepositoryModelLoad" in line)
+    assert all(m in admin_line for m in GRPC_ADMIN)
+    assert text.count(f'"{KEY}" 1;') == 2  # the gRPC and the HTTP header maps, nowhere else
+    assert 'grpc_set_header triton-grpc-protocol-admin-key "";' in text  # never forwarded to Triton
+
+
+def test_without_a_key_nothing_opens_the_admin_apis(tmp_path: Path) -> None:
+    text = render_config(_config(tmp_path, None))
+    assert " 1;\n" not in text.split("upstream")[0].split("map $request_uri")[1]  # maps have only "default 0"
+    assert "started without an admin key" in text
+
+
+def test_multiple_replicas_fail_over(tmp_path: Path) -> None:
+    ups = tuple(Upstream(tmp_path / f"r{i}" / "grpc.sock", tmp_path / f"r{i}" / "http.sock") for i in range(3))
+    text = render_config(GateConfig(tmp_path, "127.0.0.1", 1, 2, ups))
+    assert text.count("max_fails=1") == 6 and "grpc_next_upstream_tries 3;" in text
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(max_request_bytes=10), dict(admin_key="short"), dict(admin_key="has space 0123456789"), dict(upstreams=())]
+)
+def test_invalid_settings_are_refused(tmp_path: Path, bad: dict) -> None:
+    args = dict(workdir=tmp_path, host="127.0.0.1", grpc_port=1, http_port=2, upstreams=(Upstream(tmp_path, tmp_path),))
+    with pytest.raises(ServerError):
+        GateConfig(**{**args, **bad})  # type: ignore[arg-type]
+
+
+def test_safe_text_keeps_nginx_and_grpc_safe() -> None:
+    assert safe_text('a "b" {c} $d;\n\\e') == "a  b   c   d;  e"
+    assert len(safe_text("x" * 1000)) == 400
