@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.grpc_client import Detections, DetectorClient
+from detserve.errors import ClientError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -30,6 +31,22 @@ def image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def expand_image_paths(paths: list[Path]) -> list[Path]:
+    """Files as given, a directory as its image files (sorted); a clear error for what is neither."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise ClientError(f"no image files in directory {path}", hint=f"images end in {', '.join(IMAGE_SUFFIXES)}")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ClientError(f"image not found: {path} (neither a file nor a directory)")
+    return out
 
 
 def detect_paths(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from clients.grpc_client import Detections
+from detserve.errors import ClientError
 
 _PALETTE = [
     (230, 25, 75),
@@ -36,6 +38,19 @@ def draw_detections(image: bytes, detections: Detections, out_path: Path, class_
         tx, ty = x1, max(0.0, y1 - 11)
         pen.rectangle(pen.textbbox((tx, ty), text), fill=colour)
         pen.text((tx, ty), text, fill=(0, 0, 0))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_directory(out_path.parent)
     canvas.save(out_path)
     return out_path
+
+
+def prepare_directory(directory: Path) -> Path:
+    """``directory``, created if missing; a clear error when a file stands in the way or it is not writable."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ClientError(f"cannot write drawings into {directory}: {e.filename or directory} is a file, not a directory") from e
+    except OSError as e:
+        raise ClientError(f"cannot create {directory}: {e.strerror or e}") from e
+    if not os.access(directory, os.W_OK):
+        raise ClientError(f"cannot write drawings into {directory}: permission denied")
+    return directory

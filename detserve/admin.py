@@ -151,7 +151,7 @@ class ModelAdmin:
         reason = triton_message.split("\n\nAt:", 1)[0].strip().rstrip(";").strip()  # drop the stub's traceback
         reason = reason.removeprefix(f"load failed for model '{name}': ")
         if "failed to poll from model repository" in reason:
-            reason += f" (Triton could not read {name}/config.pbtxt or its directory: its log names the line)"
+            reason += f" ({self._unreadable_configs(name)}: Triton's log names the file and line)"
         try:
             serving = sorted(e.version for e in self.get_model_repository_index() if e.name == name and e.state == "READY")
         except DetserveError:
@@ -159,9 +159,21 @@ class ModelAdmin:
         still = f"; still serving {name} version {', '.join(serving)}" if serving else f"; {name} is not serving"
         return ModelLoadError(
             f"load {name!r} failed: {reason}{still}; the other models are unaffected",
-            hint=f"fix or remove the broken files under the repository's {name}/ and load again "
+            hint=f"fix or remove the broken files under the repository's {name}/ (or its steps') and load again "
             "(`detserve models list` shows each version's state and reason)",
         )
+
+    def _unreadable_configs(self, name: str) -> str:
+        """Which config.pbtxt Triton could not read: an ensemble's load polls its steps too."""
+        try:
+            config = self.model_config(name)
+        except DetserveError:
+            config = {}
+        steps = sorted({s["model_name"] for s in config.get("ensemble_scheduling", {}).get("step", [])})
+        if not steps:
+            return f"Triton could not read {name}/config.pbtxt or its directory"
+        files = ", ".join(f"{m}/config.pbtxt" for m in [name, *steps])
+        return f"Triton could not read one of {files} (an ensemble's load reads its steps' configs too)"
 
     def unload_model(self, name: str) -> None:
         self._call(f"unload {name!r}", self._client.unload_model, name)

@@ -148,7 +148,7 @@ def serve(
 @app.command()
 @_user_errors
 def detect(
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path], typer.Argument(help="image files, or directories of them")],
     model: Annotated[str, typer.Option(help="ensemble name")],
     url: Annotated[str, typer.Option(help="gRPC HOST:PORT")] = "127.0.0.1:8001",
     score_threshold: Annotated[float | None, typer.Option(help="per request; default: the model's")] = None,
@@ -158,14 +158,14 @@ def detect(
     draw: Annotated[Path | None, typer.Option(help="save annotated images here")] = None,
 ) -> None:
     """Send images to a served detector over gRPC and print their detections."""
-    from clients.draw import draw_detections
+    from clients.bulk import expand_image_paths
+    from clients.draw import draw_detections, prepare_directory
     from clients.grpc_client import DetectorClient
 
-    blobs = []
-    for path in images:
-        if not path.is_file():
-            raise DetserveError(f"image not found: {path}")
-        blobs.append(path.read_bytes())
+    images = expand_image_paths(images)
+    if draw is not None:
+        prepare_directory(draw)  # before any request: a bad --draw is the user's to fix, not a traceback at the end
+    blobs = [path.read_bytes() for path in images]
     with DetectorClient(url, model) as client:
         client.check_ready()
         results = client.detect_many(blobs, score_threshold, iou_threshold, max_det)

@@ -17,11 +17,17 @@ stop_packaged_nginx() {
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = nginx ] && kill -QUIT "$pid" 2>/dev/null
   return 0
 }
-# nginx fronts `detserve serve --replicas N` (gRPC load balancing on loopback); its test skips without it.
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >/dev/null 2>&1 \
-    && stop_packaged_nginx \
-    || echo "note: could not install nginx-light; the replica test will be skipped"
+# nginx is detserve's gate: the public address in front of tritonserver (detserve/gate.py), which
+# checks the admin key. Every server detserve starts needs it.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >/dev/null 2>&1 \
+      && stop_packaged_nginx \
+      || { echo "error: could not install nginx-light, which detserve's gate needs" >&2; exit 1; }
+  else
+    echo "error: nginx is not installed; detserve's gate needs it: sudo apt-get install nginx-light" >&2
+    exit 1
+  fi
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"

@@ -127,6 +127,21 @@ def test_cli_models_and_status(admin_server: TritonServer, samples: dict[str, by
     assert loaded.exit_code == 0 and "loaded ssdlite" in loaded.output
 
 
+def test_a_failed_ensemble_load_names_the_steps_configs(admin_server: TritonServer, samples: dict[str, bytes]) -> None:
+    # Triton polls an ensemble's steps on its load: a broken step config fails the ensemble's load
+    url = admin_server.options.grpc_url
+    config = admin_server.options.repository / "ssdlite_postprocess" / "config.pbtxt"
+    good = config.read_text()
+    config.write_text(good + "\nbroken {{{\n")
+    try:
+        result = CliRunner().invoke(app, ["models", "load", "ssdlite", "--url", url], env={"DETSERVE_ADMIN_KEY": KEY})
+    finally:
+        config.write_text(good)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "ssdlite_postprocess/config.pbtxt" in result.output and "still serving ssdlite version 1" in result.output
+    assert _detect(url, samples["astronaut.jpg"]) > 0
+
+
 # last in the module: the failed versions stay in the server's repository index
 def test_a_model_that_fails_to_load_leaves_the_others_serving(admin_server: TritonServer, samples: dict[str, bytes]) -> None:
     url = admin_server.options.grpc_url
