@@ -230,10 +230,10 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _server(repo: Path, key: bool = False) -> Iterator[Any]:
+def _server(repo: Path, key: bool = False, **options: Any) -> Iterator[Any]:
     from detserve.server import running_server
 
-    with running_server(repo, admin_key=KEY if key else None) as server:
+    with running_server(repo, admin_key=KEY if key else None, **options) as server:
         yield server
 
 
@@ -478,8 +478,10 @@ def run_ops_report(repository: Path, out: Path, echo: Echo = lambda _: None, use
     images = [photos[n] for n in sorted(photos)][:4]
     setup = Setup(base, rollout, images, repository / "runs", users, duration_s)
     setup.work.mkdir(parents=True, exist_ok=True)
+    from detserve.opsreport_hardening import HARDENING_SCENARIOS
+
     rows: list[Row] = []
-    for scenario in SCENARIOS:
+    for scenario in SCENARIOS + HARDENING_SCENARIOS:
         echo(f"{scenario.__name__} ...")
         row = scenario(setup)
         t = row.tally
