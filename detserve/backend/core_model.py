@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import config_parameter, error_response, group_by
+from detserve.backend.common import config_parameter, error_response, group_by, tune_stub_malloc
 from detserve.onnxrt import cpu_session
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
+        tune_stub_malloc()
         config = json.loads(args["model_config"])
         path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "onnx_file")
         self.session = cpu_session(

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import apply_torch_threads, check_wanted, config_parameter, respond_each
+from detserve.backend.common import apply_torch_threads, check_wanted, config_parameter, respond_each, tune_stub_malloc
 from detserve.errors import ImageError
 from detserve.imaging import decode_image
 from detserve.preprocess import Preprocessed, preprocess
@@ -41,6 +41,7 @@ def preprocess_images(blobs: list[bytes], spec: PreprocessSpec) -> tuple[np.ndar
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
+        tune_stub_malloc()
         apply_torch_threads(args)
         self.spec = PreprocessSpec.from_json(config_parameter(args, "preprocess_spec"))
 
