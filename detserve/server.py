@@ -41,7 +41,7 @@ import contextlib
 import json
 import logging
 import os
-import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,13 +50,22 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from detserve.cachedir import cache_directory
 from detserve.errors import ServerError
+from detserve.gate import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    Gate,
+    GateConfig,
+    internal_grpc_url,
+    private_directory,
+    triton_listen_args,
+    upstream_in,
+)
 from detserve.stubshm import ServerShm, StubJanitor, prefix_args
 from detserve.stubshm import new_prefix as new_shm_prefix
 from detserve.stubshm import prepare as prepare_shm
@@ -64,10 +73,11 @@ from detserve.stubshm import release as release_shm
 
 EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
-CONTROL_MODE = "--model-control-mode="
 STUB_BINARY = "triton_python_backend_stub"
 STUB_CHECK_S = 0.5
 RESTART_PARAMETER = "detserve_stub_restart"
+# never handed to tritonserver, nginx or the stubs
+SECRET_VARIABLES = ("DETSERVE_ADMIN_KEY", "DETSERVE_ADMIN_KEY_FILE")
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +179,15 @@ def _check_port(host: str, port: int, what: str) -> None:
 
 @dataclass
 class ServerOptions:
+    """One tritonserver: its repository, the public address of its gate, its limits and admin key.
+
+    tritonserver itself listens on Unix sockets in a private runtime directory (detserve/gate.py);
+    ``host``/``grpc_port``/``http_port`` are the gate's (nginx) public address; metrics (read-only)
+    are served by Triton on ``host:metrics_port``. Model control is always explicit (all models
+    loaded at start): detserve drains and restarts dead stubs through the private socket. Users
+    reach the admin APIs only through the gate, with ``admin_key``; without one they are closed.
+    """
+
     repository: Path
     host: str = "127.0.0.1"
     grpc_port: int = 8001
@@ -179,63 +198,57 @@ class ServerOptions:
     extra_args: list[str] = field(default_factory=list)
     shm_prefix: str = field(default_factory=new_shm_prefix, repr=False)  # its stubs' /dev/shm regions (stubshm.py)
     drain_timeout_s: float = DRAIN_TIMEOUT_S
-    # unlocks the model-repository API when extra_args do not choose the model control themselves
-    internal_key: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    public: bool = True  # False: no gate of its own (a replica behind a shared gate)
+    tritonserver: Path | None = None  # default: the binary inside nvidia-pytriton
+    backend_directory: Path | None = None  # default: the python backend of nvidia-pytriton
 
-    def control_args(self) -> list[str]:
-        """Explicit model control behind the internal key, unless extra_args set a control mode."""
-        if any(a.startswith(CONTROL_MODE) for a in self.extra_args):
-            return []
-        from detserve.admin import HEADER
-
-        return [
-            f"{CONTROL_MODE}explicit",
-            "--load-model=*",
-            f"--grpc-restricted-protocol=model-repository:{HEADER}={self.internal_key}",
-            f"--http-restricted-api=model-repository:{HEADER}={self.internal_key}",
-        ]
-
-    def drain_key(self) -> tuple[bool, str | None]:
-        """(can drain, the key of the model-repository API): explicit model control, key known or API open."""
-        if self.control_args():
-            return True, self.internal_key
-        from detserve.admin import HEADER
-
-        if f"{CONTROL_MODE}explicit" not in self.extra_args:
-            return False, None  # none/poll chosen by the caller: no unload, SIGTERM only
+    def __post_init__(self) -> None:
         for arg in self.extra_args:
-            if arg.startswith("--grpc-restricted-protocol="):
-                apis, _, rest = arg.split("=", 1)[1].partition(":")
-                header, _, key = rest.partition("=")
-                if "model-repository" in apis.split(","):
-                    return (header == HEADER), key
-        return True, None
+            if arg.split("=", 1)[0] in _OWNED_FLAGS:
+                raise ServerError(f"{arg.split('=', 1)[0]} is set by detserve and cannot be passed as an extra flag")
 
-    def command(self) -> list[str]:
+    def command(self, runtime: Path) -> list[str]:
+        binary = self.tritonserver or (pytriton_root() / "bin" / "tritonserver")
+        backends = self.backend_directory or backend_directory()
         return [
-            str(pytriton_root() / "bin" / "tritonserver"),
+            str(binary),
             f"--model-repository={self.repository.resolve()}",
-            f"--backend-directory={backend_directory()}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
+            f"--backend-directory={backends}",
+            *triton_listen_args(runtime),
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--strict-readiness=true",
+            "--model-control-mode=explicit",
+            "--load-model=*",
             # images of several MB per request: start the stubs' shared memory large enough
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
             *prefix_args(self.shm_prefix),
             f"--log-verbose={self.log_verbose}",
-            *self.control_args(),
             *self.extra_args,
         ]
 
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+
+# flags detserve chooses itself: the listen addresses (Unix sockets behind the gate), model control
+# (drain and stub restarts need explicit control) and any restriction key (never on a command line)
+_OWNED_FLAGS = {
+    "--grpc-address",
+    "--grpc-port",
+    "--http-address",
+    "--http-port",
+    "--model-control-mode",
+    "--grpc-restricted-protocol",
+    "--http-restricted-api",
+    "--allow-grpc",
+    "--allow-http",
+}
 
 
 @dataclass
@@ -325,9 +338,18 @@ class StubWatchdog:
     (Triton waits for the stubs it stops itself, so their zombies last microseconds).
     """
 
-    def __init__(self, server_pid: int, url: str, key: str | None, interval_s: float = STUB_CHECK_S) -> None:
-        self.server_pid, self.url, self.key, self.interval_s = server_pid, url, key, interval_s
+    def __init__(
+        self,
+        server_pid: int,
+        url: str,
+        interval_s: float = STUB_CHECK_S,
+        on_failing: Callable[[dict[str, str]], None] | None = None,
+    ) -> None:
+        self.server_pid, self.url, self.interval_s = server_pid, url, interval_s
         self.restarts: list[StubRestart] = []
+        # models that cannot serve now (stub dead, reload pending or failed) -> why; readiness reads it
+        self.failing: dict[str, str] = {}
+        self.on_failing = on_failing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="detserve-stub-watchdog", daemon=True)
 
@@ -371,14 +393,27 @@ class StubWatchdog:
                 else:
                     self._stop.wait(5.0)  # and try again
 
+    def _set_failing(self, model: str, reason: str | None) -> None:
+        if reason is None:
+            self.failing.pop(model, None)
+        else:
+            self.failing[model] = reason
+        if self.on_failing is not None:
+            try:
+                self.on_failing(dict(self.failing))
+            except Exception as e:  # readiness reporting must not stop the watchdog
+                log.error("could not publish readiness: %s", e)
+
     def _reload(self, model: str, instances: list[str]) -> bool:
         from detserve.admin import ModelAdmin
 
         restart = StubRestart(model, instances, time.monotonic())
         self.restarts.append(restart)
         log.warning("python stub(s) %s of %s died: reloading %s", ", ".join(instances), model, model)
+        if model not in self.failing:  # a retry keeps the reason of the failed reload
+            self._set_failing(model, f"python stub {', '.join(instances)} died; reloading")
         try:
-            with ModelAdmin(self.url, self.key, timeout_s=300.0) as admin:
+            with ModelAdmin(self.url, None, timeout_s=300.0) as admin:
                 config = admin.model_config(model)  # the served config: keeps a rollout's version policy
                 config.setdefault("parameters", {})[RESTART_PARAMETER] = {"string_value": str(len(self.restarts))}
                 admin.load_model(model, config=json.dumps(config))
@@ -386,51 +421,85 @@ class StubWatchdog:
             restart.error = str(e)
             log.error("reloading %s after its stub died failed: %s", model, e)
         restart.seconds = time.monotonic() - restart.at
+        self._set_failing(model, None if restart.error is None else f"python stub died and its reload failed: {restart.error}")
         return restart.error is None
 
 
 class TritonServer:
-    """A tritonserver process: started in its own process group so nothing outlives ``stop()``."""
+    """A tritonserver process behind its gate, in its own process group so nothing outlives ``stop()``."""
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
+        self.gate: Gate | None = None
+        self.runtime: Path | None = None
         self.last_drain: DrainReport | None = None
         self.watchdog: StubWatchdog | None = None
         self.shm: ServerShm | None = None  # what this start owns in /dev/shm, and its record
         self.log_path = options.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
 
+    @property
+    def internal_url(self) -> str:
+        """tritonserver's own gRPC socket: no key, reachable only by this user (drain, stub restarts, tests)."""
+        if self.runtime is None:
+            raise ServerError("the server is not started")
+        return internal_grpc_url(self.runtime)
+
     def start(self) -> None:
         opts = self.options
         if not opts.repository.is_dir():
             raise ServerError(f"model repository not found: {opts.repository}", hint="build one with `detserve build`")
-        for what, port in (("grpc", opts.grpc_port), ("http", opts.http_port), ("metrics", opts.metrics_port)):
+        ports = [("metrics", opts.metrics_port)] + ([("grpc", opts.grpc_port), ("http", opts.http_port)] if opts.public else [])
+        for what, port in ports:
             _check_port(opts.host, port, what)
+        self.runtime = private_directory()
+        env = server_environment() if opts.tritonserver is None else dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        for var in SECRET_VARIABLES:
+            env.pop(var, None)  # the stubs run user model code: the key stays in this process
         self.shm = prepare_shm(opts.extra_args, opts.shm_prefix)  # and clean up after dead servers
         out = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
-            opts.command(), stdout=out, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
+            opts.command(self.runtime), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         out.close()
         self.shm.record(self.process.pid)
-        can, key = opts.drain_key()  # the model-repository API is ours: dead stubs can be reloaded
-        if can:
-            self.watchdog = StubWatchdog(self.process.pid, opts.grpc_url, key)
-            self.watchdog.start()
+        if opts.public:
+            self.gate = Gate(
+                GateConfig(
+                    self.runtime,
+                    opts.host,
+                    opts.grpc_port,
+                    opts.http_port,
+                    (upstream_in(self.runtime),),
+                    opts.admin_key,
+                    opts.max_request_bytes,
+                )
+            )
+            self.gate.start()
+        gate = self.gate
+        self.watchdog = StubWatchdog(self.process.pid, self.internal_url, on_failing=gate.set_unready if gate else None)
+        self.watchdog.start()
 
     @property
     def stub_restarts(self) -> list[StubRestart]:
         return list(self.watchdog.restarts) if self.watchdog else []
 
+    @property
+    def failing(self) -> dict[str, str]:
+        """Models that cannot serve now, with the reason (readiness is false while this is not empty)."""
+        return dict(self.watchdog.failing) if self.watchdog else {}
+
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout_s
-        client = grpcclient.InferenceServerClient(self.options.grpc_url)
+        client = grpcclient.InferenceServerClient(self.internal_url)
         try:
             while time.monotonic() < deadline:
                 if self.process is None or self.process.poll() is not None:
                     raise ServerError("tritonserver exited during start-up: " + self.errors(), hint=f"full log: {self.log_path}")
+                if self.gate is not None and not self.gate.alive:
+                    raise ServerError("the gate (nginx) exited during start-up: " + self.gate.errors())
                 with contextlib.suppress(Exception):
                     if client.is_server_ready():
                         return
@@ -452,7 +521,7 @@ class TritonServer:
         return "\n".join(wanted[-15:]) or "\n".join(lines[-10:])
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> DrainReport | None:
-        """Drain (see ``drain``), SIGTERM, then SIGKILL the whole group if it has not exited."""
+        """Drain (see ``drain``), stop the gate, SIGTERM, then SIGKILL the whole group if it has not exited."""
         proc = self.process
         if proc is None:
             return None
@@ -461,6 +530,10 @@ class TritonServer:
         report = None
         if proc.poll() is None:
             report = self.drain()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -471,27 +544,26 @@ class TritonServer:
         release_shm(self.shm)  # regions left by a SIGKILL, stubs that escaped the group
         self.process = None
         self.last_drain = report
+        if self.runtime is not None:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+            self.runtime = None
         return report
 
-    def drain(self) -> DrainReport | None:
+    def drain(self) -> DrainReport:
         """Unload the ensembles, outermost first, and wait until Triton has unloaded them.
 
         Triton refuses new requests for an ensemble as soon as its unload starts ("unknown model"
         / "not found": fast and clear) and destroys it only when its in-flight requests are done;
-        their composing models stay loaded meanwhile. None when the server cannot drain (the
-        caller chose model control none/poll, or a header other than ``admin-key``); a drain that
-        fails or times out is logged in the report, and SIGTERM follows anyway.
+        their composing models stay loaded meanwhile. A drain that fails or times out is logged in
+        the report, and SIGTERM follows anyway.
         """
-        can, key = self.options.drain_key()
-        if not can:
-            return None
         from detserve.admin import ModelAdmin
 
         report = DrainReport()
         t0 = time.monotonic()
         deadline = t0 + self.options.drain_timeout_s
         try:
-            with ModelAdmin(self.options.grpc_url, key, timeout_s=self.options.drain_timeout_s) as admin:
+            with ModelAdmin(self.internal_url, None, timeout_s=self.options.drain_timeout_s) as admin:
                 for level in _ensemble_levels(admin):
                     for name in level:
                         admin.unload_model(name)
