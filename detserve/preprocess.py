@@ -3,6 +3,8 @@
 For ``resize_mode="torchvision"`` and ``"fixed"`` this calls torchvision's own resize function
 (the one ``GeneralizedRCNNTransform`` calls), in the same order (0..1 scale, normalise, resize,
 pad), so the served tensor equals ``model.transform``'s bit for bit — a test checks difference 0.
+For ``"ultralytics"`` it repeats ultralytics' ``LetterBox`` with the same OpenCV calls on the uint8
+pixels (tests/unit/test_yolo.py checks difference 0 against ultralytics' predictor).
 """
 
 from __future__ import annotations
@@ -84,10 +86,42 @@ def pad(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return out
 
 
+def letterbox_ultralytics(rgb: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """ultralytics' ``LetterBox(new_shape, auto=False, center=True)`` on uint8 pixels -> (canvas, resized hw).
+
+    Same arithmetic as ``LetterBox.get_params`` (Python ``round`` of the scaled sides, at least 1
+    pixel; ``round(d / 2 -+ 0.1)`` for the two pads) and the same calls as ``apply_image``
+    (``cv2.resize`` INTER_LINEAR, skipped when the size is unchanged; ``cv2.copyMakeBorder``).
+    ultralytics resizes BGR and detserve RGB: the kernel works on each channel alone, so the
+    canvas is the same with its channels reversed (checked bit for bit by the tests).
+    """
+    import cv2
+
+    assert spec.fixed_size is not None  # checked by the spec
+    (new_h, new_w), (h, w) = spec.fixed_size, rgb.shape[:2]
+    r = min(new_h / h, new_w / w)
+    unpad_w, unpad_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = (new_w - unpad_w) / 2, (new_h - unpad_h) / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    img = rgb if (h, w) == (unpad_h, unpad_w) else cv2.resize(rgb, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+    fill = round(spec.pad_value * spec.pixel_max)
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(fill, fill, fill))
+    return img, (unpad_h, unpad_w)
+
+
 def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
-    """Decoded RGB pixels -> padded, normalised tensor, in torchvision's order."""
+    """Decoded RGB pixels -> padded, normalised tensor, in torchvision's order (or ultralytics')."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}")
+    if spec.resize_mode == "ultralytics":
+        # letterbox the uint8 pixels first, then 0..1 (ultralytics: ``im.float().div_(255)``)
+        canvas, resized_hw = letterbox_ultralytics(rgb, spec)
+        return Preprocessed(
+            tensor=normalize(to_float(canvas, spec), spec),
+            original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
+            resized_hw=resized_hw,
+        )
     image = normalize(to_float(rgb, spec), spec)
     resized = resize(image, spec)
     return Preprocessed(

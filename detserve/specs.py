@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from detserve.errors import SpecError
 
-ResizeMode = Literal["torchvision", "fixed", "letterbox"]
+ResizeMode = Literal["torchvision", "fixed", "letterbox", "ultralytics"]
 ColorOrder = Literal["RGB", "BGR"]
 Family = Literal["ssd", "retinanet", "fcos"]
 AnchorKind = Literal["default_boxes", "grid"]
@@ -80,9 +80,13 @@ class PreprocessSpec(_Spec):
       - ``torchvision``: torchvision's ``GeneralizedRCNNTransform`` (scale so the short side is
         ``min_size`` unless the long side would pass ``max_size``), bilinear, no corner alignment;
       - ``fixed``: stretch to ``fixed_size`` (what SSD models do);
-      - ``letterbox``: keep aspect inside ``fixed_size``, pad the rest with ``pad_value``.
+      - ``letterbox``: keep aspect inside ``fixed_size``, pad the rest with ``pad_value``;
+      - ``ultralytics``: ultralytics' own ``LetterBox`` as its predictor runs it on a fixed canvas
+        (``auto=False``): OpenCV ``INTER_LINEAR`` resize of the uint8 pixels, its rounding of the
+        new size and of the centred padding, pad ``pad_value * pixel_max`` (114), then 0..1.
     The order matches torchvision: scale to 0..1, normalise, resize, pad (bottom/right) to a
-    multiple of ``size_divisible``. ``pad_value`` is in normalised units, like torchvision's 0.
+    multiple of ``size_divisible``. ``pad_value`` is in normalised units, like torchvision's 0
+    (for ``ultralytics``: 114 / 255, the uint8 fill ``round(pad_value * pixel_max)``).
     """
 
     resize_mode: ResizeMode = "torchvision"
@@ -115,10 +119,25 @@ class PreprocessSpec(_Spec):
                 f"resize_mode {self.resize_mode!r} needs fixed_size=(height, width) > 0, got {self.fixed_size}",
             )
         _check(self.size_divisible >= 1, f"size_divisible must be >= 1, got {self.size_divisible}")
+        if self.resize_mode == "ultralytics":
+            self._check_ultralytics()
         _check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std need 3 values")
         _check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
         _check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")
         _check(self.max_image_pixels > 0, f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+
+    def _check_ultralytics(self) -> None:
+        """The uint8 canvas is the core's input: no stride padding on top, an integral pad byte."""
+        assert self.fixed_size is not None  # checked before
+        _check(
+            all(s % self.size_divisible == 0 for s in self.fixed_size),
+            f"resize_mode 'ultralytics' needs fixed_size a multiple of size_divisible ({self.size_divisible}), got {self.fixed_size}",
+        )
+        fill = self.pad_value * self.pixel_max
+        _check(
+            0 <= fill <= 255 and abs(fill - round(fill)) < 1e-6,
+            f"resize_mode 'ultralytics' pads uint8 pixels: pad_value * pixel_max must be an integer in 0..255, got {fill}",
+        )
 
     @property
     def fixed_input_hw(self) -> tuple[int, int] | None:
