@@ -16,6 +16,9 @@ connect. The public TCP address belongs to nginx (Debian's ``nginx-light``), con
   from its normalised form (``..``, ``%2F``, ``//``): what was checked is what Triton routes;
 - a request body over ``max_request_bytes`` is refused by nginx while it arrives (gRPC
   RESOURCE_EXHAUSTED, HTTP 413), before Triton allocates anything for it;
+- each gRPC call is stamped with its arrival time and the client's ``grpc-timeout`` (headers
+  ``detserve-arrival``/``detserve-timeout``, which Triton forwards as request parameters): the
+  preprocessing step drops a request whose client deadline passed while it queued;
 - readiness: while detserve knows a served model cannot serve (a python stub died and its reload
   failed), ServerReady / grpc.health.v1 answer UNAVAILABLE and ``/v2/health/ready`` 503, each naming
   the model and the reason; the config is rewritten and nginx reloaded (SIGHUP) when that changes.
@@ -180,6 +183,10 @@ def _grpc_server(cfg: GateConfig) -> str:
         grpc_read_timeout {cfg.read_timeout_s}s;
         grpc_send_timeout {cfg.read_timeout_s}s;
         grpc_set_header {GRPC_KEY_HEADER} "";
+        # when the call arrived and the client's deadline: preprocessing drops a request whose
+        # deadline passed while it queued (Triton never tells an ensemble's first step it was cancelled)
+        grpc_set_header detserve-arrival $msec;
+        grpc_set_header detserve-timeout $http_grpc_timeout;
         grpc_next_upstream error timeout http_502 http_503 http_504 non_idempotent;
         grpc_next_upstream_tries {len(cfg.upstreams)};
         error_page 400 = @bad_path;

@@ -228,6 +228,12 @@ class ServerOptions:
             "--backend-config=python,shm-growth-byte-size=16777216",
             *prefix_args(self.shm_prefix),
             f"--log-verbose={self.log_verbose}",
+            # the gRPC front keeps up to N request objects for reuse, each holding the raw bytes of
+            # the last request it carried (default 8: 8 x the largest request, never returned)
+            "--grpc-infer-allocation-pool-size=0",
+            # the gate stamps each call's arrival and grpc-timeout as detserve-* headers; Triton hands
+            # them to the models as request parameters, so preprocessing can drop abandoned requests
+            "--grpc-header-forward-pattern=^detserve-",
             *self.extra_args,
         ]
 

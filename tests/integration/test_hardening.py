@@ -27,10 +27,6 @@ from detserve.server import running_server
 from tests.memory_probe import MiB, ServerMemory, server_memory
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
-# tritonserver keeps up to this many gRPC request objects for reuse, each with the raw bytes of the
-# last request it carried (default 8: up to 8 x the largest request, never returned); 0 keeps none.
-# TODO(issue 10): move into ServerOptions.command() and docker/entrypoint.sh, then drop it here.
-GRPC_POOL_FLAG = "--grpc-infer-allocation-pool-size=0"
 # what a process may keep after the large requests (each one added ~100 MiB to tritonserver before)
 HELD_TOLERANCE = 64 * MiB
 
@@ -93,7 +89,7 @@ def test_memory_returns_near_baseline_after_large_requests(
 ) -> None:
     big = large_png + bytes(40 * MiB)  # trailing bytes after IEND: read past by the decoder
     normal = list(samples.values())
-    with running_server(demo_repository, extra_args=[GRPC_POOL_FLAG]) as server:
+    with running_server(demo_repository) as server:
         assert server.process is not None
         with DetectorClient(server.options.grpc_url, "demo", timeout_s=300) as client:
             client.detect_many(normal * 4, max_in_flight=8)  # every batch size: ORT's arena at its steady size
@@ -133,22 +129,23 @@ def _timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _send_with_deadline(url: str, image: bytes, deadline_s: float) -> None:
-    """A plain tritonclient call with a gRPC deadline, also stating it as ``detserve_deadline``."""
+def _send_with_deadline(url: str, image: bytes, deadline_s: float, own_parameter: bool) -> None:
+    """A plain tritonclient call with a gRPC deadline (the gate forwards it), optionally also as ``detserve_deadline``."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     try:
         inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[image]], dtype=np.object_))
-        params = {"detserve_deadline": time.time() + deadline_s}
+        params = {"detserve_deadline": time.time() + deadline_s} if own_parameter else None
         client.infer("demo", [inp], parameters=params, client_timeout=deadline_s)
     finally:
         client.close()
 
 
+@pytest.mark.parametrize("own_parameter", [False, True], ids=["grpc-deadline-only", "detserve_deadline"])
 def test_abandoned_large_requests_do_not_delay_the_next_one(
-    demo_repository: Path, large_png: bytes, samples: dict[str, bytes]
+    demo_repository: Path, large_png: bytes, samples: dict[str, bytes], own_parameter: bool
 ) -> None:
     image = samples["astronaut.jpg"]
     with running_server(demo_repository) as server:
@@ -159,10 +156,10 @@ def test_abandoned_large_requests_do_not_delay_the_next_one(
             large_s = min(_timed(lambda: client.detect(large_png)) for _ in range(2))
             # long enough for the ten uploads to arrive and queue, far shorter than decoding them all
             deadline_s = max(1.0, large_s)
-            errors = _at_once([lambda: _send_with_deadline(url, large_png, deadline_s)] * 10)
+            errors = _at_once([lambda: _send_with_deadline(url, large_png, deadline_s, own_parameter)] * 10)
             next_s = _timed(lambda: client.detect(image))
     _record(
-        "abandoned",
+        f"abandoned ({'detserve_deadline' if own_parameter else 'gRPC deadline only'})",
         {"normal_s": normal_s, "large_s": large_s, "deadline_s": deadline_s, "next_after_abandoned_s": next_s,
          "errors": sorted({type(e).__name__ + ": " + str(e)[:80] for e in errors if e is not None})},
     )  # fmt: skip
