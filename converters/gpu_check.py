@@ -91,20 +91,24 @@ def prepare(run: Run) -> dict[str, Any]:
     """The demo detector, its specs, its core ONNX, and the sample photographs preprocessed as served."""
     import torch
 
-    from converters.detectors import family_of, spread_init_detector
     from converters.onnx_export import export_core
-    from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families import family_for_detector
     from detserve.imaging import decode_image
     from detserve.preprocess import preprocess
     from detserve.samples import write_samples
 
-    model = spread_init_detector(DETECTOR, NUM_CLASSES, SEED)
-    pre, post = preprocess_spec_from_model(model), postprocess_spec_from_model(model, family_of(DETECTOR))
+    family = family_for_detector(DETECTOR)
+    model = family.build(DETECTOR, NUM_CLASSES, None, {}, SEED)
+    pre = family.preprocess_spec(model)
+    post = family.decode_spec(model, pre)
+    outputs = list(family.outputs(post))
     work = run.out / "work"
-    onnx_path = export_core(model, pre, post, work / "model.onnx", sample_hw=pre.fixed_input_hw or (320, 320))
+    onnx_path = export_core(family.core(model, post), outputs, pre, work / "model.onnx", sample_hw=pre.trace_hw)
     photos = write_samples(work / "samples")
     items = [preprocess(decode_image(p.read_bytes(), 1 << 31), pre) for p in photos]
-    run.state.update(model=model, pre=pre, post=post, onnx=onnx_path, photos=work / "samples", items=items)
+    run.state.update(
+        model=model, family=family, outputs=outputs, pre=pre, post=post, onnx=onnx_path, photos=work / "samples", items=items
+    )
     run.state["images"] = torch.stack([it.tensor for it in items])
     return {"onnx": str(onnx_path), "photos": [p.name for p in photos], "input_hw": list(items[0].padded_hw)}
 
@@ -139,7 +143,7 @@ def build_and_verify(precision: str) -> Callable[[Run], dict[str, Any]]:
         meta = build_engine(run.state["onnx"], plan, run.state["pre"], MAX_BATCH, opts)
         images = run.state["images"]
         batches = [images[i : i + 1] for i in range(images.shape[0])] + [_cycle(images, 8)]
-        verification = verify_tensorrt(run.state["onnx"], plan, batches, precision)
+        verification = verify_tensorrt(run.state["onnx"], plan, batches, precision, run.state["outputs"])
         run.state[f"plan_{precision}"] = plan
         return {"engine": meta.to_dict(), "verification": verification.to_dict(), "summary": verification.summary()}
 
@@ -240,7 +244,6 @@ def _throughput(fn: Callable[[], Any], batch: int, min_seconds: float = 1.5, war
 def _pipelines(run: Run, batch: int) -> dict[str, Callable[[], Any]]:
     import torch
 
-    from converters.onnx_export import DetectorCore
     from converters.tensorrt_runtime import TrtEngine
     from detserve.preprocess import normalize
 
@@ -251,7 +254,7 @@ def _pipelines(run: Run, batch: int) -> dict[str, Callable[[], Any]]:
     mean = torch.tensor(pre.image_mean, device="cuda")[:, None, None]
     pixels = list(images * std + mean)  # back to 0..1: the eager model normalises itself
     assert torch.allclose(normalize(pixels[0], pre), images[0], atol=1e-5)
-    core = DetectorCore(model, run.state["post"].output_names).eval()
+    core = run.state["family"].core(model, run.state["post"])
     out: dict[str, Callable[[], Any]] = {
         "eager_pytorch": lambda: model(pixels),
         "split_pytorch": lambda: _postprocess(run, dict(zip(core.output_names, core(images), strict=True)), batch),

@@ -158,10 +158,8 @@ def derive_profile(pre: PreprocessSpec, max_batch_size: int, opt_batch: int | No
     if fixed is not None:
         lo = hi = opt = fixed
     else:
-        from detserve.repository import _sample_hw  # the size export_core traces with
-
         lo = pre.padded_hw((MIN_DYNAMIC_SIDE, MIN_DYNAMIC_SIDE))
-        opt = _sample_hw(pre)
+        opt = pre.trace_hw  # the size export_core traces with
         hi = pre.padded_hw((pre.max_size, pre.max_size))
     return ShapeRange((1, 3, *lo), (opt_n, 3, *opt), (max_batch_size, 3, *hi))
 
@@ -478,8 +476,8 @@ def _add_profile(builder: Any, config: Any, shapes: ShapeRange, calibration: boo
 def _calibrator(
     trt: Any, onnx_path: Path, plan_path: Path, pre: PreprocessSpec, shapes: ShapeRange, opts: BuildOptions
 ) -> tuple[Any, dict[str, Any]]:
-    from converters.detectors import file_sha256
     from converters.tensorrt_calibration import CalibrationCache, load_calibration_batches, make_calibrator
+    from detserve.families.torchvision_models import file_sha256
 
     assert opts.calibration_images is not None  # validate_precision
     shape = calibration_shape(shapes)
@@ -550,7 +548,7 @@ def _metadata(
     calibration: dict[str, Any] | None,
     timing_cache_hit: bool,
 ) -> PlanMetadata:
-    from converters.detectors import file_sha256
+    from detserve.families.torchvision_models import file_sha256
 
     return PlanMetadata(
         tensorrt_version=str(trt.__version__),

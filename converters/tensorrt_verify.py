@@ -28,19 +28,12 @@ import numpy as np
 from converters.onnx_export import CoreVerification, OutputError, compare_outputs
 from converters.tensorrt_build import INPUT_NAME, check_plan_compatible, import_tensorrt
 from detserve.errors import SpecError
-
-TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
-    "fp32": {"cls_logits": (1e-4, 1e-4), "bbox_regression": (1e-4, 1e-4), "bbox_ctrness": (1e-4, 1e-4)},
-    "fp16": {"cls_logits": (2e-2, 1e-2), "bbox_regression": (1e-2, 1e-2), "bbox_ctrness": (2e-2, 1e-2)},
-    "int8": {"cls_logits": (0.5, 0.1), "bbox_regression": (0.25, 0.1), "bbox_ctrness": (0.5, 0.1)},
-}
+from detserve.families.base import TensorDecl
 
 
-def tolerances_for(precision: str, output_names: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """(atol, rtol) per output; an output not in the table gets the loosest of its precision."""
-    table = TOLERANCES[precision]
-    loosest = (max(a for a, _ in table.values()), max(r for _, r in table.values()))
-    return {name: table.get(name, loosest) for name in output_names}
+def tolerances_for(precision: str, outputs: Sequence[TensorDecl]) -> dict[str, tuple[float, float]]:
+    """(atol, rtol) per output at ``precision``, as the family declared them."""
+    return {o.name: o.tolerance(precision) for o in outputs}
 
 
 def cudart_dirs() -> list[Path]:
@@ -126,7 +119,9 @@ def onnx_output_names(onnx_path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
 
 
-def verify_tensorrt(onnx_path: Path, plan_path: Path, batches: Sequence[Any], precision: str) -> CoreVerification:
+def verify_tensorrt(
+    onnx_path: Path, plan_path: Path, batches: Sequence[Any], precision: str, outputs: Sequence[TensorDecl]
+) -> CoreVerification:
     """TensorRT engine vs ONNX Runtime (CPU) on ``batches`` ([N, 3, H, W] each), with ``precision``'s tolerances.
 
     The engine's metadata is checked against this machine first, so an engine built elsewhere
@@ -142,7 +137,10 @@ def verify_tensorrt(onnx_path: Path, plan_path: Path, batches: Sequence[Any], pr
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     names = onnx_output_names(onnx_path)
+    declared = [o for o in outputs if o.name in names]
+    if len(declared) != len(names):
+        raise SpecError(f"{onnx_path.name} gives {names}; the family declares {[o.name for o in outputs]}")
     reference = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]), name="onnxruntime")
     candidate = TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path))), name="tensorrt")
     backend = f"tensorrt {trt.__version__} {precision} on {meta.gpu_name} vs onnxruntime"
-    return compare_runners(reference, candidate, batches, names, tolerances_for(precision, names), backend)
+    return compare_runners(reference, candidate, batches, names, tolerances_for(precision, declared), backend)

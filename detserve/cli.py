@@ -62,7 +62,7 @@ def build(
     ] = False,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
-    from converters.detectors import parse_model_kwargs
+    from detserve.families.torchvision_models import parse_model_kwargs
     from detserve.repository import BuildRequest, build_repository
     from detserve.tritonconfig import ServingOptions
 

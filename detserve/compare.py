@@ -310,7 +310,7 @@ def run_compare(
     from converters.onnx_export import verify_onnxruntime
     from detserve.imaging import decode_image
     from detserve.preprocess import preprocess
-    from detserve.reference import build_record, pytorch_detect, reference_model
+    from detserve.reference import build_record, reference_model
     from detserve.specs import RequestControls
     from loadtest.inprocess import InProcessPipeline
 
@@ -327,7 +327,7 @@ def run_compare(
 
     echo(f"pytorch: eager {record['detector']} on {len(images)} images")
     torch_model = reference_model(record)
-    reference = [pytorch_detect(torch_model, rgb, score_threshold, max_det) for rgb in rgbs]
+    reference = [torch_model.detect(rgb, score_threshold, max_det) for rgb in rgbs]
 
     echo("onnxruntime: the served ONNX and pre/post-processing, in process")
     ort_single = [_as_det(pipeline.run([b], controls)[0]) for b in blobs]
@@ -345,9 +345,9 @@ def run_compare(
     )
 
     items = [preprocess(rgb, spec.preprocess) for rgb in rgbs]
-    raw = verify_onnxruntime(
-        torch_model, spec.postprocess, pipeline.version_dir / "model.onnx", [it.tensor[None] for it in items]
-    )
+    outputs = torch_model.family.outputs(spec.postprocess)
+    core = torch_model.family.core(torch_model.model, spec.postprocess)
+    raw = verify_onnxruntime(core, outputs, pipeline.version_dir / "model.onnx", [it.tensor[None] for it in items])
     report.raw.append(raw.to_dict())
 
     plan = pipeline.version_dir / "model.plan"
@@ -361,7 +361,11 @@ def run_compare(
 
             report.raw.append(
                 verify_tensorrt(
-                    pipeline.version_dir / "model.onnx", plan, [it.tensor[None] for it in items], record.get("precision", "fp32")
+                    pipeline.version_dir / "model.onnx",
+                    plan,
+                    [it.tensor[None] for it in items],
+                    record.get("precision", "fp32"),
+                    outputs,
                 ).to_dict()
             )
         except Exception as e:  # no GPU / TensorRT here: say so, compare the rest

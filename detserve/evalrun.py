@@ -131,7 +131,7 @@ def pytorch_detections(
     """Eager torchvision on the same decoded pixels the server sees (the same decoder)."""
     from detserve.errors import DetserveError
     from detserve.imaging import decode_image
-    from detserve.reference import pytorch_detect, reference_model
+    from detserve.reference import reference_model
 
     model = reference_model(record)
     dets, errors = {}, {}
@@ -141,7 +141,7 @@ def pytorch_detections(
         except (OSError, DetserveError) as e:
             errors[path.name] = str(e)
             continue
-        out = pytorch_detect(model, rgb, score_threshold=0.0, max_det=max_det)
+        out = model.detect(rgb, score_threshold=0.0, max_det=max_det)
         dets[image_id] = _to_eval(out["boxes"], out["scores"], out["labels"])
     return dets, errors
 

@@ -61,7 +61,7 @@ def _cached_anchors(
     if len(grid) != len(per_location):
         raise SpecError(
             f"the anchor spec has {len(per_location)} levels but gives {len(grid)} feature-map sizes",
-            hint="rebuild the spec with converters.specs_from_model",
+            hint="rebuild the spec with detserve.families.torchvision_specs",
         )
     # Only shapes are read by the generators: zero-channel tensors cost no memory.
     feats = [torch.empty((1, 0, h, w), dtype=dtype, device=device) for h, w in grid]
@@ -231,13 +231,18 @@ def _rescale(boxes: Tensor, resized_hw: Tensor, original_hw: Tensor) -> Tensor:
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
+def _output_names(spec: PostprocessSpec) -> tuple[str, ...]:
+    from detserve.families.torchvision import FAMILIES
+
+    return FAMILIES[spec.family].output_names()
+
+
 def _check_batch(spec: PostprocessSpec, outputs: dict[str, Tensor], n_controls: int) -> None:
     """Fail with a clear message when the core's outputs do not fit the spec (wrong model/spec pair)."""
-    missing = [k for k in spec.output_names if k not in outputs]
+    names = _output_names(spec)
+    missing = [k for k in names if k not in outputs]
     if missing:
-        raise SpecError(
-            f"core outputs lack {', '.join(missing)}", hint=f"a {spec.family} core gives {', '.join(spec.output_names)}"
-        )
+        raise SpecError(f"core outputs lack {', '.join(missing)}", hint=f"a {spec.family} core gives {', '.join(names)}")
     shape = tuple(outputs["cls_logits"].shape)
     if len(shape) != 3 or shape[2] != spec.num_classes:
         raise SpecError(
@@ -245,7 +250,7 @@ def _check_batch(spec: PostprocessSpec, outputs: dict[str, Tensor], n_controls: 
             hint="the core model and its post-processing spec come from different builds",
         )
     last = {"bbox_regression": 4, "bbox_ctrness": 1}
-    for key in spec.output_names[1:]:
+    for key in names[1:]:
         if tuple(outputs[key].shape) != (*shape[:2], last[key]):
             raise SpecError(f"{key} has shape {tuple(outputs[key].shape)}, expected {(*shape[:2], last[key])}")
     if n_controls != shape[0]:

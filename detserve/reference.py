@@ -1,6 +1,7 @@
 """The in-process reference for a served model: the exact PyTorch detector its build record names.
 
-Eval and compare score the live endpoint against eager torchvision on the same weights; the record
+Eval and compare score the live endpoint against the eager model on the same weights, detected the
+way its own library does it (torchvision's ``model(images)``, ultralytics' ``predict``); the record
 (``<name>_core/<version>/build.json``) says which detector, classes, keywords and checkpoint the
 served version was built from, and the checkpoint's hash proves it is still the same file.
 """
@@ -27,36 +28,34 @@ def build_record(repository: Path, name: str, version: int | None = None) -> tup
     return v, json.loads(path.read_text())
 
 
-def reference_model(record: dict[str, Any]) -> Any:
-    """Eager torchvision detector with the served weights, in eval mode."""
-    from converters.detectors import build_detector, file_sha256, spread_init_detector
+class EagerReference:
+    """The eager model a version was built from and its family's own detection path (the parity reference)."""
 
+    def __init__(self, family: Any, model: Any) -> None:
+        self.family, self.model = family, model
+
+    def detect(
+        self, rgb: np.ndarray, score_threshold: float, max_det: int, iou_threshold: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """The library's own detections for one decoded RGB image (iou None: the model's own NMS threshold)."""
+        return dict(self.family.reference(self.model, rgb, score_threshold, iou_threshold, max_det))
+
+
+def reference_model(record: dict[str, Any]) -> EagerReference:
+    """The eager detector with the served weights (by its family), in eval mode."""
+    from detserve.families import family, family_for_detector
+    from detserve.families.torchvision_models import file_sha256
+
+    fam = family(record["family"]) if record.get("family") else family_for_detector(record["detector"])
     kwargs = dict(record.get("model_kwargs") or {})
-    if record.get("spread_init_seed") is not None:
-        model = spread_init_detector(record["detector"], record["num_classes"], record["spread_init_seed"], **kwargs)
-    else:
-        ckpt = record.get("checkpoint")
-        if ckpt is not None:
-            if not Path(ckpt).is_file():
-                raise SpecError(
-                    f"the checkpoint this version was built from is not at {ckpt}",
-                    hint="run from the directory the build ran in, or rebuild with an absolute --checkpoint",
-                )
-            if record.get("checkpoint_sha256") and file_sha256(ckpt) != record["checkpoint_sha256"]:
-                raise SpecError(f"checkpoint {ckpt} changed since the build (sha256 differs from build.json)")
-        model = build_detector(record["detector"], record["num_classes"], ckpt, **kwargs)
-    return model.eval()
-
-
-def pytorch_detect(model: Any, rgb: np.ndarray, score_threshold: float, max_det: int) -> dict[str, np.ndarray]:
-    """``model([image])`` with per-call thresholds, exactly as torchvision runs it."""
-    import torch
-
-    saved = (model.score_thresh, model.detections_per_img)
-    model.score_thresh, model.detections_per_img = score_threshold, max_det
-    try:
-        with torch.no_grad():
-            out = model([torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)])[0]
-    finally:
-        model.score_thresh, model.detections_per_img = saved
-    return {k: out[k].numpy() for k in ("boxes", "scores", "labels")}
+    ckpt = record.get("checkpoint")
+    if record.get("spread_init_seed") is None and ckpt is not None:
+        if not Path(ckpt).is_file():
+            raise SpecError(
+                f"the checkpoint this version was built from is not at {ckpt}",
+                hint="run from the directory the build ran in, or rebuild with an absolute --checkpoint",
+            )
+        if record.get("checkpoint_sha256") and file_sha256(ckpt) != record["checkpoint_sha256"]:
+            raise SpecError(f"checkpoint {ckpt} changed since the build (sha256 differs from build.json)")
+    model = fam.build(record["detector"], record["num_classes"], ckpt, kwargs, record.get("spread_init_seed"))
+    return EagerReference(fam, model)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from detserve.errors import SpecError
-from detserve.specs import ModelSpec, PostprocessSpec, PreprocessSpec
+from detserve.pipeline import CORE, POSTPROCESS, PREPROCESS, all_models, model_name
+from detserve.specs import ModelSpec, PreprocessSpec
 from detserve.tritonconfig import (
     ServingOptions,
     core_config,
@@ -52,7 +53,7 @@ class BuildRequest:
     max_image_pixels: int | None = None
     verify: bool = True
     # Test fixture, not a trained model: untrained heads re-initialised with this seed so that
-    # scores spread over 0..1 (see converters.detectors.spread_head_init). Recorded in build.json.
+    # scores spread over 0..1 (see detserve.families.torchvision_models.spread_head_init). Recorded in build.json.
     spread_init_seed: int | None = None
     # target "tensorrt" only: engine precision, INT8 calibration photos, and the tactic timing
     # cache (default: <repository>/.trt_timing_cache, shared by every build into the repository)
@@ -75,9 +76,7 @@ class BuildResult:
 
     @property
     def model_dirs(self) -> list[Path]:
-        return [
-            self.repository / n for n in (self.name, f"{self.name}_preprocess", f"{self.name}_core", f"{self.name}_postprocess")
-        ]
+        return [self.repository / n for n in all_models(self.name)]
 
 
 def validate_name(name: str) -> str:
@@ -124,43 +123,40 @@ def _verification_batches(pre: PreprocessSpec) -> list[Any]:
 
 def build_repository(req: BuildRequest) -> BuildResult:
     """Build (or add a version to) the detector's four models in ``req.repository``."""
-    from converters.detectors import build_detector, family_of, file_sha256, spread_init_detector
     from converters.onnx_export import export_core, require_ok, verify_onnxruntime
-    from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families import family_for_detector
+    from detserve.families.torchvision_models import file_sha256
 
     name = validate_name(req.model_name)
     if req.version < 1:
         raise SpecError(f"--version must be >= 1, got {req.version}")
     _check_target_options(req)
-    if req.spread_init_seed is not None:
-        if req.checkpoint is not None:
-            raise SpecError("--spread-init-seed replaces the heads' weights; it cannot be combined with --checkpoint")
-        model = spread_init_detector(req.detector, req.num_classes, req.spread_init_seed, **req.model_kwargs)
-    else:
-        model = build_detector(req.detector, req.num_classes, req.checkpoint, **req.model_kwargs)
-    pre = preprocess_spec_from_model(model)
+    family = family_for_detector(req.detector)
+    model = family.build(req.detector, req.num_classes, req.checkpoint, dict(req.model_kwargs), req.spread_init_seed)
+    pre = family.preprocess_spec(model)
     if req.max_image_pixels is not None:
         pre = PreprocessSpec.from_dict({**pre.to_dict(), "max_image_pixels": req.max_image_pixels})
-    post = postprocess_spec_from_model(model, family_of(req.detector))
+    post = family.decode_spec(model, pre)
     spec = ModelSpec(req.detector, req.num_classes, pre, post, dict(req.model_kwargs))
+    outputs = list(family.outputs(post))
 
     repo = req.repository.resolve()
-    num_anchors = _fixed_num_anchors(post)
-    configs = {
-        f"{name}_preprocess": preprocess_config(name, pre, req.options),
-        f"{name}_core": core_config(name, req.target, pre, post, req.options, num_anchors),
-        f"{name}_postprocess": postprocess_config(name, post, req.options, num_anchors),
-        name: ensemble_config(name, post, req.options),
-    }
+    steps = [
+        preprocess_config(name, pre, req.options),
+        core_config(name, req.target, pre, outputs, req.options),
+        postprocess_config(name, post, outputs, req.options),
+    ]
+    configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
     configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
-    core_dir = repo / f"{name}_core" / str(req.version)
-    onnx_path = export_core(model, pre, post, core_dir / "model.onnx", sample_hw=_sample_hw(pre))
+    core_dir = repo / model_name(name, CORE) / str(req.version)
+    core = family.core(model, post)
+    onnx_path = export_core(core, outputs, pre, core_dir / "model.onnx", sample_hw=pre.trace_hw)
     verification = None
     if req.verify:
-        result = verify_onnxruntime(model, post, onnx_path, _verification_batches(pre))
+        result = verify_onnxruntime(core, outputs, onnx_path, _verification_batches(pre))
         require_ok(result)
         verification = result.to_dict()
-    tensorrt = _build_tensorrt(req, repo, onnx_path, pre) if req.target == "tensorrt" else None
+    tensorrt = _build_tensorrt(req, repo, onnx_path, pre, outputs) if req.target == "tensorrt" else None
     checks: dict[str, Any] = {"core": verification}
     if tensorrt is not None:
         checks["tensorrt"] = tensorrt["verification"]
@@ -171,6 +167,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "detector": req.detector,
+        "family": family.name,
         "num_classes": req.num_classes,
         "model_kwargs": req.model_kwargs,
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
@@ -259,7 +256,7 @@ def _check_target_options(req: BuildRequest) -> None:
     require_cuda_gpu()
 
 
-def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: PreprocessSpec) -> dict[str, Any]:
+def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: PreprocessSpec, outputs: list[Any]) -> dict[str, Any]:
     """``model.plan`` (+ ``model.plan.json``) next to the ONNX, verified against ONNX Runtime unless --no-verify."""
     from converters.onnx_export import require_ok
     from converters.tensorrt_build import BuildOptions, build_engine, default_timing_cache
@@ -275,7 +272,7 @@ def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: Preproc
     verification = None
     if req.verify:
         batches = [b for b in _verification_batches(pre) if b.shape[0] <= req.options.max_batch_size]
-        result = verify_tensorrt(onnx_path, plan, batches, req.precision)
+        result = verify_tensorrt(onnx_path, plan, batches, req.precision, outputs)
         require_ok(result)
         verification = result.to_dict()
     return {"engine": meta.to_dict(), "verification": verification}
@@ -289,41 +286,20 @@ def _weights_note(req: BuildRequest) -> str:
     return "random init (untrained)"
 
 
-def _sample_hw(pre: PreprocessSpec) -> tuple[int, int]:
-    """A typical padded input size for tracing (4:3 landscape) when the size is dynamic."""
-    if pre.resize_mode == "torchvision":
-        short = min(pre.min_size, pre.max_size * 3 // 4)
-        return pre.padded_hw((short, min(pre.max_size, short * 4 // 3)))
-    assert pre.fixed_input_hw is not None
-    return pre.fixed_input_hw
-
-
-def _fixed_num_anchors(post: PostprocessSpec) -> int | None:
-    if post.anchors.fixed_grid_sizes is None:
-        return None
-    from detserve.postprocess import anchors_for
-
-    assert post.anchors.fixed_input_hw is not None
-    anchors, _ = anchors_for(post, tuple(post.anchors.fixed_input_hw))
-    return int(anchors.shape[0])
-
-
 def _write_models(
     repo: Path, name: str, req: BuildRequest, configs: dict[str, Any], spec: ModelSpec, record: dict[str, Any]
 ) -> None:
     from detserve import __version__
 
-    roles = {f"{name}_preprocess": "preprocess_model", f"{name}_postprocess": "postprocess_model"}
+    roles = {model_name(name, PREPROCESS): "preprocess_model", model_name(name, POSTPROCESS): "postprocess_model"}
     if req.target == "python-onnxruntime":
-        roles[f"{name}_core"] = "core_model"
-    for model_name, config in configs.items():
-        version_dir = repo / model_name / str(req.version)
+        roles[model_name(name, CORE)] = "core_model"
+    for step, config in configs.items():
+        version_dir = repo / step / str(req.version)
         version_dir.mkdir(parents=True, exist_ok=True)
-        (repo / model_name / "config.pbtxt").write_text(render(config))
-        if model_name in roles:
-            role = roles[model_name].removesuffix("_model")
-            (version_dir / "model.py").write_text(
-                MODEL_PY.format(version=__version__, role=role, name=name, module=roles[model_name])
-            )
-        (version_dir / "build.json").write_text(json.dumps({**record, "model": model_name}, indent=2, sort_keys=True) + "\n")
+        (repo / step / "config.pbtxt").write_text(render(config))
+        if step in roles:
+            role = roles[step].removesuffix("_model")
+            (version_dir / "model.py").write_text(MODEL_PY.format(version=__version__, role=role, name=name, module=roles[step]))
+        (version_dir / "build.json").write_text(json.dumps({**record, "model": step}, indent=2, sort_keys=True) + "\n")
         (version_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")

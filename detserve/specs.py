@@ -147,6 +147,15 @@ class PreprocessSpec(_Spec):
         d = self.size_divisible
         return (math.ceil(self.fixed_size[0] / d) * d, math.ceil(self.fixed_size[1] / d) * d)
 
+    @property
+    def trace_hw(self) -> tuple[int, int]:
+        """The input size an export traces with: the fixed size, else a typical 4:3 landscape image."""
+        if self.resize_mode == "torchvision":
+            short = min(self.min_size, self.max_size * 3 // 4)
+            return self.padded_hw((short, min(self.max_size, short * 4 // 3)))
+        assert self.fixed_input_hw is not None  # checked on construction
+        return self.fixed_input_hw
+
     def padded_hw(self, resized_hw: tuple[int, int]) -> tuple[int, int]:
         d = self.size_divisible
         return (math.ceil(resized_hw[0] / d) * d, math.ceil(resized_hw[1] / d) * d)
@@ -229,13 +238,6 @@ class PostprocessSpec(_Spec):
         _check(self.topk_candidates >= 1, f"topk_candidates must be >= 1, got {self.topk_candidates}")
         _check(len(self.box_coder_weights) == 4, "box_coder_weights needs 4 values")
 
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        """The core's raw outputs, in order."""
-        if self.family == "fcos":
-            return ("cls_logits", "bbox_regression", "bbox_ctrness")
-        return ("cls_logits", "bbox_regression")
-
 
 MAX_DET_LIMIT = 10_000
 
@@ -289,11 +291,13 @@ class ModelSpec(_Spec):
     detector: str
     num_classes: int
     preprocess: PreprocessSpec
-    postprocess: PostprocessSpec
+    postprocess: Any  # the family's decode spec (PostprocessSpec for torchvision, YoloDecodeSpec, ...)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, Mapping):
             object.__setattr__(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
         if isinstance(self.postprocess, Mapping):
-            object.__setattr__(self, "postprocess", PostprocessSpec.from_dict(self.postprocess))
+            from detserve.families import decode_spec_from_dict
+
+            object.__setattr__(self, "postprocess", decode_spec_from_dict(dict(self.postprocess)))

@@ -1,20 +1,26 @@
 """Triton ``config.pbtxt`` files generated from specs (protobuf messages, never string pasting).
 
 Tensor names are the ensemble contract of DESIGN.md: clients send ``IMAGE`` (encoded bytes) and
-read ``num_detections``, ``boxes``, ``scores``, ``labels`` whatever the detector family.
+read ``num_detections``, ``boxes``, ``scores``, ``labels`` whatever the detector family. The core's
+raw tensors come from the family's declarations (detserve/families/base.py: name, dtype, dims).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from detserve.errors import SpecError
-from detserve.specs import PostprocessSpec, PreprocessSpec
+from detserve.pipeline import CORE, POSTPROCESS, PREPROCESS, model_name
+from detserve.specs import PreprocessSpec
+
+if TYPE_CHECKING:
+    from detserve.families.base import TensorDecl
 
 Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt"]
 TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt")
@@ -99,14 +105,15 @@ def _core_dims(pre: PreprocessSpec) -> list[int]:
     return [3, *(fixed if fixed else (-1, -1))]
 
 
-def _raw_output_dims(post: PostprocessSpec, num_anchors: int | None) -> dict[str, list[int]]:
-    m = num_anchors if num_anchors is not None else -1
-    dims = {"cls_logits": [m, post.num_classes], "bbox_regression": [m, 4], "bbox_ctrness": [m, 1]}
-    return {n: dims[n] for n in post.output_names}
+def _dtype(name: str) -> int:
+    value = getattr(mc, f"TYPE_{name}", None)
+    if value is None:
+        raise SpecError(f"unknown Triton data type {name!r} in a declared output")
+    return int(value)
 
 
 def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=f"{name}_preprocess", backend="python")
+    config = mc.ModelConfig(name=model_name(name, PREPROCESS), backend="python")
     _batched(config, opts, opts.preprocess_instances)
     _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
     _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
@@ -117,11 +124,12 @@ def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> m
 
 
 def core_config(
-    name: str, target: str, pre: PreprocessSpec, post: PostprocessSpec, opts: ServingOptions, num_anchors: int | None
+    name: str, target: str, pre: PreprocessSpec, outputs: Sequence[TensorDecl], opts: ServingOptions
 ) -> mc.ModelConfig:
+    """The core step: the family's declared outputs, on the chosen target."""
     if target not in TARGETS:
         raise SpecError(f"unknown target {target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
-    config = mc.ModelConfig(name=f"{name}_core")
+    config = mc.ModelConfig(name=model_name(name, CORE))
     if target == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = "model.onnx"
@@ -136,22 +144,23 @@ def core_config(
         config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
     _batched(config, opts, opts.core_instances, gpu=target == "tensorrt")
     _tensor(config.input, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
-    for out_name, dims in _raw_output_dims(post, num_anchors).items():
-        _tensor(config.output, out_name, mc.TYPE_FP32, dims)
+    for out in outputs:
+        _tensor(config.output, out.name, _dtype(out.dtype), list(out.dims))
     return config
 
 
-def postprocess_config(name: str, post: PostprocessSpec, opts: ServingOptions, num_anchors: int | None) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=f"{name}_postprocess", backend="python")
+def postprocess_config(name: str, decode_spec: Any, outputs: Sequence[TensorDecl], opts: ServingOptions) -> mc.ModelConfig:
+    """The post-processing step: the core's declared outputs in, the detection contract out."""
+    config = mc.ModelConfig(name=model_name(name, POSTPROCESS), backend="python")
     _batched(config, opts, opts.postprocess_instances, gpu=opts.postprocess_on_gpu)
     if opts.postprocess_on_gpu:
         # the python backend copies every input to the CPU unless told not to
         config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
-    for in_name, dims in _raw_output_dims(post, num_anchors).items():
-        _tensor(config.input, in_name, mc.TYPE_FP32, dims)
+    for out in outputs:
+        _tensor(config.input, out.name, _dtype(out.dtype), list(out.dims))
     _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
     _add_detection_outputs(config)
-    config.parameters["postprocess_spec"].string_value = post.to_json()
+    config.parameters["postprocess_spec"].string_value = decode_spec.to_json()
     config.parameters["torch_threads"].string_value = str(opts.postprocess_torch_threads)
     return config
 
@@ -163,25 +172,29 @@ def _add_detection_outputs(config: mc.ModelConfig) -> None:
     _tensor(config.output, "labels", mc.TYPE_INT32, [-1])
 
 
-def ensemble_config(name: str, post: PostprocessSpec, opts: ServingOptions, version: int = -1) -> mc.ModelConfig:
-    """preprocess -> core -> postprocess; every step pins a version (-1 = latest, never unset)."""
+def ensemble_config(name: str, steps: Sequence[mc.ModelConfig], opts: ServingOptions, version: int = -1) -> mc.ModelConfig:
+    """The steps in order, wired by tensor name; every step pins a version (-1 = latest, never unset).
+
+    The ensemble's ``IMAGE`` feeds whichever step takes it; a tensor one step outputs and a later
+    step inputs travels as ``_<name>``; the last step's detection outputs are the ensemble's. Any
+    number of steps (python / core / python / core / python for two-stage families).
+    """
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch_size)
     _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
     _add_detection_outputs(config)
-    steps = config.ensemble_scheduling.step
-    pre = steps.add(model_name=f"{name}_preprocess", model_version=version)
-    pre.input_map[IMAGE] = IMAGE
-    pre.output_map[CORE_INPUT] = "_images"
-    pre.output_map[IMAGE_INFO] = "_image_info"
-    core = steps.add(model_name=f"{name}_core", model_version=version)
-    core.input_map[CORE_INPUT] = "_images"
-    post_step = steps.add(model_name=f"{name}_postprocess", model_version=version)
-    for raw in post.output_names:
-        core.output_map[raw] = f"_{raw}"
-        post_step.input_map[raw] = f"_{raw}"
-    post_step.input_map[IMAGE_INFO] = "_image_info"
-    for out in OUTPUTS:
-        post_step.output_map[out] = out
+    produced: set[str] = {IMAGE}
+    for i, step_config in enumerate(steps):
+        step = config.ensemble_scheduling.step.add(model_name=step_config.name, model_version=version)
+        for tensor in step_config.input:
+            if tensor.name not in produced:
+                raise SpecError(f"step {step_config.name} needs {tensor.name!r}, which no earlier step gives")
+            step.input_map[tensor.name] = tensor.name if tensor.name == IMAGE else f"_{tensor.name}"
+        last = i == len(steps) - 1
+        for tensor in step_config.output:
+            step.output_map[tensor.name] = tensor.name if last and tensor.name in OUTPUTS else f"_{tensor.name}"
+            produced.add(tensor.name)
+    if set(OUTPUTS) - {t.name for t in steps[-1].output}:
+        raise SpecError(f"the last step {steps[-1].name} must give {', '.join(OUTPUTS)}")
     return config
 
 

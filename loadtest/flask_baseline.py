@@ -50,7 +50,7 @@ def load_eager_model(
     With ``spread_init_seed`` the random initialisation is seeded too (without touching the
     caller's global RNG), so two services started with the same seed hold the same weights.
     """
-    from converters.detectors import build_detector, spread_init_detector
+    from detserve.families.torchvision_models import build_detector, spread_init_detector
 
     if spread_init_seed is None:
         return build_detector(detector, num_classes, checkpoint, **dict(model_kwargs or {}))
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spread-init-seed", type=int, help="test fixture: untrained heads with a score spread")
     parser.add_argument("--access-log", action="store_true", help="log every request (off: logging would be measured too)")
     args = parser.parse_args(argv)
-    from converters.detectors import parse_model_kwargs
+    from detserve.families.torchvision_models import parse_model_kwargs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.INFO if args.access_log else logging.WARNING)

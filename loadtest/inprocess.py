@@ -109,15 +109,16 @@ class InProcessPipeline:
     ) -> list[dict[str, np.ndarray]]:
         import torch
 
-        from detserve.postprocess import postprocess_batch
+        from detserve.families import family_of_spec, output_names
 
         post = self.spec.postprocess
+        names = output_names(post)
         batch = torch.stack([it.tensor for it in items]).numpy()
-        raw = self.session.run(list(post.output_names), {CORE_INPUT: batch})
-        outputs = {name: torch.from_numpy(arr) for name, arr in zip(post.output_names, raw, strict=True)}
+        raw = self.session.run(list(names), {CORE_INPUT: batch})
+        outputs = {name: torch.from_numpy(arr) for name, arr in zip(names, raw, strict=True)}
         resized = torch.tensor([it.resized_hw for it in items], dtype=torch.int32)
         original = torch.tensor([it.original_hw for it in items], dtype=torch.int32)
-        dets = postprocess_batch(post, outputs, padded_hw, resized, original, controls)
+        dets = family_of_spec(post).decode(post, outputs, padded_hw, resized, original, controls)
         return [{k: v.numpy() for k, v in d.items()} for d in dets]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.detectors import build_detector
+from detserve.families.torchvision_models import build_detector
 from training.synthetic import CLASSES, NUM_CLASSES, SPLITS, SplitConfig, coco_dict, render
 
 DETECTOR = "ssdlite320_mobilenet_v3_large"

@@ -1,5 +1,8 @@
 """Post-processing step: raw core outputs -> detections in original pixels, per-request controls.
 
+The decode is the family's (``Family.decode``, chosen by the stored spec's ``family``); the raw
+inputs are the core's declared outputs (``Family.outputs``).
+
 All requests handed to one ``execute`` that share a padded size are decoded and NMS'd together
 (one vectorised pass), then split back into one response per request, in order.
 
@@ -19,18 +22,19 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from detserve.backend.common import apply_torch_threads, config_parameter, error_response, group_by, tune_stub_malloc
-from detserve.postprocess import pad_detections, postprocess_batch
-from detserve.specs import PostprocessSpec, RequestControls
+from detserve.families import decode_spec_from_json, family_of_spec, output_names
+from detserve.postprocess import pad_detections
+from detserve.specs import RequestControls
 from detserve.tritonconfig import IMAGE_INFO, OUTPUTS
 
 
 class _Parsed:
     """One request's inputs, read once."""
 
-    def __init__(self, request: Any, spec: PostprocessSpec) -> None:
+    def __init__(self, request: Any, spec: Any, names: tuple[str, ...]) -> None:
         params = json.loads(request.parameters() or "{}")
         self.controls = RequestControls.from_parameters(params, spec)
-        self.raw = {n: _array(pb_utils.get_input_tensor_by_name(request, n)) for n in spec.output_names}
+        self.raw = {n: _array(pb_utils.get_input_tensor_by_name(request, n)) for n in names}
         info = _array(pb_utils.get_input_tensor_by_name(request, IMAGE_INFO))
         self.info = info if isinstance(info, np.ndarray) else info.cpu().numpy()  # a few ints, read on the CPU
         self.n = int(self.info.shape[0])
@@ -55,12 +59,12 @@ def _concat(parts: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.as_tensor(p, device=device) for p in parts])
 
 
-def _run_group(spec: PostprocessSpec, items: list[_Parsed]) -> list[list[dict[str, np.ndarray]]]:
+def _run_group(spec: Any, items: list[_Parsed]) -> list[list[dict[str, np.ndarray]]]:
     """Decode + NMS every image of these requests in one pass (where the inputs are); padded outputs per image."""
-    raw = {n: _concat([it.raw[n] for it in items]) for n in spec.output_names}
+    raw = {n: _concat([it.raw[n] for it in items]) for n in items[0].raw}
     info = torch.from_numpy(np.concatenate([it.info for it in items]))
     controls = [it.controls for it in items for _ in range(it.n)]
-    dets = postprocess_batch(spec, raw, items[0].padded_hw, info[:, 2:4], info[:, 0:2], controls)
+    dets = family_of_spec(spec).decode(spec, raw, items[0].padded_hw, info[:, 2:4], info[:, 0:2], controls)
     out, start = [], 0
     for it in items:
         out.append([pad_detections(d, it.controls.max_det) for d in dets[start : start + it.n]])
@@ -77,14 +81,15 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
         apply_torch_threads(args)
-        self.spec = PostprocessSpec.from_json(config_parameter(args, "postprocess_spec"))
+        self.spec = decode_spec_from_json(config_parameter(args, "postprocess_spec"))
+        self.names = output_names(self.spec)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         parsed: dict[int, _Parsed] = {}
         for i, request in enumerate(requests):
             try:
-                parsed[i] = _Parsed(request, self.spec)
+                parsed[i] = _Parsed(request, self.spec, self.names)
             except Exception as e:
                 responses[i] = error_response(pb_utils, e)
         keys = list(parsed)

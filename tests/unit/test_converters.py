@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from converters.detectors import build_detector, load_checkpoint
 from converters.onnx_export import compare_outputs, export_core, require_ok, verify_onnxruntime
 from detserve.errors import CheckpointError, SpecError, VerificationError
+from detserve.families.torchvision_models import build_detector, load_checkpoint
 
 
 def test_unknown_detector_lists_the_known_ones() -> None:
@@ -61,16 +61,20 @@ def test_checkpoint_with_code_is_refused(tmp_path: Path) -> None:
 def test_export_and_verify_ssdlite(tmp_path: Path) -> None:
     import onnx
 
-    from converters.detectors import spread_head_init
-    from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families import family
+    from detserve.families.torchvision_models import spread_head_init
+    from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
 
     model = spread_head_init(build_detector("ssdlite320_mobilenet_v3_large", 3), seed=0)
     pre, post = preprocess_spec_from_model(model), postprocess_spec_from_model(model, "ssd")
-    path = export_core(model, pre, post, tmp_path / "m.onnx", sample_hw=(320, 320))
+    fam = family("ssd")
+    core, outputs = fam.core(model, post), fam.outputs(post)
+    path = export_core(core, outputs, pre, tmp_path / "m.onnx", sample_hw=(320, 320))
     graph = onnx.load(str(path))
     assert [i.name for i in graph.graph.input] == ["images"]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    result = verify_onnxruntime(model, post, path, [torch.rand(1, 3, 320, 320), torch.rand(3, 3, 320, 320)])
+    assert [o.name for o in graph.graph.output] == ["cls_logits", "bbox_regression"]
+    result = verify_onnxruntime(core, outputs, path, [torch.rand(1, 3, 320, 320), torch.rand(3, 3, 320, 320)])
     assert result.ok, result.summary()
     assert all(o.max_abs < 1e-3 for o in result.outputs)
     require_ok(result)

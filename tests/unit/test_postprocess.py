@@ -20,9 +20,10 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from converters.detectors import build_detector, family_of, spread_head_init
-from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
 from detserve.errors import SpecError
+from detserve.families import outputs_of
+from detserve.families.torchvision_models import build_detector, family_of, spread_head_init
+from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
 from detserve.postprocess import anchors_for, pad_detections, postprocess_batch
 from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec, RequestControls
 
@@ -288,7 +289,7 @@ def test_specs_from_model(case: Case) -> None:
     assert pre.pad_value == 0.0 and pre.image_mean == tuple(case.model.transform.image_mean)
     spec = case.spec
     assert spec.num_classes == 5 and spec.family == case.family
-    assert set(spec.output_names) == set(case.batches[0].head)
+    assert {o.name for o in outputs_of(spec)} == set(case.batches[0].head)
     if case.family == "ssd":
         assert pre.resize_mode == "fixed" and pre.fixed_input_hw == case.batches[0].padded_hw
         assert spec.anchors.kind == "default_boxes" and spec.box_coder_weights == (10.0, 10.0, 5.0, 5.0)

@@ -65,9 +65,11 @@ def test_grid_sizes_from_strides_and_fixed() -> None:
 
 
 def test_fcos_has_three_raw_outputs() -> None:
-    assert _post(family="fcos").output_names == ("cls_logits", "bbox_regression", "bbox_ctrness")
+    from detserve.families import output_names
+
+    assert output_names(_post(family="fcos")) == ("cls_logits", "bbox_regression", "bbox_ctrness")
     with pytest.raises(SpecError, match="family"):
-        _post(family="yolo")
+        _post(family="yolo")  # another family's spec is not a torchvision PostprocessSpec
 
 
 def test_request_controls_defaults_and_overrides() -> None:

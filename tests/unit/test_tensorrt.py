@@ -59,8 +59,10 @@ from converters.tensorrt_calibration import (
     make_batches,
 )
 from detserve.errors import SpecError
+from detserve.families import family
+from detserve.families.base import TensorDecl
 from detserve.specs import PreprocessSpec
-from tests.unit.test_tritonconfig import FCOS_PRE, SSD_POST, SSD_PRE
+from tests.unit.test_tritonconfig import FCOS_POST, FCOS_PRE, SSD_OUT, SSD_POST, SSD_PRE
 
 HAS_TENSORRT = True
 try:
@@ -447,26 +449,29 @@ def test_polygraphy_comparison_gives_per_output_errors(tmp_path: Path) -> None:
     runners = [OnnxrtRunner(SessionFromOnnx(str(p), providers=["cpu"]), name=n) for p, n in ((ref, "ref"), (off, "cand"))]
     batches = [torch.rand(1, 3, 4, 4) + 1, np.random.default_rng(0).random((3, 3, 4, 4), dtype=np.float32) + 1]
     names = ["cls_logits", "bbox_regression"]
-    result = compare_runners(*runners, batches, names, tolerances_for("fp32", names), "candidate")
+    decls = [TensorDecl(n, (-1, 3)) for n in names]
+    result = compare_runners(*runners, batches, names, tolerances_for("fp32", decls), "candidate")
     assert [o.name for o in result.outputs] == names
     assert result.input_shapes == [(1, 3, 4, 4), (3, 3, 4, 4)]
     cls, reg = result.outputs
     assert cls.ok and cls.max_abs == 0.0
     assert not reg.ok and 5e-4 < reg.max_rel < 2e-3 and reg.shape == (3, 16, 3)
     assert not result.ok and "polygraphy: FAILED" in result.backend
-    loose = compare_runners(*runners, batches, names, tolerances_for("fp16", names), "candidate")
+    loose = compare_runners(*runners, batches, names, tolerances_for("fp16", decls), "candidate")
     assert loose.ok and "polygraphy: passed" in loose.backend and loose.atol == 2e-2
 
 
-def test_tolerance_table_covers_every_precision_and_output() -> None:
+def test_every_declared_output_has_a_tolerance_per_precision() -> None:
     from converters.tensorrt_build import PRECISIONS
-    from converters.tensorrt_verify import TOLERANCES, tolerances_for
+    from converters.tensorrt_verify import tolerances_for
+    from detserve.families import outputs_of
 
-    assert set(TOLERANCES) == set(PRECISIONS)
-    for precision in PRECISIONS:
-        tol = tolerances_for(precision, ["cls_logits", "bbox_regression", "bbox_ctrness", "other"])
-        assert len(tol) == 4 and tol["other"] == (max(a for a, _ in tol.values()), max(r for _, r in tol.values()))
-    assert TOLERANCES["fp32"]["cls_logits"] < TOLERANCES["fp16"]["cls_logits"] < TOLERANCES["int8"]["cls_logits"]
+    for post in (SSD_POST, FCOS_POST):
+        decls = outputs_of(post)
+        for precision in PRECISIONS:
+            assert set(tolerances_for(precision, decls)) == {d.name for d in decls}
+        for d in decls:
+            assert d.tolerance("fp32") < d.tolerance("fp16") < d.tolerance("int8")
 
 
 def test_cudart_of_the_torch_wheels_is_made_visible_to_polygraphy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,9 +495,9 @@ def test_cudart_of_the_torch_wheels_is_made_visible_to_polygraphy(monkeypatch: p
 
 @pytest.fixture(scope="module")
 def ssdlite() -> dict[str, Any]:
-    from converters.detectors import spread_init_detector
-    from converters.onnx_export import DetectorCore
-    from converters.specs_from_model import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families import family
+    from detserve.families.torchvision_models import spread_init_detector
+    from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
     from detserve.imaging import decode_image
     from detserve.preprocess import preprocess
     from detserve.samples import sample_files
@@ -501,8 +506,9 @@ def ssdlite() -> dict[str, Any]:
     pre, post = preprocess_spec_from_model(model), postprocess_spec_from_model(model, "ssd")
     items = [preprocess(decode_image(b, 1 << 31), pre) for b in list(sample_files().values())[:3]]
     with torch.no_grad():
-        raw = DetectorCore(model, post.output_names)(torch.stack([it.tensor for it in items]))
-    return {"model": model, "pre": pre, "post": post, "items": items, "raw": dict(zip(post.output_names, raw, strict=True))}
+        raw = family("ssd").core(model, post)(torch.stack([it.tensor for it in items]))
+    names = family("ssd").output_names()
+    return {"model": model, "pre": pre, "post": post, "items": items, "raw": dict(zip(names, raw, strict=True))}
 
 
 def test_decoding_layers_equal_the_models_box_coder(ssdlite: dict[str, Any]) -> None:
@@ -581,13 +587,13 @@ def test_tensorrt_core_config_runs_the_plan_on_the_gpu() -> None:
 
     from detserve.tritonconfig import ServingOptions, core_config, postprocess_config
 
-    config = core_config("ssd", "tensorrt", SSD_PRE, SSD_POST, ServingOptions(), 3234)
+    config = core_config("ssd", "tensorrt", SSD_PRE, SSD_OUT, ServingOptions())
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan" and not config.backend
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert [list(t.dims) for t in config.input] == [[3, 320, 320]]
-    cpu = postprocess_config("ssd", SSD_POST, ServingOptions(), 3234)
+    cpu = postprocess_config("ssd", SSD_POST, SSD_OUT, ServingOptions())
     assert cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu.parameters
-    gpu = postprocess_config("ssd", SSD_POST, ServingOptions(postprocess_on_gpu=True), 3234)
+    gpu = postprocess_config("ssd", SSD_POST, SSD_OUT, ServingOptions(postprocess_on_gpu=True))
     assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert gpu.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
 
@@ -689,7 +695,7 @@ def test_postprocess_model_reads_gpu_inputs_through_dlpack(ssdlite: dict[str, An
     model.initialize({"model_config": json.dumps(config)})
 
     def request(i: int, on_gpu: bool) -> Any:
-        tensors = {n: _PbTensor(n, raw[n][i : i + 1].numpy(), on_gpu) for n in post.output_names}
+        tensors = {n: _PbTensor(n, raw[n][i : i + 1].numpy(), on_gpu) for n in raw}
         tensors["image_info"] = _PbTensor("image_info", items[i].info()[None], on_gpu)
         return SimpleNamespace(tensors=tensors, parameters=lambda: json.dumps({"max_det": 50}))
 
@@ -730,7 +736,9 @@ def small_engine(ssdlite: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
 
     folder = tmp_path_factory.mktemp("engine")
     pre, post = ssdlite["pre"], ssdlite["post"]
-    onnx_path = export_core(ssdlite["model"], pre, post, folder / "model.onnx", sample_hw=pre.fixed_input_hw)
+    fam = family("ssd")
+    core = fam.core(ssdlite["model"], post)
+    onnx_path = export_core(core, fam.outputs(post), pre, folder / "model.onnx", sample_hw=pre.trace_hw)
     plan = folder / "model.plan"
     meta = build_engine(onnx_path, plan, pre, 2, BuildOptions(timing_cache=folder / ".trt_timing_cache"))
     return {"onnx": onnx_path, "plan": plan, "meta": meta, "folder": folder}
@@ -747,7 +755,8 @@ def test_fp32_engine_is_built_described_and_verified(ssdlite: dict[str, Any], sm
     assert meta.profiles == {"images": {"min": [1, 3, 320, 320], "opt": [2, 3, 320, 320], "max": [2, 3, 320, 320]}}
     assert (small_engine["folder"] / ".trt_timing_cache").stat().st_size > 0
     images = torch.stack([it.tensor for it in ssdlite["items"]])
-    result = verify_tensorrt(small_engine["onnx"], small_engine["plan"], [images[:1], images[1:3]], "fp32")
+    outputs = family("ssd").outputs(ssdlite["post"])
+    result = verify_tensorrt(small_engine["onnx"], small_engine["plan"], [images[:1], images[1:3]], "fp32", outputs)
     assert result.ok, result.summary()
 
 
@@ -765,7 +774,7 @@ def test_in_process_engine_matches_onnxruntime_and_refuses_a_foreign_plan(
     ref = ort.InferenceSession(str(small_engine["onnx"]), providers=["CPUExecutionProvider"]).run(
         None, {"images": images.numpy()}
     )
-    for name, want in zip(ssdlite["post"].output_names, ref, strict=True):
+    for name, want in zip(ssdlite["raw"], ref, strict=True):
         np.testing.assert_allclose(got[name].cpu().numpy(), want, atol=1e-3, rtol=1e-3)
     foreign = small_engine["folder"] / "foreign.plan"
     foreign.write_bytes(small_engine["plan"].read_bytes())
@@ -821,7 +830,6 @@ def test_gpu_check_records_a_failed_step_and_stops(tmp_path: Path, monkeypatch: 
 
 def test_gpu_check_prepares_the_demo_detector_and_compares_detections(tmp_path: Path) -> None:
     from converters.gpu_check import Run, _parity, _postprocess, prepare
-    from converters.onnx_export import DetectorCore
 
     run = Run(tmp_path, budget_s=60)
     info = run.step("prepare", prepare)
@@ -829,8 +837,8 @@ def test_gpu_check_prepares_the_demo_detector_and_compares_detections(tmp_path: 
     assert info["input_hw"] == [320, 320] and Path(info["onnx"]).is_file() and len(info["photos"]) == 5
     images = run.state["images"][:2]
     with torch.no_grad():
-        names = run.state["post"].output_names
-        raw = dict(zip(names, DetectorCore(run.state["model"], names)(images), strict=True))
+        names = [o.name for o in run.state["outputs"]]
+        raw = dict(zip(names, run.state["family"].core(run.state["model"], run.state["post"])(images), strict=True))
     dets = _postprocess(run, raw, 2)
     parity = _parity(dets, dets)
     assert parity["ok"] and parity["images"] == 2 and parity["matched"] == parity["detections_above_0.05"] > 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from detserve.errors import SpecError
+from detserve.families.base import TensorDecl
 from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec
 from detserve.tritonconfig import (
     ServingOptions,
@@ -50,19 +51,31 @@ FCOS_POST = PostprocessSpec(
     topk_candidates=1000,
 )
 OPTS = ServingOptions()
+# the core's outputs as the torchvision family declares them (SSDlite320's 3234 anchors; FCOS dynamic)
+SSD_OUT = [TensorDecl("cls_logits", (3234, 5)), TensorDecl("bbox_regression", (3234, 4))]
+FCOS_OUT = [TensorDecl("cls_logits", (-1, 5)), TensorDecl("bbox_regression", (-1, 4)), TensorDecl("bbox_ctrness", (-1, 1))]
+
+
+def _ensemble(name: str, pre: PreprocessSpec, post: PostprocessSpec, outputs: list[TensorDecl]) -> str:
+    steps = [
+        preprocess_config(name, pre, OPTS),
+        core_config(name, "python-onnxruntime", pre, outputs, OPTS),
+        postprocess_config(name, post, outputs, OPTS),
+    ]
+    return render(ensemble_config(name, steps, OPTS))
 
 
 def _configs() -> dict[str, str]:
     return {
         "ssd_preprocess": render(preprocess_config("ssd", SSD_PRE, OPTS)),
-        "ssd_core_python": render(core_config("ssd", "python-onnxruntime", SSD_PRE, SSD_POST, OPTS, 3234)),
-        "ssd_core_onnxruntime": render(core_config("ssd", "onnxruntime", SSD_PRE, SSD_POST, OPTS, 3234)),
-        "ssd_core_tensorrt": render(core_config("ssd", "tensorrt", SSD_PRE, SSD_POST, OPTS, 3234)),
-        "ssd_postprocess_gpu": render(postprocess_config("ssd", SSD_POST, ServingOptions(postprocess_on_gpu=True), 3234)),
-        "ssd_postprocess": render(postprocess_config("ssd", SSD_POST, OPTS, 3234)),
-        "ssd_ensemble": render(ensemble_config("ssd", SSD_POST, OPTS)),
-        "fcos_core_python": render(core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_POST, OPTS, None)),
-        "fcos_ensemble": render(ensemble_config("fcos", FCOS_POST, OPTS)),
+        "ssd_core_python": render(core_config("ssd", "python-onnxruntime", SSD_PRE, SSD_OUT, OPTS)),
+        "ssd_core_onnxruntime": render(core_config("ssd", "onnxruntime", SSD_PRE, SSD_OUT, OPTS)),
+        "ssd_core_tensorrt": render(core_config("ssd", "tensorrt", SSD_PRE, SSD_OUT, OPTS)),
+        "ssd_postprocess_gpu": render(postprocess_config("ssd", SSD_POST, SSD_OUT, ServingOptions(postprocess_on_gpu=True))),
+        "ssd_postprocess": render(postprocess_config("ssd", SSD_POST, SSD_OUT, OPTS)),
+        "ssd_ensemble": _ensemble("ssd", SSD_PRE, SSD_POST, SSD_OUT),
+        "fcos_core_python": render(core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_OUT, OPTS)),
+        "fcos_ensemble": _ensemble("fcos", FCOS_PRE, FCOS_POST, FCOS_OUT),
     }
 
 
@@ -82,8 +95,16 @@ def test_round_trips_through_the_parser(name: str) -> None:
     assert render(parse(text)) == text
 
 
+def test_the_torchvision_family_declares_these_outputs() -> None:
+    from detserve.families import outputs_of
+
+    assert [(o.name, o.dims) for o in outputs_of(FCOS_POST)] == [(o.name, o.dims) for o in FCOS_OUT]
+    assert [o.name for o in outputs_of(SSD_POST)] == ["cls_logits", "bbox_regression"]
+    assert all(o.tolerance("fp32") < o.tolerance("fp16") < o.tolerance("int8") for o in outputs_of(FCOS_POST))
+
+
 def test_ensemble_pins_every_step_and_wires_all_raw_outputs() -> None:
-    config = ensemble_config("fcos", FCOS_POST, OPTS)
+    config = parse(_ensemble("fcos", FCOS_PRE, FCOS_POST, FCOS_OUT))
     steps = config.ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["fcos_preprocess", "fcos_core", "fcos_postprocess"]
     assert all(s.model_version == -1 for s in steps)
@@ -92,17 +113,22 @@ def test_ensemble_pins_every_step_and_wires_all_raw_outputs() -> None:
 
 
 def test_dynamic_core_has_dynamic_spatial_dims() -> None:
-    config = core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_POST, OPTS, None)
+    config = core_config("fcos", "python-onnxruntime", FCOS_PRE, FCOS_OUT, OPTS)
     assert list(config.input[0].dims) == [3, -1, -1]
     assert list(config.output[0].dims) == [-1, 5]
 
 
 def test_invalid_inputs() -> None:
     with pytest.raises(SpecError, match="target"):
-        core_config("x", "tensorrt-lite", SSD_PRE, SSD_POST, OPTS, None)
+        core_config("x", "tensorrt-lite", SSD_PRE, SSD_OUT, OPTS)
     with pytest.raises(SpecError, match="max_batch_size"):
         ServingOptions(max_batch_size=0)
     with pytest.raises(SpecError, match="postprocess_instances"):
         ServingOptions(postprocess_instances=0)
     with pytest.raises(SpecError, match="invalid config"):
         parse("name: ")
+    pre = preprocess_config("x", SSD_PRE, OPTS)
+    with pytest.raises(SpecError, match="no earlier step gives"):
+        ensemble_config("x", [postprocess_config("x", SSD_POST, SSD_OUT, OPTS)], OPTS)
+    with pytest.raises(SpecError, match="must give num_detections"):
+        ensemble_config("x", [pre], OPTS)

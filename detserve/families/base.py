@@ -1,0 +1,92 @@
+"""The family seam: what generic code may ask a detector family, and nothing more.
+
+A family (torchvision single-stage, YOLO, ...) is one module that provides a :class:`Family`
+object. Config generation, export, verification, the post-processing model, compare and eval read
+its declarations -- never a table of family names:
+
+- ``build``: the eager model, by name with seeded test weights or from the user's checkpoint;
+- ``preprocess_spec`` / ``decode_spec``: frozen, validated specs derived from the model;
+- ``core``: the exportable network (images -> raw tensors) and ``outputs``: its declared tensors
+  (name, dtype, dims with a symbolic batch, tolerance);
+- ``decode``: the batched torch post-processing with per-request controls (runtime: no model zoo
+  import);
+- ``reference``: the eager model's own detections, as the library computes them (parity).
+
+Runtime parts (``decode_spec_type``, ``decode``) must import only torch/torchvision/numpy:
+the serving runtime never imports a model zoo whose licence or weight would burden it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from detserve.specs import PreprocessSpec, RequestControls
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """One raw output of a family's core: what configs, export and verification need to know."""
+
+    name: str
+    dims: tuple[int, ...]  # after the (always dynamic) batch dimension; -1 where the size varies per input
+    dtype: str = "FP32"  # Triton's data type name
+    atol: float = 1e-4  # ONNX Runtime / TensorRT fp32 vs PyTorch
+    rtol: float = 1e-4
+    fp16: tuple[float, float] = (2e-2, 1e-2)  # (atol, rtol) of a TensorRT fp16 engine vs ONNX Runtime fp32
+    int8: tuple[float, float] = (0.5, 0.1)  # ... of an int8 engine (calibrated)
+
+    def tolerance(self, precision: str) -> tuple[float, float]:
+        """(atol, rtol) this output gets at ``precision`` (fp32 | fp16 | int8)."""
+        return {"fp32": (self.atol, self.rtol), "fp16": self.fp16, "int8": self.int8}[precision]
+
+
+class Family(Protocol):
+    """A detector family; see the module docstring."""
+
+    name: str  # stored in the decode spec ("family"), the key of the registry
+
+    def detectors(self) -> Sequence[str]:
+        """The model names ``build`` accepts by name."""
+        ...
+
+    def accepts(self, detector: str) -> bool:
+        """Whether ``build`` takes ``detector`` (one of ``detectors()``, or e.g. a checkpoint path it recognises)."""
+        ...
+
+    def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
+        """The eager model in eval mode."""
+        ...
+
+    def preprocess_spec(self, model: Any) -> PreprocessSpec: ...
+
+    def decode_spec(self, model: Any, pre: PreprocessSpec) -> Any: ...
+
+    def decode_spec_type(self) -> type: ...
+
+    def core(self, model: Any, decode_spec: Any) -> torch.nn.Module: ...
+
+    def outputs(self, decode_spec: Any) -> Sequence[TensorDecl]: ...
+
+    def decode(
+        self,
+        spec: Any,
+        outputs: dict[str, torch.Tensor],
+        padded_hw: Sequence[int],
+        resized_hw: torch.Tensor,
+        original_hw: torch.Tensor,
+        controls: Sequence[RequestControls],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image (boxes x1y1x2y2 in original pixels, scores, labels), by score."""
+        ...
+
+    def reference(
+        self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int
+    ) -> dict[str, Any]:
+        """The library's own detections for one decoded RGB image (numpy boxes/scores/labels); iou None: the model's own."""
+        ...
