@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import ClientError
+from detserve.pipeline import PREPROCESS, model_name
 
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 
@@ -241,7 +242,9 @@ class DetectorClient:
     def preprocessed(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
         """The server's preprocessed tensor and image_info for one image (verification rung 1)."""
         try:
-            result = self._client.infer(f"{self.model}_preprocess", [_image_input([image])], client_timeout=self.timeout_s)
+            result = self._client.infer(
+                model_name(self.model, PREPROCESS), [_image_input([image])], client_timeout=self.timeout_s
+            )
         except Exception as e:
-            raise _wrap(e, f"{self.model}_preprocess") from e
+            raise _wrap(e, model_name(self.model, PREPROCESS)) from e
         return result.as_numpy("images")[0], result.as_numpy("image_info")[0]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from detserve.evaluation import METRIC_NAMES, EvalError, ImageDetections, coco_metrics, load_annotations
+from detserve.pipeline import CORE, model_name
 
 MAX_DET_CHOICES = (100, 500, 5000)
 MAP_TOLERANCE_POINTS = 0.1  # |served - PyTorch| mAP, in points, for an FP32 build
@@ -166,7 +167,7 @@ def run_eval(
     annotations = load_annotations(annotations_path)
     paths = _image_paths(annotations, images_dir)
     version, record = build_record(repository, model)
-    spec = ModelSpec.from_json((Path(repository) / f"{model}_core" / str(version) / "spec.json").read_text())
+    spec = ModelSpec.from_json((Path(repository) / model_name(model, CORE) / str(version) / "spec.json").read_text())
     report = EvalReport(model, version, len(paths), max_det, served={}, pytorch=None)
 
     t = time.monotonic()

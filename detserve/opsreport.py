@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from detserve.errors import DetserveError
+from detserve.pipeline import CORE, DEFAULT_ROLES, POSTPROCESS, model_name
 
 MODEL = "ssdlite"
 DETECTOR = "ssdlite320_mobilenet_v3_large"
-ROLES = ("", "_preprocess", "_core", "_postprocess")
+ROLES = ("", *(f"_{r}" for r in DEFAULT_ROLES))  # the ensemble's directory and its steps' (pipeline.py)
 KEY = "ops-report-admin-key-0123456789"
 
 # Refused before any work was done: clear, fast, safe to retry elsewhere.
@@ -206,7 +207,7 @@ def ensure_repositories(repository: Path, echo: Echo) -> tuple[Path, Path]:
         echo(f"building {MODEL} version 1 into {base}")
         shutil.rmtree(base, ignore_errors=True)
         build_repository(_build_request(base, 1, seed=0))
-    if not (rollout / f"{MODEL}_core" / "2").is_dir():
+    if not (rollout / model_name(MODEL, CORE) / "2").is_dir():
         echo(f"building {MODEL} version 2 into {rollout}")
         shutil.rmtree(rollout, ignore_errors=True)
         shutil.copytree(base, rollout)
@@ -264,7 +265,7 @@ def stub_killed(s: Setup) -> Row:
         ClientLoad(server.options.grpc_url, s.images, s.users, retries=12) as load,
     ):
         time.sleep(s.duration_s / 3)
-        pids = _stub_pids(server, f"{MODEL}_postprocess")
+        pids = _stub_pids(server, model_name(MODEL, POSTPROCESS))
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         held = s.duration_s / 3 + _hold(load, s.duration_s * 2 / 3)
@@ -342,9 +343,9 @@ def failed_load(s: Setup) -> Row:
             broken = repo / "broken"
             (broken / "1").mkdir(parents=True)
             (broken / "config.pbtxt").write_text('backend: "python"\ninput [{ name: "X" data_type: TYPE_NOPE dims: [1] }]\n')
-            shutil.copytree(repo / f"{MODEL}_core" / "1", repo / f"{MODEL}_core" / "2")
-            (repo / f"{MODEL}_core" / "2" / "model.onnx").write_bytes(b"not an onnx file")
-            for name in ("broken", f"{MODEL}_core"):
+            shutil.copytree(repo / model_name(MODEL, CORE) / "1", repo / model_name(MODEL, CORE) / "2")
+            (repo / model_name(MODEL, CORE) / "2" / "model.onnx").write_bytes(b"not an onnx file")
+            for name in ("broken", model_name(MODEL, CORE)):
                 try:
                     admin.load_model(name)
                     errors.append(f"{name}: loaded?!")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from detserve.opsreport import KEY, MODEL, Call, ClientLoad, Row, Setup, Tally, _copy, _server, _stub_pids
+from detserve.pipeline import CORE, model_name
 
 SIZE_LIMIT = 8 * 1024 * 1024
 
@@ -126,7 +127,7 @@ def admin_without_key(s: Setup) -> Row:
 
 def _stub_region(server: Any) -> str:
     """A live python stub's shared-memory region name (argv[2], visible to every user in ps)."""
-    for pid in _stub_pids(server, f"{MODEL}_core"):
+    for pid in _stub_pids(server, model_name(MODEL, CORE)):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             return "/" + args[2].decode().lstrip("/")
@@ -190,7 +191,7 @@ def _until(cond: Callable[[], bool], timeout_s: float) -> float:
 def unservable_model(s: Setup) -> Row:
     """The core's file corrupted and its stub killed: readiness false (naming it) until the file is back."""
     repo = _copy(s.base, s.work / "unservable")
-    onnx = repo / f"{MODEL}_core" / "1" / "model.onnx"
+    onnx = repo / model_name(MODEL, CORE) / "1" / "model.onnx"
     good = onnx.read_bytes()
     with _server(repo) as server:
         url = server.options.grpc_url
@@ -199,7 +200,7 @@ def unservable_model(s: Setup) -> Row:
             load.wait_for(s.users)
             onnx.write_bytes(b"not an onnx file")
             t_fault = time.monotonic()
-            for pid in _stub_pids(server, f"{MODEL}_core"):
+            for pid in _stub_pids(server, model_name(MODEL, CORE)):
                 os.kill(pid, signal.SIGKILL)
             to_false = _until(lambda: "reload failed" in _ready(url)[1], 120)
             why = _ready(url)[1]

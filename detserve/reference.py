@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import SpecError
+from detserve.pipeline import CORE, model_name
 
 
 def build_record(repository: Path, name: str, version: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -22,7 +23,7 @@ def build_record(repository: Path, name: str, version: int | None = None) -> tup
     from detserve.versions import serving_version
 
     v = version if version is not None else serving_version(Path(repository), name)
-    path = Path(repository) / f"{name}_core" / str(v) / "build.json"
+    path = Path(repository) / model_name(name, CORE) / str(v) / "build.json"
     if not path.is_file():
         raise SpecError(f"no build record {path}", hint=f"is {name!r} version {v} built in {repository}? (detserve models list)")
     return v, json.loads(path.read_text())

@@ -19,7 +19,7 @@ from typing import Any
 
 from detserve.admin import ModelAdmin
 from detserve.errors import ClientError, DetserveError
-from loadtest.stats import ModelStats, delta, parse_statistics
+from detserve.tritonstats import ModelStats, delta, parse_statistics
 
 METRICS_TIMEOUT_S = 3.0
 _PENDING = re.compile(r"^nv_inference_pending_request_count\{([^}]*)\}\s+(\S+)", re.MULTILINE)

@@ -36,6 +36,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from detserve.admin import ENV_VAR, FILE_ENV, ModelAdmin
 from detserve.errors import DetserveError
+from detserve.pipeline import CORE, model_name
 from detserve.tritonconfig import read_config, render
 
 ROLES = ("preprocess", "core", "postprocess")
@@ -79,13 +80,13 @@ def serving_version(repository: Path, name: str) -> int:
     pins = {s.model_version for s in ensemble.ensemble_scheduling.step}
     if len(pins) == 1 and min(pins) > 0:
         return int(min(pins))
-    core_dir = _model_dir(repository, f"{name}_core")
+    core_dir = _model_dir(repository, model_name(name, CORE))
     core = read_config(core_dir)
     if core.version_policy.HasField("specific") and core.version_policy.specific.versions:
         return int(max(core.version_policy.specific.versions))
     available = versions_of(core_dir)
     if not available:
-        raise VersionError(f"{name}_core has no version directories")
+        raise VersionError(f"{model_name(name, CORE)} has no version directories")
     return available[-1]  # Triton's default policy: the latest version
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detserve.pipeline import CORE, model_name
 from loadtest.runner import LoadTestConfig, run_loadtest
 
 
@@ -39,7 +40,7 @@ def flask_kwargs_from_build(repository: Path, model: str) -> dict[str, Any]:
     """The Flask baseline must hold the same weights as the served model: read how it was built."""
     from loadtest.inprocess import latest_version
 
-    core = repository / f"{model}_core"
+    core = repository / model_name(model, CORE)
     record = json.loads((core / str(latest_version(core)) / "build.json").read_text())
     return {
         "detector": record["detector"],

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import SpecError
+from detserve.pipeline import CORE, model_name
 from detserve.specs import ModelSpec, RequestControls
 
 CORE_INPUT = "images"  # the core's input tensor, as the server feeds it
@@ -51,7 +52,7 @@ class InProcessPipeline:
         from detserve.onnxrt import cpu_session
         from detserve.tritonconfig import read_config
 
-        core_dir = Path(repository) / f"{name}_core"
+        core_dir = Path(repository) / model_name(name, CORE)
         version_dir = core_dir / str(version if version is not None else latest_version(core_dir))
         spec_path, onnx_path = version_dir / "spec.json", version_dir / "model.onnx"
         for path in (spec_path, onnx_path):

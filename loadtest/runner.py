@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from detserve.errors import DetserveError
+from detserve.pipeline import role_of
 from loadtest import stats
 from loadtest.report import LoadReport, write_report
 
@@ -232,8 +233,8 @@ def _own(split: dict[str, stats.PhaseSplit], model: str) -> dict[str, stats.Phas
 def ensemble_phase_ms(split: dict[str, stats.PhaseSplit], model: str) -> dict[str, float]:
     """Per-request compute time of each composing model (what one inference costs, no queueing)."""
     out = {}
-    for suffix in ("_preprocess", "_core", "_postprocess"):
-        s = split.get(model + suffix)
-        if s is not None and s.requests:
-            out[suffix[1:]] = s.compute_input_ms + s.compute_infer_ms + s.compute_output_ms
+    for name, s in split.items():
+        role = role_of(name, model)
+        if role is not None and s.requests:
+            out[role] = s.compute_input_ms + s.compute_infer_ms + s.compute_output_ms
     return out
