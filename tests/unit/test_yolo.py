@@ -319,3 +319,22 @@ def test_build_rejects_bad_options() -> None:
         yolo.FAMILY.build("yolov8n", 80, None, {"img_size": 320}, seed=0)
     with pytest.raises(SpecError, match="no end-to-end"):
         yolo.FAMILY.build("yolov8n", 80, None, {"end2end": True}, seed=0)
+
+
+@needs_ultralytics
+def test_checkpoint_brings_architecture_classes_and_names(tmp_path: Path) -> None:
+    """A ``best.pt`` as ultralytics' trainer saves it (pickled half-precision model + train_args)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(_model("yolov8n", 320))
+    model.names = {i: f"thing{i}" for i in range(80)}
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.half(), "train_args": {"imgsz": 320}, "epoch": -1}, path)
+    loaded = yolo.FAMILY.build("yolo", 0, path, {}, seed=None)
+    spec = yolo.FAMILY.decode_spec(loaded, yolo.FAMILY.preprocess_spec(loaded))
+    assert (spec.num_classes, spec.imgsz, spec.class_names[3]) == (80, 320, "thing3")
+    assert next(loaded.parameters()).dtype == torch.float32
+    with pytest.raises(Exception, match="80 classes"):
+        yolo.FAMILY.build("yolo", 3, path, {}, seed=None)
