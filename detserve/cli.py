@@ -62,8 +62,8 @@ def build(
     ] = False,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
+    from converters.repository import BuildRequest, build_repository
     from detserve.families.torchvision_models import parse_model_kwargs
-    from detserve.repository import BuildRequest, build_repository
     from detserve.tritonconfig import ServingOptions
 
     req = BuildRequest(
@@ -275,14 +275,8 @@ def bench(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench"),
 ) -> None:
     """Served ensemble vs in-process limit, Flask + eager PyTorch, and no dynamic batching; prints the ratios."""
-    from detserve.demo import DEMO_DETECTOR, demo_build_request
     from loadtest.bench import BenchConfig, run_bench
 
-    if not (repository / model).is_dir():
-        from detserve.repository import build_repository
-
-        typer.echo(f"building the trained demo detector ({DEMO_DETECTOR}) as {model!r} in {repository}")
-        build_repository(demo_build_request(repository, model))
     cfg = BenchConfig(repository=repository, model=model, out_dir=out, users=users, duration_s=_seconds(duration))
     run_bench(cfg, typer.echo)
     typer.echo((out / "bench.md").read_text())
@@ -298,13 +292,9 @@ def tune(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/tune"),
 ) -> None:
     """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
-    from loadtest.tune import render_tuning, run_tuning
+    from loadtest.tune import tune_and_report
 
-    rows = run_tuning(repository, model, out, users, _seconds(duration), typer.echo)
-    table = render_tuning(rows, users)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning.md").write_text(table + "\n")
-    typer.echo(table)
+    typer.echo(tune_and_report(repository, model, out, users, _seconds(duration), typer.echo))
 
 
 models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
@@ -508,9 +498,8 @@ def ops_report(
     """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
     from detserve.opsreport import run_ops_report
 
-    md = run_ops_report(work, out, typer.echo, users=users, duration_s=_seconds(duration))
+    md, lost = run_ops_report(work, out, typer.echo, users=users, duration_s=_seconds(duration))
     typer.echo(md.read_text())
-    lost = json.loads((md.parent / "ops-report.json").read_text())["lost_total"]
     if lost:
         typer.secho(f"{lost} request(s) lost", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)

@@ -20,7 +20,7 @@ from training.synthetic import CLASSES, NUM_CLASSES
 CLASS_NAMES = ["background", *CLASSES]
 
 if TYPE_CHECKING:
-    from detserve.repository import BuildRequest
+    from converters.repository import BuildRequest
 
 DEMO_DETECTOR = "ssdlite320_mobilenet_v3_large"
 DEMO_NAME = "demo"
@@ -39,7 +39,7 @@ class DemoResult:
 def run_demo(
     repository: Path, out: Path, echo: Callable[[str], None], score_threshold: float = 0.3, load_seconds: float = 20.0
 ) -> DemoResult:
-    from detserve.repository import build_repository
+    from converters.repository import build_repository
     from detserve.server import running_server
 
     seconds: dict[str, float] = {}
@@ -77,7 +77,7 @@ def run_demo(
 
 def demo_build_request(repository: Path, name: str = DEMO_NAME) -> BuildRequest:
     """The trained demo detector as ``name`` in ``repository`` (the demo's and the bench's model)."""
-    from detserve.repository import BuildRequest
+    from converters.repository import BuildRequest
 
     return BuildRequest(
         detector=DEMO_DETECTOR, repository=repository, name=name, num_classes=NUM_CLASSES, checkpoint=DEMO_WEIGHTS

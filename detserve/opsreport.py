@@ -200,7 +200,7 @@ class Setup:
 
 def ensure_repositories(repository: Path, echo: Echo) -> tuple[Path, Path]:
     """``<repository>/base`` (version 1) and ``<repository>/rollout`` (versions 1 and 2), built once (~20 s each)."""
-    from detserve.repository import build_repository
+    from converters.repository import build_repository
 
     base, rollout = repository / "base", repository / "rollout"
     if not (base / MODEL / "config.pbtxt").is_file():
@@ -216,7 +216,7 @@ def ensure_repositories(repository: Path, echo: Echo) -> tuple[Path, Path]:
 
 
 def _build_request(repo: Path, version: int, seed: int) -> Any:
-    from detserve.repository import BuildRequest
+    from converters.repository import BuildRequest
 
     return BuildRequest(
         detector=DETECTOR, repository=repo, name=MODEL, num_classes=5, version=version,
@@ -464,8 +464,10 @@ SCENARIOS: list[Callable[[Setup], Row]] = [
 ]  # fmt: skip
 
 
-def run_ops_report(repository: Path, out: Path, echo: Echo = lambda _: None, users: int = 4, duration_s: float = 10.0) -> Path:
-    """Run every scenario; write ``out/ops-report.md`` and ``out/ops-report.json``; return the markdown path.
+def run_ops_report(
+    repository: Path, out: Path, echo: Echo = lambda _: None, users: int = 4, duration_s: float = 10.0
+) -> tuple[Path, int]:
+    """Run every scenario; write ``out/ops-report.md`` and ``out/ops-report.json``; return (the markdown path, requests lost).
 
     ``repository``: a work directory (the small ssdlite repositories are built there once and
     copied per scenario). Raises DetserveError when a scenario cannot run; a lost request does not
@@ -499,7 +501,7 @@ def run_ops_report(repository: Path, out: Path, echo: Echo = lambda _: None, use
     (out / "ops-report.json").write_text(json.dumps(data, indent=2) + "\n")
     md = out / "ops-report.md"
     md.write_text(render_markdown(rows, data))
-    return md
+    return md, int(data["lost_total"])
 
 
 def render_markdown(rows: list[Row], data: dict[str, Any]) -> str:

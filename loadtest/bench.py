@@ -158,9 +158,21 @@ def _inprocess(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     return {**best, "runs": runs}
 
 
+def ensure_model(cfg: BenchConfig, echo: Callable[[str], None]) -> None:
+    """Build the trained demo detector as ``cfg.model`` when the repository does not hold it yet."""
+    if (cfg.repository / cfg.model).is_dir():
+        return
+    from converters.repository import build_repository
+    from detserve.demo import DEMO_DETECTOR, demo_build_request
+
+    echo(f"building the trained demo detector ({DEMO_DETECTOR}) as {cfg.model!r} in {cfg.repository}")
+    build_repository(demo_build_request(cfg.repository, cfg.model))
+
+
 def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     from loadtest.stats import fingerprint
 
+    ensure_model(cfg, echo)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     echo("(a) in-process limit")
     results: dict[str, Any] = {"fingerprint": fingerprint(), "config": {"users": cfg.users, "duration_s": cfg.duration_s}}

@@ -105,7 +105,7 @@ def run_tuning(
     from detserve.server import running_server
     from loadtest.runner import LoadTestConfig, run_loadtest
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, variant in enumerate(VARIANTS):
         repo = variant_repository(repository, out_dir / f"repo-{i}", model, variant.mutate)
         echo(f"  {variant.name}")
@@ -133,3 +133,13 @@ def render_tuning(rows: list[dict[str, Any]], users: int) -> str:
             f"{r.get('p50', 0):.0f} | {r.get('p99', 0):.0f} | {r['failures']} |"
         )
     return "\n".join(lines)
+
+
+def tune_and_report(
+    repository: Path, model: str, out_dir: Path, users: int, duration_s: float, echo: Callable[[str], None]
+) -> str:
+    """Run every variant, write ``tuning.md`` into ``out_dir`` and return the table."""
+    table = render_tuning(run_tuning(repository, model, out_dir, users, duration_s, echo), users)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tuning.md").write_text(table + "\n")
+    return table

@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
 
     repo = tmp_path_factory.mktemp("model_repository")
     for detector, (kwargs, _) in PARITY_DETECTORS.items():

@@ -22,7 +22,7 @@ REFUSED = "refused: the admin key is missing or wrong"
 
 @pytest.fixture(scope="module")
 def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
 
     repo = tmp_path_factory.mktemp("admin_repo")
     build_repository(

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_runs_every_stage(tmp_path: Path) -> None:
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
 
     repo = tmp_path / "repo"
     build_repository(BuildRequest("ssdlite320_mobilenet_v3_large", repo, name="demo", num_classes=5, spread_init_seed=0))

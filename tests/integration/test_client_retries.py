@@ -14,8 +14,8 @@ from detserve.server import ServerOptions, TritonServer, free_port
 
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.repository import build_repository
     from detserve.demo import demo_build_request
-    from detserve.repository import build_repository
 
     repo = tmp_path_factory.mktemp("retry_repo")
     build_repository(demo_build_request(repo))

@@ -25,7 +25,7 @@ USERS = 12
 
 @pytest.fixture(scope="module")
 def ssdlite_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
 
     repo = tmp_path_factory.mktemp("drain_repo")
     build_repository(

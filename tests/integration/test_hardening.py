@@ -33,8 +33,8 @@ HELD_TOLERANCE = 64 * MiB
 
 @pytest.fixture(scope="module")
 def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.repository import build_repository
     from detserve.demo import demo_build_request
-    from detserve.repository import build_repository
 
     repo = tmp_path_factory.mktemp("hardening_repository")
     build_repository(demo_build_request(repo))

@@ -30,7 +30,7 @@ ROLES = ("", "_preprocess", "_core", "_postprocess")
 
 @pytest.fixture(scope="module")
 def rollout_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
 
     repo = tmp_path_factory.mktemp("rollout_repo")
     kwargs, _ = PARITY_DETECTORS[DETECTOR]

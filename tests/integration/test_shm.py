@@ -33,8 +33,8 @@ def _record(key: str, value: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.repository import build_repository
     from detserve.demo import demo_build_request
-    from detserve.repository import build_repository
 
     repo = tmp_path_factory.mktemp("shm_repo")
     build_repository(demo_build_request(repo))

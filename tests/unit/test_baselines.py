@@ -30,7 +30,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small repository whose weights equal ``load_eager_model(..., spread_init_seed=0)``: the RNG is seeded alike."""
     import torch
 
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
 
     repo = tmp_path_factory.mktemp("baselines") / "repo"
     with torch.random.fork_rng():

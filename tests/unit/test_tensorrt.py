@@ -601,7 +601,7 @@ def test_tensorrt_core_config_runs_the_plan_on_the_gpu() -> None:
 def test_repository_refuses_tensorrt_options_elsewhere_and_a_machine_without_tensorrt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from detserve.repository import BuildRequest, build_repository
+    from converters.repository import BuildRequest, build_repository
     from detserve.tritonconfig import ServingOptions
 
     def req(**kw: Any) -> BuildRequest:
