@@ -132,7 +132,8 @@ def verify_onnxruntime(
     errors: dict[str, list[OutputError]] = {n: [] for n in decl}
     for batch in batches:
         with torch.no_grad():
-            ref = [t.numpy() for t in core(batch)]
+            out = core(batch)
+        ref = [t.numpy() for t in ((out,) if isinstance(out, torch.Tensor) else out)]  # one output or several
         got = session.run(list(decl), {"images": batch.numpy()})
         for (name, o), g, r in zip(decl.items(), got, ref, strict=True):
             errors[name].append(compare_outputs(name, g, r, o.atol, o.rtol))

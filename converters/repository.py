@@ -44,7 +44,7 @@ class BuildRequest:
     detector: str
     repository: Path
     name: str | None = None
-    num_classes: int = 91
+    num_classes: int | None = None  # None: the family's default (torchvision 91, YOLO 80 or the checkpoint's)
     checkpoint: Path | None = None
     version: int = 1
     target: str = "python-onnxruntime"
@@ -132,12 +132,13 @@ def build_repository(req: BuildRequest) -> BuildResult:
         raise SpecError(f"--version must be >= 1, got {req.version}")
     _check_target_options(req)
     family = family_for_detector(req.detector)
-    model = family.build(req.detector, req.num_classes, req.checkpoint, dict(req.model_kwargs), req.spread_init_seed)
+    num_classes = req.num_classes if req.num_classes is not None else family.default_num_classes(req.checkpoint)
+    model = family.build(req.detector, num_classes, req.checkpoint, dict(req.model_kwargs), req.spread_init_seed)
     pre = family.preprocess_spec(model)
     if req.max_image_pixels is not None:
         pre = PreprocessSpec.from_dict({**pre.to_dict(), "max_image_pixels": req.max_image_pixels})
     post = family.decode_spec(model, pre)
-    spec = ModelSpec(req.detector, req.num_classes, pre, post, dict(req.model_kwargs))
+    spec = ModelSpec(req.detector, num_classes, pre, post, dict(req.model_kwargs))
     outputs = list(family.outputs(post))
 
     repo = req.repository.resolve()
@@ -168,7 +169,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "host": platform.node(),
         "detector": req.detector,
         "family": family.name,
-        "num_classes": req.num_classes,
+        "num_classes": num_classes,
         "model_kwargs": req.model_kwargs,
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
         "checkpoint_sha256": file_sha256(req.checkpoint) if req.checkpoint else None,

@@ -39,11 +39,24 @@ def _user_errors(fn: F) -> F:
 @app.command()
 @_user_errors
 def build(
-    detector: Annotated[str, typer.Argument(help="torchvision detector, e.g. ssdlite320_mobilenet_v3_large")],
+    detector: Annotated[
+        str,
+        typer.Argument(
+            help="e.g. ssdlite320_mobilenet_v3_large, fcos_resnet50_fpn, yolov8n, yolo11s; 'yolo' with --checkpoint best.pt"
+        ),
+    ],
     repository: Annotated[Path, typer.Option(help="model repository directory")] = Path("model_repository"),
     name: Annotated[str | None, typer.Option(help="ensemble name (default: the detector's)")] = None,
-    num_classes: Annotated[int, typer.Option(help="classes including background")] = 91,
-    checkpoint: Annotated[Path | None, typer.Option(help="state dict (.pt), loaded with weights_only=True")] = None,
+    num_classes: Annotated[
+        int | None,
+        typer.Option(help="classes (torchvision: including background; default 91; YOLO: 80, or the checkpoint's)"),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="torchvision: a state dict, loaded with weights_only=True; YOLO: an ultralytics best.pt (pickled: trusted files only)"
+        ),
+    ] = None,
     version: Annotated[int, typer.Option(help="version directory to write")] = 1,
     target: Annotated[str, typer.Option(help="python-onnxruntime | onnxruntime | tensorrt")] = "python-onnxruntime",
     kw: Annotated[list[str], typer.Option(help="model keyword KEY=VALUE (repeatable), e.g. min_size=320")] = [],  # noqa: B006

@@ -59,6 +59,10 @@ class Family(Protocol):
         """Whether ``build`` takes ``detector`` (one of ``detectors()``, or e.g. a checkpoint path it recognises)."""
         ...
 
+    def default_num_classes(self, checkpoint: Any) -> int:
+        """The class count ``build`` gets when the user gives none (0: whatever the checkpoint holds)."""
+        ...
+
     def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
         """The eager model in eval mode."""
         ...

@@ -62,6 +62,10 @@ class TorchvisionFamily:
     def accepts(self, detector: str) -> bool:
         return detector in self.detectors()
 
+    def default_num_classes(self, checkpoint: Any) -> int:
+        """torchvision's default: COCO's 91 columns, background included."""
+        return 91
+
     def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
         from detserve.families.torchvision_models import build_detector, spread_init_detector
 

@@ -547,10 +547,14 @@ class YoloFamily:
     ) -> list[dict[str, torch.Tensor]]:
         return decode(spec, outputs, padded_hw, resized_hw, original_hw, controls)
 
+    def default_num_classes(self, checkpoint: Any) -> int:
+        """80 (COCO) for a model built by name; 0 = the checkpoint's own count."""
+        return 0 if checkpoint is not None else 80
+
     def reference(
-        self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float, max_det: int
+        self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int
     ) -> dict[str, Any]:
-        return reference(model, rgb, score_threshold, iou_threshold, max_det)
+        return reference(model, rgb, score_threshold, DEFAULT_IOU if iou_threshold is None else iou_threshold, max_det)
 
 
 FAMILY = YoloFamily()
