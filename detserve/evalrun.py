@@ -103,12 +103,34 @@ def _image_paths(annotations: dict[str, Any], images_dir: Path) -> dict[int, Pat
     return out
 
 
-def _to_eval(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> ImageDetections:
-    return ImageDetections(boxes.astype(np.float64), scores.astype(np.float64), labels.astype(np.int64))
+def _to_eval(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, categories: np.ndarray | None = None) -> ImageDetections:
+    """``categories``: for families whose labels are class indices (YOLO), label i is ``categories[i]``."""
+    ids = labels.astype(np.int64)
+    if categories is not None:  # a class index the dataset does not have matches nothing (-1)
+        known = (ids >= 0) & (ids < len(categories))
+        ids = np.where(known, categories[np.clip(ids, 0, max(len(categories) - 1, 0))] if len(categories) else -1, -1)
+    return ImageDetections(boxes.astype(np.float64), scores.astype(np.float64), ids)
+
+
+def category_map(annotations: dict[str, Any], labels_are_indices: bool) -> np.ndarray | None:
+    """The annotation file's category ids in id order, when a family's labels index them (YOLO); else None.
+
+    torchvision models emit COCO category ids themselves (0 is background); ultralytics models emit
+    class indices 0..nc-1 in their training order, which is the dataset's categories sorted by id.
+    """
+    if not labels_are_indices:
+        return None
+    return np.array(sorted(int(c["id"]) for c in annotations.get("categories", [])), dtype=np.int64)
 
 
 def served_detections(
-    url: str, model: str, paths: dict[int, Path], max_det: int, max_in_flight: int, progress: bool
+    url: str,
+    model: str,
+    paths: dict[int, Path],
+    max_det: int,
+    max_in_flight: int,
+    progress: bool,
+    categories: np.ndarray | None = None,
 ) -> tuple[dict[int, ImageDetections], dict[str, str]]:
     from clients.bulk import detect_paths
 
@@ -122,14 +144,14 @@ def served_detections(
             errors[res.path.name] = res.error or "unknown error"
             continue
         d = res.detections
-        dets[image_id] = _to_eval(d.boxes, d.scores, d.labels)
+        dets[image_id] = _to_eval(d.boxes, d.scores, d.labels, categories)
     return dets, errors
 
 
 def pytorch_detections(
-    record: dict[str, Any], paths: dict[int, Path], max_det: int, max_pixels: int
+    record: dict[str, Any], paths: dict[int, Path], max_det: int, max_pixels: int, categories: np.ndarray | None = None
 ) -> tuple[dict[int, ImageDetections], dict[str, str]]:
-    """Eager torchvision on the same decoded pixels the server sees (the same decoder)."""
+    """The eager model through its library's own detection path, on the same decoded pixels the server sees."""
     from detserve.errors import DetserveError
     from detserve.imaging import decode_image
     from detserve.reference import reference_model
@@ -143,7 +165,7 @@ def pytorch_detections(
             errors[path.name] = str(e)
             continue
         out = model.detect(rgb, score_threshold=0.0, max_det=max_det)
-        dets[image_id] = _to_eval(out["boxes"], out["scores"], out["labels"])
+        dets[image_id] = _to_eval(out["boxes"], out["scores"], out["labels"], categories)
     return dets, errors
 
 
@@ -169,10 +191,13 @@ def run_eval(
     version, record = build_record(repository, model)
     spec = ModelSpec.from_json((Path(repository) / model_name(model, CORE) / str(version) / "spec.json").read_text())
     report = EvalReport(model, version, len(paths), max_det, served={}, pytorch=None)
+    from detserve.families import family_of_spec
+
+    categories = category_map(annotations, family_of_spec(spec.postprocess).labels_are_indices)
 
     t = time.monotonic()
     echo(f"served: {len(paths)} images through {model} v{version} at {url} ({max_in_flight} in flight)")
-    served, errors = served_detections(url, model, paths, max_det, max_in_flight, progress)
+    served, errors = served_detections(url, model, paths, max_det, max_in_flight, progress, categories)
     report.seconds["served"] = time.monotonic() - t
     report.errors.update(errors)
     report.served = coco_metrics(annotations, served, max_det)
@@ -180,7 +205,7 @@ def run_eval(
     if with_pytorch:
         t = time.monotonic()
         echo(f"pytorch: the same images through eager {record['detector']} in this process")
-        ref, ref_errors = pytorch_detections(record, paths, max_det, spec.preprocess.max_image_pixels)
+        ref, ref_errors = pytorch_detections(record, paths, max_det, spec.preprocess.max_image_pixels, categories)
         report.seconds["pytorch"] = time.monotonic() - t
         for name, err in ref_errors.items():
             report.errors.setdefault(name, err)

@@ -50,6 +50,9 @@ class Family(Protocol):
     """A detector family; see the module docstring."""
 
     name: str  # stored in the decode spec ("family"), the key of the registry
+    # True when served labels are class indices 0..nc-1 (YOLO) rather than dataset category ids
+    # (torchvision, 0 = background): eval maps them through the annotation file's categories
+    labels_are_indices: bool
 
     def detectors(self) -> Sequence[str]:
         """The model names ``build`` accepts by name."""

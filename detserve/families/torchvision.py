@@ -51,6 +51,8 @@ def _core_class() -> type:
 class TorchvisionFamily:
     """One torchvision head type (``ssd``, ``retinanet`` or ``fcos``)."""
 
+    labels_are_indices = False  # torchvision emits category ids (0 is background)
+
     def __init__(self, name: str) -> None:
         self.name = name
 

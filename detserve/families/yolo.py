@@ -510,6 +510,7 @@ class YoloFamily:
     """ultralytics YOLO detection models (see the module docstring)."""
 
     name = "yolo"
+    labels_are_indices = True  # ultralytics class ids 0..nc-1, in the dataset's category order
 
     def detectors(self) -> list[str]:
         return list(DETECTORS)

@@ -167,3 +167,27 @@ def test_per_request_controls_and_compare_cli(yolo_server: TritonServer, samples
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     assert "server" in result.output and "onnxruntime" in result.output
+
+
+def test_eval_maps_class_indices_to_the_datasets_categories(yolo_server: TritonServer, tmp_path: Path) -> None:
+    """detserve eval on a YOLO model: served vs ultralytics mAP side by side, labels as category indices."""
+    from detserve.evalrun import category_map, run_eval
+    from training.synthetic import SPLITS, write_split
+
+    write_split(SPLITS["test"], tmp_path, limit=6)
+    annotations = tmp_path / "annotations.json"
+    report = run_eval(
+        yolo_server.options.grpc_url,
+        "y8",
+        annotations,
+        tmp_path / "images",
+        yolo_server.options.repository,
+        max_det=100,
+        progress=False,
+        echo=lambda _: None,
+    )
+    assert report.pytorch is not None and not report.errors
+    assert report.detections["served"] == report.detections["pytorch"] > 0
+    assert abs(report.delta_points["mAP"]) <= 0.1 and report.within_tolerance
+    categories = category_map(json.loads(annotations.read_text()), labels_are_indices=True)
+    assert categories is not None and list(categories) == sorted(categories) and len(categories) == 5
