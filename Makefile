@@ -10,7 +10,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	$(PY) -m detserve.cli demo
+	$(PY) -m detserve.app.cli demo
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -4,7 +4,7 @@ On the demo detector (ssdlite320_mobilenet_v3_large, 91 classes, spread-init see
 ``make demo`` serves) it:
 
 1. exports the core ONNX and builds fp32, fp16 and int8 engines (int8 calibrated on the sample
-   photographs of :mod:`detserve.samples`) with one shared timing cache;
+   photographs of :mod:`detserve.runtime.samples`) with one shared timing cache;
 2. verifies each engine against ONNX Runtime (:func:`converters.tensorrt_verify.verify_tensorrt`);
 3. checks the torch post-processing on the GPU against the same on the CPU (same raw outputs);
 4. builds the end-to-end variant (NMS inside the engine) and matches its detections with the split
@@ -93,9 +93,9 @@ def prepare(run: Run) -> dict[str, Any]:
 
     from converters.onnx_export import export_core
     from detserve.families import family_for_detector
-    from detserve.imaging import decode_image
-    from detserve.preprocess import preprocess
-    from detserve.samples import write_samples
+    from detserve.runtime.imaging import decode_image
+    from detserve.runtime.preprocess import preprocess
+    from detserve.runtime.samples import write_samples
 
     family = family_for_detector(DETECTOR)
     model = family.build(DETECTOR, NUM_CLASSES, None, {}, SEED)
@@ -158,7 +158,7 @@ def _controls(run: Run, n: int) -> list[Any]:
 
 
 def _postprocess(run: Run, raw: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    from detserve.postprocess import postprocess_batch
+    from detserve.families.torchvision_decode import postprocess_batch
 
     resized, original = _hw_info(run, n)
     pre = run.state["pre"]
@@ -167,7 +167,7 @@ def _postprocess(run: Run, raw: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 def _parity(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
     """check_parity per image (detections >= 0.05 matched by IoU >= 0.99, |dscore| <= 1e-3)."""
-    from detserve.matching import check_parity
+    from detserve.verification.matching import check_parity
 
     def arrays(d: dict[str, Any]) -> tuple[Any, Any, Any]:
         return tuple(d[k].detach().cpu().numpy() for k in ("boxes", "scores", "labels"))  # type: ignore[return-value]
@@ -245,7 +245,7 @@ def _pipelines(run: Run, batch: int) -> dict[str, Callable[[], Any]]:
     import torch
 
     from converters.tensorrt_runtime import TrtEngine
-    from detserve.preprocess import normalize
+    from detserve.runtime.preprocess import normalize
 
     pre = run.state["pre"]
     model = run.state["model"].cuda().eval()

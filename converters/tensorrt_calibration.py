@@ -1,7 +1,7 @@
 """INT8 calibration data: sample images preprocessed exactly as the server preprocesses them.
 
 Calibration only sees the core's input, so the images go through the served decoder
-(:func:`detserve.imaging.decode_image`) and :func:`detserve.preprocess.preprocess` with the
+(:func:`detserve.runtime.imaging.decode_image`) and :func:`detserve.runtime.preprocess.preprocess` with the
 model's own :class:`~detserve.specs.PreprocessSpec`: the activation ranges TensorRT measures are
 those of served traffic. TensorRT calibrates at one input shape (the calibration profile), so each
 tensor is placed on a canvas of that shape: padded bottom/right with the spec's ``pad_value`` (as
@@ -61,8 +61,8 @@ def fit_to_canvas(tensor: Any, hw: tuple[int, int], pad_value: float) -> Any:
 def preprocess_file(path: Path, pre: PreprocessSpec, hw: tuple[int, int]) -> np.ndarray:
     """One image, decoded and preprocessed as served, on the calibration canvas: float32 [3, H, W]."""
     from detserve.errors import ImageError
-    from detserve.imaging import decode_image
-    from detserve.preprocess import preprocess
+    from detserve.runtime.imaging import decode_image
+    from detserve.runtime.preprocess import preprocess
 
     try:
         rgb = decode_image(path.read_bytes(), pre.max_image_pixels)

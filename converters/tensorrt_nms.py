@@ -70,7 +70,7 @@ def ssd_decode_constants(pre: PreprocessSpec, post: PostprocessSpec) -> SsdDecod
     """Anchor centres/sizes computed exactly as ``BoxCoder.decode_single`` computes them (float32)."""
     import torch
 
-    from detserve.postprocess import anchors_for
+    from detserve.families.torchvision_decode import anchors_for
 
     h, w = check_nms_supported(pre, post)
     anchors, _ = anchors_for(post, (h, w))
@@ -259,9 +259,9 @@ def to_original(boxes: Any, resized_hw: tuple[int, int], original_hw: tuple[int,
     """Engine boxes (resized frame) -> original pixels, with the served post-processing's arithmetic."""
     import torch
 
-    from detserve.postprocess import _rescale
+    from detserve.families.torchvision_decode import rescale_boxes
 
     n = boxes.shape[0]
     resized = torch.tensor([resized_hw], device=boxes.device).expand(n, 2)
     original = torch.tensor([original_hw], device=boxes.device).expand(n, 2)
-    return _rescale(boxes, resized, original)
+    return rescale_boxes(boxes, resized, original)

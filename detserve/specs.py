@@ -24,7 +24,7 @@ AnchorKind = Literal["default_boxes", "grid"]
 T = TypeVar("T")
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
     if not cond:
         raise SpecError(msg)
 
@@ -52,7 +52,7 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
         raise SpecError(f"cannot build {cls.__name__}: {e}") from e
 
 
-class _Spec:
+class Spec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
@@ -73,7 +73,7 @@ class _Spec:
 
 
 @dataclass(frozen=True)
-class PreprocessSpec(_Spec):
+class PreprocessSpec(Spec):
     """How encoded image bytes become the core model's input tensor.
 
     ``resize_mode``:
@@ -104,37 +104,37 @@ class PreprocessSpec(_Spec):
     max_image_pixels: int = 40_000_000  # refused before decoding (decompression bombs)
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.resize_mode in get_args(ResizeMode),
             f"resize_mode must be one of {get_args(ResizeMode)}, got {self.resize_mode!r}",
         )
-        _check(self.color_order in get_args(ColorOrder), f"color_order must be RGB or BGR, got {self.color_order!r}")
-        _check(self.grey == "replicate", f"grey must be 'replicate', got {self.grey!r}")
-        _check(self.interpolation == "bilinear", f"interpolation must be 'bilinear', got {self.interpolation!r}")
+        check(self.color_order in get_args(ColorOrder), f"color_order must be RGB or BGR, got {self.color_order!r}")
+        check(self.grey == "replicate", f"grey must be 'replicate', got {self.grey!r}")
+        check(self.interpolation == "bilinear", f"interpolation must be 'bilinear', got {self.interpolation!r}")
         if self.resize_mode == "torchvision":
-            _check(0 < self.min_size <= self.max_size, f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+            check(0 < self.min_size <= self.max_size, f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
         else:
-            _check(
+            check(
                 self.fixed_size is not None and len(self.fixed_size) == 2 and min(self.fixed_size) > 0,
                 f"resize_mode {self.resize_mode!r} needs fixed_size=(height, width) > 0, got {self.fixed_size}",
             )
-        _check(self.size_divisible >= 1, f"size_divisible must be >= 1, got {self.size_divisible}")
+        check(self.size_divisible >= 1, f"size_divisible must be >= 1, got {self.size_divisible}")
         if self.resize_mode == "ultralytics":
             self._check_ultralytics()
-        _check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std need 3 values")
-        _check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
-        _check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")
-        _check(self.max_image_pixels > 0, f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+        check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std need 3 values")
+        check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
+        check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")
+        check(self.max_image_pixels > 0, f"max_image_pixels must be > 0, got {self.max_image_pixels}")
 
     def _check_ultralytics(self) -> None:
         """The uint8 canvas is the core's input: no stride padding on top, an integral pad byte."""
         assert self.fixed_size is not None  # checked before
-        _check(
+        check(
             all(s % self.size_divisible == 0 for s in self.fixed_size),
             f"resize_mode 'ultralytics' needs fixed_size a multiple of size_divisible ({self.size_divisible}), got {self.fixed_size}",
         )
         fill = self.pad_value * self.pixel_max
-        _check(
+        check(
             0 <= fill <= 255 and abs(fill - round(fill)) < 1e-6,
             f"resize_mode 'ultralytics' pads uint8 pixels: pad_value * pixel_max must be an integer in 0..255, got {fill}",
         )
@@ -162,7 +162,7 @@ class PreprocessSpec(_Spec):
 
 
 @dataclass(frozen=True)
-class AnchorSpec(_Spec):
+class AnchorSpec(Spec):
     """The model's own anchor/prior/point generator, rebuilt in the post-processing model.
 
     ``grid``: torchvision ``AnchorGenerator(sizes, aspect_ratios)`` (RetinaNet, FCOS points).
@@ -184,20 +184,20 @@ class AnchorSpec(_Spec):
     fixed_grid_sizes: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
-        _check(self.kind in get_args(AnchorKind), f"anchor kind must be one of {get_args(AnchorKind)}, got {self.kind!r}")
-        _check(len(self.aspect_ratios) > 0, "aspect_ratios must not be empty")
+        check(self.kind in get_args(AnchorKind), f"anchor kind must be one of {get_args(AnchorKind)}, got {self.kind!r}")
+        check(len(self.aspect_ratios) > 0, "aspect_ratios must not be empty")
         if self.kind == "grid":
-            _check(len(self.sizes) == len(self.aspect_ratios), "grid anchors need one sizes entry per aspect_ratios entry")
-        _check(
+            check(len(self.sizes) == len(self.aspect_ratios), "grid anchors need one sizes entry per aspect_ratios entry")
+        check(
             self.strides is not None or (self.fixed_input_hw is not None and self.fixed_grid_sizes is not None),
             "anchors need strides, or fixed_input_hw with fixed_grid_sizes",
         )
         levels = len(self.aspect_ratios)
         for name in ("strides", "fixed_grid_sizes", "steps"):
             value = getattr(self, name)
-            _check(value is None or len(value) == levels, f"{name} needs one entry per level ({levels}), got {value}")
+            check(value is None or len(value) == levels, f"{name} needs one entry per level ({levels}), got {value}")
         if self.kind == "default_boxes" and self.scales is not None:
-            _check(len(self.scales) == levels + 1, f"default boxes need {levels + 1} scales (levels + 1), got {len(self.scales)}")
+            check(len(self.scales) == levels + 1, f"default boxes need {levels + 1} scales (levels + 1), got {len(self.scales)}")
 
     def grid_sizes(self, padded_hw: tuple[int, int]) -> list[tuple[int, int]]:
         h, w = padded_hw
@@ -213,7 +213,7 @@ class AnchorSpec(_Spec):
 
 
 @dataclass(frozen=True)
-class PostprocessSpec(_Spec):
+class PostprocessSpec(Spec):
     """How the core's raw outputs become detections, exactly as the eager torchvision model does."""
 
     family: Family
@@ -230,13 +230,13 @@ class PostprocessSpec(_Spec):
     def __post_init__(self) -> None:
         if isinstance(self.anchors, Mapping):  # built from JSON
             object.__setattr__(self, "anchors", AnchorSpec.from_dict(self.anchors))
-        _check(self.family in get_args(Family), f"family must be one of {get_args(Family)}, got {self.family!r}")
-        _check(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
-        _check(0.0 <= self.score_thresh < 1.0, f"score_thresh must be in [0, 1), got {self.score_thresh}")
-        _check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
-        _check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
-        _check(self.topk_candidates >= 1, f"topk_candidates must be >= 1, got {self.topk_candidates}")
-        _check(len(self.box_coder_weights) == 4, "box_coder_weights needs 4 values")
+        check(self.family in get_args(Family), f"family must be one of {get_args(Family)}, got {self.family!r}")
+        check(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        check(0.0 <= self.score_thresh < 1.0, f"score_thresh must be in [0, 1), got {self.score_thresh}")
+        check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
+        check(self.topk_candidates >= 1, f"topk_candidates must be >= 1, got {self.topk_candidates}")
+        check(len(self.box_coder_weights) == 4, "box_coder_weights needs 4 values")
 
 
 MAX_DET_LIMIT = 10_000
@@ -285,7 +285,7 @@ class RequestControls:
 
 
 @dataclass(frozen=True)
-class ModelSpec(_Spec):
+class ModelSpec(Spec):
     """Everything a repository build needs to know about one detector."""
 
     detector: str

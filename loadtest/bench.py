@@ -76,7 +76,7 @@ def process_tree_rss_mb(pid: int) -> float:
 
 
 def _served(cfg: BenchConfig, repository: Path, label: str, echo: Callable[[str], None]) -> dict[str, Any]:
-    from detserve.server import running_server
+    from detserve.ops.server import running_server
 
     echo(f"  {label}: starting server")
     with running_server(repository) as server:
@@ -115,7 +115,7 @@ def _shared_memory(cfg: BenchConfig, url: str, echo: Callable[[str], None]) -> l
 
 
 def _flask(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
-    from detserve.server import free_port
+    from detserve.ops.server import free_port
     from loadtest.flask_baseline import FlaskService
     from loadtest.runner import LOCUSTFILE
 
@@ -138,7 +138,7 @@ def _inprocess(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
 
     import torch
 
-    from detserve.samples import sample_files
+    from detserve.runtime.samples import sample_files
     from loadtest.inprocess import InProcessPipeline, measure
 
     # The limit is the best the pipeline does in one process: try one thread and all cores.
@@ -163,7 +163,7 @@ def ensure_model(cfg: BenchConfig, echo: Callable[[str], None]) -> None:
     if (cfg.repository / cfg.model).is_dir():
         return
     from converters.repository import build_repository
-    from detserve.demo import DEMO_DETECTOR, demo_build_request
+    from detserve.app.demo import DEMO_DETECTOR, demo_build_request
 
     echo(f"building the trained demo detector ({DEMO_DETECTOR}) as {cfg.model!r} in {cfg.repository}")
     build_repository(demo_build_request(cfg.repository, cfg.model))

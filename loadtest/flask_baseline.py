@@ -87,7 +87,7 @@ def _detect(model: Any, blob: bytes) -> dict[str, Any]:
     import torch
     from torchvision.transforms.functional import to_tensor
 
-    from detserve.imaging import decode_image
+    from detserve.runtime.imaging import decode_image
 
     image = to_tensor(decode_image(blob, MAX_IMAGE_PIXELS))
     with torch.inference_mode():

@@ -49,7 +49,7 @@ class InProcessPipeline:
     ) -> InProcessPipeline:
         """Load ``<name>_core/<version>/{spec.json, model.onnx}`` with the served core's session settings
         (from its config.pbtxt) unless ``intra_op_threads`` overrides them."""
-        from detserve.onnxrt import cpu_session
+        from detserve.runtime.onnxrt import cpu_session
         from detserve.tritonconfig import read_config
 
         core_dir = Path(repository) / model_name(name, CORE)
@@ -99,8 +99,8 @@ class InProcessPipeline:
         return list(controls)
 
     def _preprocess(self, blob: bytes) -> Any:
-        from detserve.imaging import decode_image
-        from detserve.preprocess import preprocess
+        from detserve.runtime.imaging import decode_image
+        from detserve.runtime.preprocess import preprocess
 
         pre = self.spec.preprocess
         return preprocess(decode_image(blob, pre.max_image_pixels), pre)

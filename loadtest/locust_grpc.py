@@ -39,7 +39,7 @@ def image_pool() -> list[bytes]:
         if not files:
             raise RuntimeError(f"no images in {folder}")
         return [p.read_bytes() for p in files]
-    from detserve.samples import sample_files
+    from detserve.runtime.samples import sample_files
 
     return list(sample_files().values())
 

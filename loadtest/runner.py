@@ -174,7 +174,7 @@ def _warm_up(cfg: LoadTestConfig) -> None:
 
 def _pool(images: Path | None) -> list[bytes]:
     if images is None:
-        from detserve.samples import sample_files
+        from detserve.runtime.samples import sample_files
 
         return list(sample_files().values())
     return [p.read_bytes() for p in sorted(images.iterdir()) if p.is_file()]

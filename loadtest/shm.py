@@ -103,7 +103,7 @@ def large_jpeg(width: int = 3840, height: int = 2160, quality: int = 95) -> byte
 
     from PIL import Image
 
-    from detserve.samples import sample_array
+    from detserve.runtime.samples import sample_array
 
     im = Image.fromarray(sample_array("astronaut")).resize((width, height), Image.Resampling.BILINEAR)
     buf = io.BytesIO()

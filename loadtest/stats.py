@@ -1,5 +1,5 @@
 """Numbers a load test reports: latency percentiles, stability, the machine's fingerprint, and
-Triton's own per-model statistics (parsed in ``detserve.tritonstats``, re-exported here).
+Triton's own per-model statistics (parsed in ``detserve.ops.tritonstats``, re-exported here).
 
 Client-side latency says what a user waits; Triton's statistics say *where* the time goes.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import ClientError
-from detserve.tritonstats import (  # noqa: F401 - the load test's view of the server statistics
+from detserve.ops.tritonstats import (  # noqa: F401 - the load test's view of the server statistics
     PHASES,
     ModelStats,
     Phase,

@@ -102,7 +102,7 @@ VARIANTS = [
 def run_tuning(
     repository: Path, model: str, out_dir: Path, users: int, duration_s: float, echo: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    from detserve.server import running_server
+    from detserve.ops.server import running_server
     from loadtest.runner import LoadTestConfig, run_loadtest
 
     rows: list[dict[str, Any]] = []

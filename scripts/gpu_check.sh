@@ -39,10 +39,10 @@ timeout --signal=INT 90 "$PY" -m pytest -q -m gpu tests/unit/test_tensorrt.py -p
     >"$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 3 "$OUT/pytest_gpu.txt"
 {
-    "$PY" -m detserve.cli dataset test "$OUT/shapes_test" --limit 16 \
-    && timeout 150 "$PY" -m detserve.cli build ssdlite320_mobilenet_v3_large --repository "$OUT/trt_repo" --name demo \
+    "$PY" -m detserve.app.cli dataset test "$OUT/shapes_test" --limit 16 \
+    && timeout 150 "$PY" -m detserve.app.cli build ssdlite320_mobilenet_v3_large --repository "$OUT/trt_repo" --name demo \
         --num-classes 6 --checkpoint detserve/weights/demo_ssdlite320_shapes.pt --target tensorrt \
-    && timeout 120 "$PY" -m detserve.cli compare --model demo --repository "$OUT/trt_repo" --out "$OUT/compare" --require-tensorrt \
+    && timeout 120 "$PY" -m detserve.app.cli compare --model demo --repository "$OUT/trt_repo" --out "$OUT/compare" --require-tensorrt \
         "$OUT/shapes_test/images"
 } >"$OUT/compare.txt" 2>&1 || status=1
 tail -n 4 "$OUT/compare.txt"

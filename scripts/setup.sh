@@ -17,7 +17,7 @@ stop_packaged_nginx() {
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = nginx ] && kill -QUIT "$pid" 2>/dev/null
   return 0
 }
-# nginx is detserve's gate: the public address in front of tritonserver (detserve/gate.py), which
+# nginx is detserve's gate: the public address in front of tritonserver (detserve/ops/gate.py), which
 # checks the admin key. Every server detserve starts needs it.
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -30,6 +30,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def samples() -> dict[str, bytes]:
-    from detserve.samples import sample_files
+    from detserve.runtime.samples import sample_files
 
     return sample_files()

@@ -44,8 +44,8 @@ def batch(cfg: SplitConfig, start: int, size: int) -> tuple[list[torch.Tensor], 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: SplitConfig, n: int | None = None, max_det: int = 100) -> dict[str, float]:
     """COCO metrics of ``model`` on the first ``n`` images of split ``cfg`` (no score threshold)."""
-    from detserve.evaluation import ImageDetections, coco_metrics
-    from detserve.reference import pytorch_detect
+    from detserve.verification.evaluation import ImageDetections, coco_metrics
+    from detserve.verification.reference import pytorch_detect
 
     model.eval()
     n = cfg.num_images if n is None else n

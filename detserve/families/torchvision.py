@@ -2,7 +2,7 @@
 
 Builders, checkpoints and the score-spread test fixture live in ``torchvision_models``; the specs
 derived from the live model in ``torchvision_specs``; the batched torch decode (the model's own
-anchors, box coders, ``batched_nms``) in ``detserve.postprocess``. This module is what generic code
+anchors, box coders, ``batched_nms``) in ``detserve.families.torchvision_decode``. This module is what generic code
 sees: one :class:`TorchvisionFamily` per head type, with the core's declared outputs.
 """
 
@@ -112,7 +112,7 @@ class TorchvisionFamily:
         original_hw: Any,
         controls: Sequence[RequestControls],
     ) -> list[dict[str, Any]]:
-        from detserve.postprocess import postprocess_batch
+        from detserve.families.torchvision_decode import postprocess_batch
 
         return postprocess_batch(spec, outputs, padded_hw, resized_hw, original_hw, controls)
 
@@ -137,7 +137,7 @@ def _fixed_num_anchors(spec: PostprocessSpec) -> int:
     """Anchors per image when the input size is fixed (SSD), else -1 (dynamic)."""
     if spec.anchors.fixed_grid_sizes is None or spec.anchors.fixed_input_hw is None:
         return -1
-    from detserve.postprocess import anchors_for
+    from detserve.families.torchvision_decode import anchors_for
 
     anchors, _ = anchors_for(spec, tuple(spec.anchors.fixed_input_hw))
     return int(anchors.shape[0])

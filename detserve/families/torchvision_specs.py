@@ -186,7 +186,7 @@ def _check_anchors(model: torch.nn.Module, spec: PostprocessSpec, hw: tuple[int,
     import torch
     from torchvision.models.detection.image_list import ImageList
 
-    from detserve.postprocess import anchors_for
+    from detserve.families.torchvision_decode import anchors_for
 
     ours, _ = anchors_for(spec, hw)
     feats = [torch.empty((1, 0, h, w)) for h, w in spec.anchors.grid_sizes(hw)]

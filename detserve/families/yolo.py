@@ -1,7 +1,7 @@
 """The YOLO family: ultralytics YOLOv8 / YOLO11 (and YOLOv10 / YOLO26) detection models on the seam.
 
 - Preprocessing: ultralytics' own ``LetterBox`` on a fixed square canvas (``resize_mode="ultralytics"``
-  in :mod:`detserve.preprocess`: OpenCV resize of the uint8 pixels, centred pad 114, 0..1, RGB).
+  in :mod:`detserve.runtime.preprocess`: OpenCV resize of the uint8 pixels, centred pad 114, 0..1, RGB).
 - Core: the network with its in-graph box decode, as ultralytics exports it: ``predictions``
   [N, 4 + nc, anchors] (xywh in input pixels + class probabilities, no NMS); an end-to-end head
   (``model_kwargs={"end2end": True}`` on YOLOv10/YOLO26) gives ``detections`` [N, k, 6] instead
@@ -30,7 +30,7 @@ import numpy as np
 
 from detserve.errors import CheckpointError, DetserveError, SpecError
 from detserve.families.base import TensorDecl
-from detserve.specs import PreprocessSpec, RequestControls, _check, _Spec
+from detserve.specs import PreprocessSpec, RequestControls, Spec, check
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +57,7 @@ def ultralytics_env() -> Path:
     ultralytics reads these switches once, at import; an ultralytics imported earlier without them
     may already have probed the network or written ``~/.config/Ultralytics``, so that is refused.
     """
-    from detserve.cachedir import cache_directory
+    from detserve.ops.cachedir import cache_directory
 
     config_dir = cache_directory() / "ultralytics"
     config_dir.mkdir(mode=0o700, exist_ok=True)
@@ -76,7 +76,7 @@ def ultralytics_env() -> Path:
 
 
 @dataclass(frozen=True)
-class YoloDecodeSpec(_Spec):
+class YoloDecodeSpec(Spec):
     """How a YOLO core's output becomes detections, exactly as ultralytics' predictor does it.
 
     ``score_thresh``/``nms_thresh``/``detections_per_img`` are the per-request defaults (named as in
@@ -99,26 +99,26 @@ class YoloDecodeSpec(_Spec):
     family: str = "yolo"
 
     def __post_init__(self) -> None:
-        _check(self.family == "yolo", f"family must be 'yolo', got {self.family!r}")
-        _check(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
-        _check(len(self.class_names) == self.num_classes, f"need {self.num_classes} class_names, got {len(self.class_names)}")
-        _check(len(self.strides) > 0 and min(self.strides) > 0, f"strides must be positive, got {self.strides}")
-        _check(
+        check(self.family == "yolo", f"family must be 'yolo', got {self.family!r}")
+        check(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
+        check(len(self.class_names) == self.num_classes, f"need {self.num_classes} class_names, got {len(self.class_names)}")
+        check(len(self.strides) > 0 and min(self.strides) > 0, f"strides must be positive, got {self.strides}")
+        check(
             self.imgsz > 0 and self.imgsz % max(self.strides) == 0,
             f"imgsz must be a positive multiple of the largest stride {max(self.strides)}, got {self.imgsz}",
         )
         anchors = num_anchors(self.imgsz, self.strides)
         expected = min(self.num_predictions, anchors) if self.end2end else anchors
-        _check(
+        check(
             self.num_predictions == expected,
             f"num_predictions must be {expected} (anchors: {anchors}), got {self.num_predictions}",
         )
-        _check(0.0 <= self.score_thresh <= 1.0, f"score_thresh must be in [0, 1], got {self.score_thresh}")
-        _check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
-        _check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
-        _check(self.max_nms >= 1, f"max_nms must be >= 1, got {self.max_nms}")
-        _check(self.max_wh > 0, f"max_wh must be > 0, got {self.max_wh}")
-        _check(not self.agnostic, "class-agnostic NMS is not supported (ultralytics' predict default is class-aware)")
+        check(0.0 <= self.score_thresh <= 1.0, f"score_thresh must be in [0, 1], got {self.score_thresh}")
+        check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
+        check(self.max_nms >= 1, f"max_nms must be >= 1, got {self.max_nms}")
+        check(self.max_wh > 0, f"max_wh must be > 0, got {self.max_wh}")
+        check(not self.agnostic, "class-agnostic NMS is not supported (ultralytics' predict default is class-aware)")
 
     @property
     def output_name(self) -> str:

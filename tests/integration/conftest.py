@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from detserve.demo import DEMO_DETECTOR, DEMO_WEIGHTS
-from detserve.server import TritonServer
+from detserve.app.demo import DEMO_DETECTOR, DEMO_WEIGHTS
+from detserve.ops.server import TritonServer
 from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS, SHORT_NAMES, make_checkpoint
 from training.synthetic import NUM_CLASSES as SHAPES_CLASSES
 
@@ -56,7 +56,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
 
 @pytest.fixture(scope="session")
 def server(repository: Path) -> Iterator[TritonServer]:
-    from detserve.server import running_server
+    from detserve.ops.server import running_server
 
     with running_server(repository) as srv:
         yield srv

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from detserve.admin import AdminRefusedError, ModelAdmin
-from detserve.cli import app
-from detserve.server import TritonServer, running_server
+from detserve.app.cli import app
+from detserve.ops.admin import AdminRefusedError, ModelAdmin
+from detserve.ops.server import TritonServer, running_server
 
 KEY = "test-admin-key-0123456789abcdef"
 REFUSED = "refused: the admin key is missing or wrong"

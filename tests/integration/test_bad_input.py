@@ -17,9 +17,9 @@ import pytest
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError
-from detserve.imaging import decode_image
-from detserve.preprocess import preprocess
-from detserve.server import TritonServer
+from detserve.ops.server import TritonServer
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec
 from tests.bad_images import (
     EPS,

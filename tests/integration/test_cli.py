@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from detserve.server import TritonServer
+from detserve.ops.server import TritonServer
 
 
 def _detserve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "detserve.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_detect_prints_json_and_draws(server: TritonServer, samples: dict[str, bytes], tmp_path: Path) -> None:

@@ -9,13 +9,13 @@ import pytest
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError
-from detserve.server import ServerOptions, TritonServer, free_port
+from detserve.ops.server import ServerOptions, TritonServer, free_port
 
 
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from converters.repository import build_repository
-    from detserve.demo import demo_build_request
+    from detserve.app.demo import demo_build_request
 
     repo = tmp_path_factory.mktemp("retry_repo")
     build_repository(demo_build_request(repo))

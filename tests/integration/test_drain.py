@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from detserve.admin import ModelAdmin
-from detserve.opsreport import ClientLoad, Tally, is_rejection
-from detserve.server import running_server
+from detserve.app.opsreport import ClientLoad, Tally, is_rejection
+from detserve.ops.admin import ModelAdmin
+from detserve.ops.server import running_server
 from tests.detector_fixtures import NUM_CLASSES
 
 USERS = 12

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from detserve.server import TritonServer
+from detserve.ops.server import TritonServer
 from tests.integration.conftest import SHAPES
 from training.synthetic import SPLITS, write_split
 
@@ -22,13 +22,13 @@ def test_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _detserve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "detserve.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_served_map_equals_pytorch_and_a_bad_file_fails_alone(
     server: TritonServer, repository: Path, test_images: Path, tmp_path: Path
 ) -> None:
-    from detserve.evalrun import run_eval
+    from detserve.app.evalrun import run_eval
 
     # a copy of the split where one file is garbage: it gets a clear error, the run goes on
     images = tmp_path / "images"
@@ -102,7 +102,7 @@ def test_bulk_client_reports_a_missing_file_and_finishes_the_rest(
 @pytest.mark.slow
 def test_full_test_split_eval(server: TritonServer, repository: Path, tmp_path: Path) -> None:
     """The whole held-out split at max_det 100 and 500; reports land in out/reports/."""
-    from detserve.evalrun import run_eval, write_report
+    from detserve.app.evalrun import run_eval, write_report
 
     split = write_split(SPLITS["test"], tmp_path / "test")
     for max_det in (100, 500):

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from clients.grpc_client import Detections, DetectorClient
-from detserve.opsreport import ClientLoad, Tally
-from detserve.server import ServerOptions, TritonServer, free_port
+from detserve.app.opsreport import ClientLoad, Tally
+from detserve.ops.server import ServerOptions, TritonServer, free_port
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
 

@@ -23,10 +23,10 @@ import pytest
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError, ImageError
-from detserve.imaging import decode_image
-from detserve.matching import check_parity
-from detserve.preprocess import preprocess
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import preprocess
 from detserve.specs import PostprocessSpec, PreprocessSpec
+from detserve.verification.matching import check_parity
 from tests.bad_images import mutate, png_and_jpeg_seeds, random_mutations
 
 MODEL = "ssdlite"  # the CPU-fast detector: most of the time goes to files that decode

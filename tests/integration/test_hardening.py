@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from clients.grpc_client import DetectorClient
-from detserve.server import running_server
+from detserve.ops.server import running_server
 from tests.memory_probe import MiB, ServerMemory, server_memory
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
@@ -34,7 +34,7 @@ HELD_TOLERANCE = 64 * MiB
 @pytest.fixture(scope="module")
 def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from converters.repository import build_repository
-    from detserve.demo import demo_build_request
+    from detserve.app.demo import demo_build_request
 
     repo = tmp_path_factory.mktemp("hardening_repository")
     build_repository(demo_build_request(repo))

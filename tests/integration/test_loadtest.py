@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from detserve.server import TritonServer
+from detserve.ops.server import TritonServer
 from detserve.tritonconfig import parse
 from loadtest.bench import without_dynamic_batching
 from loadtest.report import LoadReport

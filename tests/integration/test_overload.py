@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from clients.grpc_client import Detections, DetectorClient
-from detserve.server import running_server
+from detserve.ops.server import running_server
 from loadtest.tune import variant_repository
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from clients.grpc_client import Detections, DetectorClient
-from detserve.imaging import decode_image
-from detserve.matching import check_parity
+from detserve.runtime.imaging import decode_image
+from detserve.verification.matching import check_parity
 from tests.detector_fixtures import PARITY_DETECTORS, SHORT_NAMES, eager_model
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"

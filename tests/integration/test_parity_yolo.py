@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from clients.grpc_client import Detections, DetectorClient
-from detserve.imaging import decode_image
-from detserve.matching import check_parity
-from detserve.server import TritonServer, running_server
+from detserve.ops.server import TritonServer, running_server
+from detserve.runtime.imaging import decode_image
+from detserve.verification.matching import check_parity
 
 # found, not imported: ultralytics must first be configured by detserve (offline, no auto-install)
 pytestmark = pytest.mark.skipif(
@@ -56,7 +56,7 @@ def yolo_server(yolo_repo: Path) -> Iterator[TritonServer]:
 
 @pytest.fixture(scope="module")
 def references(yolo_repo: Path) -> dict[str, Any]:
-    from detserve.reference import build_record, reference_model
+    from detserve.verification.reference import build_record, reference_model
 
     return {name: reference_model(build_record(yolo_repo, name)[1]) for name in MODELS.values()}
 
@@ -151,7 +151,7 @@ def test_batch_neighbours_do_not_change_detections(name: str, yolo_server: Trito
 def test_per_request_controls_and_compare_cli(yolo_server: TritonServer, samples: dict[str, bytes], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from detserve.cli import app
+    from detserve.app.cli import app
 
     blob = samples["astronaut.jpg"]
     with DetectorClient(yolo_server.options.grpc_url, "y8") as client:
@@ -171,7 +171,7 @@ def test_per_request_controls_and_compare_cli(yolo_server: TritonServer, samples
 
 def test_eval_maps_class_indices_to_the_datasets_categories(yolo_server: TritonServer, tmp_path: Path) -> None:
     """detserve eval on a YOLO model: served vs ultralytics mAP side by side, labels as category indices."""
-    from detserve.evalrun import category_map, run_eval
+    from detserve.app.evalrun import category_map, run_eval
     from training.synthetic import SPLITS, write_split
 
     write_split(SPLITS["test"], tmp_path, limit=6)

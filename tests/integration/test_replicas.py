@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detserve.gate import nginx_binary
-from detserve.replicas import running_replicas
+from detserve.ops.gate import nginx_binary
+from detserve.ops.replicas import running_replicas
 from loadtest.runner import LoadTestConfig, run_locust
 
 

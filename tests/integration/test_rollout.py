@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detserve.server import TritonServer, running_server
-from detserve.versions import VersionError, promote, rollback, serving_version
+from detserve.ops.server import TritonServer, running_server
+from detserve.ops.versions import VersionError, promote, rollback, serving_version
 from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS
 
 KEY = "test-rollout-key-0123456789abcdef"

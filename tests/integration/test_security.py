@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detserve.server import TritonServer, running_server
+from detserve.ops.server import TritonServer, running_server
 from tests.unprivileged import run_as_nobody
 
 KEY = "security-test-key-" + uuid.uuid4().hex
@@ -232,7 +232,7 @@ def test_readiness_is_false_while_a_model_cannot_serve(repository: Path, tmp_pat
 
     from typer.testing import CliRunner
 
-    from detserve.cli import app
+    from detserve.app.cli import app
 
     repo = _ssdlite(repository, tmp_path / "repo")
     onnx = repo / "ssdlite_core" / "1" / "model.onnx"

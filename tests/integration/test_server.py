@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from detserve.errors import ServerError
-from detserve.server import ServerOptions, TritonServer, free_port, running_server
+from detserve.ops.server import ServerOptions, TritonServer, free_port, running_server
 
 
 def _stub_pids() -> set[int]:

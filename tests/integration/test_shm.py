@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from detserve import stubshm
-from detserve.server import ServerOptions, TritonServer, _children, free_port, running_server, stub_identity
+from detserve.ops.server import ServerOptions, TritonServer, _children, free_port, running_server, stub_identity
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
 
@@ -34,7 +34,7 @@ def _record(key: str, value: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from converters.repository import build_repository
-    from detserve.demo import demo_build_request
+    from detserve.app.demo import demo_build_request
 
     repo = tmp_path_factory.mktemp("shm_repo")
     build_repository(demo_build_request(repo))

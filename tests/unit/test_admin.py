@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from detserve.admin import AdminKeyError, admin_key
-from detserve.status import BuildSummary, parse_pending
+from detserve.ops.admin import AdminKeyError, admin_key
+from detserve.ops.status import BuildSummary, parse_pending
 
 KEY = "0123456789abcdef-._~XYZ"
 

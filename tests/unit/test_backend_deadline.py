@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from detserve.backend.common import (
+from detserve.errors import ImageError
+from detserve.runtime.backend.common import (
     Abandoned,
     check_wanted,
     error_response,
@@ -22,7 +23,6 @@ from detserve.backend.common import (
     request_deadline,
     respond_each,
 )
-from detserve.errors import ImageError
 
 NOW = 1_800_000_000.0
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detserve.matching import check_parity
 from detserve.specs import RequestControls
+from detserve.verification.matching import check_parity
 
 DETECTOR = "ssdlite320_mobilenet_v3_large"
 NUM_CLASSES = 5
@@ -65,7 +65,7 @@ def _eager(samples: dict[str, bytes]) -> dict[str, Triple]:
     import torch
     from torchvision.transforms.functional import to_tensor
 
-    from detserve.imaging import decode_image
+    from detserve.runtime.imaging import decode_image
     from loadtest.flask_baseline import load_eager_model
 
     model = load_eager_model(DETECTOR, NUM_CLASSES, spread_init_seed=SEED)
@@ -166,7 +166,7 @@ def test_flask_baseline_listens_on_loopback_only() -> None:
 
 
 def test_flask_service_runs_as_a_subprocess(samples: dict[str, bytes]) -> None:
-    from detserve.server import free_port
+    from detserve.ops.server import free_port
     from loadtest.flask_baseline import FlaskService
 
     service = FlaskService(port=free_port(), detector=DETECTOR, num_classes=NUM_CLASSES, spread_init_seed=SEED)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from clients.bulk import expand_image_paths
 from clients.draw import prepare_directory
-from detserve.cli import app
+from detserve.app.cli import app
 from detserve.errors import ClientError
 
 

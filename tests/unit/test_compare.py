@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detserve.compare import CompareReport, compare_side, high_score_disagreements, position_check, write_report
+from detserve.app.compare import CompareReport, compare_side, high_score_disagreements, position_check, write_report
 
 
 def _det(rows: list[tuple[float, float, float, float, float, int]]) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from detserve.evaluation import EvalError, ImageDetections, coco_metrics
+from detserve.verification.evaluation import EvalError, ImageDetections, coco_metrics
 
 
 def _annotations() -> dict:

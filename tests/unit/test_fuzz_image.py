@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from detserve.errors import ImageError
-from detserve.imaging import decode_image
-from detserve.preprocess import preprocess
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec
 from tests.bad_images import OPERATIONS, fuzz_seeds, mutate
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from detserve.errors import ServerError
-from detserve.gate import GRPC_ADMIN, GRPC_OPEN, GateConfig, Upstream, nginx_binary, render_config, safe_text
+from detserve.ops.gate import GRPC_ADMIN, GRPC_OPEN, GateConfig, Upstream, nginx_binary, render_config, safe_text
 
 KEY = "k" * 16 + "-0123456789abcdef" * 30  # long keys must fit nginx's map buckets too
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from detserve.errors import ImageError
-from detserve.imaging import decode_image
-from detserve.preprocess import preprocess
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec
 from tests.bad_images import (
     EPS,

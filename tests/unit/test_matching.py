@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from detserve.matching import box_iou, check_parity, match_detections
+from detserve.verification.matching import box_iou, check_parity, match_detections
 
 
 def _dets(n: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from detserve.imaging import decode_image
-from detserve.preprocess import preprocess
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec
 
 TRANSFORMS = {

@@ -370,7 +370,7 @@ def test_other_parser_errors_are_reported_with_their_node() -> None:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from detserve.samples import write_samples
+    from detserve.runtime.samples import write_samples
 
     folder = tmp_path_factory.mktemp("photos")
     write_samples(folder)
@@ -395,8 +395,8 @@ def test_calibration_folder_errors(tmp_path: Path) -> None:
 
 
 def test_calibration_batches_are_preprocessed_as_served(photos: Path) -> None:
-    from detserve.imaging import decode_image
-    from detserve.preprocess import preprocess
+    from detserve.runtime.imaging import decode_image
+    from detserve.runtime.preprocess import preprocess
 
     files, batches = load_calibration_batches(photos, SSD_PRE, (2, 3, 320, 320))
     assert [f.name for f in files] == sorted(["astronaut.jpg", "camera.png", "chelsea.png", "coffee.jpg", "rocket.jpg"])
@@ -498,9 +498,9 @@ def ssdlite() -> dict[str, Any]:
     from detserve.families import family
     from detserve.families.torchvision_models import spread_init_detector
     from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
-    from detserve.imaging import decode_image
-    from detserve.preprocess import preprocess
-    from detserve.samples import sample_files
+    from detserve.runtime.imaging import decode_image
+    from detserve.runtime.preprocess import preprocess
+    from detserve.runtime.samples import sample_files
 
     model = spread_init_detector("ssdlite320_mobilenet_v3_large", 5, 0)
     pre, post = preprocess_spec_from_model(model), postprocess_spec_from_model(model, "ssd")
@@ -516,7 +516,7 @@ def test_decoding_layers_equal_the_models_box_coder(ssdlite: dict[str, Any]) -> 
 
     import tests.fake_tensorrt as fake
     from converters.tensorrt_nms import _decode, _Layers, ssd_decode_constants
-    from detserve.postprocess import anchors_for
+    from detserve.families.torchvision_decode import anchors_for
 
     pre, post = ssdlite["pre"], ssdlite["post"]
     codes = ssdlite["raw"]["bbox_regression"]
@@ -533,9 +533,9 @@ def test_decoding_layers_equal_the_models_box_coder(ssdlite: dict[str, Any]) -> 
 def test_nms_graph_matches_the_torch_post_processing(ssdlite: dict[str, Any]) -> None:
     import tests.fake_tensorrt as fake
     from converters.tensorrt_nms import append_nms, to_original
-    from detserve.matching import check_parity
-    from detserve.postprocess import postprocess_batch
+    from detserve.families.torchvision_decode import postprocess_batch
     from detserve.specs import RequestControls
+    from detserve.verification.matching import check_parity
 
     pre, post, items, raw = ssdlite["pre"], ssdlite["post"], ssdlite["items"], ssdlite["raw"]
     net = fake.Network({k: v.numpy() for k, v in raw.items()})
@@ -623,7 +623,7 @@ def test_cli_build_tensorrt_without_tensorrt_exits_1_with_a_hint(tmp_path: Path)
     if HAS_TENSORRT and torch.cuda.is_available():
         pytest.skip("this machine can build engines")
     proc = subprocess.run(
-        [sys.executable, "-m", "detserve.cli", "build", "ssdlite320_mobilenet_v3_large", "--repository", str(tmp_path),
+        [sys.executable, "-m", "detserve.app.cli", "build", "ssdlite320_mobilenet_v3_large", "--repository", str(tmp_path),
          "--num-classes", "3", "--target", "tensorrt", "--precision", "fp16"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -681,9 +681,9 @@ def postprocess_model(monkeypatch: pytest.MonkeyPatch) -> Any:
     import importlib
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
-    monkeypatch.delitem(sys.modules, "detserve.backend.postprocess_model", raising=False)
-    yield importlib.import_module("detserve.backend.postprocess_model")
-    sys.modules.pop("detserve.backend.postprocess_model", None)
+    monkeypatch.delitem(sys.modules, "detserve.runtime.backend.postprocess_model", raising=False)
+    yield importlib.import_module("detserve.runtime.backend.postprocess_model")
+    sys.modules.pop("detserve.runtime.backend.postprocess_model", None)
 
 
 def test_postprocess_model_reads_gpu_inputs_through_dlpack(ssdlite: dict[str, Any], postprocess_model: Any) -> None:
@@ -715,9 +715,9 @@ def test_postprocess_model_reads_gpu_inputs_through_dlpack(ssdlite: dict[str, An
 
 @pytest.mark.gpu
 def test_postprocess_on_the_gpu_equals_the_cpu(ssdlite: dict[str, Any]) -> None:
-    from detserve.matching import check_parity
-    from detserve.postprocess import postprocess_batch
+    from detserve.families.torchvision_decode import postprocess_batch
     from detserve.specs import RequestControls
+    from detserve.verification.matching import check_parity
 
     pre, post, items, raw = ssdlite["pre"], ssdlite["post"], ssdlite["items"], ssdlite["raw"]
     resized = torch.tensor([it.resized_hw for it in items])
@@ -788,9 +788,9 @@ def test_in_process_engine_matches_onnxruntime_and_refuses_a_foreign_plan(
 def test_end_to_end_nms_engine_agrees_with_the_split_pipeline(ssdlite: dict[str, Any], small_engine: dict[str, Any]) -> None:
     from converters.tensorrt_nms import build_nms_engine, to_original
     from converters.tensorrt_runtime import TrtEngine
-    from detserve.matching import check_parity
-    from detserve.postprocess import postprocess_batch
+    from detserve.families.torchvision_decode import postprocess_batch
     from detserve.specs import RequestControls
+    from detserve.verification.matching import check_parity
 
     pre, post, items = ssdlite["pre"], ssdlite["post"], ssdlite["items"][:2]
     plan = small_engine["folder"] / "e2e.plan"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from detserve.versions import VersionError, promote
+from detserve.ops.versions import VersionError, promote
 
 
 def test_promote_without_key_says_to_restart_a_keyless_server(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import pytest
 
 from detserve.errors import SpecError
 from detserve.families import yolo
-from detserve.imaging import decode_image
-from detserve.matching import check_parity
-from detserve.preprocess import preprocess
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec, RequestControls
+from detserve.verification.matching import check_parity
 
 needs_ultralytics = pytest.mark.skipif(
     importlib.util.find_spec("ultralytics") is None, reason="ultralytics not installed (pip install -e '.[yolo]')"

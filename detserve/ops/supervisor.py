@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from detserve.errors import DetserveError, ServerError
-from detserve.server import ServerOptions, TritonServer
+from detserve.ops.server import ServerOptions, TritonServer
 
 Echo = Callable[[str], None]
 POLL_S = 0.5
@@ -56,7 +56,7 @@ def serve_until_stopped(options: ServerOptions, replicas: int = 1, echo: Echo = 
 
 
 def _replicas_until_stopped(options: ServerOptions, replicas: int, echo: Echo) -> None:
-    from detserve.replicas import ReplicaSet
+    from detserve.ops.replicas import ReplicaSet
 
     rs = ReplicaSet(options, replicas)
     try:

@@ -34,8 +34,8 @@ from typing import Any
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from detserve.admin import ENV_VAR, FILE_ENV, ModelAdmin
 from detserve.errors import DetserveError
+from detserve.ops.admin import ENV_VAR, FILE_ENV, ModelAdmin
 from detserve.pipeline import CORE, model_name
 from detserve.tritonconfig import read_config, render
 

@@ -20,7 +20,7 @@ from detserve.pipeline import CORE, model_name
 
 def build_record(repository: Path, name: str, version: int | None = None) -> tuple[int, dict[str, Any]]:
     """(version, record) of ``name``'s core; by default the version the ensemble serves."""
-    from detserve.versions import serving_version
+    from detserve.ops.versions import serving_version
 
     v = version if version is not None else serving_version(Path(repository), name)
     path = Path(repository) / model_name(name, CORE) / str(v) / "build.json"

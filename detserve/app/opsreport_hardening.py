@@ -1,4 +1,4 @@
-"""The ops report's rows for issue 10's attacks, each with traffic flowing (detserve/opsreport.py).
+"""The ops report's rows for issue 10's attacks, each with traffic flowing (detserve/app/opsreport.py).
 
 - the admin key searched for in every process's command line and environment;
 - every admin API called without the key and with a guessed one (gRPC and HTTP), including a
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detserve.opsreport import KEY, MODEL, Call, ClientLoad, Row, Setup, Tally, _copy, _server, _stub_pids
+from detserve.app.opsreport import KEY, MODEL, Call, ClientLoad, Row, Setup, Tally, _copy, _server, _stub_pids
 from detserve.pipeline import CORE, model_name
 
 SIZE_LIMIT = 8 * 1024 * 1024

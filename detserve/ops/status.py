@@ -1,6 +1,6 @@
 """What a running server serves: its models (with their build records) and per-model counters.
 
-Statistics and readiness are open APIs; the repository index needs the admin key (detserve.admin),
+Statistics and readiness are open APIs; the repository index needs the admin key (detserve.ops.admin),
 so without one the models come from the repository directory (or from the statistics: the loaded
 ones) and their state from ``is_model_ready``.
 """
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detserve.admin import ModelAdmin
 from detserve.errors import ClientError, DetserveError
-from detserve.tritonstats import ModelStats, delta, parse_statistics
+from detserve.ops.admin import ModelAdmin
+from detserve.ops.tritonstats import ModelStats, delta, parse_statistics
 
 METRICS_TIMEOUT_S = 3.0
 _PENDING = re.compile(r"^nv_inference_pending_request_count\{([^}]*)\}\s+(\S+)", re.MULTILINE)

@@ -2,7 +2,7 @@
 
 The key comes from the file named by ``DETSERVE_ADMIN_KEY_FILE`` (keep it 0600) or from
 ``DETSERVE_ADMIN_KEY``, is at least 16 characters of ``[A-Za-z0-9._~-]``, and never travels on a
-command line: the gate (detserve/gate.py, nginx in front of tritonserver) checks it in a header --
+command line: the gate (detserve/ops/gate.py, nginx in front of tritonserver) checks it in a header --
 over HTTP ``admin-key``, over gRPC ``triton-grpc-protocol-admin-key`` (the header Triton itself
 used for restricted protocols) -- and answers a request without it, or with a wrong one,
 ``PERMISSION_DENIED``.

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from detserve.matching import match_detections
+from detserve.verification.matching import match_detections
 
 Det = dict[str, np.ndarray]  # boxes [K, 4], scores [K], labels [K]
 
@@ -308,10 +308,10 @@ def run_compare(
 
     from clients.grpc_client import DetectorClient
     from converters.onnx_export import verify_onnxruntime
-    from detserve.imaging import decode_image
-    from detserve.preprocess import preprocess
-    from detserve.reference import build_record, reference_model
+    from detserve.runtime.imaging import decode_image
+    from detserve.runtime.preprocess import preprocess
     from detserve.specs import RequestControls
+    from detserve.verification.reference import build_record, reference_model
     from loadtest.inprocess import InProcessPipeline
 
     if not images:

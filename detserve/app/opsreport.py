@@ -232,7 +232,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @contextlib.contextmanager
 def _server(repo: Path, key: bool = False, **options: Any) -> Iterator[Any]:
-    from detserve.server import running_server
+    from detserve.ops.server import running_server
 
     with running_server(repo, admin_key=KEY if key else None, **options) as server:
         yield server
@@ -273,12 +273,12 @@ def stub_killed(s: Setup) -> Row:
     restarts = "; ".join(
         f"{r.model} reloaded by the stub watchdog in {r.seconds:.1f} s" + (f" (failed: {r.error})" if r.error else "")
         for r in server.stub_restarts
-    )  # Triton 2.51 does not restart a dead stub itself (detserve/server.py)
+    )  # Triton 2.51 does not restart a dead stub itself (detserve/ops/server.py)
     return Row("python stub killed", s.users, held, fault, Tally.of(load.calls), restarts or "no stub restart")
 
 
 def server_restarted(s: Setup) -> Row:
-    from detserve.server import TritonServer
+    from detserve.ops.server import TritonServer
 
     with _server(_copy(s.base, s.work / "restart")) as first:
         opts = first.options
@@ -314,7 +314,7 @@ def graceful_drain(s: Setup) -> Row:
 
 
 def rollout_and_rollback(s: Setup) -> Row:
-    from detserve.versions import promote, rollback
+    from detserve.ops.versions import promote, rollback
 
     repo = _copy(s.rollout, s.work / "rollout")
     with _server(repo, key=True) as server:
@@ -331,7 +331,7 @@ def rollout_and_rollback(s: Setup) -> Row:
 
 
 def failed_load(s: Setup) -> Row:
-    from detserve.admin import ModelAdmin, ModelLoadError
+    from detserve.ops.admin import ModelAdmin, ModelLoadError
 
     repo = _copy(s.base, s.work / "failed-load")
     errors: list[str] = []
@@ -473,7 +473,7 @@ def run_ops_report(
     copied per scenario). Raises DetserveError when a scenario cannot run; a lost request does not
     raise: the table shows it.
     """
-    from detserve.samples import sample_files
+    from detserve.runtime.samples import sample_files
 
     repository, out = Path(repository), Path(out)
     base, rollout = ensure_repositories(repository, echo)
@@ -481,7 +481,7 @@ def run_ops_report(
     images = [photos[n] for n in sorted(photos)][:4]
     setup = Setup(base, rollout, images, repository / "runs", users, duration_s)
     setup.work.mkdir(parents=True, exist_ok=True)
-    from detserve.opsreport_hardening import HARDENING_SCENARIOS
+    from detserve.app.opsreport_hardening import HARDENING_SCENARIOS
 
     rows: list[Row] = []
     for scenario in SCENARIOS + HARDENING_SCENARIOS:
@@ -515,7 +515,7 @@ def render_markdown(rows: list[Row], data: dict[str, Any]) -> str:
         lines.append(f"| {r.scenario} | {load} | {r.fault} | {t.sent} | {t.expected} | **{t.lost}** |")
     notes = [f"- {r.scenario}: {r.notes}" for r in rows if r.notes]
     head = (
-        f"Generated {data['at']} by `detserve.opsreport.run_ops_report`: {data['model']}, embedded Triton, "
+        f"Generated {data['at']} by `detserve.app.opsreport.run_ops_report`: {data['model']}, embedded Triton, "
         f"{data['machine']['cpus']} CPUs (1-minute load average {data['machine']['load_average_1m']:.1f} at the end). "
         f"Requests lost in all: **{data['lost_total']}**."
     )

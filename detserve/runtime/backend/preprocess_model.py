@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import apply_torch_threads, check_wanted, config_parameter, respond_each, tune_stub_malloc
 from detserve.errors import ImageError
-from detserve.imaging import decode_image
-from detserve.preprocess import Preprocessed, preprocess
+from detserve.runtime.backend.common import apply_torch_threads, check_wanted, config_parameter, respond_each, tune_stub_malloc
+from detserve.runtime.imaging import decode_image
+from detserve.runtime.preprocess import Preprocessed, preprocess
 from detserve.specs import PreprocessSpec
 
 

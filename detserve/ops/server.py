@@ -55,9 +55,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detserve.cachedir import cache_directory
 from detserve.errors import ServerError
-from detserve.gate import (
+from detserve.ops.cachedir import cache_directory
+from detserve.ops.gate import (
     DEFAULT_MAX_REQUEST_BYTES,
     Gate,
     GateConfig,
@@ -66,10 +66,10 @@ from detserve.gate import (
     triton_listen_args,
     upstream_in,
 )
-from detserve.stubshm import ServerShm, StubJanitor, prefix_args
-from detserve.stubshm import new_prefix as new_shm_prefix
-from detserve.stubshm import prepare as prepare_shm
-from detserve.stubshm import release as release_shm
+from detserve.ops.stubshm import ServerShm, StubJanitor, prefix_args
+from detserve.ops.stubshm import new_prefix as new_shm_prefix
+from detserve.ops.stubshm import prepare as prepare_shm
+from detserve.ops.stubshm import release as release_shm
 
 EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
@@ -181,7 +181,7 @@ def _check_port(host: str, port: int, what: str) -> None:
 class ServerOptions:
     """One tritonserver: its repository, the public address of its gate, its limits and admin key.
 
-    tritonserver itself listens on Unix sockets in a private runtime directory (detserve/gate.py);
+    tritonserver itself listens on Unix sockets in a private runtime directory (detserve/ops/gate.py);
     ``host``/``grpc_port``/``http_port`` are the gate's (nginx) public address; metrics (read-only)
     are served by Triton on ``host:metrics_port``. Model control is always explicit (all models
     loaded at start): detserve drains and restarts dead stubs through the private socket. Users
@@ -411,7 +411,7 @@ class StubWatchdog:
                 log.error("could not publish readiness: %s", e)
 
     def _reload(self, model: str, instances: list[str]) -> bool:
-        from detserve.admin import ModelAdmin
+        from detserve.ops.admin import ModelAdmin
 
         restart = StubRestart(model, instances, time.monotonic())
         self.restarts.append(restart)
@@ -563,7 +563,7 @@ class TritonServer:
         their composing models stay loaded meanwhile. A drain that fails or times out is logged in
         the report, and SIGTERM follows anyway.
         """
-        from detserve.admin import ModelAdmin
+        from detserve.ops.admin import ModelAdmin
 
         report = DrainReport()
         t0 = time.monotonic()

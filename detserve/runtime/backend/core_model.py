@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import config_parameter, error_response, group_by, tune_stub_malloc
-from detserve.onnxrt import cpu_session
+from detserve.runtime.backend.common import config_parameter, error_response, group_by, tune_stub_malloc
+from detserve.runtime.onnxrt import cpu_session
 
 
 class TritonPythonModel:

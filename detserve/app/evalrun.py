@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from detserve.evaluation import METRIC_NAMES, EvalError, ImageDetections, coco_metrics, load_annotations
 from detserve.pipeline import CORE, model_name
+from detserve.verification.evaluation import METRIC_NAMES, EvalError, ImageDetections, coco_metrics, load_annotations
 
 MAX_DET_CHOICES = (100, 500, 5000)
 MAP_TOLERANCE_POINTS = 0.1  # |served - PyTorch| mAP, in points, for an FP32 build
@@ -153,8 +153,8 @@ def pytorch_detections(
 ) -> tuple[dict[int, ImageDetections], dict[str, str]]:
     """The eager model through its library's own detection path, on the same decoded pixels the server sees."""
     from detserve.errors import DetserveError
-    from detserve.imaging import decode_image
-    from detserve.reference import reference_model
+    from detserve.runtime.imaging import decode_image
+    from detserve.verification.reference import reference_model
 
     model = reference_model(record)
     dets, errors = {}, {}
@@ -181,8 +181,8 @@ def run_eval(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> EvalReport:
-    from detserve.reference import build_record
     from detserve.specs import ModelSpec
+    from detserve.verification.reference import build_record
 
     if max_det < 1:
         raise EvalError(f"--max-det must be >= 1, got {max_det}")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 DEMO_DETECTOR = "ssdlite320_mobilenet_v3_large"
 DEMO_NAME = "demo"
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_ssdlite320_shapes.pt"
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_ssdlite320_shapes.pt"
 DEMO_IMAGES = 6  # held-out test-split images detected in step 3
 
 
@@ -40,7 +40,7 @@ def run_demo(
     repository: Path, out: Path, echo: Callable[[str], None], score_threshold: float = 0.3, load_seconds: float = 20.0
 ) -> DemoResult:
     from converters.repository import build_repository
-    from detserve.server import running_server
+    from detserve.ops.server import running_server
 
     seconds: dict[str, float] = {}
     t = time.monotonic()

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from detserve.backend.common import apply_torch_threads, config_parameter, error_response, group_by, tune_stub_malloc
 from detserve.families import decode_spec_from_json, family_of_spec, output_names
-from detserve.postprocess import pad_detections
+from detserve.runtime.backend.common import apply_torch_threads, config_parameter, error_response, group_by, tune_stub_malloc
+from detserve.runtime.outputs import pad_detections
 from detserve.specs import RequestControls
 from detserve.tritonconfig import IMAGE_INFO, OUTPUTS
 

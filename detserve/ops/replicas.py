@@ -1,6 +1,6 @@
 """Scale out on one machine: N tritonserver replicas behind one gate (nginx) that balances gRPC and HTTP.
 
-Each replica listens on Unix sockets in its own private runtime directory (detserve/gate.py); the
+Each replica listens on Unix sockets in its own private runtime directory (detserve/ops/gate.py); the
 gate spreads calls over them and, when one stops answering, passes a call that could not be
 delivered to the next replica (``grpc_next_upstream``); clients retry what still fails (idempotent
 inference), so killing a replica loses no request. The gate is the same as a single server's:
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from detserve.errors import ServerError
-from detserve.gate import Gate, GateConfig, private_directory, upstream_in
-from detserve.server import ServerOptions, TritonServer, free_port
-from detserve.stubshm import new_prefix as new_shm_prefix
+from detserve.ops.gate import Gate, GateConfig, private_directory, upstream_in
+from detserve.ops.server import ServerOptions, TritonServer, free_port
+from detserve.ops.stubshm import new_prefix as new_shm_prefix
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ReplicaSet:
         o = self.options
         log = o.log_file.with_name(f"{o.log_file.name}.{i}") if o.log_file else None
         metrics = o.metrics_port + i if o.metrics_port else free_port(o.host)
-        # each replica its own /dev/shm prefix (detserve/stubshm.py): replace() would copy the template's
+        # each replica its own /dev/shm prefix (detserve/ops/stubshm.py): replace() would copy the template's
         return replace(o, public=False, metrics_port=metrics, log_file=log, shm_prefix=new_shm_prefix())
 
     def start(self, timeout_s: float = 300.0) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from detserve.errors import DetserveError
-from detserve.gate import DEFAULT_MAX_REQUEST_BYTES
+from detserve.ops.gate import DEFAULT_MAX_REQUEST_BYTES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve PyTorch object detectors on Triton.")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,9 +137,9 @@ def serve(
     The admin key is read from DETSERVE_ADMIN_KEY_FILE (a 0600 file) or DETSERVE_ADMIN_KEY, never
     from the command line; without one the admin APIs are closed.
     """
-    from detserve.admin import admin_key
-    from detserve.server import ServerOptions
-    from detserve.supervisor import serve_until_stopped
+    from detserve.ops.admin import admin_key
+    from detserve.ops.server import ServerOptions
+    from detserve.ops.supervisor import serve_until_stopped
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     options = ServerOptions(
@@ -216,7 +216,7 @@ def _print_detections(report: list[dict[str, Any]], as_json: bool) -> None:
 @_user_errors
 def samples(out: Annotated[Path, typer.Argument(help="directory to write sample photographs to")]) -> None:
     """Write real sample photographs (from scikit-image) of several sizes, one grey, as JPEG/PNG."""
-    from detserve.samples import write_samples
+    from detserve.runtime.samples import write_samples
 
     for path in write_samples(out):
         typer.echo(str(path))
@@ -229,7 +229,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="where sample and annotated images go")] = Path("out/demo"),
 ) -> None:
     """Build the demo detector, serve it on loopback, detect over gRPC and print the results."""
-    from detserve.demo import run_demo
+    from detserve.app.demo import run_demo
 
     result = run_demo(repository, out, typer.echo)
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
@@ -322,8 +322,8 @@ def models_list(
     repository: Annotated[Path | None, typer.Option(help="repository directory: adds each version's build record")] = None,
 ) -> None:
     """Each model version and its state (repository index with the admin key, else readiness per model)."""
-    from detserve.admin import admin_key
-    from detserve.status import list_models
+    from detserve.ops.admin import admin_key
+    from detserve.ops.status import list_models
 
     rows = list_models(url, admin_key(), repository)
     if not rows:
@@ -341,7 +341,7 @@ def models_list(
 
 
 def _admin_call(action: str, name: str, url: str) -> None:
-    from detserve.admin import ModelAdmin, admin_key
+    from detserve.ops.admin import ModelAdmin, admin_key
 
     with ModelAdmin(url, admin_key()) as admin:
         getattr(admin, f"{action}_model")(name)
@@ -373,8 +373,8 @@ def promote(
     url: _URL = "127.0.0.1:8001",
 ) -> None:
     """Switch a running ensemble to another version without dropping a request; needs DETSERVE_ADMIN_KEY."""
-    from detserve.admin import admin_key
-    from detserve.versions import promote as do_promote
+    from detserve.ops.admin import admin_key
+    from detserve.ops.versions import promote as do_promote
 
     r = do_promote(url, admin_key(), repository, name, version, force, on_step=typer.echo)
     typer.echo(f"{name}: serving version {r.new} (was {r.old}){' (forced)' if r.forced else ''}")
@@ -388,8 +388,8 @@ def rollback(
     url: _URL = "127.0.0.1:8001",
 ) -> None:
     """Serve the version the last promote came from (rollout.json); needs DETSERVE_ADMIN_KEY."""
-    from detserve.admin import admin_key
-    from detserve.versions import rollback as do_rollback
+    from detserve.ops.admin import admin_key
+    from detserve.ops.versions import rollback as do_rollback
 
     r = do_rollback(url, admin_key(), repository, name, on_step=typer.echo)
     typer.echo(f"{name}: serving version {r.new} (was {r.old})")
@@ -402,7 +402,7 @@ def status(
     metrics_url: Annotated[str, typer.Option(help="Triton's Prometheus endpoint")] = "http://127.0.0.1:8002/metrics",
 ) -> None:
     """Readiness of the server and each model, with Triton's counters per model since it loaded."""
-    from detserve.status import server_status
+    from detserve.ops.status import server_status
 
     st = server_status(url, metrics_url)
     typer.echo(f"server {st.url}: live {'yes' if st.live else 'no'}, ready {'yes' if st.ready else 'no'}")
@@ -438,7 +438,7 @@ def eval_(
     progress: Annotated[bool, typer.Option(help="progress bar")] = True,
 ) -> None:
     """COCO mAP of the live endpoint (no score threshold) beside in-process PyTorch; exit 1 past 0.1 point."""
-    from detserve.evalrun import MAX_DET_CHOICES, run_eval, write_report
+    from detserve.app.evalrun import MAX_DET_CHOICES, run_eval, write_report
 
     if max_det not in MAX_DET_CHOICES:
         raise DetserveError(f"--max-det must be one of {', '.join(map(str, MAX_DET_CHOICES))}, got {max_det}")
@@ -465,7 +465,7 @@ def compare(
 ) -> None:
     """Detection-level diff: PyTorch vs ONNX Runtime vs the live endpoint (and TensorRT); exit 1 on high-score disagreement."""
     from clients.bulk import image_files
-    from detserve.compare import run_compare, write_report
+    from detserve.app.compare import run_compare, write_report
 
     if len(images) == 1 and images[0].is_dir():
         images = image_files(images[0])[:limit]
@@ -509,7 +509,7 @@ def ops_report(
     duration: Annotated[str, typer.Option(help="load per scenario, e.g. 10s")] = "10s",
 ) -> None:
     """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
-    from detserve.opsreport import run_ops_report
+    from detserve.app.opsreport import run_ops_report
 
     md, lost = run_ops_report(work, out, typer.echo, users=users, duration_s=_seconds(duration))
     typer.echo(md.read_text())

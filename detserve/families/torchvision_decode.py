@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -223,7 +222,7 @@ def _limit_per_image(keep: Tensor, image: Tensor, max_det: Tensor, n: int) -> Te
     return keep[rank < max_det[img]]
 
 
-def _rescale(boxes: Tensor, resized_hw: Tensor, original_hw: Tensor) -> Tensor:
+def rescale_boxes(boxes: Tensor, resized_hw: Tensor, original_hw: Tensor) -> Tensor:
     """``resize_boxes`` from resized to original size, per box, with torchvision's float32 op order."""
     ratio = original_hw.to(torch.float32) / resized_hw.to(torch.float32)  # [K, 2]: (h, w)
     x1, y1, x2, y2 = boxes.unbind(1)
@@ -296,35 +295,7 @@ def postprocess_batch(
     keep = _limit_per_image(keep, image, max_det, n)
     image = image[keep]
     original = torch.as_tensor(original_hw, device=device).reshape(n, 2)
-    boxes = _rescale(boxes[keep], resized[image], original[image])
+    boxes = rescale_boxes(boxes[keep], resized[image], original[image])
     counts = torch.bincount(image, minlength=n).tolist()
     parts = zip(boxes.split(counts), score[keep].split(counts), label[keep].split(counts), strict=True)
     return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in parts]
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def pad_detections(det: dict[str, Any], max_det: int) -> dict[str, np.ndarray]:
-    """Fixed-shape outputs for Triton (every image of a response has the same shape).
-
-    Returns num_detections int32 [1], boxes float32 [max_det, 4], scores float32 [max_det],
-    labels int32 [max_det]; rows past num_detections are zeros. Extra detections are cut.
-    """
-    if max_det < 1:
-        raise ValueError(f"max_det must be >= 1, got {max_det}")
-    scores = _numpy(det["scores"]).astype(np.float32).reshape(-1)
-    k = min(int(scores.shape[0]), int(max_det))
-    out = {
-        "num_detections": np.array([k], dtype=np.int32),
-        "boxes": np.zeros((max_det, 4), dtype=np.float32),
-        "scores": np.zeros((max_det,), dtype=np.float32),
-        "labels": np.zeros((max_det,), dtype=np.int32),
-    }
-    out["boxes"][:k] = _numpy(det["boxes"]).astype(np.float32).reshape(-1, 4)[:k]
-    out["scores"][:k] = scores[:k]
-    out["labels"][:k] = _numpy(det["labels"]).astype(np.int32).reshape(-1)[:k]
-    return out

@@ -1,0 +1,1 @@
+"""Checking served detections: order-free matching, COCO mAP, and the eager reference a version was built from."""
