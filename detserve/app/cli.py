@@ -310,6 +310,18 @@ def tune(
     typer.echo(tune_and_report(repository, model, out, users, _seconds(duration), typer.echo))
 
 
+@app.command()
+@_user_errors
+def stages(
+    detector: Annotated[list[str], typer.Option(help="detector (repeatable; default: one or two per family)")] = [],  # noqa: B006
+) -> None:
+    """CPU ms per pipeline stage (preprocess, core in ONNX Runtime, decode) per family, in this process."""
+    from loadtest.stages import DEFAULT_DETECTORS, stage_table
+
+    chosen = [(d, k) for d, k in DEFAULT_DETECTORS if d in detector] if detector else list(DEFAULT_DETECTORS)
+    typer.echo(stage_table(chosen or [(d, {}) for d in detector], typer.echo))
+
+
 models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
 app.add_typer(models_app, name="models")
 _URL = Annotated[str, typer.Option(help="gRPC HOST:PORT")]

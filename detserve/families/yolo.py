@@ -72,7 +72,33 @@ def ultralytics_env() -> Path:
             hint="import ultralytics only through detserve, or set YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False "
             f"YOLO_CONFIG_DIR={config_dir} before importing it",
         )
+    if utils is None:
+        _import_isolated()
     return config_dir
+
+
+def _import_isolated() -> None:
+    """Import ultralytics once and undo what its import changes in this process.
+
+    Its import monkey-patches ``PIL.Image.open`` (an undecodable file then tries to import, even
+    pip-check, ``pi-heif`` instead of raising Pillow's error: detserve's decoder relies on that
+    error), ``torch.save``, numpy's print options, OpenCV's thread count and a few environment
+    variables. detserve gives ultralytics arrays, never files, so none of that is needed: each is
+    put back as it was.
+    """
+    import cv2
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    saved = (Image.open, torch.save, np.get_printoptions(), cv2.getNumThreads(), dict(os.environ))
+    import ultralytics.utils.patches  # noqa: F401 - the module whose import patches PIL and torch
+
+    Image.open, torch.save = saved[0], saved[1]  # type: ignore[assignment]
+    np.set_printoptions(**saved[2])
+    cv2.setNumThreads(saved[3])
+    for key in set(os.environ) - set(saved[4]) - {"YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR", "YOLO_VERBOSE"}:
+        del os.environ[key]
 
 
 @dataclass(frozen=True)

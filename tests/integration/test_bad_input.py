@@ -120,18 +120,19 @@ def test_out_of_range_controls_get_a_clear_error(
 UNUSUAL = unusual_images()
 
 
-def _served_spec(grpc_url: str, model: str) -> PreprocessSpec:
-    """The spec stored in the served repository (not one rebuilt by the test)."""
+def _served_spec(server: TritonServer, model: str) -> PreprocessSpec:
+    """The spec of the served model, as the server loaded it (its own socket: the model-config API is
+    closed on the public address of a server without an admin key)."""
     import tritonclient.grpc as grpcclient
 
-    with grpcclient.InferenceServerClient(grpc_url) as client:
+    with grpcclient.InferenceServerClient(server.internal_url) as client:
         config = client.get_model_config(f"{model}_preprocess", as_json=True)["config"]
     return PreprocessSpec.from_json(config["parameters"]["preprocess_spec"]["string_value"])
 
 
 @pytest.mark.parametrize("model", ["ssdlite", "fcos"])
-def test_unusual_images_preprocess_bit_exact_with_the_reference(model: str, grpc_url: str) -> None:
-    spec = _served_spec(grpc_url, model)
+def test_unusual_images_preprocess_bit_exact_with_the_reference(model: str, grpc_url: str, server: TritonServer) -> None:
+    spec = _served_spec(server, model)
     with DetectorClient(grpc_url, model) as client:
         for name, blob in UNUSUAL.items():
             served, info = client.preprocessed(blob)

@@ -23,6 +23,7 @@ import pytest
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError, ImageError
+from detserve.ops.server import TritonServer
 from detserve.runtime.imaging import decode_image
 from detserve.runtime.preprocess import preprocess
 from detserve.specs import PostprocessSpec, PreprocessSpec
@@ -34,11 +35,11 @@ BATCH = 200  # files per detect_many call, 16 requests in flight
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
 
 
-def _served_specs(grpc_url: str) -> tuple[PreprocessSpec, PostprocessSpec]:
-    """The specs stored in the served repository (not ones rebuilt by the test)."""
+def _served_specs(server: TritonServer) -> tuple[PreprocessSpec, PostprocessSpec]:
+    """The specs of the served models, as the server loaded them (through its own socket)."""
     import tritonclient.grpc as grpcclient
 
-    with grpcclient.InferenceServerClient(grpc_url) as client:
+    with grpcclient.InferenceServerClient(server.internal_url) as client:
         pre, post = (client.get_model_config(f"{MODEL}_{step}", as_json=True)["config"] for step in ("preprocess", "postprocess"))
     return (
         PreprocessSpec.from_json(pre["parameters"]["preprocess_spec"]["string_value"]),
@@ -71,8 +72,9 @@ def _check_answer(i: int, result: Detections | ClientError, expected_error: str 
     return "refused: " + expected_error.split(" (")[0].split(":")[0][:40]
 
 
-def run_fuzz(grpc_url: str, samples: dict[str, bytes], count: int, seed: int) -> Counter[str]:
-    spec, post = _served_specs(grpc_url)
+def run_fuzz(server: TritonServer, samples: dict[str, bytes], count: int, seed: int) -> Counter[str]:
+    grpc_url = server.options.grpc_url
+    spec, post = _served_specs(server)
     blobs = _mutated(png_and_jpeg_seeds(samples), count, seed)
     outcomes: Counter[str] = Counter()
     good = samples["astronaut.jpg"]
@@ -96,15 +98,15 @@ def run_fuzz(grpc_url: str, samples: dict[str, bytes], count: int, seed: int) ->
     return outcomes
 
 
-def test_server_answers_every_mutated_file(grpc_url: str, samples: dict[str, bytes]) -> None:
+def test_server_answers_every_mutated_file(server: TritonServer, samples: dict[str, bytes]) -> None:
     count = int(os.environ.get("DETSERVE_SERVER_FUZZ", "400"))
-    outcomes = run_fuzz(grpc_url, samples, count, seed=1)
+    outcomes = run_fuzz(server, samples, count, seed=1)
     assert sum(outcomes.values()) == count
     assert outcomes["detections"] > 0 and outcomes["detections"] < count  # both paths were exercised
 
 
 @pytest.mark.slow
-def test_server_answers_thousands_of_mutated_files(grpc_url: str, samples: dict[str, bytes]) -> None:
+def test_server_answers_thousands_of_mutated_files(server: TritonServer, samples: dict[str, bytes]) -> None:
     count = int(os.environ.get("DETSERVE_SERVER_FUZZ_SLOW", "3000"))
-    outcomes = run_fuzz(grpc_url, samples, count, seed=2)
+    outcomes = run_fuzz(server, samples, count, seed=2)
     assert sum(outcomes.values()) == count

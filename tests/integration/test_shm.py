@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from detserve import stubshm
+from detserve.ops import stubshm
 from detserve.ops.server import ServerOptions, TritonServer, _children, free_port, running_server, stub_identity
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"

@@ -338,3 +338,21 @@ def test_checkpoint_brings_architecture_classes_and_names(tmp_path: Path) -> Non
     assert next(loaded.parameters()).dtype == torch.float32
     with pytest.raises(Exception, match="80 classes"):
         yolo.FAMILY.build("yolo", 3, path, {}, seed=None)
+
+
+@needs_ultralytics
+def test_importing_ultralytics_leaves_this_process_as_it_was() -> None:
+    """ultralytics' import patches PIL.Image.open (and torch.save, numpy, OpenCV): detserve undoes it."""
+    import torch
+    from PIL import Image
+
+    from detserve.errors import ImageError
+    from detserve.runtime.imaging import decode_image
+
+    before = (Image.open, torch.save)
+    yolo.ultralytics_env()
+    import ultralytics.utils.patches  # noqa: F401
+
+    assert (Image.open, torch.save) == before
+    with pytest.raises(ImageError, match="not a JPEG, PNG"):
+        decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n" + b"\0" * 64, 1 << 20)
