@@ -8,7 +8,6 @@ Results go to out/reports/faults.json (no timing asserts).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,16 +22,11 @@ import pytest
 from clients.grpc_client import Detections, DetectorClient
 from detserve.app.opsreport import ClientLoad, Tally
 from detserve.ops.server import ServerOptions, TritonServer, free_port
-
-REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
+from tests.reports import record
 
 
 def _record(key: str, value: dict[str, Any]) -> None:
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / "faults.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = value
-    path.write_text(json.dumps(data, indent=2))
+    record("faults.json", key, value)
 
 
 @pytest.fixture()

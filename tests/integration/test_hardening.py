@@ -11,7 +11,6 @@ Numbers go to out/reports/hardening.json.
 from __future__ import annotations
 
 import io
-import json
 import statistics
 import threading
 import time
@@ -25,8 +24,8 @@ import pytest
 from clients.grpc_client import DetectorClient
 from detserve.ops.server import running_server
 from tests.memory_probe import MiB, ServerMemory, server_memory
+from tests.reports import record
 
-REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
 # what a process may keep after the large requests (each one added ~100 MiB to tritonserver before)
 HELD_TOLERANCE = 64 * MiB
 
@@ -53,11 +52,7 @@ def large_png() -> bytes:
 
 
 def _record(key: str, value: dict[str, Any]) -> None:
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / "hardening.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = value
-    path.write_text(json.dumps(data, indent=2))
+    record("hardening.json", key, value)
 
 
 def _at_once(calls: list[Callable[[], object]]) -> list[BaseException | None]:

@@ -7,7 +7,6 @@ Measurements go to out/reports/shm.json.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -19,16 +18,11 @@ import pytest
 
 from detserve.ops import stubshm
 from detserve.ops.server import ServerOptions, TritonServer, _children, free_port, running_server, stub_identity
-
-REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
+from tests.reports import record
 
 
 def _record(key: str, value: dict[str, Any]) -> None:
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / "shm.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = value
-    path.write_text(json.dumps(data, indent=2))
+    record("shm.json", key, value)
 
 
 @pytest.fixture(scope="module")
