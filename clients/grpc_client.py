@@ -148,6 +148,15 @@ class DetectorClient:
         if not ready:
             raise ClientError(f"model {self.model!r} is not ready on {self.url}", hint="`detserve serve` lists the loaded models")
 
+    def loaded_versions(self, model: str | None = None) -> list[str]:
+        """Versions of ``model`` (default: this client's) the server has loaded, from the open metadata API."""
+        name = model or self.model
+        try:
+            meta = self._client.get_model_metadata(name)
+        except Exception as e:
+            raise _wrap(e, name) from e
+        return [str(v) for v in meta.versions]
+
     def detect(
         self, image: bytes, score_threshold: float | None = None, iou_threshold: float | None = None, max_det: int | None = None
     ) -> Detections:
