@@ -93,7 +93,7 @@ def test_the_client_and_the_runtime_stay_light() -> None:
     heavy = {"torch", "torchvision", "onnxruntime", "tensorrt", "ultralytics", "transformers"}
     for module, path in MODULES.items():
         roots = {t.split(".")[0] for t, _, _ in _imports(path)}
-        if module.startswith("clients"):
+        if module.startswith(("clients", "detserve.jobs")):
             assert not roots & heavy, f"{module} imports {roots & heavy}: the client install has no torch"
         if module.startswith(("detserve.runtime", "detserve.ops", "detserve.verification", "clients")):
             assert "ultralytics" not in roots, f"{module}: the serving runtime never imports ultralytics (AGPL-3.0)"
