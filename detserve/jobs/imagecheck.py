@@ -118,7 +118,12 @@ def check_file(
     try:
         rgb = decode_image(data, max_pixels)
     except ImageError as e:
-        return [Problem(rel, classify(e, data), e.message)]
+        kind = classify(e, data)
+        if kind == "unlisted-format":
+            from detserve.runtime.imaging import ACCEPTED_FORMATS
+
+            return [Problem(rel, kind, f"a {_pillow_format(data)} file; the server accepts {', '.join(ACCEPTED_FORMATS)}")]
+        return [Problem(rel, kind, e.message)]
     out = []
     height, width = rgb.shape[:2]
     if min(width, height) < min_side:
