@@ -209,11 +209,17 @@ def unservable_model(s: Setup) -> Row:
             to_true = _until(lambda: _ready(url)[0], 120)
             load.wait_for(load.completed() + 2 * s.users)
             held = time.monotonic() - t0
-    # requests that failed while the model could not serve are expected; any other failure is lost
-    calls = [Call(c.start, c.end, c.error, expected_error=c.error is not None and t_fault <= c.end <= t_restore + to_true + 1)
+    # a request sent before readiness came back may fail (the model could not serve: that is what
+    # readiness said); one sent after readiness is true again must not: that would be lost
+    back = t_restore + to_true
+    calls = [Call(c.start, c.end, c.error, expected_error=c.error is not None and c.end >= t_fault and c.start <= back)
              for c in load.calls]  # fmt: skip
+    late = [c.end - back for c in load.calls if c.error is not None and c.start <= back]
     fault = "core's model.onnx corrupted, its stub SIGKILLed; the file restored afterwards"
-    notes = f"ready false {to_false:.1f} s after the kill ({why[:160]}); true again {to_true:.1f} s after the restore"
+    notes = (
+        f"ready false {to_false:.1f} s after the kill ({why[:160]}); true again {to_true:.1f} s after the restore; "
+        f"the last failure of a request sent before that ended {max(late, default=0.0):+.1f} s from it"
+    )
     return Row("model that cannot serve (readiness)", s.users, held, fault, Tally.of(calls), notes)
 
 
