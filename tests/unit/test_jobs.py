@@ -332,3 +332,29 @@ def test_near_duplicate_index_matches_brute_force() -> None:
         near = [b for b in brute if b <= 4]
         assert (found is None) == (not near) and (found is None or found[1] == min(near))
     assert dhash(np.zeros((20, 20, 3), np.uint8)) == 0
+
+
+def test_cli_user_errors_are_one_message_and_exit_1(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from detserve.app.cli import app
+
+    results = _results(tmp_path, RECORDS)
+    runner = CliRunner()
+    cases = [
+        (["mine", "--results", str(results), "--out", str(tmp_path / "m")], "no rule given"),
+        (["mine", "--results", str(results), "--out", str(tmp_path / "m"), "--band", "0.9-0.1"], "--band"),
+        (["mine", "--results", str(results), "--out", str(tmp_path / "m"), "--empty", "--mode", "move"], "--mode"),
+        (["prelabel", "--results", str(results), "--out", str(tmp_path / "p"), "--format", "voc"], "unknown format"),
+        (
+            ["run", "--model", "m", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "r.jsonl")],
+            "image folder not found",
+        ),
+        (["check-images", str(tmp_path / "none")], "image folder not found"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and message in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+    ok = runner.invoke(app, ["prelabel", "--results", str(results), "--out", str(tmp_path / "y"), "--format", "yolo"])
+    assert ok.exit_code == 0 and "4 images" in ok.output
