@@ -12,6 +12,7 @@ Every figure is a ratio of numbers measured here, now (these machines are shared
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ def _served(cfg: BenchConfig, repository: Path, label: str, echo: Callable[[str]
     from detserve.ops.server import running_server
 
     echo(f"  {label}: starting server")
-    with running_server(repository) as server:
+    key = secrets.token_hex(24)  # this run's own: the shared-memory comparison registers a region (an admin API)
+    with running_server(repository, admin_key=key) as server:
         rss = process_tree_rss_mb(server.process.pid) if server.process else 0.0
         lt = LoadTestConfig(
             grpc_url=server.options.grpc_url, model=cfg.model, out_dir=cfg.out_dir / label, users=cfg.users,
@@ -90,7 +92,7 @@ def _served(cfg: BenchConfig, repository: Path, label: str, echo: Callable[[str]
         out: dict[str, Any] = {"report": report.to_dict(), "server_rss_mb": rss}
         if label == "triton-dynamic-batching":
             out["sweep"] = _sweep(cfg, server.options.grpc_url, echo)
-            out["shm"] = _shared_memory(cfg, server.options.grpc_url, echo)
+            out["shm"] = _shared_memory(cfg, server.options.grpc_url, echo, key)
             out["server_rss_mb_after_load"] = process_tree_rss_mb(server.process.pid) if server.process else 0.0
     return out
 
@@ -104,14 +106,14 @@ def _sweep(cfg: BenchConfig, url: str, echo: Callable[[str], None]) -> dict[str,
     return run_loadtest(lt).report.to_dict()
 
 
-def _shared_memory(cfg: BenchConfig, url: str, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+def _shared_memory(cfg: BenchConfig, url: str, echo: Callable[[str], None], admin_key: str) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
     from loadtest.shm import compare_transfer, large_jpeg
 
     image = large_jpeg()
     echo(f"  4K image ({len(image) / 1e6:.1f} MB JPEG): plain gRPC vs system shared memory, {cfg.shm_requests} requests each")
-    return [asdict(t) for t in compare_transfer(url, cfg.model, image, cfg.shm_requests)]
+    return [asdict(t) for t in compare_transfer(url, cfg.model, image, cfg.shm_requests, admin_key)]
 
 
 def _flask(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:

@@ -28,10 +28,14 @@ class TransferTiming:
 class SharedMemoryImageSender:
     """Sends one encoded image per request through a registered system shared-memory region."""
 
-    def __init__(self, url: str, model: str, capacity_bytes: int) -> None:
+    def __init__(self, url: str, model: str, capacity_bytes: int, admin_key: str | None = None) -> None:
+        """``admin_key``: registering shared memory is an admin API (the gate passes it only with the key)."""
         import tritonclient.grpc as grpcclient
         import tritonclient.utils.shared_memory as shm
 
+        from detserve.ops.admin import GRPC_HEADER
+
+        self._headers = {GRPC_HEADER: admin_key} if admin_key else None
         self._shm = shm
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
@@ -40,7 +44,7 @@ class SharedMemoryImageSender:
         self.capacity = capacity_bytes + 16  # room for the BYTES length prefix
         self.handle = shm.create_shared_memory_region(self.name, self.key, self.capacity)
         try:
-            self.client.register_system_shared_memory(self.name, self.key, self.capacity)
+            self.client.register_system_shared_memory(self.name, self.key, self.capacity, headers=self._headers)
         except Exception as e:
             shm.destroy_shared_memory_region(self.handle)
             raise ClientError(f"cannot register shared memory with the server: {e}") from e
@@ -65,7 +69,7 @@ class SharedMemoryImageSender:
 
     def close(self) -> None:
         try:
-            self.client.unregister_system_shared_memory(self.name)
+            self.client.unregister_system_shared_memory(self.name, headers=self._headers)
         finally:
             self._shm.destroy_shared_memory_region(self.handle)
             self.client.close()
@@ -77,12 +81,14 @@ class SharedMemoryImageSender:
         self.close()
 
 
-def compare_transfer(url: str, model: str, image: bytes, requests: int = 20) -> list[TransferTiming]:
-    """The same large image, sequentially, over plain gRPC and over system shared memory."""
+def compare_transfer(
+    url: str, model: str, image: bytes, requests: int = 20, admin_key: str | None = None
+) -> list[TransferTiming]:
+    """The same large image, sequentially, over plain gRPC and over system shared memory (needs the admin key)."""
     from clients.grpc_client import DetectorClient
 
     timings = []
-    with DetectorClient(url, model) as plain, SharedMemoryImageSender(url, model, len(image)) as shared:
+    with DetectorClient(url, model) as plain, SharedMemoryImageSender(url, model, len(image), admin_key) as shared:
         for mode, send in (("grpc", plain.detect), ("system shared memory", shared.detect)):
             send(image)  # warm-up
             ms = []
