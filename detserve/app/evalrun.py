@@ -108,7 +108,9 @@ def _to_eval(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, categori
     ids = labels.astype(np.int64)
     if categories is not None:  # a class index the dataset does not have matches nothing (-1)
         known = (ids >= 0) & (ids < len(categories))
-        ids = np.where(known, categories[np.clip(ids, 0, max(len(categories) - 1, 0))] if len(categories) else -1, -1)
+        mapped = np.full_like(ids, -1)
+        mapped[known] = categories[ids[known]]
+        ids = mapped
     return ImageDetections(boxes.astype(np.float64), scores.astype(np.float64), ids)
 
 

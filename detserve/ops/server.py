@@ -144,14 +144,20 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def server_environment() -> dict[str, str]:
+def server_environment(embedded: bool = True) -> dict[str, str]:
+    """tritonserver's environment; ``embedded``: the nvidia-pytriton binary and its stub set-up (module docstring).
+
+    Either binary gets the malloc settings and loses the admin-key variables (the stubs run user
+    model code: the key stays in this process).
+    """
     env = dict(os.environ)
-    paths = [str(stub_prefix() / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")]
-    env["PATH"] = os.pathsep.join(paths)
-    libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_root().parent.parent / "nvidia_pytriton.libs")]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
+    if embedded:
+        paths = [str(stub_prefix() / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")]
+        env["PATH"] = os.pathsep.join(paths)
+        libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_root().parent.parent / "nvidia_pytriton.libs")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
+        env.pop("PYTHONPATH", None)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # for any non-isolated Python Triton starts; the stubs: stub_prefix
-    env.pop("PYTHONPATH", None)
     # glibc malloc in tritonserver (and the stubs, which inherit this): a large request arrives as
     # many gRPC slices below the dynamic mmap threshold, and their freed chunks stayed in the heap
     # (tritonserver +250 MiB after 4 concurrent 100 MB requests, released only by malloc_trim).
@@ -159,6 +165,8 @@ def server_environment() -> dict[str, str]:
     # gives back the heap's free top. An operator's own values win.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    for var in SECRET_VARIABLES:
+        env.pop(var, None)
     return env
 
 
@@ -459,9 +467,7 @@ class TritonServer:
         for what, port in ports:
             _check_port(opts.host, port, what)
         self.runtime = private_directory()
-        env = server_environment() if opts.tritonserver is None else dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        for var in SECRET_VARIABLES:
-            env.pop(var, None)  # the stubs run user model code: the key stays in this process
+        env = server_environment(embedded=opts.tritonserver is None)
         self.shm = prepare_shm(opts.extra_args, opts.shm_prefix)  # and clean up after dead servers
         out = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(

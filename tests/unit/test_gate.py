@@ -70,3 +70,14 @@ def test_invalid_settings_are_refused(tmp_path: Path, bad: dict) -> None:
 def test_safe_text_keeps_nginx_and_grpc_safe() -> None:
     assert safe_text('a "b" {c} $d;\n\\e') == "a  b   c   d;  e"
     assert len(safe_text("x" * 1000)) == 400
+
+
+def test_both_binaries_get_the_malloc_settings_and_never_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detserve.ops.server import server_environment
+
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY", "k" * 20)
+    monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", "/run/secrets/key")
+    for embedded in (True, False):
+        env = server_environment(embedded)
+        assert "DETSERVE_ADMIN_KEY" not in env and "DETSERVE_ADMIN_KEY_FILE" not in env
+        assert env["MALLOC_MMAP_THRESHOLD_"] == "65536" and env["PYTHONDONTWRITEBYTECODE"] == "1"
