@@ -3,30 +3,61 @@
 The test runner is root; the child drops to ``nobody`` before it runs. It needs an interpreter
 that ``nobody`` may execute: this one when its directories are readable, else the system's
 python3 of the same minor version, with this virtualenv's site-packages on its path (read-only
-use). Tests skip with the reason when neither works (not root, no such interpreter).
+use: copied world-readable, see ``_readable_packages``). Tests skip with the reason when neither works
+(not root, no such interpreter).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pwd
+import shutil
 import site
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 USER = "nobody"
 
 
+_PROBE = (
+    "import sys, json, tritonclient.grpc, numpy\n"
+    "paths = {m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)}\n"
+    "print(json.dumps(sorted(paths)))"
+)
+
+
+@cache
+def _readable_packages() -> str:
+    """A world-readable copy of the installed packages the hostile scripts import (tritonclient, numpy
+    and what they pull in): the checkout and the virtualenv may sit where ``nobody`` cannot read
+    (a 0700 temporary directory, /root), which would skip these tests for the wrong reason."""
+    files = json.loads(subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True).stdout)
+    sites = sorted((Path(d) for d in site.getsitepackages()), key=lambda d: -len(str(d)))
+    tops: set[Path] = set()
+    for f in map(Path, files):
+        site_dir = next((d for d in sites if d in f.parents), None)
+        if site_dir is not None:
+            tops.add(site_dir / f.relative_to(site_dir).parts[0])
+    tops |= {lib for d in sites for lib in d.glob("*.libs") if any(t.name.startswith(lib.name[:-5]) for t in tops)}
+    dest = Path(tempfile.mkdtemp(prefix="detserve-nobody-"))
+    atexit.register(shutil.rmtree, dest, True)
+    for top in tops:
+        (shutil.copytree if top.is_dir() else shutil.copy2)(top, dest / top.name)  # type: ignore[operator]
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644 | (path.stat().st_mode & 0o111))
+    return str(dest)
+
+
 def _env() -> dict[str, str]:
-    paths = [str(ROOT), *site.getsitepackages()]
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(paths), "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp"}
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": _readable_packages(), "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp"}
 
 
 @cache
