@@ -67,9 +67,20 @@ class SharedMemoryImageSender:
             raise ClientError(f"model {self.model!r}: {e}") from e
         return split_result(result)[0]
 
-    def close(self) -> None:
+    def close(self, in_use_wait_s: float = 5.0) -> None:
+        """Unregister, then destroy the region. Triton releases an ensemble request's inputs a moment
+        after its response reached the client, and refuses to unregister a region "currently in use"
+        meanwhile (seen once in a bench run): that answer is retried for up to ``in_use_wait_s``."""
         try:
-            self.client.unregister_system_shared_memory(self.name, headers=self._headers)
+            deadline = time.monotonic() + in_use_wait_s
+            while True:
+                try:
+                    self.client.unregister_system_shared_memory(self.name, headers=self._headers)
+                    break
+                except Exception as e:
+                    if "currently in use" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         finally:
             self._shm.destroy_shared_memory_region(self.handle)
             self.client.close()
