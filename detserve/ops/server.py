@@ -165,6 +165,11 @@ def server_environment(embedded: bool = True) -> dict[str, str]:
     # gives back the heap's free top. An operator's own values win.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    # torch's OpenMP workers in the python stubs busy-wait after every parallel region by default;
+    # the stubs run side by side on few cores, so that spinning took the CPU the other stages needed
+    # (pre-processing with its 2 torch threads: 45 CPU ms per image instead of 6 on 2 cores, issue 16,
+    # docs/performance.md). Passive waiting sleeps at once. An operator's own value wins.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for var in SECRET_VARIABLES:
         env.pop(var, None)
     return env
