@@ -5,7 +5,10 @@ Same model, same images, same machine, same closed-loop concurrency:
   (b) a plain Flask + eager PyTorch service — what teams build first;
   (c) the Triton ensemble with dynamic batching;
   (d) the same without dynamic batching;
-  (e) 4K images through system shared memory against plain gRPC.
+  (e) 4K images through system shared memory against plain gRPC;
+  (f) the fused CPU layout: pre + core + post in one python model (converters/fused.py).
+Served runs also record every process's CPU seconds (tritonserver, each stub, the gate, Locust)
+and memory (RSS/PSS/USS), so the load generator's share is accounted for (loadtest/procstats.py).
 Every figure is a ratio of numbers measured here, now (these machines are shared and noisy).
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ class BenchConfig:
     sweep_step_s: float = 8.0
     inprocess_seconds: float = 5.0
     shm_requests: int = 10
+    fused: bool = True  # (f): also serve the fused CPU layout
     flask: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Flask service
 
 
@@ -59,41 +62,95 @@ def without_dynamic_batching(src: Path, dst: Path, model: str) -> Path:
     return variant_repository(src, dst, model, no_dynamic_batching)
 
 
-def process_tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants (the server and its python stubs)."""
-    total_kb = 0
-    pids = [pid]
-    while pids:
-        p = pids.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kb += int(line.split()[1])
-        except OSError:
-            continue
-        children = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
-        pids.extend(int(c) for c in children)
-    return total_kb / 1024.0
+def server_memory(server: Any) -> list[dict[str, Any]]:
+    """RSS/PSS/USS of tritonserver, each python stub and the nginx gate (loadtest/procstats.py)."""
+    from dataclasses import asdict
+
+    from loadtest.procstats import memory_table
+
+    rows = memory_table(server.process.pid) if server.process else []
+    gate = getattr(server, "gate", None)
+    if gate is not None and gate.process is not None:
+        rows += memory_table(gate.process.pid)
+    return [asdict(r) for r in rows]
+
+
+SERVER_ROLES_PREFIX = ("tritonserver", "gate", "stub ")
+
+
+def cpu_accounting(series: Any, locust: dict[str, float] | None, report: Any) -> dict[str, Any]:
+    """CPU seconds per process role over Locust's load window, per request and as a share of the machine.
+
+    The load generator's own figure comes from Locust itself (its CPU between test start and
+    stop); every other process's from /proc samples interpolated at the same two instants.
+    """
+    import os
+
+    samples = series.samples
+    t0, t1 = (locust["start"], locust["stop"]) if locust else (samples[0][0], samples[-1][0])
+    roles = series.window(t0, t1)
+    if locust:
+        roles["locust"] = locust["cpu_s"]
+    window_s = max(t1 - t0, 1e-9)
+    cores = os.cpu_count() or 1
+    ok = max(int(report.requests) - int(report.failures), 1)
+    server_cpu = sum(v for k, v in roles.items() if k.startswith(SERVER_ROLES_PREFIX))
+    ours = sum(roles.values())
+    busy = series.machine_busy(t0, t1)
+    others = max(0.0, busy - ours) if busy is not None else 0.0  # other users of a shared machine
+    threads: dict[str, int] = {}
+    for pid, role in series.roles.items():
+        threads[role] = threads.get(role, 0) + series.threads.get(pid, 0)
+    return {
+        "window_s": window_s,
+        "cores": cores,
+        "ok_requests": ok,
+        "server_cpu_s": server_cpu,
+        "locust_cpu_s": roles.get("locust", 0.0),
+        "locust_share": roles.get("locust", 0.0) / (window_s * cores),
+        "idle_share": max(0.0, 1.0 - (ours + others) / (window_s * cores)),
+        "others_share": others / (window_s * cores),
+        "roles": {
+            k: {
+                "cpu_s": v,
+                "share": v / (window_s * cores),
+                "ms_per_request": 1000.0 * v / ok,
+                "processes": series.instances().get(k, 1),
+                "threads": threads.get(k, 0),
+            }
+            for k, v in sorted(roles.items())
+        },
+    }
 
 
 def _served(cfg: BenchConfig, repository: Path, label: str, echo: Callable[[str], None]) -> dict[str, Any]:
     from detserve.ops.server import running_server
+    from loadtest.procstats import CpuSampler
+    from loadtest.runner import read_locust_cpu
 
     echo(f"  {label}: starting server")
     key = secrets.token_hex(24)  # this run's own: the shared-memory comparison registers a region (an admin API)
     with running_server(repository, admin_key=key) as server:
-        rss = process_tree_rss_mb(server.process.pid) if server.process else 0.0
+        memory = server_memory(server)
         lt = LoadTestConfig(
             grpc_url=server.options.grpc_url, model=cfg.model, out_dir=cfg.out_dir / label, users=cfg.users,
             duration_s=cfg.duration_s, title=f"{cfg.model}: {label}, {cfg.users} users",
         )  # fmt: skip
         echo(f"  {label}: {cfg.users} users for {cfg.duration_s:.0f} s")
-        report = run_loadtest(lt).report
-        out: dict[str, Any] = {"report": report.to_dict(), "server_rss_mb": rss}
+        with CpuSampler() as sampler:  # every process below this one: tritonserver, stubs, gate, Locust
+            report = run_loadtest(lt).report
+        cpu = cpu_accounting(sampler.series, read_locust_cpu(lt.out_dir), report)
+        out: dict[str, Any] = {
+            "report": report.to_dict(),
+            "server_rss_mb": sum(r["rss_mb"] for r in memory),
+            "memory": memory,
+            "cpu": cpu,
+        }
         if label == "triton-dynamic-batching":
+            out["memory_after_load"] = server_memory(server)
             out["sweep"] = _sweep(cfg, server.options.grpc_url, echo)
             out["shm"] = _shared_memory(cfg, server.options.grpc_url, echo, key)
-            out["server_rss_mb_after_load"] = process_tree_rss_mb(server.process.pid) if server.process else 0.0
+            out["server_rss_mb_after_load"] = sum(r["rss_mb"] for r in out["memory_after_load"])
     return out
 
 
@@ -152,10 +209,11 @@ def _inprocess(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         torch.set_num_threads(threads)
         try:
             pipeline = InProcessPipeline.from_repository(cfg.repository, cfg.model, intra_op_threads=threads)
-            result = measure(pipeline, list(sample_files().values()), seconds_per_size=cfg.inprocess_seconds)
+            blobs = list(sample_files().values())
+            result = measure(pipeline, blobs, seconds_per_size=cfg.inprocess_seconds)
         finally:
             torch.set_num_threads(previous)
-        runs.append({**result, "threads": threads})
+        runs.append({**result, "threads": threads, "tensor_bytes": pipeline.tensor_bytes(blobs)})
     best = max(runs, key=lambda r: r["best_images_per_s"])
     return {**best, "runs": runs}
 
@@ -172,21 +230,40 @@ def ensure_model(cfg: BenchConfig, echo: Callable[[str], None]) -> None:
 
 
 def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    import os
+    import sys
+
     from loadtest.stats import fingerprint
 
+    # the in-process limit runs torch here: give it the servers' OpenMP setting (detserve/ops/server.py,
+    # server_environment) so both sides wait the same way; it only takes effect before torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    omp = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "torch_loaded_before": "torch" in sys.modules}
     ensure_model(cfg, echo)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     echo("(a) in-process limit")
-    results: dict[str, Any] = {"fingerprint": fingerprint(), "config": {"users": cfg.users, "duration_s": cfg.duration_s}}
+    results: dict[str, Any] = {
+        "fingerprint": fingerprint(),
+        "config": {"users": cfg.users, "duration_s": cfg.duration_s},
+        "model": cfg.model,
+        "inprocess_openmp": omp,
+    }
     results["inprocess"] = _inprocess(cfg, echo)
     echo("(c) Triton ensemble, dynamic batching (+ sweep, + 4K shared memory)")
     results["triton"] = _served(cfg, cfg.repository, "triton-dynamic-batching", echo)
     echo("(d) Triton ensemble, no dynamic batching")
     plain_repo = without_dynamic_batching(cfg.repository, cfg.out_dir / "repo-no-batching", cfg.model)
     results["triton_no_batching"] = _served(cfg, plain_repo, "triton-no-batching", echo)
+    if cfg.fused:
+        from converters.fused import fused_repository
+
+        echo("(f) fused CPU layout (pre + core + post in one python model)")
+        fused_repo = fused_repository(cfg.repository, cfg.out_dir / "repo-fused", cfg.model)
+        results["fused"] = _served(cfg, fused_repo, "fused-cpu-layout", echo)
     echo("(b) Flask + eager PyTorch")
     results["flask"] = _flask(cfg, echo)
     results["ratios"] = ratios(results)
+    results["targets"] = targets(results)
     (cfg.out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     (cfg.out_dir / "bench.md").write_text(render_bench(results))
     return results
@@ -213,6 +290,66 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     shm = r["triton"].get("shm", [])
     if len(shm) == 2:
         out["4K: gRPC / shared memory (mean latency)"] = shm[0]["mean_ms"] / max(shm[1]["mean_ms"], 1e-9)
+    if "fused" in r:
+        fused = r["fused"]["report"]
+        out[FUSED_RATIO] = fused["throughput_rps"] / max(served["throughput_rps"], 1e-9)
+        if limit and r["fused"].get("cpu"):
+            share = r["fused"]["cpu"]["locust_share"]
+            out[FUSED_TARGET_RATIO] = fused["throughput_rps"] / max(limit * (1.0 - share), 1e-9)
+    cpu = r["triton"].get("cpu")
+    if cpu and limit:
+        share = cpu["locust_share"]
+        out[LOAD_SHARE] = share
+        out[TARGET_RATIO] = served["throughput_rps"] / max(limit * (1.0 - share), 1e-9)
+        per_cpu = cpu["ok_requests"] / max(cpu["server_cpu_s"], 1e-9)
+        out[PER_CPU_RATIO] = per_cpu / max(float(r["inprocess"].get("best_images_per_cpu_s", 0.0)), 1e-9)
+    return out
+
+
+LOAD_SHARE = "load generator's CPU share of the machine (served run)"
+TARGET_RATIO = "served / in-process limit on the CPU the load generator leaves"
+PER_CPU_RATIO = "served / in-process, requests per CPU-second (server processes only)"
+FUSED_RATIO = "fused CPU layout / ensemble (throughput)"
+FUSED_TARGET_RATIO = "fused / in-process limit on the CPU the load generator leaves"
+# (ratio, comparison, target) of issue 16, part 4
+TARGETS = (
+    (TARGET_RATIO, ">=", 0.8),
+    ("served / Flask (throughput)", ">=", 3.0),
+    ("served p99 / Flask p99", "<=", 1 / 3),
+    ("p99 at ~70% of peak / unloaded p50", "<=", 2.0),
+)
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of part 4: measured value, met or not, and what bounds it on this machine (measured)."""
+    rat = r["ratios"]
+    cpu = r["triton"].get("cpu") or {}
+    limit = float(r["inprocess"]["best_images_per_s"])
+    bound = ""
+    if cpu:
+        server_ms = 1000.0 * cpu["server_cpu_s"] / cpu["ok_requests"]
+        left = cpu["cores"] * (1.0 - cpu["locust_share"])
+        ceiling = 1000.0 * left / max(server_ms, 1e-9)
+        model_ms = sum(r["inprocess"].get("stage_cpu_ms_per_image", {}).values())
+        bound = (
+            f"the server used {server_ms:.1f} CPU ms per request (the same stages in process: {model_ms:.1f} ms); "
+            f"on the {left:.2f} cores Locust leaves that caps it at {ceiling:.0f} req/s "
+            f"(in-process limit on those cores: {limit * (1.0 - cpu['locust_share']):.0f}); "
+            f"{100 * cpu['idle_share']:.0f}% of the machine stayed idle, "
+            f"{100 * cpu.get('others_share', 0.0):.0f}% went to processes outside this bench"
+        )
+    out = []
+    for key, op, goal in TARGETS:
+        if key not in rat:
+            continue
+        value = rat[key]
+        met = value >= goal if op == ">=" else value <= goal
+        why = ""
+        if not met and key in (TARGET_RATIO, "served / Flask (throughput)"):
+            why = bound
+        elif not met:
+            why = "queueing behind batches: see the sweep and the server-side split in the run's report.md"
+        out.append({"ratio": key, "value": value, "target": f"{op} {goal:.2f}", "met": met, "bounded_by": why})
     return out
 
 
@@ -238,6 +375,7 @@ def render_bench(r: dict[str, Any]) -> str:
         row("(b) Flask + eager PyTorch", flask),
         row("(c) Triton ensemble, dynamic batching", served),
         row("(d) Triton ensemble, no dynamic batching", plain),
+        *([row("(f) fused CPU layout (one python model)", r["fused"]["report"])] if "fused" in r else []),
         "",
         "| ratio | value |",
         "|---|---|",
@@ -251,5 +389,123 @@ def render_bench(r: dict[str, Any]) -> str:
         lines.append(
             f"- 4K image via {t['mode']}: mean {t['mean_ms']:.0f} ms, p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms"
         )
+    lines += _targets_section(r) + _cpu_section(r) + _hop_section(r) + _memory_section(r)
     lines += ["", "## Machine", "", *[f"- {k}: {v}" for k, v in r["fingerprint"].items()], ""]
     return "\n".join(lines)
+
+
+def _targets_section(r: dict[str, Any]) -> list[str]:
+    rows = r.get("targets") or []
+    if not rows:
+        return []
+    lines = ["", "## Targets (issue 16)", "", "| ratio | value | target | met | bounded by (measured) |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {t['ratio']} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else 'no'} | {t['bounded_by']} |" for t in rows
+    ]
+    lines += [
+        "",
+        "The throughput target compares the served ensemble with the in-process limit scaled to the CPU the load "
+        "generator leaves (limit x (1 - Locust's share)): the limit pays for no client, the served run shares the "
+        "cores with Locust. The per-CPU-second ratio (requests per CPU-second of tritonserver + stubs + gate over "
+        "images per CPU-second in process) is the serving overhead alone; it ignores cores left idle.",
+    ]
+    return lines
+
+
+def _cpu_section(r: dict[str, Any]) -> list[str]:
+    lines = ["", "## CPU per process during the load (from /proc)", ""]
+    runs = (("triton", "(c) dynamic batching"), ("triton_no_batching", "(d) no dynamic batching"), ("fused", "(f) fused"))
+    for key, title in runs:
+        cpu = r.get(key, {}).get("cpu")
+        if not cpu:
+            continue
+        lines += [
+            f"{title}: {cpu['ok_requests']} requests in {cpu['window_s']:.1f} s on {cpu['cores']} cores; "
+            f"idle {100 * cpu['idle_share']:.0f}%, other processes on the machine "
+            f"{100 * cpu.get('others_share', 0.0):.0f}%",
+            "",
+            "| process | count | threads | CPU s | share of machine | CPU ms / request |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {role} | {v['processes']} | {v['threads']} | {v['cpu_s']:.1f} | {100 * v['share']:.0f}% | {v['ms_per_request']:.1f} |"
+            for role, v in cpu["roles"].items()
+        ]
+        lines.append("")
+    ip = r["inprocess"]
+    stages = ip.get("stage_cpu_ms_per_image", {})
+    if stages:
+        lines.append(
+            f"In process (batch {ip['best_batch_size']}, {ip['threads']} thread(s)): "
+            f"{1000.0 / max(ip.get('best_images_per_cpu_s', 0), 1e-9):.1f} CPU ms per image = "
+            + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+        )
+    return lines
+
+
+def _hop_section(r: dict[str, Any]) -> list[str]:
+    """Per request: bytes leaving each hop and CPU ms per process, next to the same stage in process."""
+    ip = r["inprocess"]
+    stages = ip.get("stage_cpu_ms_per_image", {})
+    sizes: dict[str, float] = next((run["tensor_bytes"] for run in ip.get("runs", []) if run.get("tensor_bytes")), {})
+    model = r.get("model", "")
+
+    def kb(key: str) -> str:
+        return f"{sizes.get(key, 0) / 1024:.0f} KB" if sizes else ""
+
+    lines: list[str] = []
+    for key, title in (("triton", "(c) ensemble, dynamic batching"), ("fused", "(f) fused CPU layout")):
+        cpu = r.get(key, {}).get("cpu")
+        if not cpu:
+            continue
+        roles = cpu["roles"]
+
+        def ms(role: str, roles: dict[str, Any] = roles) -> float:
+            return float(roles.get(role, {}).get("ms_per_request", 0.0))
+
+        rows: list[tuple[str, str, float, float | None]] = [
+            ("client (Locust: encode, gRPC send/receive)", kb("request"), ms("locust"), None),
+            ("gate (nginx gRPC proxy)", kb("request"), ms("gate"), None),
+            ("tritonserver (gRPC, scheduling, tensors to/from stub shared memory)", "", ms("tritonserver"), None),
+        ]
+        if key == "fused":
+            rows.append(("fused stub (decode ... NMS, one process)", kb("detections"), ms(f"stub {model}"), sum(stages.values())))
+        else:
+            rows += [
+                ("preprocess stub (decode, resize, normalise)", kb("preprocessed"), ms(f"stub {model}_preprocess"), stages.get("preprocess")),
+                ("core stub (onnxruntime)", kb("core_outputs"), ms(f"stub {model}_core"), stages.get("core")),
+                ("postprocess stub (decode, NMS)", kb("detections"), ms(f"stub {model}_postprocess"), stages.get("postprocess")),
+            ]  # fmt: skip
+        lines += [
+            "",
+            f"## Hops, per request: {title}",
+            "",
+            "| hop | bytes out | served CPU ms | in-process CPU ms | overhead ms |",
+            "|---|---|---|---|---|",
+        ]
+        for name, size, served_ms, inproc in rows:
+            extra = "| | |" if inproc is None else f"| {inproc:.1f} | {served_ms - inproc:.1f} |"
+            lines.append(f"| {name} | {size} | {served_ms:.1f} {extra}")
+        server = sum(v["ms_per_request"] for k, v in roles.items() if k.startswith(SERVER_ROLES_PREFIX))
+        lines.append(f"| server total (gate + tritonserver + stubs) | | {server:.1f} | {sum(stages.values()):.1f} | "
+                     f"{server - sum(stages.values()):.1f} |")  # fmt: skip
+    return lines
+
+
+def _memory_section(r: dict[str, Any]) -> list[str]:
+    from loadtest.procstats import ProcessMemory, memory_by_role
+
+    lines = ["", "## Server memory per process ((c); PSS splits shared pages, USS is private)", ""]
+    for key, title in (("memory", "at start"), ("memory_after_load", "after load")):
+        rows = r["triton"].get(key)
+        if not rows:
+            continue
+        by_role = memory_by_role(ProcessMemory(**row) for row in rows)
+        lines += [f"{title}:", "", "| process | count | RSS MB | PSS MB | USS MB |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {role} | {v['processes']:.0f} | {v['rss_mb']:.0f} | {v['pss_mb']:.0f} | {v['uss_mb']:.0f} |"
+            for role, v in sorted(by_role.items())
+        ]
+        total = {k: sum(v[k] for v in by_role.values()) for k in ("rss_mb", "pss_mb", "uss_mb")}
+        lines += [f"| total | {len(rows)} | {total['rss_mb']:.0f} | {total['pss_mb']:.0f} | {total['uss_mb']:.0f} |", ""]
+    return lines

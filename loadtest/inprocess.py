@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from detserve.pipeline import CORE, model_name
 from detserve.specs import ModelSpec, RequestControls
 
 CORE_INPUT = "images"  # the core's input tensor, as the server feeds it
+STAGES = ("preprocess", "core", "postprocess")  # decode + resize + normalise; onnxruntime; decode + NMS
 
 
 def latest_version(model_dir: Path) -> int:
@@ -42,6 +43,10 @@ class InProcessPipeline:
     spec: ModelSpec
     session: Any  # onnxruntime.InferenceSession
     version_dir: Path
+    # CPU seconds of this process spent in each stage since creation (time.process_time: onnxruntime's
+    # own threads included), and the images run: what each stage costs with no server around it
+    stage_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    images_run: int = 0
 
     @classmethod
     def from_repository(
@@ -78,7 +83,10 @@ class InProcessPipeline:
         same-shaped requests; each image keeps its own canvas, so results do not depend on the batch.
         """
         per_image = self._controls_per_image(controls, len(blobs))
+        t0 = time.process_time()
         items = [self._preprocess(blob) for blob in blobs]
+        self.stage_cpu_s["preprocess"] += time.process_time() - t0
+        self.images_run += len(blobs)
         results: list[dict[str, np.ndarray]] = [{} for _ in blobs]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(items):
@@ -88,6 +96,23 @@ class InProcessPipeline:
             for i, det in zip(idxs, dets, strict=True):
                 results[i] = det
         return results
+
+    def tensor_bytes(self, blobs: Sequence[bytes]) -> dict[str, float]:
+        """Mean bytes per image of what crosses each hop of the served ensemble: the encoded request,
+        the preprocessed tensor (+ image_info), the core's raw outputs, the padded detections."""
+        from detserve.families import output_names
+
+        post = self.spec.postprocess
+        names = list(output_names(post))
+        sizes: dict[str, float] = dict.fromkeys(("request", "preprocessed", "core_outputs", "detections"), 0.0)
+        for blob in blobs:
+            item = self._preprocess(blob)
+            batch = item.tensor.unsqueeze(0).numpy()
+            sizes["request"] += len(blob)
+            sizes["preprocessed"] += batch.nbytes + 6 * 4
+            sizes["core_outputs"] += sum(a.nbytes for a in self.session.run(names, {CORE_INPUT: batch}))
+            sizes["detections"] += 4 + post.detections_per_img * (4 * 4 + 4 + 4)  # num, boxes, scores, labels
+        return {k: v / max(len(blobs), 1) for k, v in sizes.items()}
 
     def _controls_per_image(self, controls: RequestControls | Sequence[RequestControls] | None, n: int) -> list[RequestControls]:
         if controls is None:
@@ -114,13 +139,18 @@ class InProcessPipeline:
 
         post = self.spec.postprocess
         names = output_names(post)
+        t0 = time.process_time()
         batch = torch.stack([it.tensor for it in items]).numpy()
         raw = self.session.run(list(names), {CORE_INPUT: batch})
+        t1 = time.process_time()
         outputs = {name: torch.from_numpy(arr) for name, arr in zip(names, raw, strict=True)}
         resized = torch.tensor([it.resized_hw for it in items], dtype=torch.int32)
         original = torch.tensor([it.original_hw for it in items], dtype=torch.int32)
         dets = family_of_spec(post).decode(post, outputs, padded_hw, resized, original, controls)
-        return [{k: v.numpy() for k, v in d.items()} for d in dets]
+        out = [{k: v.numpy() for k, v in d.items()} for d in dets]
+        self.stage_cpu_s["core"] += t1 - t0
+        self.stage_cpu_s["postprocess"] += time.process_time() - t1
+        return out
 
 
 def _batches(blobs: Sequence[bytes], batch_size: int) -> list[list[bytes]]:
@@ -129,16 +159,19 @@ def _batches(blobs: Sequence[bytes], batch_size: int) -> list[list[bytes]]:
     return [[blobs[(i * batch_size + j) % n] for j in range(batch_size)] for i in range(n)]
 
 
-def _measure_one(pipeline: InProcessPipeline, blobs: Sequence[bytes], batch_size: int, seconds: float) -> dict[str, float]:
+def _measure_one(pipeline: InProcessPipeline, blobs: Sequence[bytes], batch_size: int, seconds: float) -> dict[str, Any]:
     """Whole batches until ``seconds`` have passed (at least one), after one untimed warm-up batch."""
     batches = _batches(blobs, batch_size)
     pipeline.run(batches[0])  # first-call costs (allocations, anchor cache) stay out
+    pipeline.stage_cpu_s = dict.fromkeys(STAGES, 0.0)
+    pipeline.images_run = 0
     times: list[float] = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while not times or time.perf_counter() - started < seconds:
         t0 = time.perf_counter()
         pipeline.run(batches[len(times) % len(batches)])
         times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu_started
     total = sum(times)
     return {
         "batch_size": batch_size,
@@ -149,6 +182,10 @@ def _measure_one(pipeline: InProcessPipeline, blobs: Sequence[bytes], batch_size
         "ms_per_batch": 1000.0 * total / len(times),
         "ms_per_batch_p50": 1000.0 * float(np.median(times)),
         "ms_per_image": 1000.0 * total / (len(times) * batch_size),
+        # CPU this process used (all its threads): images per CPU-second is the limit's efficiency
+        "cpu_s": cpu,
+        "images_per_cpu_s": len(times) * batch_size / max(cpu, 1e-9),
+        "stage_cpu_ms_per_image": {k: 1000.0 * v / max(pipeline.images_run, 1) for k, v in pipeline.stage_cpu_s.items()},
     }
 
 
@@ -177,4 +214,6 @@ def measure(
         "per_batch_size": rows,
         "best_batch_size": int(best["batch_size"]),
         "best_images_per_s": best["images_per_s"],
+        "best_images_per_cpu_s": best["images_per_cpu_s"],
+        "stage_cpu_ms_per_image": best["stage_cpu_ms_per_image"],
     }

@@ -10,6 +10,7 @@ Environment (set by the runner):
     DETSERVE_USERS, DETSERVE_DURATION_S, DETSERVE_STEP_S, DETSERVE_STEP_USERS, DETSERVE_SWEEP   shape parameters
     DETSERVE_LATENCY_LOG      CSV file to write every request's (start, latency_ms, users, ok)
     DETSERVE_RETRIES          retries of a transient failure (a replica gone), with backoff; default 0
+    DETSERVE_CPU_LOG          JSON file for this process's own CPU seconds between test start and stop
 """
 
 from __future__ import annotations
@@ -132,8 +133,35 @@ class DetserveShape(LoadTestShape):
         return (self.users, float(self.users))
 
 
+_CPU: dict[str, float] = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this (single-process) Locust
+    return usage.ru_utime + usage.ru_stime
+
+
+@events.test_start.add_listener
+def _cpu_start(environment: Any, **_: Any) -> None:
+    _CPU.update(start=time.time(), start_cpu_s=_cpu_now())
+
+
+def _write_cpu() -> None:
+    """The load generator's own cost over the load window (loadtest/procstats.py uses it)."""
+    path = os.environ.get("DETSERVE_CPU_LOG")
+    if not path or "start" not in _CPU:
+        return
+    import json
+
+    stop, cpu = time.time(), _cpu_now()
+    Path(path).write_text(json.dumps({"start": _CPU["start"], "stop": stop, "cpu_s": cpu - _CPU["start_cpu_s"]}))
+
+
 @events.test_stop.add_listener
 def _write_log(environment: Any, **_: Any) -> None:
+    _write_cpu()
     path = os.environ.get("DETSERVE_LATENCY_LOG")
     if not path:
         return

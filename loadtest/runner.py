@@ -25,6 +25,7 @@ from loadtest.report import LoadReport, write_report
 LOCUSTFILE = Path(__file__).with_name("locust_grpc.py")
 SHAPES = ("fixed", "step", "sweep")
 STATS_INTERVAL_S = 1.0
+CPU_LOG = "locust_cpu.json"  # the load generator's own CPU seconds over the load window (locust_grpc.py)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def _locust_env(cfg: LoadTestConfig, log_path: Path) -> dict[str, str]:
         "DETSERVE_STEP_S": str(cfg.step_s),
         "DETSERVE_SWEEP": ",".join(str(v) for v in cfg.sweep),
         "DETSERVE_LATENCY_LOG": str(log_path),
+        "DETSERVE_CPU_LOG": str(log_path.with_name(CPU_LOG)),
         "DETSERVE_RETRIES": str(cfg.retries),
         "DETSERVE_SCORE_THRESHOLD": "" if cfg.score_threshold is None else str(cfg.score_threshold),
         "DETSERVE_IOU_THRESHOLD": "" if cfg.iou_threshold is None else str(cfg.iou_threshold),
@@ -104,6 +106,7 @@ def run_locust(cfg: LoadTestConfig, locustfile: Path = LOCUSTFILE, host: str | N
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     log_path = cfg.out_dir / "requests.csv"
     log_path.unlink(missing_ok=True)
+    log_path.with_name(CPU_LOG).unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", host or cfg.grpc_url,
         "--csv", str(cfg.out_dir / "locust"), "--html", str(cfg.out_dir / "locust.html"),
@@ -119,6 +122,17 @@ def run_locust(cfg: LoadTestConfig, locustfile: Path = LOCUSTFILE, host: str | N
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
         raise DetserveError(f"locust failed (exit {proc.returncode}):\n{tail}", hint=f"full log: {cfg.out_dir / 'locust.log'}")
     return RequestLog.read(log_path)
+
+
+def read_locust_cpu(out_dir: Path) -> dict[str, float] | None:
+    """``{"start", "stop"}`` (epoch seconds of the load window) and ``cpu_s`` Locust used in it; None if not written."""
+    import json
+
+    path = Path(out_dir) / CPU_LOG
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return {k: float(raw[k]) for k in ("start", "stop", "cpu_s")}
 
 
 def windows_of(log: RequestLog, window_s: float, skip_s: float = 0.0) -> list[stats.Window]:

@@ -99,14 +99,50 @@ VARIANTS = [
 ]
 
 
+def ort_thread_variants(cores: int | None = None) -> list[Variant]:
+    """onnxruntime intra-op threads 1..cores for the core (and nothing else changed)."""
+    import os
+
+    n = cores or os.cpu_count() or 1
+    return [Variant(f"ORT {t} thread{'s' if t > 1 else ''}", set_ort_threads(t)) for t in range(1, n + 1)]
+
+
+def apply_variant(repository: Path, model: str, variant: Variant) -> list[Path]:
+    """Edit ``model``'s composing configs in ``repository`` in place the way ``variant`` does (a server
+    serving it picks the change up when the models are loaded again). Returns the configs changed."""
+    changed = []
+    for role in ROLES:
+        path = repository / f"{model}_{role}" / "config.pbtxt"
+        before = path.read_text()
+        config = parse(before)
+        variant.mutate(role, config)
+        after = render(config)
+        if after != before:
+            path.write_text(after)
+            changed.append(path)
+    return changed
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The variant with the highest throughput among those without failures."""
+    clean = [r for r in rows if not r["failures"]] or rows
+    return max(clean, key=lambda r: r["throughput_rps"])
+
+
 def run_tuning(
-    repository: Path, model: str, out_dir: Path, users: int, duration_s: float, echo: Callable[[str], None]
+    repository: Path,
+    model: str,
+    out_dir: Path,
+    users: int,
+    duration_s: float,
+    echo: Callable[[str], None],
+    variants: list[Variant] | None = None,
 ) -> list[dict[str, Any]]:
     from detserve.ops.server import running_server
     from loadtest.runner import LoadTestConfig, run_loadtest
 
     rows: list[dict[str, Any]] = []
-    for i, variant in enumerate(VARIANTS):
+    for i, variant in enumerate(VARIANTS if variants is None else variants):
         repo = variant_repository(repository, out_dir / f"repo-{i}", model, variant.mutate)
         echo(f"  {variant.name}")
         with running_server(repo) as server:
@@ -136,10 +172,27 @@ def render_tuning(rows: list[dict[str, Any]], users: int) -> str:
 
 
 def tune_and_report(
-    repository: Path, model: str, out_dir: Path, users: int, duration_s: float, echo: Callable[[str], None]
+    repository: Path,
+    model: str,
+    out_dir: Path,
+    users: int,
+    duration_s: float,
+    echo: Callable[[str], None],
+    ort_threads_only: bool = False,
+    apply: bool = False,
 ) -> str:
-    """Run every variant, write ``tuning.md`` into ``out_dir`` and return the table."""
-    table = render_tuning(run_tuning(repository, model, out_dir, users, duration_s, echo), users)
+    """Run the variants (every one, or onnxruntime's thread counts only), write ``tuning.md`` into
+    ``out_dir`` and return the table; ``apply`` writes the fastest variant into the repository."""
+    variants = [VARIANTS[0], *ort_thread_variants()] if ort_threads_only else VARIANTS
+    rows = run_tuning(repository, model, out_dir, users, duration_s, echo, variants)
+    table = render_tuning(rows, users)
+    if apply:
+        best = best_row(rows)
+        variant = next(v for v in variants if v.name == best["variant"])
+        changed = apply_variant(repository, model, variant)
+        table += f"\n\napplied: {variant.name!r} ({best['throughput_rps']:.1f} req/s) to " + (
+            ", ".join(str(p) for p in changed) or "nothing (already as built)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tuning.md").write_text(table + "\n")
     return table

@@ -303,11 +303,13 @@ def tune(
     users: Annotated[int, typer.Option(help="concurrent users")] = 16,
     duration: Annotated[str, typer.Option(help="length of each run")] = "15s",
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/tune"),
+    ort_threads: Annotated[bool, typer.Option(help="only onnxruntime's thread counts (1..cores) against as built")] = False,
+    apply: Annotated[bool, typer.Option(help="write the fastest variant into the repository's configs")] = False,
 ) -> None:
     """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
     from loadtest.tune import tune_and_report
 
-    typer.echo(tune_and_report(repository, model, out, users, _seconds(duration), typer.echo))
+    typer.echo(tune_and_report(repository, model, out, users, _seconds(duration), typer.echo, ort_threads, apply))
 
 
 @app.command()

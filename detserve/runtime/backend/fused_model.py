@@ -1,0 +1,105 @@
+"""The fused CPU layout: pre-processing, the ONNX Runtime core and post-processing in one python model.
+
+An option for CPU-only deployments (docs/performance.md): the ensemble's three python stubs become
+one, so the preprocessed tensor and the core's raw outputs never leave the process — no copy into
+and out of Triton's shared memory between steps, no ensemble bookkeeping, one ``execute`` per batch
+instead of three. It serves the same contract as the ensemble (``IMAGE`` in; ``num_detections``,
+``boxes``, ``scores``, ``labels`` out) under the ensemble's name, with the same per-request
+controls, errors and abandoned-request checks; the three stages' code is the ensemble's own.
+
+All requests handed to one ``execute`` are decoded one by one (a bad image fails alone), grouped
+by padded size, run through onnxruntime as one batch per size and decoded + NMS'd together, then
+split into one response per request, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from detserve.families import decode_spec_from_json, family_of_spec, output_names
+from detserve.runtime.backend.common import (
+    apply_torch_threads,
+    check_wanted,
+    config_parameter,
+    error_response,
+    group_by,
+    tune_stub_malloc,
+)
+from detserve.runtime.backend.preprocess_model import preprocess_images
+from detserve.runtime.onnxrt import cpu_session
+from detserve.runtime.outputs import pad_detections
+from detserve.specs import PreprocessSpec, RequestControls
+from detserve.tritonconfig import CORE_INPUT, IMAGE, OUTPUTS
+
+
+class _Request:
+    """One request, preprocessed: its images on their canvas, image_info and controls."""
+
+    def __init__(self, request: Any, pre: PreprocessSpec, post: Any) -> None:
+        check_wanted(request)
+        self.controls = RequestControls.from_parameters(json.loads(request.parameters() or "{}"), post)
+        blobs = [bytes(b) for b in pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)]
+        self.images, self.info = preprocess_images(blobs, pre)
+        self.n = int(self.info.shape[0])
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        return (int(self.info[0, 4]), int(self.info[0, 5]))
+
+
+def _response(per_image: list[dict[str, np.ndarray]]) -> Any:
+    tensors = [pb_utils.Tensor(name, np.stack([d[name] for d in per_image])) for name in OUTPUTS]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        tune_stub_malloc()
+        apply_torch_threads(args)
+        self.pre = PreprocessSpec.from_json(config_parameter(args, "preprocess_spec"))
+        self.post = decode_spec_from_json(config_parameter(args, "postprocess_spec"))
+        self.names = list(output_names(self.post))
+        path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "onnx_file")
+        self.session = cpu_session(
+            path, int(config_parameter(args, "intra_op_threads")), config_parameter(args, "allow_spinning", "0") == "1"
+        )
+
+    def _run_group(self, items: list[_Request]) -> list[list[dict[str, np.ndarray]]]:
+        batch = np.concatenate([it.images for it in items]) if len(items) > 1 else items[0].images
+        raw = self.session.run(self.names, {CORE_INPUT: batch})
+        outputs = {name: torch.from_numpy(arr) for name, arr in zip(self.names, raw, strict=True)}
+        info = torch.from_numpy(np.concatenate([it.info for it in items]))
+        controls = [it.controls for it in items for _ in range(it.n)]
+        dets = family_of_spec(self.post).decode(self.post, outputs, items[0].padded_hw, info[:, 2:4], info[:, 0:2], controls)
+        out, start = [], 0
+        for it in items:
+            out.append([pad_detections(d, it.controls.max_det) for d in dets[start : start + it.n]])
+            start += it.n
+        return out
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        parsed: dict[int, _Request] = {}
+        for i, request in enumerate(requests):
+            try:
+                parsed[i] = _Request(request, self.pre, self.post)
+            except Exception as e:  # this request's fault (or abandoned): it fails alone
+                responses[i] = error_response(pb_utils, e)
+        keys = list(parsed)
+        for _, idxs in group_by([parsed[k].padded_hw for k in keys]).items():
+            members = [keys[j] for j in idxs]
+            try:
+                results = self._run_group([parsed[k] for k in members])
+            except Exception as e:
+                for k in members:
+                    responses[k] = error_response(pb_utils, e)
+                continue
+            for k, per_image in zip(members, results, strict=True):
+                responses[k] = _response(per_image)
+        return responses
