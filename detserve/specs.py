@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from detserve.errors import SpecError
 
-ResizeMode = Literal["torchvision", "fixed", "letterbox", "ultralytics"]
+ResizeMode = Literal["torchvision", "fixed", "letterbox", "ultralytics", "transformers"]
 ColorOrder = Literal["RGB", "BGR"]
 Family = Literal["ssd", "retinanet", "fcos"]
 AnchorKind = Literal["default_boxes", "grid"]
@@ -83,7 +83,14 @@ class PreprocessSpec(Spec):
       - ``letterbox``: keep aspect inside ``fixed_size``, pad the rest with ``pad_value``;
       - ``ultralytics``: ultralytics' own ``LetterBox`` as its predictor runs it on a fixed canvas
         (``auto=False``): OpenCV ``INTER_LINEAR`` resize of the uint8 pixels, its rounding of the
-        new size and of the centred padding, pad ``pad_value * pixel_max`` (114), then 0..1.
+        new size and of the centred padding, pad ``pad_value * pixel_max`` (114), then 0..1;
+      - ``transformers``: a Hugging Face image processor's torchvision backend (RT-DETR, D-FINE,
+        DETR): the uint8 pixels resized by ``torchvision.transforms.v2.functional.resize``
+        (bilinear, antialias) to ``fixed_size`` without keeping aspect, or, without ``fixed_size``,
+        so the short side is ``min_size`` and the long side at most ``max_size`` (the processor's
+        ``shortest_edge``/``longest_edge`` arithmetic); then ``x * (1 / pixel_max)``, or, when
+        ``image_mean``/``image_std`` are not 0/1, the processor's fused normalisation
+        ``(x - mean * pixel_max) / (std * pixel_max)``. No padding (``size_divisible`` 1).
     The order matches torchvision: scale to 0..1, normalise, resize, pad (bottom/right) to a
     multiple of ``size_divisible``. ``pad_value`` is in normalised units, like torchvision's 0
     (for ``ultralytics``: 114 / 255, the uint8 fill ``round(pad_value * pixel_max)``).
@@ -111,7 +118,7 @@ class PreprocessSpec(Spec):
         check(self.color_order in get_args(ColorOrder), f"color_order must be RGB or BGR, got {self.color_order!r}")
         check(self.grey == "replicate", f"grey must be 'replicate', got {self.grey!r}")
         check(self.interpolation == "bilinear", f"interpolation must be 'bilinear', got {self.interpolation!r}")
-        if self.resize_mode == "torchvision":
+        if self.resize_mode == "torchvision" or (self.resize_mode == "transformers" and self.fixed_size is None):
             check(0 < self.min_size <= self.max_size, f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
         else:
             check(
@@ -121,6 +128,8 @@ class PreprocessSpec(Spec):
         check(self.size_divisible >= 1, f"size_divisible must be >= 1, got {self.size_divisible}")
         if self.resize_mode == "ultralytics":
             self._check_ultralytics()
+        if self.resize_mode == "transformers":
+            check(self.size_divisible == 1, f"resize_mode 'transformers' pads nothing: size_divisible must be 1, got {self.size_divisible}")
         check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std need 3 values")
         check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
         check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")
@@ -150,7 +159,7 @@ class PreprocessSpec(Spec):
     @property
     def trace_hw(self) -> tuple[int, int]:
         """The input size an export traces with: the fixed size, else a typical 4:3 landscape image."""
-        if self.resize_mode == "torchvision":
+        if self.fixed_input_hw is None:  # torchvision, or transformers' shortest/longest edge
             short = min(self.min_size, self.max_size * 3 // 4)
             return self.padded_hw((short, min(self.max_size, short * 4 // 3)))
         assert self.fixed_input_hw is not None  # checked on construction

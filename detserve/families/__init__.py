@@ -32,6 +32,8 @@ _REGISTRY: dict[str, str] = {
     "retinanet": "detserve.families.torchvision",
     "fcos": "detserve.families.torchvision",
     "yolo": "detserve.families.yolo",
+    "detr": "detserve.families.detr",
+    "rcnn": "detserve.families.rcnn",
 }
 
 

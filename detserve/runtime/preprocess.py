@@ -4,7 +4,9 @@ For ``resize_mode="torchvision"`` and ``"fixed"`` this calls torchvision's own r
 (the one ``GeneralizedRCNNTransform`` calls), in the same order (0..1 scale, normalise, resize,
 pad), so the served tensor equals ``model.transform``'s bit for bit — a test checks difference 0.
 For ``"ultralytics"`` it repeats ultralytics' ``LetterBox`` with the same OpenCV calls on the uint8
-pixels (tests/unit/test_yolo.py checks difference 0 against ultralytics' predictor).
+pixels (tests/unit/test_yolo.py checks difference 0 against ultralytics' predictor). For
+``"transformers"`` it repeats a Hugging Face image processor's torchvision backend with the same
+torchvision calls (tests/unit/test_detr.py checks difference 0 against the processor).
 """
 
 from __future__ import annotations
@@ -110,6 +112,54 @@ def letterbox_ultralytics(rgb: np.ndarray, spec: PreprocessSpec) -> tuple[np.nda
     return img, (unpad_h, unpad_w)
 
 
+def shortest_longest_edge(hw: tuple[int, int], size: int, max_size: int) -> tuple[int, int]:
+    """transformers' ``get_size_with_aspect_ratio`` (DETR's ``shortest_edge``/``longest_edge``), same arithmetic."""
+    height, width = hw
+    raw_size = None
+    min_side, max_side = float(min(height, width)), float(max(height, width))
+    if max_side / min_side * size > max_size:
+        raw_size = max_size * min_side / max_side
+        size = round(raw_size)
+    if (height <= width and height == size) or (width <= height and width == size):
+        return height, width
+    if width < height:
+        return (int(raw_size * height / width) if raw_size is not None else int(size * height / width)), size
+    return size, (int(raw_size * width / height) if raw_size is not None else int(size * width / height))
+
+
+def resize_transformers(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """A transformers image processor's torchvision backend on uint8 RGB -> float32 [3, h, w].
+
+    The same calls as ``TorchvisionBackend``: ``tvF.resize`` of the uint8 tensor (bilinear,
+    antialias), then ``rescale_and_normalize``: ``x * rescale_factor`` without normalisation, or
+    its fused form ``tvF.normalize(x.float(), mean * (1 / rescale_factor), std * (1 / rescale_factor))``.
+    """
+    from torchvision.transforms.v2 import functional as tvF
+
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    if spec.color_order == "BGR":
+        t = t.flip(0)
+    t = t.contiguous()
+    if spec.fixed_size is not None:
+        size = (int(spec.fixed_size[0]), int(spec.fixed_size[1]))
+    else:
+        size = shortest_longest_edge((int(t.shape[-2]), int(t.shape[-1])), spec.min_size, spec.max_size)
+    if min(size) < 1:
+        from detserve.errors import ImageError
+
+        raise ImageError(
+            f"image {t.shape[-1]}x{t.shape[-2]} has too extreme an aspect ratio: resized its short side would have 0 pixels",
+            hint=f"send images whose long side is at most about {spec.max_size} times the short side",
+        )
+    t = tvF.resize(t[None], list(size), interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)[0]
+    rescale = 1.0 / spec.pixel_max
+    if tuple(spec.image_mean) == (0.0, 0.0, 0.0) and tuple(spec.image_std) == (1.0, 1.0, 1.0):
+        return t * rescale
+    mean = torch.tensor(spec.image_mean) * (1.0 / rescale)
+    std = torch.tensor(spec.image_std) * (1.0 / rescale)
+    return tvF.normalize(t.to(torch.float32), mean, std, inplace=False)
+
+
 def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
     """Decoded RGB pixels -> padded, normalised tensor, in torchvision's order (or ultralytics')."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -121,6 +171,13 @@ def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
             tensor=normalize(to_float(canvas, spec), spec),
             original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
             resized_hw=resized_hw,
+        )
+    if spec.resize_mode == "transformers":
+        resized = resize_transformers(rgb, spec)
+        return Preprocessed(
+            tensor=resized,
+            original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
+            resized_hw=(int(resized.shape[-2]), int(resized.shape[-1])),
         )
     image = normalize(to_float(rgb, spec), spec)
     resized = resize(image, spec)
