@@ -33,7 +33,6 @@ _REGISTRY: dict[str, str] = {
     "fcos": "detserve.families.torchvision",
     "yolo": "detserve.families.yolo",
     "detr": "detserve.families.detr",
-    "rcnn": "detserve.families.rcnn",
 }
 
 
