@@ -259,9 +259,8 @@ def _check_target_options(req: BuildRequest) -> None:
 
 def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: PreprocessSpec, outputs: list[Any]) -> dict[str, Any]:
     """``model.plan`` (+ ``model.plan.json``) next to the ONNX, verified against ONNX Runtime unless --no-verify."""
-    from converters.onnx_export import require_ok
     from converters.tensorrt_build import BuildOptions, build_engine, default_timing_cache
-    from converters.tensorrt_verify import verify_tensorrt
+    from converters.tensorrt_verify import require_engine_ok, verify_tensorrt
 
     plan = onnx_path.with_name("model.plan")
     opts = BuildOptions(
@@ -274,7 +273,7 @@ def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: Preproc
     if req.verify:
         batches = [b for b in _verification_batches(pre) if b.shape[0] <= req.options.max_batch_size]
         result = verify_tensorrt(onnx_path, plan, batches, req.precision, outputs)
-        require_ok(result)
+        require_engine_ok(result, onnx_path)  # a GridSample graph's refusal names the option that avoids it
         verification = result.to_dict()
     return {"engine": meta.to_dict(), "verification": verification}
 

@@ -14,6 +14,12 @@ Tolerances (atol, rtol), per precision:
 - int8: 0.1 relative; absolute 0.5 for logits/ctrness and 0.25 for box regressions. An elementwise
   bound only catches a broken engine here (wrong scales, garbage); whether int8 is accurate
   enough is a detection-level question (mAP on your data), which this check does not answer.
+
+Engines of deformable-attention detectors (RT-DETR, D-FINE: ``GridSample`` in the graph) have been
+reported to build, run and return wrong results silently on some TensorRT versions, batch sizes and
+typing modes (NVIDIA/TensorRT #4813). The check therefore also runs a batch at the engine's largest
+batch size (where those reports fail), and a refusal of such an engine names the option that
+avoids the op (:func:`require_engine_ok`).
 """
 
 from __future__ import annotations
@@ -113,6 +119,55 @@ def compare_runners(
     )
 
 
+def grid_sample_nodes(onnx_path: Path) -> int:
+    """How many ``GridSample`` nodes the graph holds (deformable attention decomposed by the exporter)."""
+    import onnx
+
+    return sum(1 for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type == "GridSample")
+
+
+GRID_SAMPLE_HINT = (
+    "this graph has {n} GridSample node(s): TensorRT has been reported to miscompile deformable attention "
+    "silently (NVIDIA/TensorRT #4813). Avoid the op: RT-DETRv2 with decoder_method='discrete' (config.json, or "
+    "the rtdetr_v2_tiny configuration) exports no GridSample; or serve this model with --target onnxruntime / "
+    "python-onnxruntime. Never deploy it with --no-verify."
+)
+
+
+def require_engine_ok(result: CoreVerification, onnx_path: Path) -> None:
+    """Refuse an engine that disagrees with ONNX Runtime; for a GridSample graph, say which option avoids the op."""
+    from detserve.errors import VerificationError
+
+    if result.ok:
+        return
+    n = grid_sample_nodes(onnx_path)
+    if not n:
+        from converters.onnx_export import require_ok
+
+        require_ok(result)
+    bad = "; ".join(f"{o.name} max abs {o.max_abs:.3e} (rel {o.max_rel:.3e})" for o in result.outputs if not o.ok)
+    raise VerificationError(f"TensorRT engine disagrees with ONNX Runtime: {bad}", hint=GRID_SAMPLE_HINT.format(n=n))
+
+
+def with_full_batch(batches: Sequence[Any], max_batch_size: int) -> list[Any]:
+    """``batches`` plus one of the engine's largest batch size (the given images repeated), if none is that large.
+
+    Silent wrong results of some engines show only at larger batches (NVIDIA/TensorRT #4813, RT-DETR
+    at batch > 1); a check at batch 1-2 alone would pass them.
+    """
+    items = list(batches)
+    if not items or max_batch_size <= max(int(b.shape[0]) for b in items):
+        return items
+    same = [b for b in items if tuple(b.shape[1:]) == tuple(items[0].shape[1:])]
+    rows = [b[i : i + 1] for b in same for i in range(int(b.shape[0]))]
+    picked = [rows[i % len(rows)] for i in range(max_batch_size)]
+    if hasattr(picked[0], "detach"):  # torch tensors
+        import torch
+
+        return [*items, torch.cat(picked)]
+    return [*items, np.concatenate([np.asarray(r) for r in picked])]
+
+
 def onnx_output_names(onnx_path: Path) -> list[str]:
     import onnx
 
@@ -143,4 +198,6 @@ def verify_tensorrt(
     reference = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]), name="onnxruntime")
     candidate = TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path))), name="tensorrt")
     backend = f"tensorrt {trt.__version__} {precision} on {meta.gpu_name} vs onnxruntime"
+    if meta.max_batch_size:
+        batches = with_full_batch(batches, meta.max_batch_size)
     return compare_runners(reference, candidate, batches, names, tolerances_for(precision, declared), backend)

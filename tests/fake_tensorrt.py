@@ -250,3 +250,31 @@ class Network:
     def add_reduce(self, x: Tensor, op: str, axes: int, keep_dims: bool) -> Layer:
         assert op == "SUM"
         return Layer(lambda: x.value.sum(axis=_axis(axes), keepdims=keep_dims).astype(x.value.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# stand-in for an engine whose GridSample is miscompiled (NVIDIA/TensorRT #4813)
+# --------------------------------------------------------------------------------------------
+
+
+def miscompiled_grid_sample(onnx_path: Any, out_path: Any) -> Any:
+    """The same graph with every ``GridSample`` computing the wrong sampling convention
+    (``align_corners`` flipped): what a silently wrong engine returns -- it builds and runs, its
+    outputs have the right shapes and plausible values, only the deformable attention samples the
+    wrong places. Run by ONNX Runtime as the "engine" of a verification, it must be refused."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "GridSample":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if "align_corners" in attrs:
+            attrs["align_corners"].i = 1 - attrs["align_corners"].i
+        else:
+            node.attribute.append(onnx.helper.make_attribute("align_corners", 1))
+        changed += 1
+    assert changed, "the graph has no GridSample to miscompile"
+    onnx.save(model, str(out_path))
+    return out_path
