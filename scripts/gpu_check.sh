@@ -2,7 +2,9 @@
 # Prove the TensorRT path on a CUDA machine, in under 10 minutes:
 #   converters/gpu_check.py  builds the demo detector's fp32/fp16/int8 engines, verifies each
 #                            against ONNX Runtime, checks GPU post-processing against CPU, builds
-#                            the end-to-end NMS variant, benchmarks against eager PyTorch
+#                            the end-to-end NMS variant, builds and verifies RT-DETR engines (grid-sample
+#                            and discrete-sampling cores: a wrong GridSample engine must be refused,
+#                            NVIDIA/TensorRT #4813), benchmarks against eager PyTorch
 #                            (results: OUT/gpu_check.json, written step by step)
 #   pytest -m gpu            the GPU tests of tests/unit/test_tensorrt.py (OUT/pytest_gpu.txt)
 #   detserve compare         the trained demo detector built as a TensorRT fp32 engine: detections of
