@@ -53,18 +53,28 @@ class FusedOptions:
         return instances, self.intra_op_threads or max(1, cores // instances)
 
 
-def _latest_onnx_version(core_dir: Path) -> int:
+def served_core_version(repository: Path, name: str) -> int:
+    """The core version the ensemble serves: its step's pin, else the core's pinned policy, else the
+    latest version holding a ``model.onnx`` (Triton's default)."""
+    core_dir = repository / model_name(name, CORE)
     versions = [int(p.name) for p in core_dir.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file()]
     if not versions:
         raise SpecError(
             f"{core_dir} holds no model.onnx",
             hint="the fused layout runs the core in onnxruntime: build with --target python-onnxruntime or onnxruntime",
         )
-    return max(versions)
+    step = next(s for s in read_config(repository / name).ensemble_scheduling.step if s.model_name == core_dir.name)
+    pinned = list(read_config(core_dir).version_policy.specific.versions)
+    wanted = step.model_version if step.model_version > 0 else max(pinned, default=max(versions))
+    if wanted not in versions:
+        raise SpecError(f"{name}: the served core version {wanted} has no model.onnx in {core_dir}")
+    return int(wanted)
 
 
 def fused_config(name: str, repository: Path, options: FusedOptions = FusedOptions()) -> Any:
     """The fused model's config, from the built ensemble's composing configs."""
+    if not (repository / name / "config.pbtxt").is_file():
+        raise SpecError(f"no model {name!r} in {repository}", hint="build it first (detserve build)")
     pre = read_config(repository / model_name(name, PREPROCESS))
     core = read_config(repository / model_name(name, CORE))
     post = read_config(repository / model_name(name, POSTPROCESS))
@@ -105,7 +115,7 @@ def fused_repository(src: Path, dst: Path, name: str, options: FusedOptions = Fu
     src, dst = Path(src), Path(dst)
     config = fused_config(name, src, options)
     core_dir = src / model_name(name, CORE)
-    version = _latest_onnx_version(core_dir)
+    version = served_core_version(src, name)
     target = dst / name
     if target.exists():
         shutil.rmtree(target)

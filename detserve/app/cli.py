@@ -314,6 +314,22 @@ def tune(
 
 @app.command()
 @_user_errors
+def fuse(
+    repository: Annotated[Path, typer.Option(help="repository holding the built ensemble")],
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    out: Annotated[Path, typer.Option(help="repository to write the fused model into (served under the same name)")],
+    instances: Annotated[int, typer.Option(help="fused model instances (0: one per core)")] = 0,
+    ort_threads: Annotated[int, typer.Option(help="onnxruntime threads per instance (0: cores / instances)")] = 0,
+) -> None:
+    """The fused CPU layout of a built model: pre-processing + core + post-processing in one python model."""
+    from converters.fused import FusedOptions, fused_repository
+
+    dst = fused_repository(repository, out, model, FusedOptions(instances=instances, intra_op_threads=ort_threads))
+    typer.echo(f"wrote {dst / model} (serve it with: detserve serve --repository {dst})")
+
+
+@app.command()
+@_user_errors
 def stages(
     detector: Annotated[list[str], typer.Option(help="detector (repeatable; default: one or two per family)")] = [],  # noqa: B006
 ) -> None:
