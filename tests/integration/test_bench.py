@@ -1,4 +1,5 @@
-"""`detserve bench` end to end with tiny durations: every stage runs and the ratio table is complete."""
+"""`detserve bench` end to end with tiny durations (slow): every stage runs and the ratio table is complete;
+and (fast) the per-process CPU accounting of one short served run against the session's server."""
 
 from __future__ import annotations
 
@@ -6,11 +7,34 @@ from pathlib import Path
 
 import pytest
 
+from detserve.ops.server import TritonServer
 from loadtest.bench import BenchConfig, run_bench
+from tests.integration.conftest import SHAPES
 
-pytestmark = pytest.mark.slow
+
+def test_cpu_accounting_of_a_served_run(server: TritonServer, tmp_path: Path) -> None:
+    """Locust's own CPU over its load window, every stub of the loaded model seen with CPU used."""
+    from loadtest.bench import cpu_accounting, server_memory
+    from loadtest.procstats import CpuSampler
+    from loadtest.runner import LoadTestConfig, read_locust_cpu, run_loadtest
+
+    cfg = LoadTestConfig(grpc_url=server.options.grpc_url, model=SHAPES, out_dir=tmp_path, users=2, duration_s=3.0)
+    with CpuSampler() as sampler:
+        report = run_loadtest(cfg).report
+    locust = read_locust_cpu(tmp_path)
+    assert locust is not None and locust["cpu_s"] > 0 and 2.0 < locust["stop"] - locust["start"] < 10.0
+    cpu = cpu_accounting(sampler.series, locust, report)
+    roles = cpu["roles"]
+    for step in ("preprocess", "core", "postprocess"):
+        assert roles[f"stub {SHAPES}_{step}"]["cpu_s"] > 0, step
+    assert roles["tritonserver"]["cpu_s"] > 0 and "gate" in roles and roles["locust"]["cpu_s"] == locust["cpu_s"]
+    assert 0 < cpu["locust_share"] < 1 and cpu["server_cpu_s"] > 0
+    memory = server_memory(server)
+    assert {"tritonserver", "gate", f"stub {SHAPES}_core"} <= {m["role"] for m in memory}
+    assert all(m["uss_mb"] <= m["rss_mb"] for m in memory)
 
 
+@pytest.mark.slow
 def test_bench_runs_every_stage(tmp_path: Path) -> None:
     from converters.repository import BuildRequest, build_repository
 
@@ -28,9 +52,14 @@ def test_bench_runs_every_stage(tmp_path: Path) -> None:
         "dynamic batching on / off (throughput)",
         "p99 at ~70% of peak / unloaded p50",
         "4K: gRPC / shared memory (mean latency)",
+        "served / in-process limit on the CPU the load generator leaves",
+        "served / in-process, requests per CPU-second (server processes only)",
+        "fused CPU layout / ensemble (throughput)",
     }
+    assert results["triton"]["cpu"]["locust_cpu_s"] > 0 and results["fused"]["cpu"]["server_cpu_s"] > 0
     for key in ("triton", "triton_no_batching", "flask"):
         assert results[key]["report"]["failures"] == 0, key
     assert results["triton"]["server_rss_mb"] > 0
     text = (tmp_path / "bench" / "bench.md").read_text()
     assert "(b) Flask + eager PyTorch" in text and "Server memory" in text
+    assert "## Targets (issue 16)" in text and "## Hops, per request" in text

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from loadtest.bench import (
+    CAPACITY_RATIO,
+    FLASK_PER_CPU_RATIO,
     LOAD_SHARE,
     PER_CPU_RATIO,
     TARGET_RATIO,
@@ -64,7 +66,7 @@ def _results(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         "fingerprint": {"cpu": "test"},
         "inprocess": {
             "best_images_per_s": 12.5,
-            "best_images_per_cpu_s": 8.0,
+            "best_images_per_cpu_s": 7.0,
             "best_batch_size": 8,
             "threads": 2,
             "stage_cpu_ms_per_image": {"preprocess": 40.0, "core": 70.0, "postprocess": 15.0},
@@ -82,7 +84,7 @@ def _results(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             "server_rss_mb_after_load": 320.0,
         },
         "triton_no_batching": {"report": report(9.0, 300.0), "cpu": cpu},
-        "flask": {"report": report(4.0, 1500.0)},
+        "flask": {"report": report(4.0, 1500.0), "cpu": {**cpu, "server_cpu_s": 4.0}},
         "fused": {"report": report(11.0, 350.0), "cpu": cpu},
     }
     r["ratios"] = ratios(r)
@@ -94,8 +96,9 @@ def test_ratios_with_the_load_generator_accounted_for(monkeypatch: pytest.Monkey
     r = _results(monkeypatch)
     rat = r["ratios"]
     assert rat[LOAD_SHARE] == pytest.approx(0.05)
-    assert rat[TARGET_RATIO] == pytest.approx(10.0 / (12.5 * 0.95))
-    assert rat[PER_CPU_RATIO] == pytest.approx((100 / 16.0) / 8.0)
+    assert rat[CAPACITY_RATIO] == pytest.approx(10.0 / (12.5 * 0.95))
+    assert TARGET_RATIO == PER_CPU_RATIO and rat[PER_CPU_RATIO] == pytest.approx((100 / 16.0) / 7.0)
+    assert rat[FLASK_PER_CPU_RATIO] == pytest.approx((100 / 16.0) / (100 / 4.0))
     assert rat["served / in-process limit (throughput)"] == pytest.approx(0.8)  # the raw figure stays
     assert rat["fused CPU layout / ensemble (throughput)"] == pytest.approx(1.1)
     by_name = {t["ratio"]: t for t in r["targets"]}
@@ -103,6 +106,7 @@ def test_ratios_with_the_load_generator_accounted_for(monkeypatch: pytest.Monkey
     assert by_name["served / Flask (throughput)"]["met"] is False
     assert "160.0 CPU ms per request" in by_name["served / Flask (throughput)"]["bounded_by"]
     assert by_name["served p99 / Flask p99"]["met"] is True
+    assert by_name["p99 at ~70% of peak / unloaded p50"]["met"] is True
 
 
 def test_render_has_targets_cpu_hops_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
