@@ -170,8 +170,10 @@ class DetrFamily:
         return detector in DETECTORS or detector == CHECKPOINT_DETECTOR
 
     def default_num_classes(self, checkpoint: Any) -> int:
-        """80 (COCO) for a model built by name; 0 = the checkpoint's own count."""
-        return 0 if checkpoint is not None else 80
+        """80 (COCO) for a model built by name (also with a weights file); 0 = a save_pretrained folder's own count."""
+        from pathlib import Path
+
+        return 0 if checkpoint is not None and Path(checkpoint).is_dir() else 80
 
     def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
         from detserve.families.detr_models import build

@@ -61,15 +61,17 @@ def build(detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[s
 
     By name: a transformers config built in code (``detr_configs.DETECTORS``), weights seeded,
     nothing downloaded. With a checkpoint: a ``save_pretrained`` folder holding ``config.json``,
-    the weights and ``preprocessor_config.json`` (the image processor decides the preprocessing).
+    the weights and ``preprocessor_config.json`` (the image processor decides the preprocessing), or,
+    with a named detector, a weights file (``.safetensors``, or a ``torch.save``d state dict read with
+    ``weights_only=True``) for that configuration and ``num_classes``.
     """
     import torch
 
     if model_kwargs:
         raise SpecError(f"unknown DETR-family model option(s): {', '.join(sorted(model_kwargs))}", hint="this family takes none")
-    if checkpoint is not None:
-        if seed is not None:
-            raise SpecError("a spread-init seed replaces the class heads' weights; it cannot be combined with a checkpoint")
+    if checkpoint is not None and seed is not None:
+        raise SpecError("a spread-init seed replaces the class heads' weights; it cannot be combined with a checkpoint")
+    if checkpoint is not None and (detector == CHECKPOINT_DETECTOR or Path(checkpoint).is_dir()):
         model, processor, model_type = _load_folder(Path(checkpoint), num_classes)
     else:
         if detector not in DETECTORS:
@@ -86,6 +88,8 @@ def build(detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[s
             torch.manual_seed(0 if seed is None else seed)
             model = model_cls(config)
         processor = processor_cls(size=size)
+        if checkpoint is not None:
+            _load_weights(model, Path(checkpoint))
     model.float().eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,6 +127,29 @@ def _load_folder(path: Path, num_classes: int) -> tuple[Any, Any, str]:
             f"{path} has {nc} classes, {num_classes} were asked for", hint=f"pass --num-classes {nc} (or omit it)"
         )
     return model, processor, str(config.model_type)
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    """A state dict for the named configuration: every key, every shape (strict), or a clear error."""
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # safetensors/torch/unpickler errors, missing or unexpected keys, shape mismatches
+        raise CheckpointError(
+            f"cannot load {path} into {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}",
+            hint="the file must hold this configuration's state dict with the same --num-classes; "
+            "a save_pretrained folder brings its own configuration (detector 'hf')",
+        ) from e
 
 
 def spread_head_init(model: Any, seed: int, logit_std: float = 3.0, fraction_above: float = 0.2) -> Any:

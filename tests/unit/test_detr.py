@@ -187,10 +187,11 @@ def test_decode_spec_is_validated_and_round_trips() -> None:
         DetrDecodeSpec.from_dict({**spec.to_dict(), "nms_thresh": 0.5})
     with pytest.raises(SpecError, match="num_queries"):
         DetrDecodeSpec.from_dict({**spec.to_dict(), "detections_per_img": 31})
-    controls = RequestControls.from_parameters({"iou_threshold": 0.2}, spec)
+    controls = RequestControls.from_parameters({"iou_threshold": 0.2}, spec)  # type: ignore[arg-type]  # any family's spec
     assert controls.max_det == spec.detections_per_img and controls.score_threshold == 0.5
 
 
+@pytest.mark.slow  # the real server runs the same pipeline in tests/integration/test_parity_detr.py
 def test_rtdetr_onnx_core_and_served_pipeline_equal_transformers(photos: dict[str, np.ndarray], tmp_path: Path) -> None:
     """The exported core (opset 17, grid-sample) within its declared tolerance of the eager model, and
     preprocess -> ONNX Runtime -> decode equals the processor + model + post-processing, order-free."""
@@ -300,7 +301,6 @@ def test_other_cores_export_and_match_their_library(detector: str, photos: dict[
         assert np.array_equal(dets["scores"].numpy(), ref["scores"]) and np.array_equal(dets["boxes"].numpy(), ref["boxes"])
 
 
-@pytest.mark.slow
 def test_building_writes_nothing_in_home_and_stays_offline(tmp_path: Path) -> None:
     """transformers imported and a model built in a fresh process: no files under $HOME, the Hub offline."""
     import os
@@ -318,3 +318,23 @@ def test_building_writes_nothing_in_home_and_stays_offline(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))} | {"HOME": str(home)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert not any(home.rglob("*")), sorted(str(p) for p in home.rglob("*"))
+
+
+def test_a_weights_file_for_a_named_configuration(tmp_path: Path) -> None:
+    """``rtdetr_tiny --checkpoint weights.safetensors`` (or a torch state dict): the same model; a mismatch is refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = _model("rtdetr_tiny")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"model": state}, tmp_path / "w.pt")
+    assert FAMILY.default_num_classes(tmp_path / "w.pt") == 80 and FAMILY.default_num_classes(tmp_path) == 0
+    x = torch.rand((1, 3, 320, 320), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+        for file in ("w.safetensors", "w.pt"):
+            loaded = FAMILY.build("rtdetr_tiny", 5, tmp_path / file, {}, None)
+            assert torch.equal(loaded(pixel_values=x).logits, want), file
+    with pytest.raises(CheckpointError, match="same --num-classes"):
+        FAMILY.build("rtdetr_tiny", 7, tmp_path / "w.safetensors", {}, None)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from converters.onnx_export import CoreVerification
 from detserve.errors import VerificationError
 from detserve.families.base import TensorDecl
 
@@ -56,7 +57,7 @@ def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"good": good, "wrong": fake.miscompiled_grid_sample(good, d / "wrong_engine.onnx")}
 
 
-def _compare(reference: Path, candidate: Path, precision: str = "fp32") -> object:
+def _compare(reference: Path, candidate: Path, precision: str = "fp32") -> CoreVerification:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     from converters.tensorrt_verify import compare_runners, tolerances_for, with_full_batch
@@ -67,7 +68,9 @@ def _compare(reference: Path, candidate: Path, precision: str = "fp32") -> objec
     ]
     gen = torch.Generator().manual_seed(1)
     batches = with_full_batch([torch.rand((1, 3, 16, 16), generator=gen), torch.rand((2, 3, 16, 16), generator=gen)], 4)
-    return compare_runners(*runners, batches, ["logits", "pred_boxes"], tolerances_for(precision, decls), "stand-in")
+    return compare_runners(
+        runners[0], runners[1], batches, ["logits", "pred_boxes"], tolerances_for(precision, decls), "stand-in"
+    )
 
 
 def test_a_silently_wrong_grid_sample_engine_is_refused_with_the_option_that_avoids_it(graphs: dict[str, Path]) -> None:
@@ -75,21 +78,22 @@ def test_a_silently_wrong_grid_sample_engine_is_refused_with_the_option_that_avo
 
     assert grid_sample_nodes(graphs["good"]) == 1
     result = _compare(graphs["good"], graphs["wrong"])
-    assert not result.ok and "polygraphy: FAILED" in result.backend  # type: ignore[attr-defined]
-    assert result.input_shapes == [(1, 3, 16, 16), (2, 3, 16, 16), (4, 3, 16, 16)]  # type: ignore[attr-defined]
+    assert not result.ok and "polygraphy: FAILED" in result.backend
+    assert result.input_shapes == [(1, 3, 16, 16), (2, 3, 16, 16), (4, 3, 16, 16)]
     with pytest.raises(VerificationError) as err:
-        require_engine_ok(result, graphs["good"])  # type: ignore[arg-type]
-    assert "#4813" in err.value.hint and "decoder_method='discrete'" in err.value.hint and "onnxruntime" in err.value.hint
+        require_engine_ok(result, graphs["good"])
+    hint = err.value.hint or ""
+    assert "#4813" in hint and "decoder_method='discrete'" in hint and "onnxruntime" in hint
     loose = _compare(graphs["good"], graphs["wrong"], "fp16")  # wrong even at fp16's looser tolerance
-    assert not loose.ok  # type: ignore[attr-defined]
+    assert not loose.ok
 
 
 def test_a_correct_engine_passes(graphs: dict[str, Path]) -> None:
     from converters.tensorrt_verify import require_engine_ok
 
     result = _compare(graphs["good"], graphs["good"])
-    assert result.ok  # type: ignore[attr-defined]
-    require_engine_ok(result, graphs["good"])  # type: ignore[arg-type]
+    assert result.ok
+    require_engine_ok(result, graphs["good"])
 
 
 def test_the_check_adds_a_batch_at_the_engines_largest_size() -> None:
