@@ -336,8 +336,11 @@ def stages(
     """CPU ms per pipeline stage (preprocess, core in ONNX Runtime, decode) per family, in this process."""
     from loadtest.stages import DEFAULT_DETECTORS, stage_table
 
-    chosen = [(d, k) for d, k in DEFAULT_DETECTORS if d in detector] if detector else list(DEFAULT_DETECTORS)
-    typer.echo(stage_table(chosen or [(d, {}) for d in detector], typer.echo))
+    # every detector asked for, with its default test keywords where it has some (a mix of default and
+    # other detectors used to drop the others)
+    defaults = dict(DEFAULT_DETECTORS)
+    chosen = [(d, defaults.get(d, {})) for d in detector] if detector else list(DEFAULT_DETECTORS)
+    typer.echo(stage_table(chosen, typer.echo))
 
 
 models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
