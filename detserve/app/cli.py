@@ -287,7 +287,8 @@ def bench(
     duration: Annotated[str, typer.Option(help="length of each run")] = "20s",
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench"),
 ) -> None:
-    """Served ensemble vs in-process limit, Flask + eager PyTorch, and no dynamic batching; prints the ratios."""
+    """Served ensemble vs in-process limit, Flask + eager PyTorch, no dynamic batching and the fused CPU layout;
+    prints the ratios with the load generator's CPU accounted for, CPU per process and hop, memory per process."""
     from loadtest.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(repository=repository, model=model, out_dir=out, users=users, duration_s=_seconds(duration))
