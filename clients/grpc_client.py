@@ -19,6 +19,7 @@ from detserve.errors import ClientError
 from detserve.pipeline import PREPROCESS, model_name
 
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+MASKS = "masks"  # instance-mask models only: FP16 [max_det, 28, 28]
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,16 @@ class Detections:
     boxes: np.ndarray  # float32 [K, 4] x1, y1, x2, y2
     scores: np.ndarray  # float32 [K]
     labels: np.ndarray  # int32 [K]
+    # instance-mask models: float16 [K, 28, 28] probabilities in each box (clients.masks.paste_masks)
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
     def above(self, threshold: float) -> Detections:
         keep = self.scores >= threshold
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
+        masks = None if self.masks is None else self.masks[keep]
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], masks)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,8 +48,15 @@ class Detections:
         }
 
     @classmethod
-    def from_padded(cls, num: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> Detections:
-        return cls(boxes[:num].astype(np.float32), scores[:num].astype(np.float32), labels[:num].astype(np.int32))
+    def from_padded(
+        cls, num: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None
+    ) -> Detections:
+        return cls(
+            boxes[:num].astype(np.float32),
+            scores[:num].astype(np.float32),
+            labels[:num].astype(np.int32),
+            None if masks is None else masks[:num],
+        )
 
 
 def request_parameters(score_threshold: float | None, iou_threshold: float | None, max_det: int | None) -> dict[str, Any]:
@@ -71,7 +82,11 @@ def _image_input(images: Sequence[bytes]) -> Any:
 def split_result(result: Any) -> list[Detections]:
     num = result.as_numpy("num_detections").reshape(-1)
     boxes, scores, labels = (result.as_numpy(n) for n in OUTPUTS[1:])
-    return [Detections.from_padded(int(num[i]), boxes[i], scores[i], labels[i]) for i in range(num.shape[0])]
+    masks = result.as_numpy(MASKS)  # None unless the model serves instance masks
+    return [
+        Detections.from_padded(int(num[i]), boxes[i], scores[i], labels[i], None if masks is None else masks[i])
+        for i in range(num.shape[0])
+    ]
 
 
 _RETRYABLE_TEXT = (

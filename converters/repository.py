@@ -26,6 +26,7 @@ from detserve.tritonconfig import (
     postprocess_config,
     preprocess_config,
     render,
+    step_config,
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
@@ -76,6 +77,8 @@ class BuildResult:
 
     @property
     def model_dirs(self) -> list[Path]:
+        if self.record.get("steps"):  # a multi-step family: the preprocessing step and those it declares
+            return [self.repository / n for n in [self.name, model_name(self.name, PREPROCESS), *self.record["steps"]]]
         return [self.repository / n for n in all_models(self.name)]
 
 
@@ -123,9 +126,9 @@ def _verification_batches(pre: PreprocessSpec) -> list[Any]:
 
 def build_repository(req: BuildRequest) -> BuildResult:
     """Build (or add a version to) the detector's four models in ``req.repository``."""
+    from converters.multistep import declared_steps
     from converters.onnx_export import export_core, require_ok, verify_onnxruntime
     from detserve.families import family_for_detector
-    from detserve.families.torchvision_models import file_sha256
 
     name = validate_name(req.model_name)
     if req.version < 1:
@@ -139,9 +142,11 @@ def build_repository(req: BuildRequest) -> BuildResult:
         pre = PreprocessSpec.from_dict({**pre.to_dict(), "max_image_pixels": req.max_image_pixels})
     post = family.decode_spec(model, pre)
     spec = ModelSpec(req.detector, num_classes, pre, post, dict(req.model_kwargs))
-    outputs = list(family.outputs(post))
-
     repo = req.repository.resolve()
+    decls = declared_steps(family, post)
+    if decls is not None:  # a multi-step family (two-stage): the steps it declares
+        return _build_steps(req, repo, name, family, model, spec, decls)
+    outputs = list(family.outputs(post))
     steps = [
         preprocess_config(name, pre, req.options),
         core_config(name, req.target, pre, outputs, req.options),
@@ -162,13 +167,52 @@ def build_repository(req: BuildRequest) -> BuildResult:
     if tensorrt is not None:
         checks["tensorrt"] = tensorrt["verification"]
     checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
-    record = {
+    record = _record(req, name, family.name, num_classes, onnx_path, checks)
+    if tensorrt is not None:
+        record["tensorrt"] = tensorrt["engine"]
+    _write_models(repo, name, req, configs, spec, record)
+    return BuildResult(name, req.version, repo, spec, record)
+
+
+def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: Any, spec: ModelSpec, decls: list[Any]) -> BuildResult:
+    """A multi-step family: preprocessing, then its declared steps; every core exported and verified."""
+    from converters.multistep import build_cores
+    from detserve.families.torchvision_models import file_sha256
+
+    if req.target == "tensorrt":
+        raise SpecError(
+            f"{family.name}: the tensorrt target is not available for multi-step pipelines yet",
+            hint="build with --target python-onnxruntime (embedded server) or onnxruntime (NGC container)",
+        )
+    steps = [preprocess_config(name, spec.preprocess, req.options)]
+    steps += [
+        step_config(name, d, req.target, spec.postprocess, req.options, last=i == len(decls) - 1) for i, d in enumerate(decls)
+    ]
+    configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
+    configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
+    cores = build_cores(
+        family, model, spec.postprocess, spec.preprocess, decls, lambda role: repo / model_name(name, role) / str(req.version), req.verify
+    )
+    checks: dict[str, Any] = {role: c["verification"] for role, c in cores.items()}
+    checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
+    record = _record(req, name, family.name, spec.num_classes, cores["core"]["onnx"], checks)
+    record["steps"] = [model_name(name, d.role) for d in decls]
+    record["onnx_sha256"] = {role: file_sha256(c["onnx"]) for role, c in cores.items()}
+    modules = {model_name(name, d.role): "stage_model" for d in decls if d.kind == "python" or req.target == "python-onnxruntime"}
+    _write_models(repo, name, req, configs, spec, record, modules)
+    return BuildResult(name, req.version, repo, spec, record)
+
+
+def _record(req: BuildRequest, name: str, family: str, num_classes: int, onnx_path: Path, checks: dict[str, Any]) -> dict[str, Any]:
+    from detserve.families.torchvision_models import file_sha256
+
+    return {
         "name": name,
         "version": req.version,
         "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "detector": req.detector,
-        "family": family.name,
+        "family": family,
         "num_classes": num_classes,
         "model_kwargs": req.model_kwargs,
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
@@ -183,10 +227,6 @@ def build_repository(req: BuildRequest) -> BuildResult:
         "verification": checks,
         "options": dataclasses.asdict(req.options),
     }
-    if tensorrt is not None:
-        record["tensorrt"] = tensorrt["engine"]
-    _write_models(repo, name, req, configs, spec, record)
-    return BuildResult(name, req.version, repo, spec, record)
 
 
 def other_versions(model_dir: Path, version: int) -> list[int]:
@@ -287,13 +327,23 @@ def _weights_note(req: BuildRequest) -> str:
 
 
 def _write_models(
-    repo: Path, name: str, req: BuildRequest, configs: dict[str, Any], spec: ModelSpec, record: dict[str, Any]
+    repo: Path,
+    name: str,
+    req: BuildRequest,
+    configs: dict[str, Any],
+    spec: ModelSpec,
+    record: dict[str, Any],
+    modules: dict[str, str] | None = None,
 ) -> None:
+    """Configs, ``model.py`` of every python step (``modules``: model -> backend module, for
+    multi-step families), ``build.json`` and ``spec.json`` per version."""
     from detserve import __version__
 
     roles = {model_name(name, PREPROCESS): "preprocess_model", model_name(name, POSTPROCESS): "postprocess_model"}
     if req.target == "python-onnxruntime":
         roles[model_name(name, CORE)] = "core_model"
+    if modules is not None:
+        roles = {model_name(name, PREPROCESS): "preprocess_model", **modules}
     for step, config in configs.items():
         version_dir = repo / step / str(req.version)
         version_dir.mkdir(parents=True, exist_ok=True)

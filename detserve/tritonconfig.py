@@ -20,7 +20,7 @@ from detserve.pipeline import CORE, POSTPROCESS, PREPROCESS, model_name
 from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
-    from detserve.families.base import TensorDecl
+    from detserve.families.base import StepDecl, TensorDecl
 
 Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt"]
 TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt")
@@ -29,6 +29,8 @@ IMAGE = "IMAGE"
 CORE_INPUT = "images"
 IMAGE_INFO = "image_info"
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+# outputs a family may add after the detections (instance-mask families: masks [max_det, 28, 28])
+EXTRA_OUTPUTS = ("masks",)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,40 @@ def postprocess_config(name: str, decode_spec: Any, outputs: Sequence[TensorDecl
     return config
 
 
+def step_config(
+    name: str, step: StepDecl, target: str, decode_spec: Any, opts: ServingOptions, last: bool
+) -> mc.ModelConfig:
+    """A step of a multi-step family (``Family.steps``): its declared inputs and outputs.
+
+    A core step is exported ONNX on ``target`` (on python-onnxruntime the generic stage backend
+    runs it); a python step runs the family's torch step (``parameters: step``) with the decode
+    spec. The last step's instances are the post-processing ones; the steps between get one each.
+    """
+    config = mc.ModelConfig(name=model_name(name, step.role))
+    if step.kind == "core" and target == "onnxruntime":
+        config.platform, config.default_model_filename = "onnxruntime_onnx", "model.onnx"
+    elif step.kind == "core" and target == "tensorrt":
+        config.platform, config.default_model_filename = "tensorrt_plan", "model.plan"
+    else:
+        config.backend = "python"
+    if step.kind == "core":
+        if target == "python-onnxruntime":
+            config.parameters["onnx_file"].string_value = "model.onnx"
+            config.parameters["intra_op_threads"].string_value = str(opts.ort_intra_op_threads)
+            config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
+        _batched(config, opts, opts.core_instances, gpu=target == "tensorrt")
+    else:
+        _batched(config, opts, opts.postprocess_instances if last else 1)
+        config.parameters["postprocess_spec"].string_value = decode_spec.to_json()
+        config.parameters["step"].string_value = step.role
+        config.parameters["torch_threads"].string_value = str(opts.postprocess_torch_threads)
+    for t in step.inputs:
+        _tensor(config.input, t.name, _dtype(t.dtype), list(t.dims))
+    for t in step.outputs:
+        _tensor(config.output, t.name, _dtype(t.dtype), list(t.dims))
+    return config
+
+
 def _add_detection_outputs(config: mc.ModelConfig) -> None:
     _tensor(config.output, "num_detections", mc.TYPE_INT32, [1])
     _tensor(config.output, "boxes", mc.TYPE_FP32, [-1, 4])
@@ -191,8 +227,11 @@ def ensemble_config(name: str, steps: Sequence[mc.ModelConfig], opts: ServingOpt
             step.input_map[tensor.name] = tensor.name if tensor.name == IMAGE else f"_{tensor.name}"
         last = i == len(steps) - 1
         for tensor in step_config.output:
-            step.output_map[tensor.name] = tensor.name if last and tensor.name in OUTPUTS else f"_{tensor.name}"
+            public = last and (tensor.name in OUTPUTS or tensor.name in EXTRA_OUTPUTS)
+            step.output_map[tensor.name] = tensor.name if public else f"_{tensor.name}"
             produced.add(tensor.name)
+            if last and tensor.name in EXTRA_OUTPUTS:  # e.g. instance masks, beside the detections
+                config.output.add().CopyFrom(tensor)
     if set(OUTPUTS) - {t.name for t in steps[-1].output}:
         raise SpecError(f"the last step {steps[-1].name} must give {', '.join(OUTPUTS)}")
     return config

@@ -33,6 +33,7 @@ _REGISTRY: dict[str, str] = {
     "fcos": "detserve.families.torchvision",
     "yolo": "detserve.families.yolo",
     "detr": "detserve.families.detr",
+    "rcnn": "detserve.families.rcnn",
 }
 
 

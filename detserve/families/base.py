@@ -12,6 +12,12 @@ its declarations -- never a table of family names:
   import);
 - ``reference``: the eager model's own detections, as the library computes them (parity).
 
+Multi-step families (two-stage R-CNN) also provide ``steps(decode_spec)``: the ordered
+:class:`StepDecl` list after the generic preprocessing (roles, kinds, declared inputs/outputs),
+``step_module(model, decode_spec, role)`` for each exported core and ``run_step(decode_spec, role,
+inputs, image_info, controls)`` for each torch step. A family without ``steps`` is the default
+three-step pipeline (preprocess / core / postprocess) and uses ``core``/``outputs``/``decode``.
+
 Runtime parts (``decode_spec_type``, ``decode``) must import only torch/torchvision/numpy:
 the serving runtime never imports a model zoo whose licence or weight would burden it.
 """
@@ -44,6 +50,26 @@ class TensorDecl:
     def tolerance(self, precision: str) -> tuple[float, float]:
         """(atol, rtol) this output gets at ``precision`` (fp32 | fp16 | int8)."""
         return {"fp32": (self.atol, self.rtol), "fp16": self.fp16, "int8": self.int8}[precision]
+
+
+@dataclass(frozen=True)
+class StepDecl:
+    """One composing model of a multi-step pipeline, after the generic preprocessing step.
+
+    ``kind`` "core": an exported network (ONNX -> onnxruntime / TensorRT), ``step_module`` gives it;
+    "python": a torch step the generic stage backend runs through ``run_step``. Inputs are
+    tensors an earlier step outputs (the preprocessing step gives ``images`` and ``image_info``);
+    the last step outputs the ensemble's contract.
+    """
+
+    role: str  # the model is <ensemble>_<role>
+    kind: str  # "core" | "python"
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("core", "python"):
+            raise ValueError(f"step kind must be 'core' or 'python', got {self.kind!r}")
 
 
 class Family(Protocol):

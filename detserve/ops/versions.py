@@ -59,7 +59,14 @@ class Rollout:
         return {"at": self.at, "from": self.old, "to": self.new, "forced": self.forced}
 
 
-def composing(name: str) -> list[str]:
+def composing(name: str, repository: Path | None = None) -> list[str]:
+    """The ensemble's composing models: its steps as its config lists them (a multi-step family
+    has more than the default three), or the default three when there is no config to read."""
+    config = None if repository is None else repository / name / "config.pbtxt"
+    if config is not None and config.is_file():
+        steps = [s.model_name for s in read_config(config.parent).ensemble_scheduling.step]
+        if steps:
+            return steps
     return [f"{name}_{role}" for role in ROLES]
 
 
@@ -91,9 +98,9 @@ def serving_version(repository: Path, name: str) -> int:
 
 
 def check_version(repository: Path, name: str, version: int, force: bool) -> None:
-    """The three composing models have ``version``; its build records say verification passed (unless forced)."""
+    """Every composing model has ``version``; its build records say verification passed (unless forced)."""
     _model_dir(repository, name)
-    for model in composing(name):
+    for model in composing(name, repository):
         model_dir = _model_dir(repository, model)
         if not (model_dir / str(version)).is_dir():
             raise VersionError(
@@ -148,7 +155,7 @@ def plan(repository: Path, name: str, old: int, new: int) -> list[tuple[Path, mc
     """The loads of a promote, in order (see the module docstring)."""
     ensemble_dir = _model_dir(repository, name)
     ensemble = read_config(ensemble_dir)
-    dirs = [_model_dir(repository, m) for m in composing(name)]
+    dirs = [_model_dir(repository, m) for m in composing(name, repository)]
     configs = {d: read_config(d) for d in dirs}
     steps: list[tuple[Path, mc.ModelConfig]] = []
     if any(s.model_version != old for s in ensemble.ensemble_scheduling.step):

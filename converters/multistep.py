@@ -1,0 +1,157 @@
+"""Build the steps of a multi-step family (``Family.steps``: two-stage R-CNN) into a repository.
+
+The generic preprocessing step, then the family's declared steps in order: each ``core`` step is
+its own exported ONNX (several inputs: FPN maps + boxes), verified against PyTorch on the inputs
+it really gets -- the sample photographs run through the whole chain in-process
+(:func:`run_chain`) -- and each ``python`` step runs the family's torch code in the generic stage
+backend (detserve.runtime.backend.stage_model). The ensemble wires them by tensor name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detserve.errors import SpecError
+from detserve.families.base import StepDecl, TensorDecl
+from detserve.specs import PreprocessSpec, RequestControls
+
+OPSET = 17
+
+
+def declared_steps(family: Any, decode_spec: Any) -> list[StepDecl] | None:
+    """The family's steps after preprocessing, or None for the default three-step pipeline."""
+    steps = getattr(family, "steps", None)
+    return list(steps(decode_spec)) if steps is not None else None
+
+
+def run_chain(
+    family: Any, model: Any, spec: Any, images: Any, info: Any, controls: Sequence[RequestControls]
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Every tensor of the served chain, computed in-process (cores as torch modules), and each core's inputs."""
+    import torch
+
+    tensors: dict[str, Any] = {"images": images, "image_info": info}
+    core_inputs: dict[str, list[Any]] = {}
+    for step in declared_steps(family, spec) or []:
+        args = [tensors[t.name] for t in step.inputs]
+        if step.kind == "core":
+            core_inputs[step.role] = args
+            with torch.no_grad():
+                out = family.step_module(model, spec, step.role)(*args)
+            out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            tensors.update({t.name: o for t, o in zip(step.outputs, out, strict=True)})
+        else:
+            raw = {t.name: a for t, a in zip(step.inputs, args, strict=True) if t.name != "image_info"}
+            rows = family.run_step(spec, step.role, raw, info, controls)
+            tensors.update({t.name: torch.from_numpy(np.stack([r[t.name] for r in rows])) for t in step.outputs})
+    return tensors, core_inputs
+
+
+def verification_inputs(pre: PreprocessSpec) -> list[tuple[Any, Any]]:
+    """(images, image_info) batches of the sample photographs: three alone, and two of one size together."""
+    import torch
+
+    from converters.repository import sample_images
+    from detserve.runtime.preprocess import preprocess
+
+    items = [preprocess(img, pre) for img in sample_images()]
+    batches = [[p] for p in items[:3]]
+    same = [p for p in items if p.padded_hw == items[0].padded_hw]
+    batches.append((same * 2)[:2])
+    return [(torch.stack([p.tensor for p in b]), torch.from_numpy(np.stack([p.info() for p in b]))) for b in batches]
+
+
+def export_step(module: Any, step: StepDecl, sample: Sequence[Any], path: Path) -> Path:
+    """Export one core step: declared input/output names, every -1 dim (and the batch) dynamic; fold constants; check."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    import torch
+
+    def axes(t: TensorDecl) -> dict[int, str]:
+        return {0: "batch", **{i + 1: f"{t.name}_{i + 1}" for i, d in enumerate(t.dims) if d < 0}}
+
+    dynamic = {t.name: axes(t) for t in (*step.inputs, *step.outputs)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's tracer warnings
+        torch.onnx.export(
+            module.eval(),
+            tuple(sample),
+            str(path),
+            input_names=[t.name for t in step.inputs],
+            output_names=[t.name for t in step.outputs],
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    graph = gs.import_onnx(onnx.load(str(path)))
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    onnx.checker.check_model(cleaned, full_check=True)
+    onnx.save(cleaned, str(path))
+    return path
+
+
+def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[Sequence[Any]]) -> Any:
+    """ONNX Runtime vs PyTorch on the inputs the step really gets, per declared output and tolerance."""
+    import onnxruntime as ort
+    import torch
+
+    from converters.onnx_export import CoreVerification, OutputError, compare_outputs
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    errors: dict[str, list[OutputError]] = {t.name: [] for t in step.outputs}
+    for args in samples:
+        with torch.no_grad():
+            out = module(*args)
+        ref = [t.numpy() for t in ((out,) if isinstance(out, torch.Tensor) else out)]
+        feed = {t.name: np.ascontiguousarray(a.numpy()) for t, a in zip(step.inputs, args, strict=True)}
+        got = session.run([t.name for t in step.outputs], feed)
+        for t, g, r in zip(step.outputs, got, ref, strict=True):
+            errors[t.name].append(compare_outputs(t.name, g, r, t.atol, t.rtol))
+    merged = [
+        OutputError(n, e[-1].shape, max(x.max_abs for x in e), max(x.max_rel for x in e), max(x.worst_excess for x in e))
+        for n, e in errors.items()
+    ]
+    return CoreVerification(
+        backend=f"onnxruntime {ort.__version__} ({step.role})",
+        atol=max(t.atol for t in step.outputs),
+        rtol=max(t.rtol for t in step.outputs),
+        input_shapes=[tuple(int(s) for s in a[0].shape) for a in samples],
+        outputs=merged,
+    )
+
+
+def build_cores(
+    family: Any, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl], version_dir: Any, verify: bool
+) -> dict[str, Any]:
+    """Export (and verify) every core step into ``version_dir(role)/model.onnx``; the verification per role."""
+    from converters.onnx_export import require_ok
+
+    defaults = RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)
+    samples: dict[str, list[list[Any]]] = {}
+    for images, info in verification_inputs(pre):
+        _, inputs = run_chain(family, model, spec, images, info, [defaults] * int(images.shape[0]))
+        for role, args in inputs.items():
+            samples.setdefault(role, []).append(args)
+    checks: dict[str, Any] = {}
+    for step in steps:
+        if step.kind != "core":
+            continue
+        if step.role not in samples:
+            raise SpecError(f"core step {step.role!r} got no inputs from the sample photographs")
+        module = family.step_module(model, spec, step.role)
+        trace = next((s for s in samples[step.role] if s[0].shape[0] == 2), samples[step.role][0])
+        path = export_step(module, step, trace, version_dir(step.role) / "model.onnx")
+        result = None
+        if verify:
+            result = verify_step(module, step, path, samples[step.role])
+            require_ok(result)
+            result = result.to_dict()
+        checks[step.role] = {"onnx": path, "verification": result}
+    return checks

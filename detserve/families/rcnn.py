@@ -1,0 +1,225 @@
+"""Two-stage detectors -- torchvision's Faster R-CNN and Mask R-CNN -- as a multi-step family.
+
+Why not one exported model: torchvision's whole-model ONNX export freezes the score/IoU threshold
+and the top-100 into the graph, breaks at batch > 1 for Mask R-CNN (pytorch/vision #2311), and
+TensorRT's NMS layer looks at the top 5000 boxes only. So every NMS stays in torch, and the
+pipeline is (after the generic preprocessing step):
+
+``core`` (backbone + FPN + RPN head: the FPN maps the RoI pooler reads, raw objectness and deltas
+per level) -> ``proposals`` (torch: anchors, decode, ``filter_proposals``, padded to
+``rpn_post_nms_top_n``) -> ``roi_core`` (multi-scale RoIAlign + box head + predictor on the
+proposals) -> ``postprocess`` (torch: ``postprocess_detections`` with per-request controls,
+boxes to original pixels). Mask R-CNN: ``roi_core`` -> ``detections`` (same, boxes kept in the
+resized image) -> ``mask_core`` (RoIAlign + mask head on the final boxes, the label's 28x28
+probabilities) -> ``postprocess`` (boxes to original pixels, masks as FP16).
+
+The spec and the steps' declarations are runtime code (torch-free here); the torch steps are in
+:mod:`detserve.families.rcnn_decode`, building, cores and the reference in
+:mod:`detserve.families.rcnn_models`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from detserve.errors import DetserveError
+from detserve.families.base import StepDecl, TensorDecl
+from detserve.specs import PreprocessSpec, RequestControls, Spec, check
+
+if TYPE_CHECKING:
+    import torch
+
+# name -> torchvision.models.detection builder (all build offline with weights=None, weights_backbone=None)
+DETECTORS: tuple[str, ...] = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+)
+MASK_SIZE = 28  # the mask head's own resolution (MaskRCNNPredictor: 14x14 RoIs, one 2x deconvolution)
+IMAGE_INFO = TensorDecl("image_info", (6,), "INT32")
+
+
+@dataclass(frozen=True)
+class RcnnDecodeSpec(Spec):
+    """What the torch steps need, read from the live model (``rcnn_models.decode_spec_from_model``).
+
+    ``score_thresh``/``nms_thresh``/``detections_per_img`` are the RoI heads' (per-request defaults);
+    the ``rpn_*`` settings are the RPN's eval-time ones (``rpn_pre_nms_top_n_test``, ...).
+    """
+
+    num_classes: int  # columns of the box predictor, background included (torchvision)
+    masks: bool
+    num_levels: int  # feature maps the RPN reads (all of the FPN's)
+    anchor_sizes: tuple[tuple[int, ...], ...]
+    aspect_ratios: tuple[tuple[float, ...], ...]
+    feature_names: tuple[str, ...]  # FPN maps the RoI poolers read, in the pooler's order
+    feature_channels: int
+    rpn_pre_nms_top_n: int
+    rpn_post_nms_top_n: int
+    rpn_nms_thresh: float
+    rpn_score_thresh: float
+    box_coder_weights: tuple[float, float, float, float]
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    family: str = "rcnn"
+
+    def __post_init__(self) -> None:
+        check(self.family == "rcnn", f"family must be 'rcnn', got {self.family!r}")
+        check(self.num_classes >= 2, f"num_classes must be >= 2 (background included), got {self.num_classes}")
+        check(self.num_levels >= 1 and len(self.anchor_sizes) == self.num_levels, "one anchor size tuple per level")
+        check(len(self.aspect_ratios) == self.num_levels, "one aspect ratio tuple per level")
+        check(len(self.feature_names) >= 1, "the RoI pooler reads at least one feature map")
+        check(self.rpn_pre_nms_top_n >= 1 and self.rpn_post_nms_top_n >= 1, "RPN top-n must be >= 1")
+        check(0.0 < self.rpn_nms_thresh <= 1.0, f"rpn_nms_thresh must be in (0, 1], got {self.rpn_nms_thresh}")
+        check(0.0 <= self.score_thresh <= 1.0, f"score_thresh must be in [0, 1], got {self.score_thresh}")
+        check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
+        check(len(self.box_coder_weights) == 4, "box_coder_weights has 4 numbers")
+
+    @property
+    def anchors_per_location(self) -> tuple[int, ...]:
+        return tuple(len(s) * len(r) for s, r in zip(self.anchor_sizes, self.aspect_ratios, strict=True))
+
+
+# --------------------------------------------------------------------------- declared steps
+
+# a feature map or head output grows with the image: -1 spatial dims (fixed per engine profile on TensorRT)
+# (feature maps ~1 in size: ~1e-4 reordering noise in the deepest layers of the seeded fixture)
+_FEATURE_TOL = {"atol": 1e-3, "rtol": 1e-3}
+
+
+def _features(spec: RcnnDecodeSpec) -> tuple[TensorDecl, ...]:
+    return tuple(TensorDecl(f"feat_{n}", (spec.feature_channels, -1, -1), **_FEATURE_TOL) for n in spec.feature_names)
+
+
+def _rpn_outputs(spec: RcnnDecodeSpec) -> tuple[TensorDecl, ...]:
+    obj = [TensorDecl(f"objectness_{i}", (a, -1, -1), **_FEATURE_TOL) for i, a in enumerate(spec.anchors_per_location)]
+    deltas = [TensorDecl(f"rpn_deltas_{i}", (4 * a, -1, -1), **_FEATURE_TOL) for i, a in enumerate(spec.anchors_per_location)]
+    return (*obj, *deltas)
+
+
+def _contract(masks: bool) -> tuple[TensorDecl, ...]:
+    out = (
+        TensorDecl("num_detections", (1,), "INT32"),
+        TensorDecl("boxes", (-1, 4)),
+        TensorDecl("scores", (-1,)),
+        TensorDecl("labels", (-1,), "INT32"),
+    )
+    return (*out, TensorDecl("masks", (-1, MASK_SIZE, MASK_SIZE), "FP16")) if masks else out
+
+
+def steps(spec: RcnnDecodeSpec) -> list[StepDecl]:
+    """The steps after preprocessing (see the module docstring); names are the tensors' in the ensemble."""
+    p = spec.rpn_post_nms_top_n
+    images = TensorDecl("images", (3, -1, -1))
+    props = TensorDecl("proposals", (p, 4))
+    count = TensorDecl("num_proposals", (1,), "INT32")
+    # logits/box deltas of the box predictor: |values| up to ~10, ulp-level reordering in the FC layers
+    roi = (
+        TensorDecl("class_logits", (p, spec.num_classes), atol=5e-4),
+        TensorDecl("box_regression", (p, 4 * spec.num_classes), atol=5e-4),
+    )
+    out = [
+        StepDecl("core", "core", (images,), (*_features(spec), *_rpn_outputs(spec))),
+        StepDecl("proposals", "python", (*_rpn_outputs(spec), IMAGE_INFO), (props, count)),
+        StepDecl("roi_core", "core", (*_features(spec), props), roi),
+    ]
+    decode_in = (*roi, props, count, IMAGE_INFO)
+    if not spec.masks:
+        return [*out, StepDecl("postprocess", "python", decode_in, _contract(False))]
+    det = (
+        TensorDecl("det_boxes", (-1, 4)),
+        TensorDecl("det_scores", (-1,)),
+        TensorDecl("det_labels", (-1,), "INT32"),
+        TensorDecl("det_count", (1,), "INT32"),
+    )
+    probs = TensorDecl("mask_probs", (-1, MASK_SIZE, MASK_SIZE), atol=1e-5, rtol=1e-4)
+    return [
+        *out,
+        StepDecl("detections", "python", decode_in, det),
+        StepDecl("mask_core", "core", (*_features(spec), det[0], det[2]), (probs,)),
+        StepDecl("postprocess", "python", (*det, probs, IMAGE_INFO), _contract(True)),
+    ]
+
+
+# --------------------------------------------------------------------------- the family
+
+
+class RcnnFamily:
+    """torchvision Faster R-CNN / Mask R-CNN (see the module docstring)."""
+
+    name = "rcnn"
+    labels_are_indices = False  # torchvision category ids, 0 = background
+
+    def detectors(self) -> list[str]:
+        return list(DETECTORS)
+
+    def accepts(self, detector: str) -> bool:
+        return detector in DETECTORS
+
+    def default_num_classes(self, checkpoint: Any) -> int:
+        return 91
+
+    def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
+        from detserve.families.rcnn_models import build
+
+        return build(detector, num_classes, checkpoint, model_kwargs, seed)
+
+    def preprocess_spec(self, model: Any) -> PreprocessSpec:
+        from detserve.families.torchvision_specs import preprocess_spec_from_model
+
+        return preprocess_spec_from_model(model)
+
+    def decode_spec(self, model: Any, pre: PreprocessSpec) -> RcnnDecodeSpec:
+        from detserve.families.rcnn_models import decode_spec_from_model
+
+        return decode_spec_from_model(model)
+
+    def decode_spec_type(self) -> type[RcnnDecodeSpec]:
+        return RcnnDecodeSpec
+
+    def steps(self, spec: RcnnDecodeSpec) -> list[StepDecl]:
+        return steps(spec)
+
+    def step_module(self, model: Any, spec: RcnnDecodeSpec, role: str) -> torch.nn.Module:
+        from detserve.families.rcnn_models import step_module
+
+        return step_module(model, spec, role)
+
+    def run_step(
+        self, spec: RcnnDecodeSpec, role: str, raw: dict[str, Any], info: Any, controls: Sequence[RequestControls]
+    ) -> list[dict[str, np.ndarray]]:
+        from detserve.families.rcnn_decode import run_step
+
+        return run_step(spec, role, raw, info, controls)
+
+    # the single-core seam: the first core and its outputs (export/verification tools that look at one core)
+    def core(self, model: Any, spec: RcnnDecodeSpec) -> torch.nn.Module:
+        return self.step_module(model, spec, "core")
+
+    def outputs(self, spec: RcnnDecodeSpec) -> list[TensorDecl]:
+        return list(steps(spec)[0].outputs)
+
+    def decode(self, spec: RcnnDecodeSpec, outputs: dict[str, Any], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        raise DetserveError(
+            "a two-stage (R-CNN) detector has no single decode step: its pipeline is several steps",
+            hint="run it through the served ensemble, or in-process with converters.multistep.run_chain",
+        )
+
+    def reference(
+        self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int
+    ) -> dict[str, Any]:
+        from detserve.families.rcnn_models import reference
+
+        return reference(model, rgb, score_threshold, iou_threshold, max_det)
+
+
+FAMILY = RcnnFamily()
