@@ -24,6 +24,8 @@ DEFAULT_DETECTORS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fcos_resnet50_fpn", {"min_size": 256, "max_size": 320}),
     ("yolov8n", {"imgsz": 640}),
     ("yolo11n", {"imgsz": 640}),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {}),
+    ("maskrcnn_resnet50_fpn", {"min_size": 256, "max_size": 320}),
 )
 
 
@@ -115,7 +117,14 @@ def stage_table(
         "| detector | family | input | preprocess ms | core ms (ORT, 1 thread) | decode ms | detections/image |",
         "|---|---|---|---|---|---|---|",
     ]
+    from loadtest.stage_steps import is_multistep, step_table
+
+    multistep = [(d, kw) for d, kw in detectors if is_multistep(d)]  # two-stage: a row per composing model
     for detector, kwargs in detectors:
+        if (detector, kwargs) in multistep:
+            continue
         echo(f"timing {detector} ...")
         lines.append(time_detector(detector, kwargs, blobs).row())
+    if multistep:
+        lines += ["", step_table(multistep, blobs, echo)]
     return "\n".join(lines)

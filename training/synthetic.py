@@ -114,6 +114,8 @@ class Sample:
     boxes: np.ndarray  # float32 [N, 4] x0, y0, x1, y1 (pixels, exclusive right/bottom)
     labels: np.ndarray  # int64 [N], 1..len(CLASSES)
     areas: np.ndarray  # float32 [N] visible pixels
+    # bool [N, H, W]: each object's visible pixels, exactly (what its box and area are measured on)
+    masks: np.ndarray | None = None
 
 
 @cache
@@ -268,7 +270,7 @@ def render(cfg: SplitConfig, index: int) -> Sample:
     if sigma > 0:
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * sigma
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    boxes, areas, kept = [], [], []
+    boxes, areas, kept, masks = [], [], [], []
     for k, label in enumerate(labels, start=1):
         ys, xs = np.nonzero(owner == k)
         if len(xs) == 0:
@@ -276,11 +278,13 @@ def render(cfg: SplitConfig, index: int) -> Sample:
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
         areas.append(len(xs))
         kept.append(label)
+        masks.append(owner == k)
     return Sample(
         image=image,
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
         labels=np.asarray(kept, dtype=np.int64),
         areas=np.asarray(areas, dtype=np.float32),
+        masks=np.asarray(masks, dtype=bool).reshape(-1, h, w),
     )
 
 
@@ -298,17 +302,30 @@ def _contrasting_fill(rng: np.random.Generator, under: np.ndarray) -> np.ndarray
     return np.where(under > 127, 0.0, 255.0).astype(np.float32)
 
 
+def _rles(masks: np.ndarray) -> list[dict]:
+    """Exact instance masks as COCO RLE (``segmentation``; pycocotools' encoding, counts as text)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for m in masks:
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return out
+
+
 def coco_dict(cfg: SplitConfig, samples: list[tuple[str, Sample]]) -> dict:
     images: list[dict] = []
     annotations: list[dict] = []
     for image_id, (file_name, s) in enumerate(samples, start=1):
         h, w = s.image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
-        for box, label, area in zip(s.boxes.tolist(), s.labels.tolist(), s.areas.tolist(), strict=True):
+        rles = _rles(s.masks) if s.masks is not None else [None] * len(s.labels)
+        for box, label, area, rle in zip(s.boxes.tolist(), s.labels.tolist(), s.areas.tolist(), rles, strict=True):
             x0, y0, x1, y1 = box
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area), "iscrowd": 0,
+                **({"segmentation": rle} if rle is not None else {}),
             })  # fmt: skip
     return {
         "info": {"description": f"detserve synthetic shapes, split {cfg.name}", "split": cfg.to_json()},

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from detserve.pipeline import CORE, model_name
-from detserve.verification.evaluation import METRIC_NAMES, EvalError, ImageDetections, coco_metrics, load_annotations
+from detserve.verification.evaluation import (
+    METRIC_NAMES,
+    EvalError,
+    ImageDetections,
+    coco_metrics,
+    has_segmentation,
+    load_annotations,
+    mask_rles,
+)
 
 MAX_DET_CHOICES = (100, 500, 5000)
 MAP_TOLERANCE_POINTS = 0.1  # |served - PyTorch| mAP, in points, for an FP32 build
@@ -36,6 +44,9 @@ class EvalReport:
     errors: dict[str, str] = field(default_factory=dict)  # file name -> error
     seconds: dict[str, float] = field(default_factory=dict)
     detections: dict[str, int] = field(default_factory=dict)  # side -> total detections
+    # instance-mask models on annotations with masks: segm metrics beside the box metrics
+    served_segm: dict[str, float] | None = None
+    pytorch_segm: dict[str, float] | None = None
 
     @property
     def delta_points(self) -> dict[str, float]:
@@ -44,10 +55,17 @@ class EvalReport:
         return {k: 100.0 * (self.served[k] - self.pytorch[k]) for k in METRIC_NAMES}
 
     @property
+    def segm_delta_points(self) -> dict[str, float]:
+        if self.pytorch_segm is None or self.served_segm is None:
+            return {}
+        return {k: 100.0 * (self.served_segm[k] - self.pytorch_segm[k]) for k in METRIC_NAMES}
+
+    @property
     def within_tolerance(self) -> bool | None:
         if self.pytorch is None:
             return None
-        return abs(self.delta_points["mAP"]) <= MAP_TOLERANCE_POINTS
+        segm = self.segm_delta_points
+        return abs(self.delta_points["mAP"]) <= MAP_TOLERANCE_POINTS and (not segm or abs(segm["mAP"]) <= MAP_TOLERANCE_POINTS)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +82,8 @@ class EvalReport:
             "errors": self.errors,
             "seconds": self.seconds,
             "detections": self.detections,
+            **({"served_segm": self.served_segm, "pytorch_segm": self.pytorch_segm} if self.served_segm else {}),
+            **({"segm_delta_points": self.segm_delta_points} if self.segm_delta_points else {}),
         }
 
     def markdown(self) -> str:
@@ -79,6 +99,8 @@ class EvalReport:
             else:
                 lines.append(f"| {k} | {self.served[k]:.4f} |")
         lines.append("")
+        if self.served_segm is not None:
+            lines += self._segm_lines()
         if self.pytorch is not None:
             verdict = "within" if self.within_tolerance else "OUTSIDE"
             lines.append(
@@ -89,6 +111,19 @@ class EvalReport:
             lines += [f"- {name}: {err}" for name, err in sorted(self.errors.items())]
         lines.append("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return "\n".join(lines) + "\n"
+
+    def _segm_lines(self) -> list[str]:
+        assert self.served_segm is not None
+        both = self.pytorch_segm is not None
+        lines = ["Instance masks (segm):", "", "| metric | served | PyTorch | Δ (points) |" if both else "| metric | served |"]
+        lines.append("|---|---|---|---|" if both else "|---|---|")
+        for k in METRIC_NAMES:
+            if self.pytorch_segm is not None:
+                d = self.segm_delta_points[k]
+                lines.append(f"| segm {k} | {self.served_segm[k]:.4f} | {self.pytorch_segm[k]:.4f} | {d:+.3f} |")
+            else:
+                lines.append(f"| segm {k} | {self.served_segm[k]:.4f} |")
+        return [*lines, ""]
 
 
 def _image_paths(annotations: dict[str, Any], images_dir: Path) -> dict[int, Path]:
@@ -133,7 +168,9 @@ def served_detections(
     max_in_flight: int,
     progress: bool,
     categories: np.ndarray | None = None,
+    sizes: dict[int, tuple[int, int]] | None = None,
 ) -> tuple[dict[int, ImageDetections], dict[str, str]]:
+    """``sizes`` (image id -> height, width): paste served instance masks for segm evaluation."""
     from clients.bulk import detect_paths
 
     ids = list(paths)
@@ -146,8 +183,18 @@ def served_detections(
             errors[res.path.name] = res.error or "unknown error"
             continue
         d = res.detections
-        dets[image_id] = _to_eval(d.boxes, d.scores, d.labels, categories)
+        det = _to_eval(d.boxes, d.scores, d.labels, categories)
+        if d.masks is not None and sizes is not None:  # pasted as torchvision does, at the image's size
+            det = ImageDetections(det.boxes, det.scores, det.labels, _pasted_rles(d.masks, d.boxes, sizes[image_id]))
+        dets[image_id] = det
     return dets, errors
+
+
+def _pasted_rles(masks: np.ndarray, boxes: np.ndarray, hw: tuple[int, int]) -> list[dict[str, Any]]:
+    """Each served 28x28 mask pasted and thresholded at 0.5, one at a time (K full-size masks add up)."""
+    from clients.masks import paste_masks
+
+    return [mask_rles(paste_masks(m[None], b[None], hw, threshold=0.5))[0] for m, b in zip(masks, boxes, strict=True)]
 
 
 def pytorch_detections(
@@ -167,7 +214,10 @@ def pytorch_detections(
             errors[path.name] = str(e)
             continue
         out = model.detect(rgb, score_threshold=0.0, max_det=max_det)
-        dets[image_id] = _to_eval(out["boxes"], out["scores"], out["labels"], categories)
+        det = _to_eval(out["boxes"], out["scores"], out["labels"], categories)
+        if "masks" in out:  # eager Mask R-CNN: pasted probabilities, thresholded at 0.5 as torchvision users do
+            det = ImageDetections(det.boxes, det.scores, det.labels, mask_rles(out["masks"] > 0.5))
+        dets[image_id] = det
     return dets, errors
 
 
@@ -199,10 +249,14 @@ def run_eval(
 
     t = time.monotonic()
     echo(f"served: {len(paths)} images through {model} v{version} at {url} ({max_in_flight} in flight)")
-    served, errors = served_detections(url, model, paths, max_det, max_in_flight, progress, categories)
+    sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in annotations["images"]}
+    served, errors = served_detections(url, model, paths, max_det, max_in_flight, progress, categories, sizes)
     report.seconds["served"] = time.monotonic() - t
     report.errors.update(errors)
     report.served = coco_metrics(annotations, served, max_det)
+    segm = has_segmentation(annotations) and any(d.masks is not None for d in served.values())
+    if segm:
+        report.served_segm = coco_metrics(annotations, served, max_det, iou_type="segm")
     report.detections["served"] = sum(len(d.scores) for d in served.values())
     if with_pytorch:
         t = time.monotonic()
@@ -212,6 +266,8 @@ def run_eval(
         for name, err in ref_errors.items():
             report.errors.setdefault(name, err)
         report.pytorch = coco_metrics(annotations, ref, max_det)
+        if segm:
+            report.pytorch_segm = coco_metrics(annotations, ref, max_det, iou_type="segm")
         report.detections["pytorch"] = sum(len(d.scores) for d in ref.values())
     return report
 

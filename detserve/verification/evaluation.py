@@ -32,11 +32,25 @@ class ImageDetections:
     boxes: np.ndarray  # float [N, 4] x0, y0, x1, y1
     scores: np.ndarray  # float [N]
     labels: np.ndarray  # int [N], COCO category ids
+    masks: list[dict[str, Any]] | None = None  # instance-mask models: COCO RLE per detection (full resolution)
 
     def __post_init__(self) -> None:
         n = len(self.scores)
         if self.boxes.shape != (n, 4) or self.labels.shape != (n,):
             raise EvalError(f"detections disagree in length: boxes {self.boxes.shape}, scores ({n},), labels {self.labels.shape}")
+        if self.masks is not None and len(self.masks) != n:
+            raise EvalError(f"{len(self.masks)} masks for {n} detections")
+
+
+def mask_rles(binary: np.ndarray) -> list[dict[str, Any]]:
+    """Binary masks [N, H, W] as COCO RLE (what ``segm`` evaluation reads)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for m in binary:
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return out
 
 
 def load_annotations(path: str | Path) -> dict[str, Any]:
@@ -64,36 +78,60 @@ def _coco(annotations: Mapping[str, Any]):  # -> COCO
 
 
 def coco_metrics(
-    annotations: Mapping[str, Any], detections: Mapping[int, ImageDetections], max_det: int = 100
+    annotations: Mapping[str, Any], detections: Mapping[int, ImageDetections], max_det: int = 100, iou_type: str = "bbox"
 ) -> dict[str, float]:
     """mAP@[.5:.95], AP50, AP75, AP by size, AR@1/10/max_det over ``annotations``' images.
 
     Every image in ``annotations`` is evaluated; one with no entry in ``detections`` counts as having
     detected nothing. Detections beyond ``max_det`` per image (by score) are not counted.
+    ``iou_type="segm"``: mask AP, from the detections' RLE masks against the annotations' ``segmentation``.
     """
     from pycocotools.cocoeval import COCOeval
 
     if max_det < 1:
         raise EvalError(f"max_det must be >= 1, got {max_det}")
+    if iou_type not in ("bbox", "segm"):
+        raise EvalError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type == "segm" and not has_segmentation(annotations):
+        raise EvalError("segm mAP needs instance masks: the annotations have no 'segmentation'")
     gt = _coco(annotations)
     known = set(gt.getImgIds())
     unknown = sorted(set(detections) - known)
     if unknown:
         raise EvalError(f"detections for image ids not in the annotations: {unknown[:5]}")
     rows: list[list[float]] = []
+    segms: list[dict[str, Any]] = []
     for image_id, det in detections.items():
+        if iou_type == "segm" and det.masks is None:
+            raise EvalError(f"image {image_id}: segm mAP needs masks, the detections have none")
         order = np.argsort(-det.scores, kind="stable")[:max_det]
         for k in order:
             x0, y0, x1, y1 = (float(v) for v in det.boxes[k])
             rows.append([image_id, x0, y0, x1 - x0, y1 - y0, float(det.scores[k]), int(det.labels[k])])
+            if det.masks is not None:  # segm results carry the mask alone (area and box come from it)
+                segms.append(
+                    {
+                        "image_id": image_id,
+                        "segmentation": det.masks[int(k)],
+                        "score": float(det.scores[k]),
+                        "category_id": int(det.labels[k]),
+                    }
+                )
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(np.asarray(rows, dtype=np.float64)) if rows else _coco({**annotations, "annotations": []})
-        ev = COCOeval(gt, dt, iouType="bbox")
+        results: Any = segms if iou_type == "segm" else np.asarray(rows, dtype=np.float64)
+        dt = gt.loadRes(results) if rows else _coco({**annotations, "annotations": []})
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.params.imgIds = sorted(known)
         ev.params.maxDets = [1, 10, max_det]
         ev.evaluate()
         ev.accumulate()
     return _summarize(ev)
+
+
+def has_segmentation(annotations: Mapping[str, Any]) -> bool:
+    """Whether every annotation carries an instance mask (``segmentation``)."""
+    anns = annotations.get("annotations", [])
+    return bool(anns) and all("segmentation" in a for a in anns)
 
 
 def _mean_valid(a: np.ndarray) -> float:

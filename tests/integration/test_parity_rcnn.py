@@ -262,3 +262,44 @@ def test_mask_rcnn_served_equals_eager(mrcnn_server: TritonServer, mrcnn_repo: P
 @pytest.mark.slow
 def test_mask_rcnn_batch_neighbours_do_not_change_detections(mrcnn_server: TritonServer, images: dict[str, bytes]) -> None:
     _batch_invariant(mrcnn_server, "mrcnn", images)
+
+
+@pytest.mark.slow
+def test_mask_rcnn_eval_reports_segm_map_beside_box_map(mrcnn_server: TritonServer, tmp_path: Path) -> None:
+    """detserve eval on the generated shapes (exact instance masks): served vs PyTorch, boxes and masks."""
+    from detserve.app.evalrun import run_eval
+    from training.synthetic import SPLITS, write_split
+
+    annotations = write_split(SPLITS["test"], tmp_path, limit=4)
+    report = run_eval(
+        mrcnn_server.options.grpc_url, "mrcnn", annotations, tmp_path / "images", mrcnn_server.options.repository,
+        max_det=100, progress=False, echo=lambda _: None,
+    )  # fmt: skip
+    assert not report.errors and report.served_segm is not None and report.pytorch_segm is not None
+    assert report.detections["served"] == report.detections["pytorch"] > 0
+    assert abs(report.delta_points["mAP"]) <= 0.1 and abs(report.segm_delta_points["mAP"]) <= 0.1
+    assert report.within_tolerance and "segm mAP" in report.markdown()
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / "eval-mrcnn.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+
+@pytest.mark.slow
+def test_detect_draw_paints_the_masks(mrcnn_server: TritonServer, samples: dict[str, bytes], tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from detserve.app.cli import app
+
+    file, blob = next(iter(samples.items()))
+    (tmp_path / file).write_bytes(blob)
+    args = ["detect", str(tmp_path / file), "--model", "mrcnn", "--url", mrcnn_server.options.grpc_url]
+    result = CliRunner().invoke(app, [*args, "--score-threshold", "0.5", "--max-det", "3", "--draw", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    drawn = np.asarray(Image.open(tmp_path / "out" / f"{Path(file).stem}.png").convert("RGB")).astype(int)
+    original = decode_image(blob, 1 << 30).astype(int)
+    with DetectorClient(mrcnn_server.options.grpc_url, "mrcnn") as client:
+        dets = client.detect(blob, score_threshold=0.5, max_det=3)
+    assert dets.masks is not None and len(dets) > 0
+    inside = paste_masks(dets.masks, dets.boxes, original.shape[:2], threshold=0.5).any(0)
+    changed = np.abs(drawn - original).sum(-1) > 0
+    assert inside.sum() > 100 and changed[inside].mean() > 0.95  # tinted wherever a mask is
