@@ -47,19 +47,34 @@ class StageTiming:
         )
 
 
-def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
+def _median_ms(fn: Callable[[], Any], repeat: int, best: bool = False) -> float:
+    """Median of ``repeat`` timed calls after a warm-up (``best``: the minimum, robust on a shared machine)."""
     fn()  # warm
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
-def time_detector(detector: str, model_kwargs: dict[str, Any], blobs: Sequence[bytes], repeat: int = 5) -> StageTiming:
-    """Median ms per image of each stage for one detector (ONNX Runtime with 1 intra-op thread, as served)."""
+def time_detector(
+    detector: str,
+    model_kwargs: dict[str, Any],
+    blobs: Sequence[bytes],
+    repeat: int = 5,
+    best: bool = False,
+    torch_threads: int | None = None,
+) -> StageTiming:
+    """Median (``best``: minimum) ms per image of each stage for one detector (ONNX Runtime with 1 intra-op thread, as served).
+
+    ``torch_threads`` sets torch's intra-op threads for preprocess/decode: on a machine whose cores
+    other processes hold, two threads can wait on each other far longer than the work takes.
+    """
     import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
     from converters.onnx_export import export_core
     from detserve.families import family_for_detector
@@ -84,16 +99,16 @@ def time_detector(detector: str, model_kwargs: dict[str, Any], blobs: Sequence[b
         counts: list[int] = []
         for rgb in rgbs:
             item = preprocess(rgb, pre)
-            pre_ms.append(_median_ms(functools.partial(preprocess, rgb, pre), repeat))
+            pre_ms.append(_median_ms(functools.partial(preprocess, rgb, pre), repeat, best))
             batch = item.tensor[None].numpy()
-            core_ms.append(_median_ms(functools.partial(session.run, None, {"images": batch}), repeat))
+            core_ms.append(_median_ms(functools.partial(session.run, None, {"images": batch}), repeat, best))
             raw = {o.name: torch.from_numpy(a) for o, a in zip(outputs, session.run(None, {"images": batch}), strict=True)}
             resized, original = torch.tensor([item.resized_hw]), torch.tensor([item.original_hw])
 
             def decode(raw: dict[str, Any] = raw, item: Any = item, r: Any = resized, o: Any = original) -> Any:
                 return fam.decode(spec, raw, item.padded_hw, r, o, controls)
 
-            dec_ms.append(_median_ms(decode, repeat))
+            dec_ms.append(_median_ms(decode, repeat, best))
             counts.append(len(decode()[0]["scores"]))
     return StageTiming(
         detector,
@@ -107,7 +122,11 @@ def time_detector(detector: str, model_kwargs: dict[str, Any], blobs: Sequence[b
 
 
 def stage_table(
-    detectors: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_DETECTORS, echo: Callable[[str], None] = lambda _: None
+    detectors: Sequence[tuple[str, dict[str, Any]]] = DEFAULT_DETECTORS,
+    echo: Callable[[str], None] = lambda _: None,
+    repeat: int = 5,
+    best: bool = False,
+    torch_threads: int | None = None,
 ) -> str:
     """A markdown table of ``time_detector`` for each detector, measured one after the other in this run."""
     from detserve.runtime.samples import sample_files
@@ -124,7 +143,7 @@ def stage_table(
         if (detector, kwargs) in multistep:
             continue
         echo(f"timing {detector} ...")
-        lines.append(time_detector(detector, kwargs, blobs).row())
+        lines.append(time_detector(detector, kwargs, blobs, repeat, best, torch_threads).row())
     if multistep:
         lines += ["", step_table(multistep, blobs, echo)]
     return "\n".join(lines)

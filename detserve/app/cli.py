@@ -333,6 +333,9 @@ def fuse(
 @_user_errors
 def stages(
     detector: Annotated[list[str], typer.Option(help="detector (repeatable; default: one or two per family)")] = [],  # noqa: B006
+    repeat: Annotated[int, typer.Option(help="timed runs per image and stage")] = 5,
+    best: Annotated[bool, typer.Option(help="report the minimum of the runs, not the median (a shared machine)")] = False,
+    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads for preprocess/decode (0: torch's default)")] = 0,
 ) -> None:
     """CPU ms per pipeline stage (preprocess, core in ONNX Runtime, decode) per family, in this process."""
     from loadtest.stages import DEFAULT_DETECTORS, stage_table
@@ -341,7 +344,7 @@ def stages(
     # other detectors used to drop the others)
     defaults = dict(DEFAULT_DETECTORS)
     chosen = [(d, defaults.get(d, {})) for d in detector] if detector else list(DEFAULT_DETECTORS)
-    typer.echo(stage_table(chosen, typer.echo))
+    typer.echo(stage_table(chosen, typer.echo, repeat, best, torch_threads or None))
 
 
 models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
