@@ -320,6 +320,7 @@ def test_building_writes_nothing_in_home_and_stays_offline(tmp_path: Path) -> No
     assert not any(home.rglob("*")), sorted(str(p) for p in home.rglob("*"))
 
 
+@pytest.mark.slow  # the fast set loads a save_pretrained folder; this is the other checkpoint path
 def test_a_weights_file_for_a_named_configuration(tmp_path: Path) -> None:
     """``rtdetr_tiny --checkpoint weights.safetensors`` (or a torch state dict): the same model; a mismatch is refused."""
     import torch
