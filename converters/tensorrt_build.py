@@ -147,7 +147,8 @@ def derive_profile(pre: PreprocessSpec, max_batch_size: int, opt_batch: int | No
     - Fixed-size cores (SSD): H/W fixed at the padded ``fixed_size``.
     - Dynamic cores (RetinaNet/FCOS, torchvision resize): min ``MIN_DYNAMIC_SIDE`` (32) per side
       (an elongated image's short side), opt the 4:3 landscape size the ONNX export traces with,
-      max the padded ``max_size x max_size`` (no resized side passes max_size).
+      max the padded ``max_size x max_size`` (no resized side passes max_size). DETR (transformers'
+      shortest/longest edge, no padding): the same, with a min of 1 pixel per side.
     """
     if max_batch_size < 1:
         raise SpecError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -158,7 +159,9 @@ def derive_profile(pre: PreprocessSpec, max_batch_size: int, opt_batch: int | No
     if fixed is not None:
         lo = hi = opt = fixed
     else:
-        lo = pre.padded_hw((MIN_DYNAMIC_SIDE, MIN_DYNAMIC_SIDE))
+        # transformers' processors (DETR) pad nothing: an elongated image's short side can be a few pixels
+        side = 1 if pre.resize_mode == "transformers" else MIN_DYNAMIC_SIDE
+        lo = pre.padded_hw((side, side))
         opt = pre.trace_hw  # the size export_core traces with
         hi = pre.padded_hw((pre.max_size, pre.max_size))
     return ShapeRange((1, 3, *lo), (opt_n, 3, *opt), (max_batch_size, 3, *hi))

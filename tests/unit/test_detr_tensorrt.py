@@ -104,3 +104,18 @@ def test_the_check_adds_a_batch_at_the_engines_largest_size() -> None:
     assert [x.shape[0] for x in out] == [1, 2, 5]
     assert [float(x[0, 0, 0]) for x in out[-1]] == [0.0, 1.0, 1.0, 0.0, 1.0]  # the given images, cycled
     assert len(with_full_batch([a, b], 2)) == 2  # already covered
+
+
+def test_engine_profiles_cover_what_the_processors_produce() -> None:
+    """RT-DETR: one fixed canvas; DETR: any short side down to 1 pixel (no padding) up to longest_edge."""
+    from converters.tensorrt_build import derive_profile
+    from detserve.runtime.preprocess import shortest_longest_edge
+    from detserve.specs import PreprocessSpec
+
+    fixed = derive_profile(PreprocessSpec(resize_mode="transformers", fixed_size=(640, 640), size_divisible=1), 8)
+    assert fixed.min == (1, 3, 640, 640) and fixed.max == (8, 3, 640, 640)
+    detr = derive_profile(PreprocessSpec(resize_mode="transformers", min_size=800, max_size=1333, size_divisible=1), 4)
+    assert detr.min == (1, 3, 1, 1) and detr.max == (4, 3, 1333, 1333)
+    for hw in [(37, 5001), (5001, 37), (480, 640), (1, 1), (2000, 3)]:
+        h, w = shortest_longest_edge(hw, 800, 1333)
+        assert 1 <= h <= 1333 and 1 <= w <= 1333, hw
