@@ -207,3 +207,20 @@ def test_rtdetr_v2_and_dfine_parity_and_eval(tmp_path_factory: pytest.TempPathFa
     assert report.pytorch is not None and not report.errors
     assert report.detections["served"] == report.detections["pytorch"] > 0
     assert abs(report.delta_points["mAP"]) <= 0.1 and report.within_tolerance
+
+
+def test_an_image_the_processor_cannot_resize_fails_alone(detr_server: TritonServer, samples: dict[str, bytes]) -> None:
+    """DETR's short side of a 1x2000 image rounds to 0 pixels: that request's error, with a hint; its batch neighbours serve."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((1, 2000, 3), 128, np.uint8)).save(buf, format="PNG")
+    blobs = [samples["astronaut.jpg"], buf.getvalue(), samples["astronaut.jpg"]]
+    with DetectorClient(detr_server.options.grpc_url, "detr") as client:
+        results = client.detect_many(blobs, score_threshold=CONF, max_in_flight=3)
+        again = client.detect(samples["astronaut.jpg"], score_threshold=CONF)
+    assert isinstance(results[0], Detections) and isinstance(results[2], Detections)
+    assert not isinstance(results[1], Detections) and "aspect ratio" in str(results[1])
+    assert np.array_equal(results[0].scores, again.scores)
