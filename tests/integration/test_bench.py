@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from detserve.ops.server import TritonServer
-from loadtest.bench import BenchConfig, run_bench
+from loadtest.bench import CAPACITY_RATIO, FLASK_PER_CPU_RATIO, FUSED_RATIO, PER_CPU_RATIO, BenchConfig, run_bench
 from tests.integration.conftest import SHAPES
 
 
@@ -52,9 +52,10 @@ def test_bench_runs_every_stage(tmp_path: Path) -> None:
         "dynamic batching on / off (throughput)",
         "p99 at ~70% of peak / unloaded p50",
         "4K: gRPC / shared memory (mean latency)",
-        "served / in-process limit on the CPU the load generator leaves",
-        "served / in-process, requests per CPU-second (server processes only)",
-        "fused CPU layout / ensemble (throughput)",
+        CAPACITY_RATIO,
+        PER_CPU_RATIO,
+        FLASK_PER_CPU_RATIO,
+        FUSED_RATIO,
     }
     assert results["triton"]["cpu"]["locust_cpu_s"] > 0 and results["fused"]["cpu"]["server_cpu_s"] > 0
     for key in ("triton", "triton_no_batching", "flask"):
