@@ -53,6 +53,8 @@ class BuildRequest:
     options: ServingOptions = field(default_factory=ServingOptions)
     max_image_pixels: int | None = None
     verify: bool = True
+    # also write the fused CPU layout of the model into this repository (converters/fused.py)
+    fused_out: Path | None = None
     # Test fixture, not a trained model: untrained heads re-initialised with this seed so that
     # scores spread over 0..1 (see detserve.families.torchvision_models.spread_head_init). Recorded in build.json.
     spread_init_seed: int | None = None
@@ -144,6 +146,8 @@ def build_repository(req: BuildRequest) -> BuildResult:
     spec = ModelSpec(req.detector, num_classes, pre, post, dict(req.model_kwargs))
     repo = req.repository.resolve()
     decls = declared_steps(family, post)
+    if req.fused_out is not None and (decls is not None or req.target == "tensorrt"):
+        raise SpecError("the fused CPU layout is for single-core models on onnxruntime (not multi-step or tensorrt)")
     if decls is not None:  # a multi-step family (two-stage): the steps it declares
         return _build_steps(req, repo, name, family, model, spec, decls)
     outputs = list(family.outputs(post))
@@ -171,6 +175,10 @@ def build_repository(req: BuildRequest) -> BuildResult:
     if tensorrt is not None:
         record["tensorrt"] = tensorrt["engine"]
     _write_models(repo, name, req, configs, spec, record)
+    if req.fused_out is not None:
+        from converters.fused import fused_repository
+
+        fused_repository(repo, req.fused_out, name)
     return BuildResult(name, req.version, repo, spec, record)
 
 

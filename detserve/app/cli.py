@@ -73,6 +73,9 @@ def build(
     postprocess_on_gpu: Annotated[
         bool, typer.Option(help="tensorrt: post-processing instances on the GPU, reading the core's outputs there")
     ] = False,
+    fused_out: Annotated[
+        Path | None, typer.Option(help="also write the fused CPU layout (one python model) into this repository")
+    ] = None,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
     from converters.repository import BuildRequest, build_repository
@@ -94,6 +97,7 @@ def build(
         spread_init_seed=spread_init_seed,
         precision=precision,
         calibration_images=calibration_images,
+        fused_out=fused_out,
     )
     started = time.monotonic()
     result = build_repository(req)

@@ -81,3 +81,21 @@ def test_detserve_fuse_writes_a_servable_layout_or_says_why_not(repository: Path
     assert "fused_model" in (version_dirs[0] / "model.py").read_text()
     missing = CliRunner().invoke(app, ["fuse", "--repository", str(repository), "--model", "nope", "--out", str(tmp_path)])
     assert missing.exit_code == 1 and "nope" in missing.output
+
+
+def test_build_writes_the_fused_layout_beside_the_ensemble(tmp_path: Path) -> None:
+    from converters.repository import BuildRequest, build_repository
+    from detserve.tritonconfig import read_config
+
+    req = BuildRequest(
+        "ssdlite320_mobilenet_v3_large", tmp_path / "repo", name="tiny", num_classes=3, spread_init_seed=0,
+        verify=False, fused_out=tmp_path / "fused",
+    )  # fmt: skip
+    build_repository(req)
+    assert read_config(tmp_path / "repo" / "tiny").platform == "ensemble"
+    fused = read_config(tmp_path / "fused" / "tiny")
+    assert fused.backend == "python" and fused.parameters["layout"].string_value == "fused"
+    assert (tmp_path / "fused" / "tiny" / "1" / "model.onnx").is_file()
+    multi = BuildRequest("fasterrcnn_mobilenet_v3_large_320_fpn", tmp_path / "r2", num_classes=3, fused_out=tmp_path / "f2")
+    with pytest.raises(SpecError, match="fused CPU layout"):
+        build_repository(multi)
