@@ -135,6 +135,7 @@ def _load_weights(model: Any, path: Path) -> None:
 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
