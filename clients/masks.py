@@ -51,6 +51,15 @@ def resize_bilinear(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return (top * (one - ly) + bottom * ly).astype(np.float32)
 
 
+def paste_boxes(boxes: np.ndarray, mask_size: int = 28, padding: int = 1) -> np.ndarray:
+    """The integer boxes the masks are pasted into: grown by (M + 2 padding) / M, truncated toward
+    zero (``.to(torch.int64)``). A coordinate within float noise of an integer can truncate either
+    way: the pasted mask then moves by a pixel."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scale = np.float32(float(mask_size + 2 * padding) / mask_size)
+    return _expand_boxes(boxes, scale).astype(np.int64)
+
+
 def paste_masks(
     masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float | None = None, padding: int = 1
 ) -> np.ndarray:
@@ -63,10 +72,8 @@ def paste_masks(
     if masks.ndim != 3 or masks.shape[0] != boxes.shape[0]:
         raise ValueError(f"need masks [K, M, M] and boxes [K, 4], got {masks.shape} and {boxes.shape}")
     im_h, im_w = int(image_hw[0]), int(image_hw[1])
-    m = masks.shape[-1]
     padded = np.pad(masks, ((0, 0), (padding, padding), (padding, padding)))
-    scale = np.float32(float(m + 2 * padding) / m)
-    ints = _expand_boxes(boxes, scale).astype(np.int64)  # truncation toward zero, like .to(torch.int64)
+    ints = paste_boxes(boxes, masks.shape[-1], padding)
     out = np.zeros((masks.shape[0], im_h, im_w), dtype=np.float32)
     for k, (mask, box) in enumerate(zip(padded, ints, strict=True)):
         w = max(int(box[2] - box[0] + 1), 1)

@@ -45,7 +45,7 @@ def time_steps(detector: str, model_kwargs: dict[str, Any], blobs: Sequence[byte
     from detserve.runtime.preprocess import preprocess
     from detserve.specs import RequestControls
 
-    fam = family_for_detector(detector)
+    fam: Any = family_for_detector(detector)  # a multi-step family (steps, step_module, run_step)
     model = fam.build(detector, fam.default_num_classes(None), None, dict(model_kwargs), 0)
     pre = fam.preprocess_spec(model)
     spec = fam.decode_spec(model, pre)
@@ -71,7 +71,7 @@ def time_steps(detector: str, model_kwargs: dict[str, Any], blobs: Sequence[byte
                     call: Callable[[], Any] = functools.partial(sessions[step.role].run, None, feed)
                 else:
                     raw = {t.name: a for t, a in zip(step.inputs, args, strict=True) if t.name != "image_info"}
-                    call = functools.partial(fam.run_step, spec, step.role, raw, info, controls)  # type: ignore[attr-defined]
+                    call = functools.partial(fam.run_step, spec, step.role, raw, info, controls)
                 per_role[step.role].append(_median_ms(call, repeat))
             counts.append(int(tensors["num_detections"][0, 0]))
     return StepTiming(
@@ -97,3 +97,41 @@ def step_table(detectors: Sequence[tuple[str, dict[str, Any]]], blobs: Sequence[
         echo(f"timing {detector} (each composing model) ...")
         lines.append(time_steps(detector, kwargs, blobs).row())
     return "\n".join(lines)
+
+
+def served_step_costs(url: str, model: str, blobs: Sequence[bytes], users: int, requests: int) -> dict[str, dict[str, float]]:
+    """Each composing model's cost on the live server under ``users`` concurrent clients.
+
+    ``requests`` single-image requests (the sample photographs in turn), at most ``users`` in flight;
+    Triton's statistics difference per model gives compute ms per request, the batch size its
+    batcher reached, and compute ms per image (a batch's time is counted once per request in it).
+    """
+    import tritonclient.grpc as grpcclient
+
+    from clients.grpc_client import DetectorClient
+    from detserve.ops.tritonstats import delta, snapshot
+
+    stats = grpcclient.InferenceServerClient(url)
+    try:
+        with DetectorClient(url, model) as client:
+            client.detect(blobs[0])  # warm every step
+            before = snapshot(stats)
+            images = [blobs[i % len(blobs)] for i in range(requests)]
+            results = client.detect_many(images, max_in_flight=users)
+            after = snapshot(stats)
+    finally:
+        stats.close()
+    failed = [r for r in results if not hasattr(r, "scores")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {requests} requests failed: {failed[0]}")
+    out = {}
+    for name, split in delta(before, after).items():
+        if not name.startswith(f"{model}_") or not split.requests:
+            continue
+        out[name.removeprefix(f"{model}_")] = {
+            "compute_ms_per_request": split.compute_ms,
+            "avg_batch": split.avg_batch_size,
+            "compute_ms_per_image": split.compute_ms / max(split.avg_batch_size, 1.0),
+            "queue_ms": split.queue_ms,
+        }
+    return out

@@ -93,16 +93,24 @@ class RcnnDecodeSpec(Spec):
 
 # a feature map or head output grows with the image: -1 spatial dims (fixed per engine profile on TensorRT)
 # (feature maps ~1 in size: ~1e-4 reordering noise in the deepest layers of the seeded fixture)
-_FEATURE_TOL = {"atol": 1e-3, "rtol": 1e-3}
+FEATURE_ATOL, FEATURE_RTOL = 1e-3, 1e-3
 
 
 def _features(spec: RcnnDecodeSpec) -> tuple[TensorDecl, ...]:
-    return tuple(TensorDecl(f"feat_{n}", (spec.feature_channels, -1, -1), **_FEATURE_TOL) for n in spec.feature_names)
+    return tuple(
+        TensorDecl(f"feat_{n}", (spec.feature_channels, -1, -1), atol=FEATURE_ATOL, rtol=FEATURE_RTOL) for n in spec.feature_names
+    )
 
 
 def _rpn_outputs(spec: RcnnDecodeSpec) -> tuple[TensorDecl, ...]:
-    obj = [TensorDecl(f"objectness_{i}", (a, -1, -1), **_FEATURE_TOL) for i, a in enumerate(spec.anchors_per_location)]
-    deltas = [TensorDecl(f"rpn_deltas_{i}", (4 * a, -1, -1), **_FEATURE_TOL) for i, a in enumerate(spec.anchors_per_location)]
+    obj = [
+        TensorDecl(f"objectness_{i}", (a, -1, -1), atol=FEATURE_ATOL, rtol=FEATURE_RTOL)
+        for i, a in enumerate(spec.anchors_per_location)
+    ]
+    deltas = [
+        TensorDecl(f"rpn_deltas_{i}", (4 * a, -1, -1), atol=FEATURE_ATOL, rtol=FEATURE_RTOL)
+        for i, a in enumerate(spec.anchors_per_location)
+    ]
     return (*obj, *deltas)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from clients.grpc_client import Detections, DetectorClient
-from clients.masks import mask_iou, paste_masks
+from clients.masks import mask_iou, paste_boxes, paste_masks
 from detserve.ops.server import TritonServer, running_server
 from detserve.runtime.imaging import decode_image
 from detserve.verification.matching import check_parity, match_detections
@@ -177,20 +177,71 @@ def _boxes_equal_eager(served: Detections, ref: dict[str, Any], what: str) -> di
 
 
 def _masks_equal_eager(served: Detections, ref: dict[str, Any], hw: tuple[int, int], what: str) -> dict[str, float]:
-    """28x28 probabilities within 1e-4 beyond FP16 rounding; pasted binary masks: IoU >= 0.99."""
+    """End to end: 28x28 probabilities within 2e-3 beyond FP16 rounding, pasted binary masks IoU >= 0.99.
+
+    End to end the mask head reads the served FPN maps and boxes, which differ from eager's by the
+    first core's float noise (~1e-4): the probabilities then move by up to ~1e-3 (measured: the
+    report). The mask core itself is held to 1e-4 on eager's own maps and boxes, through the
+    server (``_mask_core_equals_eager_head``).
+    """
     assert served.masks is not None and served.masks.dtype == np.float16
     m = match_detections(*_tuple(served), *_tuple(ref), iou_min=0.5)
     pasted = paste_masks(served.masks, served.boxes, hw, threshold=0.5)
-    worst_prob, worst_iou = 0.0, 1.0
+    worst_prob, worst_iou, moved = 0.0, 1.0, 0
     for i, j in m.pairs:
         eager = ref["mask_probs"][j]
         fp16_half_ulp = np.abs(eager).astype(np.float32) * 2.0**-11
         excess = np.abs(served.masks[i].astype(np.float32) - eager) - fp16_half_ulp
         worst_prob = max(worst_prob, float(excess.max()))
-        worst_iou = min(worst_iou, mask_iou(pasted[i], ref["masks"][j] > 0.5))
-    assert worst_prob <= 1e-4, f"{what}: 28x28 probabilities differ by {worst_prob:.2e} beyond FP16 rounding"
+        mine = pasted[i]
+        if not np.array_equal(paste_boxes(served.boxes[i]), paste_boxes(ref["boxes"][j])):
+            # a box coordinate within float noise of an integer truncated the other way: the whole
+            # mask moves a pixel (torchvision's own rule). Compare the masks in eager's box then.
+            moved += 1
+            mine = paste_masks(served.masks[i : i + 1], ref["boxes"][j : j + 1], hw, threshold=0.5)[0]
+        worst_iou = min(worst_iou, mask_iou(mine, ref["masks"][j] > 0.5))
+    assert worst_prob <= 2e-3, f"{what}: 28x28 probabilities differ by {worst_prob:.2e} beyond FP16 rounding"
     assert worst_iou >= 0.99, f"{what}: pasted mask IoU {worst_iou:.4f}"
-    return {"max_mask_prob_excess_over_fp16": worst_prob, "min_mask_iou": worst_iou, "masks_matched": len(m.pairs)}
+    return {
+        "max_mask_prob_excess_over_fp16": worst_prob,
+        "min_mask_iou": worst_iou,
+        "masks_matched": len(m.pairs),
+        "masks_moved_a_pixel_by_box_truncation": moved,
+    }
+
+
+def _mask_core_equals_eager_head(server: TritonServer, name: str, reference: Any, blob: bytes) -> float:
+    """The served mask core on eager's own FPN maps and final boxes vs eager's mask head: <= 1e-4."""
+    import torch
+    import tritonclient.grpc as grpcclient
+
+    model = reference.model
+    rgb = decode_image(blob, 1 << 30)
+    with torch.no_grad():
+        images, _ = model.transform([torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)])
+        features = model.backbone(images.tensors)
+        proposals, _ = model.rpn(images, features)
+        dets, _ = model.roi_heads(features, proposals, images.image_sizes)
+        boxes, labels = dets[0]["boxes"], dets[0]["labels"]
+        heads = model.roi_heads
+        logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, [boxes], images.image_sizes)))
+        eager = logits.sigmoid()[torch.arange(labels.shape[0]), labels].numpy()
+    assert len(labels) > 10
+    inputs = []
+    named = {**{f"feat_{k}": v.numpy() for k, v in features.items() if k != "pool"}, "det_boxes": boxes.numpy()[None]}
+    named["det_labels"] = labels.numpy().astype(np.int32)[None]
+    for key, array in named.items():
+        tensor = grpcclient.InferInput(key, list(array.shape), "INT32" if array.dtype == np.int32 else "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        inputs.append(tensor)
+    client = grpcclient.InferenceServerClient(server.options.grpc_url)
+    try:
+        served = client.infer(f"{name}_mask_core", inputs).as_numpy("mask_probs")[0]
+    finally:
+        client.close()
+    worst = float(np.abs(served - eager).max())
+    assert worst <= 1e-4, f"served mask core vs eager mask head: {worst:.2e}"
+    return worst
 
 
 def _batch_invariant(server: TritonServer, name: str, images: dict[str, bytes]) -> None:
@@ -257,6 +308,8 @@ def test_mask_rcnn_served_equals_eager(mrcnn_server: TritonServer, mrcnn_repo: P
     _preprocessing_equals_transform(mrcnn_server, "mrcnn", reference, images)
     stats = _detections_equal_eager(mrcnn_server, "mrcnn", reference, images)
     assert sum(s["masks_matched"] for s in stats.values()) > 50
+    core = {file: _mask_core_equals_eager_head(mrcnn_server, "mrcnn", reference, blob) for file, blob in images.items()}
+    (REPORTS / "parity-mrcnn-mask-core.json").write_text(json.dumps(core, indent=2))
 
 
 @pytest.mark.slow
