@@ -114,8 +114,9 @@ class Sample:
     boxes: np.ndarray  # float32 [N, 4] x0, y0, x1, y1 (pixels, exclusive right/bottom)
     labels: np.ndarray  # int64 [N], 1..len(CLASSES)
     areas: np.ndarray  # float32 [N] visible pixels
-    # bool [N, H, W]: each object's visible pixels, exactly (what its box and area are measured on)
-    masks: np.ndarray | None = None
+    # each object's visible pixels exactly (what its box and area are measured on), as COCO RLE
+    # (pycocotools' encoding, counts as text): a few hundred bytes where a bool mask is H x W
+    masks: list[dict] | None = None
 
 
 @cache
@@ -278,13 +279,13 @@ def render(cfg: SplitConfig, index: int) -> Sample:
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
         areas.append(len(xs))
         kept.append(label)
-        masks.append(owner == k)
+        masks.append(_rle(owner == k))
     return Sample(
         image=image,
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
         labels=np.asarray(kept, dtype=np.int64),
         areas=np.asarray(areas, dtype=np.float32),
-        masks=np.asarray(masks, dtype=bool).reshape(-1, h, w),
+        masks=masks,
     )
 
 
@@ -302,15 +303,12 @@ def _contrasting_fill(rng: np.random.Generator, under: np.ndarray) -> np.ndarray
     return np.where(under > 127, 0.0, 255.0).astype(np.float32)
 
 
-def _rles(masks: np.ndarray) -> list[dict]:
-    """Exact instance masks as COCO RLE (``segmentation``; pycocotools' encoding, counts as text)."""
+def _rle(mask: np.ndarray) -> dict:
+    """One binary mask as COCO RLE (``segmentation``; pycocotools' encoding, counts as text)."""
     from pycocotools import mask as mask_utils
 
-    out = []
-    for m in masks:
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        out.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
-    return out
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def coco_dict(cfg: SplitConfig, samples: list[tuple[str, Sample]]) -> dict:
@@ -319,7 +317,7 @@ def coco_dict(cfg: SplitConfig, samples: list[tuple[str, Sample]]) -> dict:
     for image_id, (file_name, s) in enumerate(samples, start=1):
         h, w = s.image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
-        rles = _rles(s.masks) if s.masks is not None else [None] * len(s.labels)
+        rles = s.masks if s.masks is not None else [None] * len(s.labels)
         for box, label, area, rle in zip(s.boxes.tolist(), s.labels.tolist(), s.areas.tolist(), rles, strict=True):
             x0, y0, x1, y1 = box
             annotations.append({

@@ -201,14 +201,18 @@ def test_shapes_dataset_masks_are_exact_and_segm_map_reads_them() -> None:
     annotations = coco_dict(SPLITS["val"], samples)
     assert has_segmentation(annotations)
     dets, shifted = {}, {}
+    from pycocotools import mask as mask_utils
+
     for image_id, (_, s) in enumerate(samples, start=1):
-        assert s.masks is not None and s.masks.shape == (len(s.labels), *s.image.shape[:2])
-        for box, area, mask in zip(s.boxes, s.areas, s.masks, strict=True):
+        assert s.masks is not None and len(s.masks) == len(s.labels)
+        binary = np.stack([mask_utils.decode({**r, "counts": r["counts"].encode()}) for r in s.masks]).astype(bool)
+        assert binary.shape[1:] == s.image.shape[:2]
+        for box, area, mask in zip(s.boxes, s.areas, binary, strict=True):
             ys, xs = np.nonzero(mask)
             assert mask.sum() == area and [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.tolist()
         scores = np.linspace(0.9, 0.5, len(s.labels))
-        dets[image_id] = ImageDetections(s.boxes.astype(np.float64), scores, s.labels, mask_rles(s.masks))
-        moved = np.roll(s.masks, 6, axis=2)
+        dets[image_id] = ImageDetections(s.boxes.astype(np.float64), scores, s.labels, mask_rles(binary))
+        moved = np.roll(binary, 6, axis=2)
         shifted[image_id] = ImageDetections(s.boxes.astype(np.float64), scores, s.labels, mask_rles(moved))
     assert coco_metrics(annotations, dets, iou_type="segm")["mAP"] == pytest.approx(1.0)
     assert coco_metrics(annotations, shifted, iou_type="segm")["mAP"] < 0.9

@@ -52,6 +52,8 @@ class TritonPythonModel:
             from detserve.families import decode_spec_from_json, family_of_spec
 
             apply_torch_threads(args)
+            import torchvision.models.detection  # noqa: F401 - here, not in the first request (~1 s)
+
             self.spec = decode_spec_from_json(config_parameter(args, "postprocess_spec"))
             self.family = family_of_spec(self.spec)
             self.role = config_parameter(args, "step")
