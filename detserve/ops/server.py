@@ -170,6 +170,9 @@ def server_environment(embedded: bool = True) -> dict[str, str]:
     # (pre-processing with its 2 torch threads: 45 CPU ms per image instead of 6 on 2 cores, issue 16,
     # docs/performance.md). Passive waiting sleeps at once. An operator's own value wins.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # onnxruntime's telemetry (device id + event database in $HOME, events queued for Microsoft's
+    # collector) off in the core stubs too; detserve/__init__.py says why. An operator's value wins.
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     for var in SECRET_VARIABLES:
         env.pop(var, None)
     return env
