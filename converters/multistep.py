@@ -35,6 +35,8 @@ def run_chain(
     """Every tensor of the served chain, computed in-process (cores as torch modules), and each core's inputs."""
     import torch
 
+    from detserve.runtime.outputs import stack_rows
+
     tensors: dict[str, Any] = {"images": images, "image_info": info}
     core_inputs: dict[str, list[Any]] = {}
     for step in declared_steps(family, spec) or []:
@@ -48,7 +50,7 @@ def run_chain(
         else:
             raw = {t.name: a for t, a in zip(step.inputs, args, strict=True) if t.name != "image_info"}
             rows = family.run_step(spec, step.role, raw, info, controls)
-            tensors.update({t.name: torch.from_numpy(np.stack([r[t.name] for r in rows])) for t in step.outputs})
+            tensors.update({t.name: torch.from_numpy(stack_rows([r[t.name] for r in rows])) for t in step.outputs})
     return tensors, core_inputs
 
 

@@ -102,8 +102,9 @@ def build(
     started = time.monotonic()
     result = build_repository(req)
     typer.echo(f"built {result.name} version {result.version} in {result.repository} ({time.monotonic() - started:.1f} s)")
-    core = result.record["verification"]["core"]
-    if core:
+    for role, core in result.record["verification"].items():  # "core"; a multi-step family: each core step
+        if role in ("tensorrt", "ok") or not core:
+            continue
         for out in core["outputs"]:
             typer.echo(
                 f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} (onnxruntime vs PyTorch)"

@@ -149,7 +149,8 @@ def steps(spec: RcnnDecodeSpec) -> list[StepDecl]:
         TensorDecl("det_labels", (-1,), "INT32"),
         TensorDecl("det_count", (1,), "INT32"),
     )
-    probs = TensorDecl("mask_probs", (-1, MASK_SIZE, MASK_SIZE), atol=1e-5, rtol=1e-4)
+    # probabilities: sigmoid slope <= 0.25 turns ~4e-4 of mask-head logit noise into <= 1e-4
+    probs = TensorDecl("mask_probs", (-1, MASK_SIZE, MASK_SIZE), atol=1e-4, rtol=1e-4)
     return [
         *out,
         StepDecl("detections", "python", decode_in, det),

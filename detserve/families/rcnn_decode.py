@@ -139,18 +139,24 @@ def run_step(
     if role == "detections" or (role == "postprocess" and not spec.masks):
         dets = detections(spec, raw, info, controls)
         if spec.masks:  # boxes stay in resized pixels: the mask core pools them from the features
-            return [_internal(d, c.max_det) for d, c in zip(dets, controls, strict=True)]
+            return [_internal(d) for d in dets]
         return [
             padded({**d, "boxes": to_original(d["boxes"], info[i])}, c.max_det)
             for i, (d, c) in enumerate(zip(dets, controls, strict=True))
         ]
     if role == "postprocess":
-        return [_with_masks(raw, info, i) for i in range(int(info.shape[0]))]
+        return [_with_masks(raw, info, i, c.max_det) for i, c in enumerate(controls)]
     raise SpecError(f"the R-CNN family has no torch step {role!r}")
 
 
-def _internal(det: dict[str, Any], max_det: int) -> dict[str, np.ndarray]:
-    out = padded(det, max_det)
+def _internal(det: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The detections as rows for the mask core: as many as there are (at least one), not max_det.
+
+    The mask head costs per row: padding to max_det (up to thousands) would run it on empty rows.
+    Images of one request with other counts are zero-padded to the longest by the stage backend;
+    ``det_count`` says how many rows are real, and the last step pads to max_det for the contract.
+    """
+    out = padded(det, max(1, int(det["scores"].shape[0])))
     return {
         "det_boxes": out["boxes"],
         "det_scores": out["scores"],
@@ -159,17 +165,15 @@ def _internal(det: dict[str, Any], max_det: int) -> dict[str, np.ndarray]:
     }
 
 
-def _with_masks(raw: dict[str, torch.Tensor], info: torch.Tensor, i: int) -> dict[str, np.ndarray]:
-    """The contract for image ``i``: boxes to original pixels, masks as FP16 probabilities (zeros past the count)."""
+def _with_masks(raw: dict[str, torch.Tensor], info: torch.Tensor, i: int, max_det: int) -> dict[str, np.ndarray]:
+    """The contract for image ``i``: ``max_det`` rows, boxes in original pixels, masks as FP16 probabilities."""
     k = int(raw["det_count"][i, 0])
-    boxes = raw["det_boxes"][i].clone()
-    boxes[:k] = to_original(boxes[:k], info[i])
-    masks = np.zeros(tuple(raw["mask_probs"][i].shape), dtype=np.float16)
-    masks[:k] = raw["mask_probs"][i, :k].numpy().astype(np.float16)
-    return {
-        "num_detections": np.array([k], dtype=np.int32),
-        "boxes": boxes.numpy().astype(np.float32),
-        "scores": raw["det_scores"][i].numpy().astype(np.float32),
-        "labels": raw["det_labels"][i].numpy().astype(np.int32),
-        "masks": masks,
+    det = {
+        "boxes": to_original(raw["det_boxes"][i, :k], info[i]),
+        "scores": raw["det_scores"][i, :k],
+        "labels": raw["det_labels"][i, :k],
     }
+    out = padded(det, max_det)
+    masks = np.zeros((max_det, *raw["mask_probs"].shape[2:]), dtype=np.float16)
+    masks[:k] = raw["mask_probs"][i, :k].numpy().astype(np.float16)
+    return {**out, "masks": masks}

@@ -38,3 +38,12 @@ def pad_detections(det: dict[str, Any], max_det: int) -> dict[str, np.ndarray]:
     out["scores"][:k] = scores[:k]
     out["labels"][:k] = _numpy(det["labels"]).astype(np.int32).reshape(-1)[:k]
     return out
+
+
+def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """One request's per-image rows as a batch; rows of different lengths (a step that returns as
+    many detections as an image has) are zero-padded to the longest, their count said by another output."""
+    longest = max(r.shape[0] for r in rows) if rows[0].ndim else 0
+    if all(r.shape == rows[0].shape for r in rows):
+        return np.stack(rows)
+    return np.stack([np.pad(r, [(0, longest - r.shape[0])] + [(0, 0)] * (r.ndim - 1)) for r in rows])

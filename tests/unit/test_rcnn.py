@@ -240,3 +240,27 @@ def test_draw_tints_each_pasted_mask(tmp_path: Any) -> None:
     assert inside.sum() > 300
     assert (np.abs(out[inside] - 128).sum(-1) > 0).all()  # tinted
     assert (out[~inside][:, 0] == 128).mean() > 0.9  # elsewhere the grey stays (but for the box outline and label)
+
+
+def test_a_checkpoint_builds_the_same_model(frcnn: tuple[Any, Any, Any], tmp_path: Any) -> None:
+    from detserve.errors import CheckpointError
+
+    fam, model, _ = frcnn
+    path = tmp_path / "frcnn.pt"
+    torch.save(model.state_dict(), path)
+    again = fam.build(DETECTOR, 5, path, {}, None)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="does not fit"):
+        fam.build(DETECTOR, 7, path, {}, None)  # another class count
+    with pytest.raises(SpecError, match="checkpoint"):
+        fam.build(DETECTOR, 5, path, {}, 0)  # a seed replaces weights: not with a checkpoint
+
+
+def test_rows_of_different_lengths_are_zero_padded_per_request() -> None:
+    from detserve.runtime.outputs import stack_rows
+
+    a, b = np.ones((3, 4), np.float32), np.ones((1, 4), np.float32)
+    out = stack_rows([a, b])
+    assert out.shape == (2, 3, 4) and out[1, 1:].sum() == 0 and out[1, 0].sum() == 4
+    assert stack_rows([np.array([2], np.int32), np.array([5], np.int32)]).tolist() == [[2], [5]]

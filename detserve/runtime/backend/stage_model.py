@@ -7,7 +7,8 @@ request's controls (request parameters pass through the ensemble to every step).
 
 Requests whose inputs have the same shapes (Triton's dynamic batcher groups only those) and, for
 torch steps, the same padded image size run as one batch; each request gets its own rows back, and
-a failing request (bad controls) fails alone.
+a failing request (bad controls) fails alone. A step may return rows of different lengths for
+the images of one request (``stack_rows`` pads them with zeros).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from detserve.runtime.backend.common import apply_torch_threads, config_parameter, error_response, group_by, tune_stub_malloc
+from detserve.runtime.outputs import stack_rows
 
 
 class _Request:
@@ -81,7 +83,7 @@ class TritonPythonModel:
         return out
 
     def _response(self, rows: list[dict[str, np.ndarray]]) -> Any:
-        tensors = [pb_utils.Tensor(n, np.stack([r[n] for r in rows]).astype(self.dtypes[n], copy=False)) for n in self.outputs]
+        tensors = [pb_utils.Tensor(n, stack_rows([r[n] for r in rows]).astype(self.dtypes[n], copy=False)) for n in self.outputs]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def execute(self, requests: list[Any]) -> list[Any]:
