@@ -132,7 +132,8 @@ def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[
 def build_cores(
     family: Any, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl], version_dir: Any, verify: bool
 ) -> dict[str, Any]:
-    """Export (and verify) every core step into ``version_dir(role)/model.onnx``; the verification per role."""
+    """Export (and verify) every core step into ``version_dir(role)/model.onnx``; per role the ONNX path,
+    the verification and the sample inputs (the chain's on the sample photographs)."""
     from converters.onnx_export import require_ok
 
     defaults = RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)
@@ -155,5 +156,6 @@ def build_cores(
             result = verify_step(module, step, path, samples[step.role])
             require_ok(result)
             result = result.to_dict()
-        checks[step.role] = {"onnx": path, "verification": result}
+        # the inputs it really got: the TensorRT target builds its profiles from, and verifies on, them
+        checks[step.role] = {"onnx": path, "verification": result, "samples": samples[step.role]}
     return checks

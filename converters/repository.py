@@ -187,10 +187,10 @@ def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: A
     from converters.multistep import build_cores
     from detserve.families.torchvision_models import file_sha256
 
-    if req.target == "tensorrt":
+    if req.target == "tensorrt" and req.precision == "int8":
         raise SpecError(
-            f"{family.name}: the tensorrt target is not available for multi-step pipelines yet",
-            hint="build with --target python-onnxruntime (embedded server) or onnxruntime (NGC container)",
+            f"{family.name}: int8 needs calibration batches of every input of every core (FPN maps, proposals)",
+            hint="build with --precision fp32 or fp16",
         )
     steps = [preprocess_config(name, spec.preprocess, req.options)]
     steps += [
@@ -202,8 +202,19 @@ def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: A
         family, model, spec.postprocess, spec.preprocess, decls, lambda role: repo / model_name(name, role) / str(req.version), req.verify
     )
     checks: dict[str, Any] = {role: c["verification"] for role, c in cores.items()}
+    engines: dict[str, Any] = {}
+    if req.target == "tensorrt":  # an engine per core, beside its ONNX, verified per output (tensorrt_multistep)
+        from converters.tensorrt_build import default_timing_cache
+        from converters.tensorrt_multistep import build_step_engines
+
+        cache = req.timing_cache or default_timing_cache(repo)
+        built = build_step_engines(decls, cores, spec.preprocess, spec.postprocess, req.options.max_batch_size, req.precision, cache, req.verify)
+        checks.update({f"tensorrt_{role}": b["verification"] for role, b in built.items()})
+        engines = {role: b["engine"] for role, b in built.items()}
     checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
     record = _record(req, name, family.name, spec.num_classes, cores["core"]["onnx"], checks)
+    if engines:
+        record["tensorrt"] = engines
     record["steps"] = [model_name(name, d.role) for d in decls]
     record["onnx_sha256"] = {role: file_sha256(c["onnx"]) for role, c in cores.items()}
     modules = {model_name(name, d.role): "stage_model" for d in decls if d.kind == "python" or req.target == "python-onnxruntime"}

@@ -455,6 +455,11 @@ class BuildOptions:
     variant: str = "core"
     extend_network: NetworkHook | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as the metadata's ``extra``
+    # a core with several inputs (the steps of a multi-step family, converters.tensorrt_multistep):
+    # one shape range per input name instead of the ``images`` profile derived from the preprocessing
+    profiles: dict[str, ShapeRange] | None = None
+    # register TensorRT's standard plugins before parsing (the ONNX parser imports RoiAlign as ROIAlign_TRT)
+    load_plugins: bool = False
 
 
 def parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
@@ -466,9 +471,10 @@ def parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[An
     return network, parser
 
 
-def _add_profile(builder: Any, config: Any, shapes: ShapeRange, calibration: bool = False) -> Any:
+def _add_profile(builder: Any, config: Any, shapes: ShapeRange | dict[str, ShapeRange], calibration: bool = False) -> Any:
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, shapes.min, shapes.opt, shapes.max)
+    for name, shape in (shapes if isinstance(shapes, dict) else {INPUT_NAME: shapes}).items():
+        profile.set_shape(name, shape.min, shape.opt, shape.max)
     if calibration:
         config.set_calibration_profile(profile)
     else:
@@ -505,18 +511,26 @@ def build_engine(
     """Build ``plan_path`` (+ ``model.plan.json``) from the core ONNX on this machine's GPU."""
     opts = opts or BuildOptions()
     validate_precision(opts.precision, opts.calibration_images)
+    if opts.profiles is not None and opts.precision == "int8":
+        raise SpecError(
+            "int8 needs calibration batches of every input; a core with several inputs has none",
+            hint="build these cores with --precision fp32 or fp16",
+        )
     trt = import_tensorrt()
     gpu = require_cuda_gpu()
     check_precision_supported(trt, opts.precision)
     shapes = derive_profile(pre, max_batch_size, opts.opt_batch)
+    profiles = {INPUT_NAME: shapes} if opts.profiles is None else dict(opts.profiles)
     logger = trt.Logger(trt.Logger.WARNING)
+    if opts.load_plugins:
+        trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     network, _parser = parse_onnx(trt, builder, logger, onnx_path)
     keepalive = opts.extend_network(trt, network) if opts.extend_network else None
     config = builder.create_builder_config()
     if opts.workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_bytes)
-    _add_profile(builder, config, shapes)
+    _add_profile(builder, config, profiles)
     calibrator, calibration = None, None
     if opts.precision == "int8":
         calibrator, calibration = _calibrator(trt, onnx_path, plan_path, pre, shapes, opts)
@@ -535,7 +549,7 @@ def build_engine(
         )
     save_timing_cache(config, opts.timing_cache)
     _atomic_write(plan_path, bytes(memoryview(serialized)))
-    meta = _metadata(trt, gpu, onnx_path, shapes, seconds, opts, max_batch_size, calibration, cache_hit)
+    meta = _metadata(trt, gpu, onnx_path, profiles, seconds, opts, max_batch_size, calibration, cache_hit)
     write_plan_metadata(plan_path, meta)
     return meta
 
@@ -544,7 +558,7 @@ def _metadata(
     trt: Any,
     gpu: GpuInfo,
     onnx_path: Path,
-    shapes: ShapeRange,
+    profiles: dict[str, ShapeRange],
     seconds: float,
     opts: BuildOptions,
     max_batch_size: int,
@@ -558,7 +572,7 @@ def _metadata(
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
         precision=opts.precision,
-        profiles={INPUT_NAME: shapes.to_dict()},
+        profiles={name: shape.to_dict() for name, shape in profiles.items()},
         build_seconds=round(seconds, 2),
         onnx_sha256=file_sha256(onnx_path),
         variant=opts.variant,

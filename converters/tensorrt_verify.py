@@ -95,9 +95,22 @@ def compare_runners(
     backend: str,
 ) -> CoreVerification:
     """Run two Polygraphy runners on the same batches; per-output errors of ``candidate`` vs ``reference``."""
+    return compare_feeds(reference, candidate, _feeds(batches), output_names, tolerances, backend)
+
+
+def compare_feeds(
+    reference: Any,
+    candidate: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    output_names: Sequence[str],
+    tolerances: Mapping[str, tuple[float, float]],
+    backend: str,
+) -> CoreVerification:
+    """:func:`compare_runners` on data-loader items of any inputs (name -> array; a multi-input core's
+    steps); ``input_shapes`` records each item's first input."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
 
-    feeds = _feeds(batches)
+    feeds = [dict(f) for f in feeds]
     results = Comparator.run([reference, candidate], data_loader=feeds)
     compare = SimpleCompareFunc(
         atol={n: tolerances[n][0] for n in output_names},
@@ -114,7 +127,7 @@ def compare_runners(
         backend=f"{backend} (polygraphy: {'passed' if polygraphy_ok else 'FAILED'})",
         atol=max(a for a, _ in tolerances.values()),  # the loosest; each output has its own
         rtol=max(r for _, r in tolerances.values()),
-        input_shapes=[tuple(int(s) for s in f[INPUT_NAME].shape) for f in feeds],
+        input_shapes=[tuple(int(s) for s in next(iter(f.values())).shape) for f in feeds],
         outputs=[_merge(n, errs) for n, errs in errors.items()],
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -276,5 +276,206 @@ def miscompiled_grid_sample(onnx_path: Any, out_path: Any) -> Any:
             node.attribute.append(onnx.helper.make_attribute("align_corners", 1))
         changed += 1
     assert changed, "the graph has no GridSample to miscompile"
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------
+# stand-in for the engine build (converters.tensorrt_build.build_engine): parser, profiles, builder
+# --------------------------------------------------------------------------------------------
+# What it checks is what TensorRT refuses at build time for a multi-input core: an input without a
+# profile, a profile of another rank, a fixed dim given another size, min > opt > max, and (like
+# TensorRT 10's parser, which imports RoiAlign as the ROIAlign_TRT plugin) a RoiAlign parsed before
+# the standard plugins were registered. The "plan" it writes is the ONNX itself: the tests run it with
+# ONNX Runtime in place of the engine. Kernels, tactics and the plugin's numerics are the GPU check's.
+
+BuilderFlag = _enum("FP16", "INT8", "TF32")
+MemoryPoolType = _enum("WORKSPACE")
+ErrorCode = _enum("UNSUPPORTED_NODE")
+registered_plugins: list[str] = []  # namespaces given to init_libnvinfer_plugins, in order
+
+
+class IInt8EntropyCalibrator2:
+    pass
+
+
+class Logger:
+    WARNING = "WARNING"
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+
+
+def init_libnvinfer_plugins(logger: Logger, namespace: str) -> bool:
+    registered_plugins.append(namespace)
+    return True
+
+
+class _ParserError:
+    def __init__(self, node: int, op: str, desc: str) -> None:
+        self._node, self._op, self._desc = node, op, desc
+
+    def code(self) -> str:
+        return "ErrorCode.UNSUPPORTED_NODE"
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node(self) -> int:
+        return self._node
+
+    def node_operator(self) -> str:
+        return self._op
+
+
+class ParsedNetwork:
+    """The network an OnnxParser fills: input name -> dims (-1 where dynamic), and the ONNX bytes."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, tuple[int, ...]] = {}
+        self.onnx_bytes = b""
+
+
+class OnnxParser:
+    def __init__(self, network: ParsedNetwork, logger: Logger) -> None:
+        self.network = network
+        self.errors: list[_ParserError] = []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> _ParserError:
+        return self.errors[i]
+
+    def parse_from_file(self, path: str) -> bool:
+        import onnx
+
+        model = onnx.load(path)
+        for i, node in enumerate(model.graph.node):
+            if node.op_type == "RoiAlign" and not registered_plugins:
+                desc = "Plugin not found, are the plugin name, version, and namespace correct? (ROIAlign_TRT)"
+                self.errors.append(_ParserError(i, "RoiAlign", desc))
+        initializers = {t.name for t in model.graph.initializer}
+        for x in model.graph.input:
+            if x.name not in initializers:
+                self.network.inputs[x.name] = tuple(d.dim_value if d.dim_value > 0 else -1 for d in x.type.tensor_type.shape.dim)
+        self.network.onnx_bytes = model.SerializeToString()
+        return not self.errors
+
+
+class OptimizationProfile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+    def set_shape(self, name: str, lo: tuple[int, ...], opt: tuple[int, ...], hi: tuple[int, ...]) -> None:
+        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+
+class _TimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = data or b"fake timing cache"
+
+    def serialize(self) -> bytes:
+        return self.data
+
+
+class BuilderConfig:
+    def __init__(self) -> None:
+        self.profiles: list[OptimizationProfile] = []
+        self.flags: set[str] = {"TF32"}
+        self.cache: _TimingCache | None = None
+
+    def add_optimization_profile(self, profile: OptimizationProfile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        pass
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+    def create_timing_cache(self, data: bytes) -> _TimingCache:
+        return _TimingCache(data)
+
+    def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self) -> _TimingCache:
+        assert self.cache is not None
+        return self.cache
+
+
+class Builder:
+    """``build_serialized_network`` refuses (returns None, as TensorRT does) what TensorRT would."""
+
+    last_config: ClassVar[BuilderConfig | None] = None  # the latest build's config and refusals, for the tests
+    refusals: ClassVar[list[str]] = []
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def create_network(self, flags: int) -> ParsedNetwork:
+        return ParsedNetwork()
+
+    def create_optimization_profile(self) -> OptimizationProfile:
+        return OptimizationProfile()
+
+    def create_builder_config(self) -> BuilderConfig:
+        return BuilderConfig()
+
+    def build_serialized_network(self, network: ParsedNetwork, config: BuilderConfig) -> bytes | None:
+        Builder.last_config = config
+        problems = [p for profile in config.profiles for p in _profile_problems(network.inputs, profile)]
+        if not config.profiles:
+            problems.append("no optimization profile")
+        Builder.refusals = problems
+        return None if problems else network.onnx_bytes
+
+
+def _profile_problems(inputs: dict[str, tuple[int, ...]], profile: OptimizationProfile) -> list[str]:
+    problems = [f"{n}: not a network input" for n in profile.shapes if n not in inputs]
+    for name, dims in inputs.items():
+        if name not in profile.shapes:
+            problems.append(f"{name}: no profile for a dynamic input" if -1 in dims else "")
+            continue
+        lo, opt, hi = profile.shapes[name]
+        if not len(lo) == len(opt) == len(hi) == len(dims):
+            problems.append(f"{name}: profile rank {len(lo)} for an input of rank {len(dims)}")
+            continue
+        for i, d in enumerate(dims):
+            if d > 0 and not lo[i] == opt[i] == hi[i] == d:
+                problems.append(f"{name}: dim {i} is fixed at {d}, the profile gives {lo[i]}/{opt[i]}/{hi[i]}")
+            if not 0 <= lo[i] <= opt[i] <= hi[i]:
+                problems.append(f"{name}: dim {i} needs min <= opt <= max, got {lo[i]}/{opt[i]}/{hi[i]}")
+    return [p for p in problems if p]
+
+
+def miscompiled_roi_align(onnx_path: Any, out_path: Any) -> Any:
+    """The same graph with every ``RoiAlign`` sampling with the other pixel convention
+    (``output_half_pixel`` <-> ``half_pixel``: torchvision's aligned=False vs True): what an engine whose
+    RoiAlign import disagreed with the exported attribute would return -- right shapes, plausible
+    values, every RoI shifted by half a feature cell."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "RoiAlign":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["coordinate_transformation_mode"].s if "coordinate_transformation_mode" in attrs else b"half_pixel"
+        flipped = b"half_pixel" if mode == b"output_half_pixel" else b"output_half_pixel"
+        if "coordinate_transformation_mode" in attrs:
+            attrs["coordinate_transformation_mode"].s = flipped
+        else:
+            node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", flipped))
+        changed += 1
+    assert changed, "the graph has no RoiAlign to miscompile"
     onnx.save(model, str(out_path))
     return out_path

@@ -105,10 +105,10 @@ def build(
     for role, core in result.record["verification"].items():  # "core"; a multi-step family: each core step
         if role in ("tensorrt", "ok") or not core:
             continue
+        # a multi-step family's engines: "tensorrt_<core step>"
+        pair = f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt_") else "onnxruntime vs PyTorch"
         for out in core["outputs"]:
-            typer.echo(
-                f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} (onnxruntime vs PyTorch)"
-            )
+            typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} ({pair})")
     trt = result.record["verification"].get("tensorrt")
     if trt:
         for out in trt["outputs"]:
