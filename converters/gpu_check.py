@@ -14,6 +14,8 @@ On the demo detector (ssdlite320_mobilenet_v3_large, 91 classes, spread-init see
    each verified against ONNX Runtime up to the engine's largest batch; the verdict, the GridSample
    count and a refusal's message are recorded (a GridSample engine TensorRT gets wrong, NVIDIA/TensorRT
    #4813, must be refused; the discrete one must pass);
+   two-stage: ``detserve build --target tensorrt`` of fasterrcnn_mobilenet_v3_large_320_fpn and
+   maskrcnn_resnet50_fpn (320..512): an engine per core step, each verified per output (rcnn_engines);
 6. benchmarks, at batch 1/8/32, images/s of: eager PyTorch (torchvision's full forward), the split
    pipeline in PyTorch (core + torch post-processing), the split pipeline with each TensorRT
    engine, and the end-to-end engine — all on the same GPU, inputs already on the GPU, after a
@@ -322,6 +324,43 @@ def rtdetr_engines(run: Run) -> dict[str, Any]:
     return out
 
 
+# two-stage (issue 12): every core step an engine (FPN maps + proposals/boxes as inputs, RoIAlign through
+# the parser's ROIAlign_TRT plugin), verified per output; Mask R-CNN at a reduced size to fit the budget
+RCNN_CASES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {}),
+    ("maskrcnn_resnet50_fpn", {"min_size": 320, "max_size": 512}),
+)
+RCNN_MAX_BATCH = 4
+
+
+def rcnn_engines(run: Run) -> dict[str, Any]:
+    """detserve build --target tensorrt of a Faster R-CNN and a Mask R-CNN: an fp32 engine per core step
+    (core, roi_core, mask_core), each verified against ONNX Runtime on the inputs the chain really gives it."""
+    from converters.repository import BuildRequest, build_repository
+    from detserve.tritonconfig import ServingOptions
+
+    out: dict[str, Any] = {}
+    for detector, kwargs in RCNN_CASES:
+        req = BuildRequest(
+            detector, run.out / "work" / "rcnn_repo", num_classes=NUM_CLASSES, target="tensorrt", model_kwargs=dict(kwargs),
+            spread_init_seed=SEED, options=ServingOptions(max_batch_size=RCNN_MAX_BATCH),
+            timing_cache=run.out / "work" / ".trt_timing_cache",
+        )  # fmt: skip
+        t = time.monotonic()
+        record = build_repository(req).record
+        checks = record["verification"]
+        out[detector] = {
+            "seconds": round(time.monotonic() - t, 1),
+            "ok": checks["ok"],
+            "engines": {
+                role: {"build_seconds": e["build_seconds"], "profiles": e["profiles"], "roi_align": e["extra"]["roi_align"]}
+                for role, e in record["tensorrt"].items()
+            },
+            "verification": {k: v for k, v in checks.items() if k.startswith("tensorrt_")},
+        }
+    return out
+
+
 def benchmark(run: Run) -> dict[str, Any]:
     """images/s per pipeline and batch size, on inputs already on the GPU (decode/preprocess excluded)."""
     import torch
@@ -340,7 +379,7 @@ def benchmark(run: Run) -> dict[str, Any]:
     }
 
 
-def run_checks(out: Path, budget_s: float = 330.0) -> dict[str, Any]:
+def run_checks(out: Path, budget_s: float = 480.0) -> dict[str, Any]:
     """Every step in order of importance; builds are skipped before the benchmark loses its time."""
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, budget_s)
@@ -356,6 +395,7 @@ def run_checks(out: Path, budget_s: float = 330.0) -> dict[str, Any]:
         run.step("end_to_end_nms", end_to_end_nms, needs_s=60 + BENCH_RESERVE_S)
     run.step("build_verify_int8", build_and_verify("int8"), needs_s=120 + BENCH_RESERVE_S)
     run.step("rtdetr_engines", rtdetr_engines, needs_s=60 + BENCH_RESERVE_S)
+    run.step("rcnn_engines", rcnn_engines, needs_s=150 + BENCH_RESERVE_S)
     run.step("benchmark", benchmark, needs_s=30)
     return run.results
 
@@ -363,7 +403,7 @@ def run_checks(out: Path, budget_s: float = 330.0) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/gpu_check"))
-    parser.add_argument("--budget-s", type=float, default=330.0, help="skip steps that would not fit in this many seconds")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip steps that would not fit in this many seconds")
     args = parser.parse_args()
     results = run_checks(args.out, args.budget_s)
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
