@@ -217,7 +217,10 @@ def _inprocess(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
             torch.set_num_threads(previous)
         runs.append({**result, "threads": threads, "tensor_bytes": pipeline.tensor_bytes(blobs)})
     best = max(runs, key=lambda r: r["best_images_per_s"])
-    return {**best, "runs": runs}
+    # a multi-step family: the composing models after preprocessing, in order (their CPU per image is
+    # in stage_cpu_ms_per_image under the same roles)
+    steps = [s.role for s in pipeline.steps] if pipeline.steps is not None else None
+    return {**best, "runs": runs, "steps": steps}
 
 
 def ensure_model(cfg: BenchConfig, echo: Callable[[str], None]) -> None:
@@ -251,12 +254,16 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         "inprocess_openmp": omp,
     }
     results["inprocess"] = _inprocess(cfg, echo)
+    fused = cfg.fused and results["inprocess"]["steps"] is None
+    if cfg.fused and not fused:
+        results["fused_skipped"] = "the fused CPU layout is for single-core models (this one has several steps)"
+        echo(f"  (f) skipped: {results['fused_skipped']}")
     echo("(c) Triton ensemble, dynamic batching (+ sweep, + 4K shared memory)")
     results["triton"] = _served(cfg, cfg.repository, "triton-dynamic-batching", echo)
     echo("(d) Triton ensemble, no dynamic batching")
     plain_repo = without_dynamic_batching(cfg.repository, cfg.out_dir / "repo-no-batching", cfg.model)
     results["triton_no_batching"] = _served(cfg, plain_repo, "triton-no-batching", echo)
-    if cfg.fused:
+    if fused:
         from converters.fused import fused_repository
 
         echo("(f) fused CPU layout (pre + core + post in one python model)")
@@ -431,6 +438,12 @@ def render_bench(r: dict[str, Any]) -> str:
         row("(c) Triton ensemble, dynamic batching", served, r["triton"].get("cpu")),
         row("(d) Triton ensemble, no dynamic batching", plain, r["triton_no_batching"].get("cpu")),
         *([row("(f) fused CPU layout (one python model)", r["fused"]["report"], r["fused"].get("cpu"))] if "fused" in r else []),
+        *(["", f"(f) not run: {r['fused_skipped']}."] if r.get("fused_skipped") else []),
+        *(
+            ["", "Composing models after preprocessing: " + " -> ".join(r["inprocess"]["steps"]) + "."]
+            if r["inprocess"].get("steps")
+            else []
+        ),
         "",
         "| ratio | value |",
         "|---|---|",
@@ -531,6 +544,16 @@ def _hop_section(r: dict[str, Any]) -> list[str]:
         ]
         if key == "fused":
             rows.append(("fused stub (decode ... NMS, one process)", kb("detections"), ms(f"stub {model}"), sum(stages.values())))
+        elif ip.get("steps"):  # a multi-step family: a row per composing model, as declared
+            rows.append(
+                (
+                    "preprocess stub (decode, resize, normalise)",
+                    kb("preprocessed"),
+                    ms(f"stub {model}_preprocess"),
+                    stages.get("preprocess"),
+                )
+            )
+            rows += [(f"{role} stub", kb(role), ms(f"stub {model}_{role}"), stages.get(role)) for role in ip["steps"]]
         else:
             rows += [
                 ("preprocess stub (decode, resize, normalise)", kb("preprocessed"), ms(f"stub {model}_preprocess"), stages.get("preprocess")),

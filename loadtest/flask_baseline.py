@@ -50,13 +50,23 @@ def load_eager_model(
     With ``spread_init_seed`` the random initialisation is seeded too (without touching the
     caller's global RNG), so two services started with the same seed hold the same weights.
     """
-    from detserve.families.torchvision_models import build_detector, spread_init_detector
+    from detserve.families import family_for_detector
 
-    if spread_init_seed is None:
-        return build_detector(detector, num_classes, checkpoint, **dict(model_kwargs or {}))
-    if checkpoint is not None:
+    if spread_init_seed is not None and checkpoint is not None:
         raise DetserveError("spread_init_seed replaces the heads' weights; it cannot be combined with a checkpoint")
-    return spread_init_detector(detector, num_classes, spread_init_seed, **dict(model_kwargs or {}))
+    # by the detector's family, as ``detserve build`` does (a two-stage R-CNN as well as torchvision's single-stage)
+    family = family_for_detector(detector)
+    return family.build(detector, num_classes, checkpoint, dict(model_kwargs or {}), spread_init_seed)
+
+
+def model_limits(detector: str, model: Any) -> tuple[float, int]:
+    """The eager model's own score threshold and detections cap, from its family's decode spec
+    (a single-stage torchvision model keeps them on the model, a two-stage one on its RoI heads)."""
+    from detserve.families import family_for_detector
+
+    family = family_for_detector(detector)
+    spec = family.decode_spec(model, family.preprocess_spec(model))
+    return float(spec.score_thresh), int(spec.detections_per_img)
 
 
 def _query_number(name: str, cast: type, low: float, high: float, hint: str) -> Any:
@@ -120,7 +130,7 @@ def create_app(
     cap: both are applied to the eager output, since the model object is shared by all threads.
     """
     model = load_eager_model(detector, num_classes, checkpoint, model_kwargs, spread_init_seed)
-    min_score, cap = float(model.score_thresh), int(model.detections_per_img)
+    min_score, cap = model_limits(detector, model)
     info = {"detector": detector, "num_classes": num_classes, "score_thresh": min_score, "detections_per_img": cap}
     app = Flask("detserve-flask-baseline")
 

@@ -4,6 +4,12 @@ Loads the very files the server loads (``spec.json`` and the core's ``model.onnx
 the three composing models run — decode, preprocess, one onnxruntime call per padded size,
 vectorised post-processing — as plain function calls. Whatever the served ensemble does slower
 than this is the price of serving (transport, queueing, copies between models), not of the model.
+
+A multi-step family (``Family.steps``: two-stage R-CNN) runs its whole declared chain the same way:
+preprocess, then each step in order — every core through onnxruntime on its own
+``<name>_<role>/<version>/model.onnx`` with that step's served session settings, every torch step
+through the family's ``run_step`` — the images of one padded size as one batch through every step,
+outputs cast to the declared dtypes as the stage backend casts them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,14 @@ class InProcessPipeline:
     # own threads included), and the images run: what each stage costs with no server around it
     stage_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     images_run: int = 0
+    # a multi-step family: its declared steps and an onnxruntime session per core step (by role);
+    # None: the default three-step pipeline (``session`` is its core)
+    steps: list[Any] | None = None
+    sessions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multistep(self) -> bool:
+        return self.steps is not None
 
     @classmethod
     def from_repository(
@@ -64,10 +78,26 @@ class InProcessPipeline:
             if not path.is_file():
                 raise SpecError(f"{path} not found", hint=f"is {name!r} (version {version}) built in {repository}?")
         spec = ModelSpec.from_json(spec_path.read_text())
-        params = read_config(core_dir).parameters
-        threads = intra_op_threads if intra_op_threads is not None else int(params["intra_op_threads"].string_value or 0)
-        session = cpu_session(onnx_path, threads, params["allow_spinning"].string_value == "1")
-        return cls(spec, session, version_dir)
+
+        def session_of(model_dir: Path, onnx: Path) -> Any:
+            params = read_config(model_dir).parameters
+            threads = intra_op_threads if intra_op_threads is not None else int(params["intra_op_threads"].string_value or 0)
+            return cpu_session(onnx, threads, params["allow_spinning"].string_value == "1")
+
+        steps = _declared_steps(spec)
+        if steps is None:
+            return cls(spec, session_of(core_dir, onnx_path), version_dir)
+        sessions = {}
+        for step in steps:
+            if step.kind != "core":
+                continue
+            step_dir = Path(repository) / model_name(name, step.role)
+            onnx = step_dir / version_dir.name / "model.onnx"
+            if not onnx.is_file():
+                raise SpecError(f"{onnx} not found", hint=f"the {step.role!r} step of {name!r}: rebuild the repository")
+            sessions[step.role] = session_of(step_dir, onnx)
+        stages = dict.fromkeys(["preprocess", *(s.role for s in steps)], 0.0)
+        return cls(spec, sessions.get(CORE), version_dir, stages, steps=steps, sessions=sessions)
 
     def default_controls(self) -> RequestControls:
         """The model's own thresholds, what a request without parameters gets from the server."""
@@ -91,8 +121,9 @@ class InProcessPipeline:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.padded_hw, []).append(i)
+        chain = self._chain if self.steps is not None else self._core_and_postprocess
         for padded_hw, idxs in groups.items():
-            dets = self._core_and_postprocess(padded_hw, [items[i] for i in idxs], [per_image[i] for i in idxs])
+            dets = chain(padded_hw, [items[i] for i in idxs], [per_image[i] for i in idxs])
             for i, det in zip(idxs, dets, strict=True):
                 results[i] = det
         return results
@@ -102,6 +133,8 @@ class InProcessPipeline:
         the preprocessed tensor (+ image_info), the core's raw outputs, the padded detections."""
         from detserve.families import output_names
 
+        if self.steps is not None:
+            return self._step_bytes(blobs)
         post = self.spec.postprocess
         names = list(output_names(post))
         sizes: dict[str, float] = dict.fromkeys(("request", "preprocessed", "core_outputs", "detections"), 0.0)
@@ -152,6 +185,73 @@ class InProcessPipeline:
         self.stage_cpu_s["postprocess"] += time.process_time() - t1
         return out
 
+    def _step_bytes(self, blobs: Sequence[bytes]) -> dict[str, float]:
+        """Multi-step: the request, the preprocessed tensor (+ image_info), then each step's outputs (by role)."""
+        sizes: dict[str, float] = dict.fromkeys(["request", "preprocessed", *(s.role for s in self.steps or [])], 0.0)
+        for blob in blobs:
+            item = self._preprocess(blob)
+            sizes["request"] += len(blob)
+            sizes["preprocessed"] += item.tensor.numel() * 4 + 6 * 4
+            tensors = self._run_steps([item], [self.default_controls()], time_steps=False)
+            for step in self.steps or []:
+                sizes[step.role] += sum(tensors[t.name].nbytes for t in step.outputs)
+        return {k: v / max(len(blobs), 1) for k, v in sizes.items()}
+
+    def _run_steps(self, items: list[Any], controls: list[RequestControls], time_steps: bool = True) -> dict[str, np.ndarray]:
+        """Every tensor of the declared chain for images of one padded size, batched as one request."""
+        import torch
+
+        from detserve.families import family_of_spec
+        from detserve.runtime.outputs import stack_rows
+
+        family: Any = family_of_spec(self.spec.postprocess)
+        info = np.stack([it.info() for it in items])
+        tensors: dict[str, np.ndarray] = {"images": torch.stack([it.tensor for it in items]).numpy(), "image_info": info}
+        for step in self.steps or []:
+            t0 = time.process_time()
+            if step.kind == "core":
+                feed = {t.name: np.ascontiguousarray(tensors[t.name]) for t in step.inputs}
+                outs = self.sessions[step.role].run([t.name for t in step.outputs], feed)
+                tensors.update({t.name: o for t, o in zip(step.outputs, outs, strict=True)})
+            else:
+                raw = {t.name: torch.from_numpy(tensors[t.name]) for t in step.inputs if t.name != "image_info"}
+                rows = family.run_step(self.spec.postprocess, step.role, raw, torch.from_numpy(info), controls)
+                for t in step.outputs:
+                    tensors[t.name] = stack_rows([r[t.name] for r in rows]).astype(NUMPY_DTYPES[t.dtype], copy=False)
+            if time_steps:
+                self.stage_cpu_s[step.role] += time.process_time() - t0
+        return tensors
+
+    def _chain(
+        self, padded_hw: tuple[int, int], items: list[Any], controls: list[RequestControls]
+    ) -> list[dict[str, np.ndarray]]:
+        """Multi-step: detections per image (and masks where the contract has them), as the client reads them."""
+        tensors = self._run_steps(items, controls)
+        out = []
+        for i in range(len(items)):
+            k = int(tensors["num_detections"][i].reshape(-1)[0])
+            det = {
+                "boxes": tensors["boxes"][i, :k],
+                "scores": tensors["scores"][i, :k],
+                "labels": tensors["labels"][i, :k].astype(np.int64),
+            }
+            if "masks" in tensors:
+                det["masks"] = tensors["masks"][i, :k]
+            out.append(det)
+        return out
+
+
+# Triton data type names a step declares -> the numpy dtype the served step sends
+NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "BOOL": np.bool_}
+
+
+def _declared_steps(spec: ModelSpec) -> list[Any] | None:
+    """The family's declared steps after preprocessing (multi-step), or None (preprocess / core / postprocess)."""
+    from converters.multistep import declared_steps
+    from detserve.families import family_of_spec
+
+    return declared_steps(family_of_spec(spec.postprocess), spec.postprocess)
+
 
 def _batches(blobs: Sequence[bytes], batch_size: int) -> list[list[bytes]]:
     """As many batches as images, each starting further along the pool, so every image is measured."""
@@ -163,7 +263,7 @@ def _measure_one(pipeline: InProcessPipeline, blobs: Sequence[bytes], batch_size
     """Whole batches until ``seconds`` have passed (at least one), after one untimed warm-up batch."""
     batches = _batches(blobs, batch_size)
     pipeline.run(batches[0])  # first-call costs (allocations, anchor cache) stay out
-    pipeline.stage_cpu_s = dict.fromkeys(STAGES, 0.0)
+    pipeline.stage_cpu_s = dict.fromkeys(pipeline.stage_cpu_s, 0.0)
     pipeline.images_run = 0
     times: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()

@@ -294,6 +294,33 @@ def _as_det(d: Any) -> Det:
     }
 
 
+def _step_raw_errors(
+    repository: Path, model: str, version: int, reference: Any, pipeline: Any, items: Sequence[Any], controls: Any
+) -> list[dict[str, Any]]:
+    """Each core step's served ONNX against its torch module, per declared output, on the inputs the
+    whole chain (cores as torch modules, the family's torch steps) gives it for each image."""
+    import torch
+
+    from converters.multistep import run_chain, verify_step
+    from detserve.pipeline import model_name
+
+    family, post = reference.family, pipeline.spec.postprocess
+    samples: dict[str, list[list[Any]]] = {}
+    for it in items:
+        info = torch.from_numpy(it.info()[None])
+        _, inputs = run_chain(family, reference.model, post, it.tensor[None], info, [controls])
+        for role, args in inputs.items():
+            samples.setdefault(role, []).append(args)
+    out = []
+    for step in pipeline.steps:
+        if step.kind != "core" or step.role not in samples:
+            continue
+        onnx = repository / model_name(model, step.role) / str(version) / "model.onnx"
+        module = family.step_module(reference.model, post, step.role)
+        out.append(verify_step(module, step, onnx, samples[step.role]).to_dict())
+    return out
+
+
 def run_compare(
     repository: Path,
     model: str,
@@ -345,13 +372,20 @@ def run_compare(
     )
 
     items = [preprocess(rgb, spec.preprocess) for rgb in rgbs]
-    outputs = torch_model.family.outputs(spec.postprocess)
-    core = torch_model.family.core(torch_model.model, spec.postprocess)
-    raw = verify_onnxruntime(core, outputs, pipeline.version_dir / "model.onnx", [it.tensor[None] for it in items])
-    report.raw.append(raw.to_dict())
-
     plan = pipeline.version_dir / "model.plan"
-    if plan.is_file():
+    if pipeline.steps is not None:  # a multi-step family: every core on the inputs the chain gives it
+        report.raw += _step_raw_errors(repository, model, version, torch_model, pipeline, items, controls)
+    else:
+        outputs = torch_model.family.outputs(spec.postprocess)
+        core = torch_model.family.core(torch_model.model, spec.postprocess)
+        raw = verify_onnxruntime(core, outputs, pipeline.version_dir / "model.onnx", [it.tensor[None] for it in items])
+        report.raw.append(raw.to_dict())
+
+    if pipeline.steps is not None:
+        report.skipped["tensorrt"] = (
+            "in-process TensorRT side not implemented for multi-step pipelines (compare the served engines with --url)"
+        )
+    elif plan.is_file():
         try:
             trt = InProcessPipeline(spec, _TrtSession(plan), pipeline.version_dir)
             echo("tensorrt: the version's engine, in process")

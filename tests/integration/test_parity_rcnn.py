@@ -356,3 +356,61 @@ def test_detect_draw_paints_the_masks(mrcnn_server: TritonServer, samples: dict[
     inside = paste_masks(dets.masks, dets.boxes, original.shape[:2], threshold=0.5).any(0)
     changed = np.abs(drawn - original).sum(-1) > 0
     assert inside.sum() > 100 and changed[inside].mean() > 0.95  # tinted wherever a mask is
+
+
+# --------------------------------------------------------------------------- bench / compare (issue 12, part 7)
+
+
+def test_in_process_chain_equals_the_served_ensemble(
+    frcnn_server: TritonServer, frcnn_repo: Path, images: dict[str, bytes]
+) -> None:
+    """loadtest.inprocess on a multi-step repository (bench's limit, compare's onnxruntime side): the
+    declared chain in one process -- the served ONNX files with the served session settings, the
+    family's torch steps -- gives the server's detections; alone or all images in one call."""
+    from detserve.specs import RequestControls
+    from loadtest.inprocess import InProcessPipeline
+
+    pipeline = InProcessPipeline.from_repository(frcnn_repo, "frcnn")
+    assert pipeline.steps is not None and set(pipeline.sessions) == {"core", "roi_core"}
+    controls = RequestControls(SCORE, pipeline.spec.postprocess.nms_thresh, 1000)
+    blobs = list(images.values())
+    together = pipeline.run(blobs, controls)  # the two crops and the photos: several padded sizes at once
+    with DetectorClient(frcnn_server.options.grpc_url, "frcnn") as client:
+        for (file, blob), batched in zip(images.items(), together, strict=True):
+            served = client.detect(blob, score_threshold=SCORE, max_det=1000)
+            local = pipeline.run([blob], controls)[0]
+            assert len(local["scores"]) == len(served) > 0, file
+            np.testing.assert_array_equal(local["labels"], served.labels.astype(np.int64), err_msg=file)
+            np.testing.assert_allclose(local["scores"], served.scores, atol=1e-5, err_msg=file)
+            np.testing.assert_allclose(local["boxes"], served.boxes, atol=1e-3, err_msg=file)
+            result = check_parity(_tuple(batched), _tuple(local), score_floor=0.0, iou_min=0.999, score_tol=1e-5)
+            assert result.ok, f"{file}: {result.failures[:5]}"
+    assert set(pipeline.stage_cpu_s) == {"preprocess", "core", "proposals", "roi_core", "postprocess"}
+    assert all(v > 0 for v in pipeline.stage_cpu_s.values()), pipeline.stage_cpu_s
+    sizes = pipeline.tensor_bytes(blobs[:1])
+    assert list(sizes) == ["request", "preprocessed", "core", "proposals", "roi_core", "postprocess"]
+    assert all(v > 0 for v in sizes.values())
+
+
+def test_compare_served_and_in_process_against_eager(
+    frcnn_server: TritonServer, frcnn_repo: Path, samples: dict[str, bytes], tmp_path: Path
+) -> None:
+    """detserve compare on a two-stage model: onnxruntime in process and the server against eager
+    ``model([image])``, order-free per score band; every core step's raw error on the chain's inputs."""
+    from detserve.app.compare import run_compare, write_report
+
+    paths = []
+    for file, blob in list(samples.items())[:1]:  # one photo: the fast-suite budget (more in the slow bench)
+        (tmp_path / file).write_bytes(blob)
+        paths.append(tmp_path / file)
+    report = run_compare(frcnn_repo, "frcnn", paths, frcnn_server.options.grpc_url, score_threshold=SCORE, echo=lambda _: None)
+    assert not report.problems, report.problems
+    assert [s.side for s in report.sides] == ["onnxruntime", "server"]
+    for side in report.sides:
+        high = side.band("≥0.5")
+        assert high.reference > 0 and high.matched == high.reference, side
+    assert [r["backend"].rsplit("(", 1)[1] for r in report.raw] == ["core)", "roi_core)"]
+    assert all(r["ok"] for r in report.raw) and "tensorrt" in report.skipped
+    assert all(p.ok for p in report.positions) and {p.side for p in report.positions} == {"onnxruntime", "server"}
+    paths_out = write_report(report, tmp_path / "report")
+    assert "agree" in paths_out["markdown"].read_text()

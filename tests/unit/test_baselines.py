@@ -180,3 +180,27 @@ def test_flask_service_runs_as_a_subprocess(samples: dict[str, bytes]) -> None:
         process = service.process
     assert 0 < len(body["scores"]) <= 5 and len(body["boxes"]) == len(body["labels"]) == len(body["scores"])
     assert process is not None and process.poll() is not None  # stopped on exit
+
+
+@pytest.mark.slow  # two seeded R-CNN builds (~20 s here); the slow two-stage bench runs the service too
+def test_flask_app_serves_a_two_stage_eager_model(samples: dict[str, bytes]) -> None:
+    """The Flask baseline of ``detserve bench`` on a two-stage R-CNN (issue 12): the model built by its
+    family as ``detserve build`` builds it, its limits read from the RoI heads, ``model([image])``'s detections."""
+    import torch
+    from torchvision.transforms.functional import to_tensor
+
+    from detserve.runtime.imaging import decode_image
+    from loadtest.flask_baseline import create_app, load_eager_model
+
+    detector = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    client = create_app(detector, NUM_CLASSES, spread_init_seed=SEED).test_client()
+    health = client.get("/health").get_json()
+    assert (health["score_thresh"], health["detections_per_img"]) == (0.05, 100)
+    blob = samples["astronaut.jpg"]
+    body = client.post("/detect?max_det=50", data=blob).get_json()
+    model = load_eager_model(detector, NUM_CLASSES, spread_init_seed=SEED)  # the same seeded weights
+    with torch.no_grad():
+        eager = _triple(model([to_tensor(decode_image(blob, 10**9))])[0])
+    assert 0 < len(body["scores"]) <= 50
+    np.testing.assert_array_equal(np.asarray(body["scores"], np.float32), eager[1][:50])
+    np.testing.assert_array_equal(np.asarray(body["labels"]), eager[2][:50])
