@@ -20,13 +20,19 @@ ROLES = ("preprocess", "core", "postprocess")
 
 
 def variant_repository(src: Path, dst: Path, model: str, mutate: Mutation) -> Path:
-    """Copy ``model``'s ensemble and composing models to ``dst`` and edit each composing config."""
+    """Copy ``model``'s ensemble and composing models to ``dst`` and edit each composing config.
+
+    The composing models are the ensemble's steps as its config lists them: a multi-step family
+    (two-stage R-CNN) has more than the default three (role: the step's name after ``<model>_``)."""
+    from detserve.ops.versions import composing
+
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src / model, dst / model)
-    for role in ROLES:
-        shutil.copytree(src / f"{model}_{role}", dst / f"{model}_{role}")
-        path = dst / f"{model}_{role}" / "config.pbtxt"
+    for step in composing(model, src):
+        role = step.removeprefix(f"{model}_")
+        shutil.copytree(src / step, dst / step)
+        path = dst / step / "config.pbtxt"
         config = parse(path.read_text())
         mutate(role, config)
         path.write_text(render(config))
