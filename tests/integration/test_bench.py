@@ -64,3 +64,38 @@ def test_bench_runs_every_stage(tmp_path: Path) -> None:
     text = (tmp_path / "bench" / "bench.md").read_text()
     assert "(b) Flask + eager PyTorch" in text and "Server memory" in text
     assert "## Targets (issue 16)" in text and "## Hops, per request" in text
+
+
+@pytest.mark.slow
+def test_bench_runs_a_two_stage_model(tmp_path: Path) -> None:
+    """issue 12, part 7: a multi-step family (Faster R-CNN) through every stage of the bench: the in-process
+    limit runs the declared chain, Flask serves the eager two-stage model, the ratios are the single-stage ones
+    (the fused layout is for single-core models: skipped, said so) and the hops table has a row per step."""
+    from converters.repository import BuildRequest, build_repository
+
+    repo = tmp_path / "repo"
+    detector = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    build_repository(BuildRequest(detector, repo, name="frcnn", num_classes=5, spread_init_seed=0))
+    cfg = BenchConfig(
+        repository=repo, model="frcnn", out_dir=tmp_path / "bench", users=2, duration_s=4.0, sweep=(1, 2),
+        sweep_step_s=3.0, inprocess_seconds=0.5, shm_requests=2,
+    )  # fmt: skip
+    results = run_bench(cfg, lambda _: None)
+    steps = ["core", "proposals", "roi_core", "postprocess"]
+    assert results["inprocess"]["steps"] == steps
+    assert set(results["inprocess"]["stage_cpu_ms_per_image"]) == {"preprocess", *steps}
+    assert "fused" not in results and "single-core" in results["fused_skipped"]
+    assert set(results["ratios"]) >= {
+        "served / in-process limit (throughput)",
+        "served / Flask (throughput)",
+        "dynamic batching on / off (throughput)",
+        CAPACITY_RATIO,
+        PER_CPU_RATIO,
+        FLASK_PER_CPU_RATIO,
+    }
+    for key in ("triton", "triton_no_batching", "flask"):
+        assert results[key]["report"]["failures"] == 0, key
+    roles = results["triton"]["cpu"]["roles"]
+    assert all(roles[f"stub frcnn_{s}"]["cpu_s"] > 0 for s in ["preprocess", *steps])
+    text = (tmp_path / "bench" / "bench.md").read_text()
+    assert "(f) not run" in text and "| roi_core stub |" in text and "core -> proposals -> roi_core -> postprocess" in text
