@@ -383,7 +383,7 @@ def run_compare(
 
     if pipeline.steps is not None:
         report.skipped["tensorrt"] = (
-            "in-process TensorRT side not implemented for multi-step pipelines (compare the served engines with --url)"
+            "no in-process TensorRT side for multi-step pipelines yet; served engines are compared with --url"
         )
     elif plan.is_file():
         try:
