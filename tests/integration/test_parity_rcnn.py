@@ -361,21 +361,20 @@ def test_detect_draw_paints_the_masks(mrcnn_server: TritonServer, samples: dict[
 # --------------------------------------------------------------------------- bench / compare (issue 12, part 7)
 
 
-def test_in_process_chain_equals_the_served_ensemble(
-    frcnn_server: TritonServer, frcnn_repo: Path, images: dict[str, bytes]
-) -> None:
+def _in_process_equals_served(server: TritonServer, repo: Path, name: str, images: dict[str, bytes]) -> Any:
     """loadtest.inprocess on a multi-step repository (bench's limit, compare's onnxruntime side): the
     declared chain in one process -- the served ONNX files with the served session settings, the
-    family's torch steps -- gives the server's detections; alone or all images in one call."""
+    family's torch steps -- gives the server's detections (and masks); alone or all images in one call."""
     from detserve.specs import RequestControls
     from loadtest.inprocess import InProcessPipeline
 
-    pipeline = InProcessPipeline.from_repository(frcnn_repo, "frcnn")
-    assert pipeline.steps is not None and set(pipeline.sessions) == {"core", "roi_core"}
+    pipeline = InProcessPipeline.from_repository(repo, name)
+    assert pipeline.steps is not None
+    assert set(pipeline.sessions) == {s.role for s in pipeline.steps if s.kind == "core"}
     controls = RequestControls(SCORE, pipeline.spec.postprocess.nms_thresh, 1000)
     blobs = list(images.values())
     together = pipeline.run(blobs, controls)  # the two crops and the photos: several padded sizes at once
-    with DetectorClient(frcnn_server.options.grpc_url, "frcnn") as client:
+    with DetectorClient(server.options.grpc_url, name) as client:
         for (file, blob), batched in zip(images.items(), together, strict=True):
             served = client.detect(blob, score_threshold=SCORE, max_det=1000)
             local = pipeline.run([blob], controls)[0]
@@ -383,13 +382,33 @@ def test_in_process_chain_equals_the_served_ensemble(
             np.testing.assert_array_equal(local["labels"], served.labels.astype(np.int64), err_msg=file)
             np.testing.assert_allclose(local["scores"], served.scores, atol=1e-5, err_msg=file)
             np.testing.assert_allclose(local["boxes"], served.boxes, atol=1e-3, err_msg=file)
+            if served.masks is not None:
+                assert local["masks"].dtype == served.masks.dtype
+                np.testing.assert_allclose(local["masks"].astype(np.float32), served.masks.astype(np.float32), atol=1e-3)
+                np.testing.assert_array_equal(batched["masks"], local["masks"], err_msg=file)
             result = check_parity(_tuple(batched), _tuple(local), score_floor=0.0, iou_min=0.999, score_tol=1e-5)
             assert result.ok, f"{file}: {result.failures[:5]}"
-    assert set(pipeline.stage_cpu_s) == {"preprocess", "core", "proposals", "roi_core", "postprocess"}
-    assert all(v > 0 for v in pipeline.stage_cpu_s.values()), pipeline.stage_cpu_s
+    roles = ["preprocess", *(s.role for s in pipeline.steps)]
+    assert list(pipeline.stage_cpu_s) == roles and all(v > 0 for v in pipeline.stage_cpu_s.values())
     sizes = pipeline.tensor_bytes(blobs[:1])
-    assert list(sizes) == ["request", "preprocessed", "core", "proposals", "roi_core", "postprocess"]
+    assert list(sizes) == ["request", "preprocessed", *roles[1:]]
     assert all(v > 0 for v in sizes.values())
+    return pipeline
+
+
+def test_in_process_chain_equals_the_served_ensemble(
+    frcnn_server: TritonServer, frcnn_repo: Path, images: dict[str, bytes]
+) -> None:
+    pipeline = _in_process_equals_served(frcnn_server, frcnn_repo, "frcnn", images)
+    assert set(pipeline.sessions) == {"core", "roi_core"}
+
+
+@pytest.mark.slow
+def test_mask_rcnn_in_process_chain_equals_the_served_ensemble(
+    mrcnn_server: TritonServer, mrcnn_repo: Path, images: dict[str, bytes]
+) -> None:
+    pipeline = _in_process_equals_served(mrcnn_server, mrcnn_repo, "mrcnn", images)
+    assert set(pipeline.sessions) == {"core", "roi_core", "mask_core"}
 
 
 def test_compare_served_and_in_process_against_eager(
