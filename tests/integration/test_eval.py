@@ -54,6 +54,7 @@ def test_served_map_equals_pytorch_and_a_bad_file_fails_alone(
     assert report.detections["served"] == report.detections["pytorch"]
 
 
+@pytest.mark.slow  # the max_det 100 eval and compare stay fast; 500 is the same path with a larger cap
 def test_eval_command_at_max_det_500(server: TritonServer, repository: Path, test_images: Path, tmp_path: Path) -> None:
     proc = _detserve(
         "eval", "--model", SHAPES, "--annotations", str(test_images / "annotations.json"), "--images", str(test_images / "images"),

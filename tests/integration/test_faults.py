@@ -83,6 +83,7 @@ def test_stub_killed_mid_load_loses_no_request(ssdlite_repo: Path, samples: dict
     assert tally.lost == 0, f"{tally.lost} of {tally.sent} failed: {sorted(set(tally.lost_errors))[:3]}"
 
 
+@pytest.mark.slow  # fast path: test_client_retries (detect_many rides out a server that comes up late)
 def test_server_restart_while_a_client_runs(ssdlite_repo: Path, samples: dict[str, bytes]) -> None:
     opts = _options(ssdlite_repo)
     first = TritonServer(opts)

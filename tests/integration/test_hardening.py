@@ -138,7 +138,13 @@ def _send_with_deadline(url: str, image: bytes, deadline_s: float, own_parameter
         client.close()
 
 
-@pytest.mark.parametrize("own_parameter", [False, True], ids=["grpc-deadline-only", "detserve_deadline"])
+# The plain gRPC deadline (what every client sends) stays in the fast suite; the detserve_deadline
+# parameter takes the same path through the gate's stamped headers and runs with the slow set.
+@pytest.mark.parametrize(
+    "own_parameter",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["grpc-deadline-only", "detserve_deadline"],
+)
 def test_abandoned_large_requests_do_not_delay_the_next_one(
     demo_repository: Path, large_png: bytes, samples: dict[str, bytes], own_parameter: bool
 ) -> None:
