@@ -81,9 +81,7 @@ def fused_config(name: str, repository: Path, options: FusedOptions = FusedOptio
     ensemble = read_config(repository / name)
     steps = [s.model_name for s in ensemble.ensemble_scheduling.step]
     if steps != [pre.name, core.name, post.name]:
-        raise SpecError(
-            f"{name}: the fused layout needs the three-step ensemble (preprocess, core, postprocess), found {steps}"
-        )
+        raise SpecError(f"{name}: the fused layout needs the three-step ensemble (preprocess, core, postprocess), found {steps}")
     instances, ort_threads = options.resolved()
     config = parse(render(pre))  # the batcher, its bounded queue and max_batch_size, as built
     config.name = name

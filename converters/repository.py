@@ -182,7 +182,9 @@ def build_repository(req: BuildRequest) -> BuildResult:
     return BuildResult(name, req.version, repo, spec, record)
 
 
-def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: Any, spec: ModelSpec, decls: list[Any]) -> BuildResult:
+def _build_steps(
+    req: BuildRequest, repo: Path, name: str, family: Any, model: Any, spec: ModelSpec, decls: list[Any]
+) -> BuildResult:
     """A multi-step family: preprocessing, then its declared steps; every core exported and verified."""
     from converters.multistep import build_cores
     from detserve.families.torchvision_models import file_sha256
@@ -199,7 +201,13 @@ def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: A
     configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
     configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
     cores = build_cores(
-        family, model, spec.postprocess, spec.preprocess, decls, lambda role: repo / model_name(name, role) / str(req.version), req.verify
+        family,
+        model,
+        spec.postprocess,
+        spec.preprocess,
+        decls,
+        lambda role: repo / model_name(name, role) / str(req.version),
+        req.verify,
     )
     checks: dict[str, Any] = {role: c["verification"] for role, c in cores.items()}
     engines: dict[str, Any] = {}
@@ -208,7 +216,9 @@ def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: A
         from converters.tensorrt_multistep import build_step_engines
 
         cache = req.timing_cache or default_timing_cache(repo)
-        built = build_step_engines(decls, cores, spec.preprocess, spec.postprocess, req.options.max_batch_size, req.precision, cache, req.verify)
+        built = build_step_engines(
+            decls, cores, spec.preprocess, spec.postprocess, req.options.max_batch_size, req.precision, cache, req.verify
+        )
         checks.update({f"tensorrt_{role}": b["verification"] for role, b in built.items()})
         engines = {role: b["engine"] for role, b in built.items()}
     checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
@@ -222,7 +232,9 @@ def _build_steps(req: BuildRequest, repo: Path, name: str, family: Any, model: A
     return BuildResult(name, req.version, repo, spec, record)
 
 
-def _record(req: BuildRequest, name: str, family: str, num_classes: int, onnx_path: Path, checks: dict[str, Any]) -> dict[str, Any]:
+def _record(
+    req: BuildRequest, name: str, family: str, num_classes: int, onnx_path: Path, checks: dict[str, Any]
+) -> dict[str, Any]:
     from detserve.families.torchvision_models import file_sha256
 
     return {

@@ -129,7 +129,10 @@ class PreprocessSpec(Spec):
         if self.resize_mode == "ultralytics":
             self._check_ultralytics()
         if self.resize_mode == "transformers":
-            check(self.size_divisible == 1, f"resize_mode 'transformers' pads nothing: size_divisible must be 1, got {self.size_divisible}")
+            check(
+                self.size_divisible == 1,
+                f"resize_mode 'transformers' pads nothing: size_divisible must be 1, got {self.size_divisible}",
+            )
         check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std need 3 values")
         check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
         check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")

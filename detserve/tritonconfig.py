@@ -167,9 +167,7 @@ def postprocess_config(name: str, decode_spec: Any, outputs: Sequence[TensorDecl
     return config
 
 
-def step_config(
-    name: str, step: StepDecl, target: str, decode_spec: Any, opts: ServingOptions, last: bool
-) -> mc.ModelConfig:
+def step_config(name: str, step: StepDecl, target: str, decode_spec: Any, opts: ServingOptions, last: bool) -> mc.ModelConfig:
     """A step of a multi-step family (``Family.steps``): its declared inputs and outputs.
 
     A core step is exported ONNX on ``target`` (on python-onnxruntime the generic stage backend

@@ -106,7 +106,9 @@ def build(
         if role in ("tensorrt", "ok") or not core:
             continue
         # a multi-step family's engines: "tensorrt_<core step>"
-        pair = f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt_") else "onnxruntime vs PyTorch"
+        pair = (
+            f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt_") else "onnxruntime vs PyTorch"
+        )
         for out in core["outputs"]:
             typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} ({pair})")
     trt = result.record["verification"].get("tensorrt")
