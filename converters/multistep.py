@@ -70,8 +70,6 @@ def verification_inputs(pre: PreprocessSpec) -> list[tuple[Any, Any]]:
 
 def export_step(module: Any, step: StepDecl, sample: Sequence[Any], path: Path) -> Path:
     """Export one core step: declared input/output names, every -1 dim (and the batch) dynamic; fold constants; check."""
-    import onnx
-    import onnx_graphsurgeon as gs
     import torch
 
     def axes(t: TensorDecl) -> dict[int, str]:
@@ -91,12 +89,9 @@ def export_step(module: Any, step: StepDecl, sample: Sequence[Any], path: Path) 
             opset_version=OPSET,
             dynamo=False,
         )
-    graph = gs.import_onnx(onnx.load(str(path)))
-    graph.fold_constants().cleanup().toposort()
-    cleaned = gs.export_onnx(graph)
-    onnx.checker.check_model(cleaned, full_check=True)
-    onnx.save(cleaned, str(path))
-    return path
+    from converters.onnx_export import fold_and_check
+
+    return fold_and_check(path)
 
 
 def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[Sequence[Any]]) -> Any:

@@ -35,8 +35,6 @@ def export_core(
 
     Every declared dim of -1 becomes a dynamic axis of that output.
     """
-    import onnx
-    import onnx_graphsurgeon as gs
 
     core = core.eval()
     names = [o.name for o in outputs]
@@ -62,6 +60,14 @@ def export_core(
             opset_version=OPSET,
             dynamo=False,
         )
+    return fold_and_check(path)
+
+
+def fold_and_check(path: Path) -> Path:
+    """Fold constants, drop dead nodes, sort; refuse a graph ONNX's full checker rejects; save in place."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
     graph = gs.import_onnx(onnx.load(str(path)))
     graph.fold_constants().cleanup().toposort()
     cleaned = gs.export_onnx(graph)

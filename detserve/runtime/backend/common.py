@@ -152,3 +152,35 @@ def group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     return groups
+
+
+def run_grouped(
+    pb_utils: Any,
+    parsed: Mapping[int, Any],
+    key: Callable[[Any], Any],
+    run: Callable[[list[Any]], Sequence[Any]],
+    respond: Callable[[Any], Any],
+    responses: list[Any],
+) -> list[Any]:
+    """Run the parsed requests (index -> request) one batch per ``key`` (e.g. the padded size) and
+    fill ``responses[index]``: ``run`` returns one result per member, ``respond`` makes its
+    response; a batch that fails answers the error to its members only, the other batches still run."""
+    indices = list(parsed)
+    for _, idxs in group_by([key(parsed[i]) for i in indices]).items():
+        members = [indices[j] for j in idxs]
+        try:
+            results = run([parsed[i] for i in members])
+        except Exception as e:
+            for i in members:
+                responses[i] = error_response(pb_utils, e)
+            continue
+        for i, result in zip(members, results, strict=True):
+            responses[i] = respond(result)
+    return responses
+
+
+def detections_response(pb_utils: Any, per_image: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Any:
+    """One request's response: each named output stacked over the request's images."""
+    import numpy as np
+
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, np.stack([d[n] for d in per_image])) for n in names])

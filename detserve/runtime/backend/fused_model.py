@@ -27,8 +27,9 @@ from detserve.runtime.backend.common import (
     apply_torch_threads,
     check_wanted,
     config_parameter,
+    detections_response,
     error_response,
-    group_by,
+    run_grouped,
     tune_stub_malloc,
 )
 from detserve.runtime.backend.preprocess_model import preprocess_images
@@ -51,11 +52,6 @@ class _Request:
     @property
     def padded_hw(self) -> tuple[int, int]:
         return (int(self.info[0, 4]), int(self.info[0, 5]))
-
-
-def _response(per_image: list[dict[str, np.ndarray]]) -> Any:
-    tensors = [pb_utils.Tensor(name, np.stack([d[name] for d in per_image])) for name in OUTPUTS]
-    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 class TritonPythonModel:
@@ -91,15 +87,11 @@ class TritonPythonModel:
                 parsed[i] = _Request(request, self.pre, self.post)
             except Exception as e:  # this request's fault (or abandoned): it fails alone
                 responses[i] = error_response(pb_utils, e)
-        keys = list(parsed)
-        for _, idxs in group_by([parsed[k].padded_hw for k in keys]).items():
-            members = [keys[j] for j in idxs]
-            try:
-                results = self._run_group([parsed[k] for k in members])
-            except Exception as e:
-                for k in members:
-                    responses[k] = error_response(pb_utils, e)
-                continue
-            for k, per_image in zip(members, results, strict=True):
-                responses[k] = _response(per_image)
-        return responses
+        return run_grouped(
+            pb_utils,
+            parsed,
+            lambda p: p.padded_hw,
+            self._run_group,
+            lambda per_image: detections_response(pb_utils, per_image, OUTPUTS),
+            responses,
+        )

@@ -22,7 +22,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from detserve.families import decode_spec_from_json, family_of_spec, output_names
-from detserve.runtime.backend.common import apply_torch_threads, config_parameter, error_response, group_by, tune_stub_malloc
+from detserve.runtime.backend.common import (
+    apply_torch_threads,
+    config_parameter,
+    detections_response,
+    error_response,
+    run_grouped,
+    tune_stub_malloc,
+)
 from detserve.runtime.outputs import pad_detections
 from detserve.specs import RequestControls
 from detserve.tritonconfig import IMAGE_INFO, OUTPUTS
@@ -72,11 +79,6 @@ def _run_group(spec: Any, items: list[_Parsed]) -> list[list[dict[str, np.ndarra
     return out
 
 
-def _response(per_image: list[dict[str, np.ndarray]]) -> Any:
-    tensors = [pb_utils.Tensor(name, np.stack([d[name] for d in per_image])) for name in OUTPUTS]
-    return pb_utils.InferenceResponse(output_tensors=tensors)
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
@@ -92,15 +94,11 @@ class TritonPythonModel:
                 parsed[i] = _Parsed(request, self.spec, self.names)
             except Exception as e:
                 responses[i] = error_response(pb_utils, e)
-        keys = list(parsed)
-        for _, idxs in group_by([parsed[k].padded_hw for k in keys]).items():
-            members = [keys[j] for j in idxs]
-            try:
-                results = _run_group(self.spec, [parsed[k] for k in members])
-            except Exception as e:
-                for k in members:
-                    responses[k] = error_response(pb_utils, e)
-                continue
-            for k, per_image in zip(members, results, strict=True):
-                responses[k] = _response(per_image)
-        return responses
+        return run_grouped(
+            pb_utils,
+            parsed,
+            lambda p: p.padded_hw,
+            lambda group: _run_group(self.spec, group),
+            lambda per_image: detections_response(pb_utils, per_image, OUTPUTS),
+            responses,
+        )

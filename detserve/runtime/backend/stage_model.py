@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from detserve.runtime.backend.common import apply_torch_threads, config_parameter, error_response, group_by, tune_stub_malloc
+from detserve.runtime.backend.common import (
+    apply_torch_threads,
+    config_parameter,
+    error_response,
+    run_grouped,
+    tune_stub_malloc,
+)
 from detserve.runtime.outputs import stack_rows
 
 
@@ -99,18 +105,7 @@ class TritonPythonModel:
             except Exception as e:
                 parsed.pop(i, None)
                 responses[i] = error_response(pb_utils, e)
-        keys = list(parsed)
-        for _, idxs in group_by([parsed[k].key() for k in keys]).items():
-            members = [keys[j] for j in idxs]
-            try:
-                results = self.run([parsed[k] for k in members])
-            except Exception as e:
-                for k in members:
-                    responses[k] = error_response(pb_utils, e)
-                continue
-            for k, rows in zip(members, results, strict=True):
-                responses[k] = self._response(rows)
-        return responses
+        return run_grouped(pb_utils, parsed, lambda p: p.key(), self.run, self._response, responses)
 
 
 def _split(items: list[_Request], outs: dict[str, np.ndarray]) -> list[list[dict[str, np.ndarray]]]:
