@@ -44,3 +44,29 @@ def eager_model(detector: str, checkpoint: Path) -> Any:
 
     kwargs, _ = PARITY_DETECTORS[detector]
     return build_detector(detector, NUM_CLASSES, checkpoint, **kwargs)
+
+
+def odd_images() -> dict[str, bytes]:
+    """Generated PNGs beside the sample photos: odd sizes and aspect ratios, tiny, grey (seeded)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    out = {}
+    for h, w, mode in [(37, 501, "RGB"), (480, 211, "RGB"), (3, 3, "RGB"), (257, 255, "L")]:
+        pixels = rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        out[f"generated_{h}x{w}_{mode}.png"] = buf.getvalue()
+    return out
+
+
+def detection_arrays(d: Any) -> tuple[Any, Any, Any]:
+    """(boxes, scores, int32 labels) of a client ``Detections`` or a reference's dict, for check_parity."""
+    import numpy as np
+
+    if isinstance(d, dict):
+        return d["boxes"], d["scores"], np.asarray(d["labels"]).astype(np.int32)
+    return d.boxes, d.scores, d.labels

@@ -27,6 +27,7 @@ from clients.grpc_client import Detections, DetectorClient
 from detserve.ops.server import TritonServer, running_server
 from detserve.runtime.imaging import decode_image
 from detserve.verification.matching import check_parity
+from tests.detector_fixtures import detection_arrays, odd_images
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="the DETR family needs the 'transformers' extra"
@@ -65,31 +66,9 @@ def references(detr_repo: Path) -> dict[str, Any]:
     return {name: reference_model(build_record(detr_repo, name)[1]) for name in MODELS.values()}
 
 
-def _generated() -> dict[str, bytes]:
-    """Test images made here: odd sizes and aspect ratios, tiny, grey."""
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(3)
-    out = {}
-    for h, w, mode in [(37, 501, "RGB"), (480, 211, "RGB"), (3, 3, "RGB"), (257, 255, "L")]:
-        pixels = rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
-        out[f"generated_{h}x{w}_{mode}.png"] = buf.getvalue()
-    return out
-
-
 @pytest.fixture(scope="module")
 def images(samples: dict[str, bytes]) -> dict[str, bytes]:
-    return {**samples, **_generated()}
-
-
-def _tuple(d: Detections | dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if isinstance(d, Detections):
-        return d.boxes, d.scores, d.labels
-    return d["boxes"], d["scores"], np.asarray(d["labels"]).astype(np.int32)
+    return {**samples, **odd_images()}
 
 
 def _parity(url: str, name: str, reference: Any, images: dict[str, bytes]) -> dict[str, Any]:
@@ -98,7 +77,7 @@ def _parity(url: str, name: str, reference: Any, images: dict[str, bytes]) -> di
         for file, blob in images.items():
             served = client.detect(blob, score_threshold=CONF, max_det=QUERIES)
             ref = reference.detect(decode_image(blob, 1 << 30), CONF, QUERIES, None)
-            result = check_parity(_tuple(served), _tuple(ref), score_floor=0.05, iou_min=0.99, score_tol=1e-3)
+            result = check_parity(detection_arrays(served), detection_arrays(ref), score_floor=0.05, iou_min=0.99, score_tol=1e-3)
             assert result.ok, f"{name} {file}: {result.failures[:5]}"
             stats[file] = {
                 "matched": result.matched,
@@ -145,7 +124,9 @@ def test_batch_neighbours_do_not_change_detections(name: str, detr_server: Trito
         together = client.detect_many([images[n] for n in names], score_threshold=CONF, max_in_flight=len(names))
     for file, res in zip(names, together, strict=True):
         assert isinstance(res, Detections), res
-        result = check_parity(_tuple(res), _tuple(single[file]), score_floor=0.0, iou_min=0.999, score_tol=1e-5)
+        result = check_parity(
+            detection_arrays(res), detection_arrays(single[file]), score_floor=0.0, iou_min=0.999, score_tol=1e-5
+        )
         assert result.ok, f"{file}: {result.failures[:5]}"
 
 
