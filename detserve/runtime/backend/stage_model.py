@@ -31,10 +31,16 @@ from detserve.runtime.outputs import stack_rows
 
 
 class _Request:
-    def __init__(self, request: Any, names: list[str]) -> None:
+    def __init__(self, request: Any, names: list[str], spec: Any | None) -> None:
         self.arrays = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in names}
-        self.params = json.loads(request.parameters() or "{}")
         self.n = int(next(iter(self.arrays.values())).shape[0])
+        # torch steps: the request's controls, parsed once here so a bad one fails its own request
+        # before the batch runs (onnx steps take none)
+        self.controls = None
+        if spec is not None:
+            from detserve.specs import RequestControls
+
+            self.controls = RequestControls.from_parameters(json.loads(request.parameters() or "{}"), spec)
 
     def key(self) -> tuple[Any, ...]:
         return tuple((n, a.shape[1:]) for n, a in self.arrays.items())
@@ -43,6 +49,7 @@ class _Request:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
+        self.spec: Any = None
         config = json.loads(args["model_config"])
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
@@ -75,12 +82,9 @@ class TritonPythonModel:
     def _run_torch(self, items: list[_Request]) -> list[list[dict[str, np.ndarray]]]:
         import torch
 
-        from detserve.specs import RequestControls
-
-        controls = [RequestControls.from_parameters(it.params, self.spec) for it in items]
         raw = {n: torch.from_numpy(np.concatenate([it.arrays[n] for it in items])) for n in self.inputs if n != "image_info"}
         info = torch.from_numpy(np.concatenate([it.arrays["image_info"] for it in items]))
-        per_image = [c for it, c in zip(items, controls, strict=True) for _ in range(it.n)]
+        per_image = [it.controls for it in items for _ in range(it.n)]
         rows = self.family.run_step(self.spec, self.role, raw, info, per_image)  # type: ignore[attr-defined]
         out, start = [], 0
         for it in items:
@@ -97,13 +101,8 @@ class TritonPythonModel:
         parsed: dict[int, _Request] = {}
         for i, request in enumerate(requests):
             try:
-                parsed[i] = _Request(request, self.inputs)
-                if self.run == self._run_torch:  # a bad control fails its own request, before the batch runs
-                    from detserve.specs import RequestControls
-
-                    RequestControls.from_parameters(parsed[i].params, self.spec)
+                parsed[i] = _Request(request, self.inputs, self.spec)
             except Exception as e:
-                parsed.pop(i, None)
                 responses[i] = error_response(pb_utils, e)
         return run_grouped(pb_utils, parsed, lambda p: p.key(), self.run, self._response, responses)
 
