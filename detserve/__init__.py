@@ -9,5 +9,5 @@ __version__ = "0.1.0"
 # https://mobile.events.data.microsoft.com. A serving stack must not probe the network or write
 # settings files on its own, so every process that imports detserve (build, verify, bench, compare,
 # eval) runs onnxruntime with telemetry off before it is imported; the server's stubs get the same
-# from detserve.ops.server.server_environment. An operator's own value wins.
+# from detserve.ops.embedded.server_environment. An operator's own value wins.
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

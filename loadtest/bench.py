@@ -240,7 +240,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
 
     from loadtest.stats import fingerprint
 
-    # the in-process limit runs torch here: give it the servers' OpenMP setting (detserve/ops/server.py,
+    # the in-process limit runs torch here: give it the servers' OpenMP setting (detserve/ops/embedded.py,
     # server_environment) so both sides wait the same way; it only takes effect before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     omp = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "torch_loaded_before": "torch" in sys.modules}

@@ -273,7 +273,7 @@ def stub_killed(s: Setup) -> Row:
     restarts = "; ".join(
         f"{r.model} reloaded by the stub watchdog in {r.seconds:.1f} s" + (f" (failed: {r.error})" if r.error else "")
         for r in server.stub_restarts
-    )  # Triton 2.51 does not restart a dead stub itself (detserve/ops/server.py)
+    )  # Triton 2.51 does not restart a dead stub itself (detserve/ops/watchdog.py)
     return Row("python stub killed", s.users, held, fault, Tally.of(load.calls), restarts or "no stub restart")
 
 

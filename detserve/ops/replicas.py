@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from detserve.errors import ServerError
-from detserve.ops.gate import Gate, GateConfig, private_directory, upstream_in
+from detserve.ops.gate import GateConfig, private_directory, upstream_in
+from detserve.ops.nginx import Gate
 from detserve.ops.server import ServerOptions, TritonServer, free_port
 from detserve.ops.stubshm import new_prefix as new_shm_prefix
 

@@ -1,20 +1,5 @@
 """Start and stop the Triton server that ships inside the ``nvidia-pytriton`` wheel.
 
-Two things make that binary serve our python-backend models (both checked on this machine kind):
-- a backend directory holding the python backend *and* the stub built for the running Python;
-- the stub runs Python in isolated mode (PYTHONPATH is ignored) and finds its prefix through the
-  ``python3`` on PATH: with this interpreter's ``bin`` first on PATH it uses this virtualenv's
-  site-packages (torch, onnxruntime, detserve). Without that it picks the base interpreter's
-  numpy, and BYTES inputs arrive corrupted. The interpreter's own libpython goes first on
-  LD_LIBRARY_PATH so the stub loads the same libpython as the interpreter.
-
-Because the stub's Python is isolated, ``PYTHONDONTWRITEBYTECODE`` does not reach it either: it
-wrote ``__pycache__`` into every python model's version directory, and in explicit model control
-Triton then saw the model as modified and reloaded it (with its dependants) on the next load. The
-``python3`` first on the stubs' PATH is therefore a private prefix (``stub_prefix``) whose
-``site-packages`` holds one ``.pth`` file: it turns bytecode writing off and adds this
-interpreter's site-packages.
-
 Stopping drains first (``TritonServer.drain``): on SIGTERM Triton 2.51 stops every model's
 scheduler at once, composing models included, so an ensemble request that already passed its
 first step is rejected at the next one ("scheduler ... has stopped accepting new inference
@@ -23,159 +8,46 @@ or an internal one only this object knows -- and ``stop`` unloads the ensembles 
 refuses new requests for them at once and unloads each only when its in-flight requests are done.
 Then SIGTERM.
 
-A killed or crashed python stub is brought back by ``StubWatchdog``: Triton 2.51's python backend
-never restarts a dead stub (python_backend removed the restart from ``ModelInstanceExecute`` in
-r24.07, commit 27f04d1), so every request scheduled on that instance fails for good with "Stub
-process '<instance>' is not healthy." and the stub stays a zombie child of tritonserver (nobody
-waits for it). The watchdog sees those zombies and reloads their model through the
-model-repository API (the same explicit control and key the drain uses). A plain load of an
-unchanged model is a no-op in Triton, and a config identical to the served one only "updates" it
-in place, so the reload overrides the served config with one parameter changed
-(``detserve_stub_restart``): Triton loads fresh instances beside the dead ones and swaps them in
-once ready (~10 s here); clients retry the "not healthy" answers meanwhile.
+The binary and its environment: ``embedded.py``; dead python stubs: ``watchdog.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from detserve.errors import ServerError
-from detserve.ops.cachedir import cache_directory
+from detserve.ops.embedded import backend_directory, pytriton_root, server_environment
 from detserve.ops.gate import (
     DEFAULT_MAX_REQUEST_BYTES,
-    Gate,
     GateConfig,
     internal_grpc_url,
     private_directory,
     triton_listen_args,
     upstream_in,
 )
-from detserve.ops.stubshm import ServerShm, StubJanitor, prefix_args
+from detserve.ops.nginx import Gate
+from detserve.ops.stubshm import ServerShm, prefix_args
 from detserve.ops.stubshm import new_prefix as new_shm_prefix
 from detserve.ops.stubshm import prepare as prepare_shm
 from detserve.ops.stubshm import release as release_shm
+from detserve.ops.watchdog import StubRestart, StubWatchdog
 
 EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
-STUB_BINARY = "triton_python_backend_stub"
-STUB_CHECK_S = 0.5
-RESTART_PARAMETER = "detserve_stub_restart"
-# never handed to tritonserver, nginx or the stubs
-SECRET_VARIABLES = ("DETSERVE_ADMIN_KEY", "DETSERVE_ADMIN_KEY_FILE")
 
 log = logging.getLogger(__name__)
-
-
-def pytriton_root() -> Path:
-    try:
-        import pytriton
-    except ImportError as e:
-        raise ServerError("nvidia-pytriton is not installed", hint="pip install 'detserve[server]'") from e
-    root = Path(pytriton.__file__).parent / "tritonserver"
-    if not (root / "bin" / "tritonserver").is_file():
-        raise ServerError(f"no tritonserver binary under {root}")
-    return root
-
-
-def backend_directory() -> Path:
-    """A backend directory with the python backend and the stub for this Python (symlinks, cached)."""
-    root = pytriton_root()
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise ServerError(f"nvidia-pytriton ships no python backend stub for Python {py}")
-    target = cache_directory() / f"backends-py{py}" / "python"
-    target.mkdir(parents=True, exist_ok=True)
-    sources = {
-        "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
-        "triton_python_backend_utils.py": root / "backends" / "python" / "triton_python_backend_utils.py",
-        "triton_python_backend_stub": stub,
-    }
-    for name, src in sources.items():
-        link = target / name
-        if not link.exists() or link.resolve() != src.resolve():
-            link.unlink(missing_ok=True)
-            link.symlink_to(src)
-    return target.parent
-
-
-def stub_prefix() -> Path:
-    """A private Python prefix for the stubs: this interpreter, bytecode writing off (module docstring)."""
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    root = cache_directory() / f"stub-prefix-py{py}"
-    (root / "bin").mkdir(parents=True, exist_ok=True)
-    link = root / "bin" / "python3"
-    if not link.is_symlink() or os.readlink(link) != sys.executable:
-        link.unlink(missing_ok=True)
-        link.symlink_to(sys.executable)
-    home = sysconfig.get_config_var("BINDIR") or str(Path(sys.executable).parent)
-    _write_if_changed(root / "pyvenv.cfg", f"home = {home}\ninclude-system-site-packages = false\n")
-    site_dir = root / "lib" / f"python{py}" / "site-packages"
-    site_dir.mkdir(parents=True, exist_ok=True)
-    import site
-
-    dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
-    # one line: site.py executes .pth lines that start with "import"; addsitedir also runs the
-    # .pth files found there (this virtualenv's editable installs)
-    # (no comprehension: site.py exec()s the line, a comprehension's scope would not see ``site``)
-    pth = f"import sys, site; sys.dont_write_bytecode = True; list(map(site.addsitedir, {dirs!r}))\n"
-    _write_if_changed(site_dir / "detserve-stub.pth", pth)
-    return root
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-
-
-def server_environment(embedded: bool = True) -> dict[str, str]:
-    """tritonserver's environment; ``embedded``: the nvidia-pytriton binary and its stub set-up (module docstring).
-
-    Either binary gets the malloc settings and loses the admin-key variables (the stubs run user
-    model code: the key stays in this process).
-    """
-    env = dict(os.environ)
-    if embedded:
-        paths = [str(stub_prefix() / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")]
-        env["PATH"] = os.pathsep.join(paths)
-        libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_root().parent.parent / "nvidia_pytriton.libs")]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
-        env.pop("PYTHONPATH", None)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # for any non-isolated Python Triton starts; the stubs: stub_prefix
-    # glibc malloc in tritonserver (and the stubs, which inherit this): a large request arrives as
-    # many gRPC slices below the dynamic mmap threshold, and their freed chunks stayed in the heap
-    # (tritonserver +250 MiB after 4 concurrent 100 MB requests, released only by malloc_trim).
-    # A fixed 64 KiB threshold maps those slices and returns them on free; the small trim threshold
-    # gives back the heap's free top. An operator's own values win.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
-    # torch's OpenMP workers in the python stubs busy-wait after every parallel region by default;
-    # the stubs run side by side on few cores, so that spinning took the CPU the other stages needed
-    # (pre-processing with its 2 torch threads: 45 CPU ms per image instead of 6 on 2 cores, issue 16,
-    # docs/performance.md). Passive waiting sleeps at once. An operator's own value wins.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # onnxruntime's telemetry (device id + event database in $HOME, events queued for Microsoft's
-    # collector) off in the core stubs too; detserve/__init__.py says why. An operator's value wins.
-    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    for var in SECRET_VARIABLES:
-        env.pop(var, None)
-    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -309,142 +181,6 @@ def _wait_unloaded(admin: Any, names: list[str], deadline: float) -> None:
         if time.monotonic() > deadline:
             raise ServerError(f"drain timed out: {', '.join(sorted(busy))} still busy")
         time.sleep(0.1)
-
-
-@dataclass
-class StubRestart:
-    """One reload of a model whose python stub(s) died: what died, how long the reload took, its error."""
-
-    model: str
-    instances: list[str]
-    at: float  # monotonic seconds, when the watchdog saw the stubs dead
-    seconds: float = 0.0
-    error: str | None = None
-
-
-def _children(pid: int) -> dict[int, tuple[str, list[str]]]:
-    """``pid``'s child processes: {pid: (state letter, argv)} (argv is empty for a zombie)."""
-    out: dict[int, tuple[str, list[str]]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) != pid:
-                continue
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        out[int(entry)] = (fields[0], [a.decode(errors="replace") for a in args if a])
-    return out
-
-
-def stub_identity(args: list[str]) -> tuple[str, str] | None:
-    """(model, instance) of a model-instance stub's argv, else None.
-
-    argv: stub, <repository>/<model>/<version>/model.py, shm region, shm sizes (2), parent pid,
-    backend dir, ipc handle, instance name, runtime model dir (stub_launcher.cc, r24.10).
-    """
-    if len(args) < 9 or not args[0].endswith(STUB_BINARY):
-        return None
-    model = Path(args[1]).parents[1].name
-    instance = args[8]
-    return (model, instance) if instance != model else None  # the auto-complete stub is named after the model
-
-
-class StubWatchdog:
-    """Reloads a model when one of its python stubs dies (module docstring).
-
-    A stub is dead when tritonserver's child that ran it is a zombie in two checks in a row
-    (Triton waits for the stubs it stops itself, so their zombies last microseconds).
-    """
-
-    def __init__(
-        self,
-        server_pid: int,
-        url: str,
-        interval_s: float = STUB_CHECK_S,
-        on_failing: Callable[[dict[str, str]], None] | None = None,
-    ) -> None:
-        self.server_pid, self.url, self.interval_s = server_pid, url, interval_s
-        self.restarts: list[StubRestart] = []
-        # models that cannot serve now (stub dead, reload pending or failed) -> why; readiness reads it
-        self.failing: dict[str, str] = {}
-        self.on_failing = on_failing
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="detserve-stub-watchdog", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        stubs: dict[int, tuple[str, str]] = {}  # live stubs seen: pid -> (model, instance)
-        janitor = StubJanitor()  # the replaced stubs' regions, and replaced stubs that outlive their reload
-        suspects: set[int] = set()  # zombies seen once
-        handled: set[int] = set()  # dead stubs whose model was reloaded (Triton may never reap them)
-        while not self._stop.wait(self.interval_s):
-            try:
-                children = _children(self.server_pid)
-            except OSError:
-                continue
-            dead: dict[str, list[int]] = {}
-            zombies = set()
-            for pid, (state, args) in children.items():
-                if state == "Z":
-                    zombies.add(pid)
-                    if pid in stubs and pid not in handled and pid in suspects:
-                        dead.setdefault(stubs[pid][0], []).append(pid)
-                elif (who := stub_identity(args)) is not None:
-                    stubs[pid] = who
-            suspects = zombies
-            stubs = {p: w for p, w in stubs.items() if p in children}
-            handled &= set(children)
-            janitor.observe(children, stubs)
-            for model, pids in sorted(dead.items()):
-                if self._stop.is_set():
-                    return
-                if self._reload(model, sorted(stubs[p][1] for p in pids)):
-                    handled.update(pids)
-                    janitor.reloaded(model)
-                else:
-                    self._stop.wait(5.0)  # and try again
-
-    def _set_failing(self, model: str, reason: str | None) -> None:
-        if reason is None:
-            self.failing.pop(model, None)
-        else:
-            self.failing[model] = reason
-        if self.on_failing is not None:
-            try:
-                self.on_failing(dict(self.failing))
-            except Exception as e:  # readiness reporting must not stop the watchdog
-                log.error("could not publish readiness: %s", e)
-
-    def _reload(self, model: str, instances: list[str]) -> bool:
-        from detserve.ops.admin import ModelAdmin
-
-        restart = StubRestart(model, instances, time.monotonic())
-        self.restarts.append(restart)
-        log.warning("python stub(s) %s of %s died: reloading %s", ", ".join(instances), model, model)
-        if model not in self.failing:  # a retry keeps the reason of the failed reload
-            self._set_failing(model, f"python stub {', '.join(instances)} died; reloading")
-        try:
-            with ModelAdmin(self.url, None, timeout_s=300.0) as admin:
-                config = admin.model_config(model)  # the served config: keeps a rollout's version policy
-                config.setdefault("parameters", {})[RESTART_PARAMETER] = {"string_value": str(len(self.restarts))}
-                admin.load_model(model, config=json.dumps(config))
-        except Exception as e:
-            restart.error = str(e)
-            log.error("reloading %s after its stub died failed: %s", model, e)
-        restart.seconds = time.monotonic() - restart.at
-        self._set_failing(model, None if restart.error is None else f"python stub died and its reload failed: {restart.error}")
-        return restart.error is None
 
 
 class TritonServer:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from detserve.ops.gate import nginx_binary
+from detserve.ops.nginx import nginx_binary
 from detserve.ops.replicas import running_replicas
 from loadtest.runner import LoadTestConfig, run_locust
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from detserve.ops import stubshm
-from detserve.ops.server import ServerOptions, TritonServer, _children, free_port, running_server, stub_identity
+from detserve.ops.server import ServerOptions, TritonServer, free_port, running_server
+from detserve.ops.watchdog import children_of, stub_identity
 from tests.reports import record
 
 
@@ -46,7 +47,7 @@ def _stubs_of(server: TritonServer) -> dict[int, tuple[str, str]]:
     """pid -> (instance, region) of the server's running model-instance stubs."""
     assert server.process is not None
     out = {}
-    for pid, (state, args) in _children(server.process.pid).items():
+    for pid, (state, args) in children_of(server.process.pid).items():
         who = stub_identity(args)
         if state != "Z" and who is not None:
             out[pid] = (who[1], args[2])

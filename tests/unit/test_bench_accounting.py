@@ -146,7 +146,7 @@ def test_tune_apply_edits_only_what_the_variant_changes(tmp_path: Path) -> None:
 
 
 def test_stubs_wait_passively_unless_the_operator_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    from detserve.ops.server import server_environment
+    from detserve.ops.embedded import server_environment
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert server_environment(embedded=False)["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from detserve.errors import ServerError
-from detserve.ops.server import backend_directory, stub_prefix
+from detserve.ops.embedded import backend_directory, stub_prefix
 
 
 def test_backend_files_go_to_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

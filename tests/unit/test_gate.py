@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from detserve.errors import ServerError
-from detserve.ops.gate import GRPC_ADMIN, GRPC_OPEN, GateConfig, Upstream, nginx_binary, render_config, safe_text
+from detserve.ops.gate import GRPC_ADMIN, GRPC_OPEN, GateConfig, Upstream, render_config, safe_text
+from detserve.ops.nginx import nginx_binary
 
 KEY = "k" * 16 + "-0123456789abcdef" * 30  # long keys must fit nginx's map buckets too
 
@@ -73,7 +74,7 @@ def test_safe_text_keeps_nginx_and_grpc_safe() -> None:
 
 
 def test_both_binaries_get_the_malloc_settings_and_never_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from detserve.ops.server import server_environment
+    from detserve.ops.embedded import server_environment
 
     monkeypatch.setenv("DETSERVE_ADMIN_KEY", "k" * 20)
     monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", "/run/secrets/key")

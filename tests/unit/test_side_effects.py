@@ -46,7 +46,7 @@ def test_onnxruntime_session_writes_nothing_under_home(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("embedded", [True, False])
 def test_server_environment_turns_onnxruntime_telemetry_off(embedded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    from detserve.ops.server import server_environment
+    from detserve.ops.embedded import server_environment
 
     monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
     assert server_environment(embedded)["ORT_DISABLE_TELEMETRY"] == "1"

@@ -100,7 +100,7 @@ def tune_stub_malloc() -> None:
     """Give this stub heap-friendly malloc thresholds again (call once, from ``initialize``).
 
     The stubs inherit tritonserver's environment, whose 64 KiB ``MALLOC_MMAP_THRESHOLD_`` lets
-    tritonserver return request buffers (detserve.ops.server.server_environment). Here it would map
+    tritonserver return request buffers (detserve.ops.embedded.server_environment). Here it would map
     and fault in every MB-sized tensor of every request: serving ran ~35% slower on 2 cores. The
     stubs' large buffers (encoded images, decoded pixels) are above 32 MiB and still mapped.
     """
