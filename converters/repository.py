@@ -187,7 +187,7 @@ def _build_steps(
 ) -> BuildResult:
     """A multi-step family: preprocessing, then its declared steps; every core exported and verified."""
     from converters.multistep import build_cores
-    from detserve.families.torchvision_models import file_sha256
+    from detserve.hashing import file_sha256
 
     if req.target == "tensorrt" and req.precision == "int8":
         raise SpecError(
@@ -232,10 +232,17 @@ def _build_steps(
     return BuildResult(name, req.version, repo, spec, record)
 
 
+def _checkpoint_kind(checkpoint: Path | str | None) -> str | None:
+    """What ``checkpoint_sha256`` hashed: a file, or a folder (names and contents, detserve.hashing)."""
+    if checkpoint is None:
+        return None
+    return "folder" if Path(checkpoint).is_dir() else "file"
+
+
 def _record(
     req: BuildRequest, name: str, family: str, num_classes: int, onnx_path: Path, checks: dict[str, Any]
 ) -> dict[str, Any]:
-    from detserve.families.torchvision_models import file_sha256
+    from detserve.hashing import checkpoint_sha256, file_sha256
 
     return {
         "name": name,
@@ -247,7 +254,8 @@ def _record(
         "num_classes": num_classes,
         "model_kwargs": req.model_kwargs,
         "checkpoint": str(req.checkpoint) if req.checkpoint else None,
-        "checkpoint_sha256": file_sha256(req.checkpoint) if req.checkpoint else None,
+        "checkpoint_sha256": checkpoint_sha256(req.checkpoint) if req.checkpoint else None,
+        "checkpoint_kind": _checkpoint_kind(req.checkpoint),
         "weights": _weights_note(req),
         "spread_init_seed": req.spread_init_seed,
         "target": req.target,

@@ -486,7 +486,7 @@ def _calibrator(
     trt: Any, onnx_path: Path, plan_path: Path, pre: PreprocessSpec, shapes: ShapeRange, opts: BuildOptions
 ) -> tuple[Any, dict[str, Any]]:
     from converters.tensorrt_calibration import CalibrationCache, load_calibration_batches, make_calibrator
-    from detserve.families.torchvision_models import file_sha256
+    from detserve.hashing import file_sha256
 
     assert opts.calibration_images is not None  # validate_precision
     shape = calibration_shape(shapes)
@@ -565,7 +565,7 @@ def _metadata(
     calibration: dict[str, Any] | None,
     timing_cache_hit: bool,
 ) -> PlanMetadata:
-    from detserve.families.torchvision_models import file_sha256
+    from detserve.hashing import file_sha256
 
     return PlanMetadata(
         tensorrt_version=str(trt.__version__),

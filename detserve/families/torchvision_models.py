@@ -7,7 +7,6 @@ weights_backbone=None``; trained weights come from a local checkpoint (a state d
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from collections.abc import Callable, Sequence
@@ -136,14 +135,6 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
             hint="check the detector name, --num-classes and the model keywords used in training",
         )
     model.load_state_dict(state)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _final_cls_and_reg_layers(model: torch.nn.Module) -> tuple[list[Any], list[Any]]:

@@ -45,18 +45,18 @@ class EagerReference:
 def reference_model(record: dict[str, Any]) -> EagerReference:
     """The eager detector with the served weights (by its family), in eval mode."""
     from detserve.families import family, family_for_detector
-    from detserve.families.torchvision_models import file_sha256
+    from detserve.hashing import checkpoint_sha256
 
     fam = family(record["family"]) if record.get("family") else family_for_detector(record["detector"])
     kwargs = dict(record.get("model_kwargs") or {})
     ckpt = record.get("checkpoint")
     if record.get("spread_init_seed") is None and ckpt is not None:
-        if not Path(ckpt).is_file():
+        if not Path(ckpt).exists():
             raise SpecError(
                 f"the checkpoint this version was built from is not at {ckpt}",
                 hint="run from the directory the build ran in, or rebuild with an absolute --checkpoint",
             )
-        if record.get("checkpoint_sha256") and file_sha256(ckpt) != record["checkpoint_sha256"]:
+        if record.get("checkpoint_sha256") and checkpoint_sha256(ckpt) != record["checkpoint_sha256"]:
             raise SpecError(f"checkpoint {ckpt} changed since the build (sha256 differs from build.json)")
     model = fam.build(record["detector"], record["num_classes"], ckpt, kwargs, record.get("spread_init_seed"))
     return EagerReference(fam, model)

@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("clients", "detserve", "converters", "loadtest", "training")
-# stdlib-only modules every layer may use: the error root and the composing-model names
-FOUNDATION = ("detserve.errors", "detserve.pipeline")
+# stdlib-only modules every layer may use: the error root, the composing-model names, content hashes
+FOUNDATION = ("detserve.errors", "detserve.pipeline", "detserve.hashing")
 
 
 def layer(module: str) -> int:
