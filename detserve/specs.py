@@ -109,6 +109,12 @@ class PreprocessSpec(Spec):
     pad_value: float = 0.0
     interpolation: Literal["bilinear"] = "bilinear"
     max_image_pixels: int = 40_000_000  # refused before decoding (decompression bombs)
+    # the sum over a request's images, read from their headers before any is decoded: decoding and
+    # pre-processing cost ~0.1 s per M pixels on a CPU core whatever the bytes (a 116 KB black PNG
+    # declares 40 M). 64 M: one image at the default limit plus more, 7 x 4K UHD, an 8K (33 M) and
+    # 3 x 4K, 5 x 12-M phone photos; a worst-case request stays near 7 s of one core, not 8 x 40 M
+    # (~37 s). Overridden when serving by DETSERVE_MAX_REQUEST_PIXELS (detserve serve --max-request-pixels).
+    max_request_pixels: int = 64_000_000
 
     def __post_init__(self) -> None:
         check(
@@ -137,6 +143,7 @@ class PreprocessSpec(Spec):
         check(all(s > 0 for s in self.image_std), f"image_std must be > 0, got {self.image_std}")
         check(self.pixel_max > 0, f"pixel_max must be > 0, got {self.pixel_max}")
         check(self.max_image_pixels > 0, f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+        check(self.max_request_pixels > 0, f"max_request_pixels must be > 0, got {self.max_request_pixels}")
 
     def _check_ultralytics(self) -> None:
         """The uint8 canvas is the core's input: no stride padding on top, an integral pad byte."""

@@ -133,6 +133,10 @@ def serve(
     max_request_bytes: Annotated[
         int, typer.Option(help="larger requests are refused by the gate before Triton sees them (RESOURCE_EXHAUSTED)")
     ] = DEFAULT_MAX_REQUEST_BYTES,
+    max_request_pixels: Annotated[
+        int | None,
+        typer.Option(min=1, help="pixels per request, summed over its images (default: each model's build value, 64 M)"),
+    ] = None,
     tritonserver: Annotated[Path | None, typer.Option(help="a tritonserver binary (default: nvidia-pytriton's)")] = None,
     backend_directory: Annotated[Path | None, typer.Option(help="its backends (with --tritonserver)")] = None,
     triton_arg: Annotated[
@@ -158,6 +162,7 @@ def serve(
         log_file,
         admin_key=admin_key(),
         max_request_bytes=max_request_bytes,
+        max_request_pixels=max_request_pixels,
         tritonserver=tritonserver,
         backend_directory=backend_directory,
         extra_args=list(triton_arg),

@@ -43,6 +43,7 @@ from detserve.ops.stubshm import new_prefix as new_shm_prefix
 from detserve.ops.stubshm import prepare as prepare_shm
 from detserve.ops.stubshm import release as release_shm
 from detserve.ops.watchdog import StubRestart, StubWatchdog
+from detserve.runtime.backend.common import MAX_REQUEST_PIXELS_ENV
 
 EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
@@ -91,6 +92,7 @@ class ServerOptions:
     public: bool = True  # False: no gate of its own (a replica behind a shared gate)
     tritonserver: Path | None = None  # default: the binary inside nvidia-pytriton
     backend_directory: Path | None = None  # default: the python backend of nvidia-pytriton
+    max_request_pixels: int | None = None  # the stubs' per-request pixel budget; None: each model's build value
 
     def __post_init__(self) -> None:
         for arg in self.extra_args:
@@ -212,6 +214,8 @@ class TritonServer:
             _check_port(opts.host, port, what)
         self.runtime = private_directory()
         env = server_environment(embedded=opts.tritonserver is None)
+        if opts.max_request_pixels is not None:  # the python stubs inherit it (runtime/backend/common.py)
+            env[MAX_REQUEST_PIXELS_ENV] = str(opts.max_request_pixels)
         self.shm = prepare_shm(opts.extra_args, opts.shm_prefix)  # and clean up after dead servers
         out = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +28,10 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 _SIZE_HINT = "resize it before sending, or build the repository with a larger --max-image-pixels"
+_BUDGET_HINT = (
+    "send fewer or smaller images per request, or raise the budget: `detserve serve --max-request-pixels N` "
+    "(environment DETSERVE_MAX_REQUEST_PIXELS of the server) or `detserve build --max-request-pixels N`"
+)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -38,19 +43,59 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     PIL's plain ``open`` do not apply it during training either; only the first frame of an
     animation or multi-page file is used. Anything else raises :class:`ImageError`.
     """
+    return load_image(open_image(data, max_pixels), len(data))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read only the header of ``data`` (nothing is decompressed) and check its declared size."""
     if len(data) == 0:
         raise ImageError("empty image payload (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")  # see load_image
+        return _open(data, max_pixels)
+
+
+def load_image(im: Image.Image, nbytes: int) -> np.ndarray:
+    """An image from :func:`open_image` (``nbytes`` encoded) -> uint8 [H, W, 3] RGB: the decoding itself
+    (see :func:`decode_image`)."""
     with warnings.catch_warnings():
         # Pillow warns about corrupt metadata (EXIF, TIFF tags) that it then skips; every bad
         # upload would write them to the server log. It also warns below 2x its own pixel limit;
         # ours is applied from the header in _open.
         warnings.filterwarnings("ignore", module=r"PIL\.")
-        im = _open(data, max_pixels)
         try:
             im.load()
         except Exception as e:  # truncated or corrupt pixel data
-            raise ImageError(f"cannot decode {im.format} pixel data ({len(data)} bytes): {type(e).__name__}: {e}") from e
+            raise ImageError(f"cannot decode {im.format} pixel data ({nbytes} bytes): {type(e).__name__}: {e}") from e
         return _to_rgb(im)
+
+
+def open_request_images(blobs: Sequence[bytes], max_pixels: int, max_request_pixels: int) -> list[Image.Image]:
+    """Every image of one request, header only, each within ``max_pixels`` and all together within
+    ``max_request_pixels`` (the per-request pixel budget), before any of them is decoded.
+
+    Decoding and pre-processing cost time and memory in proportion to the pixels (a 116 KB black
+    PNG declares 40 M pixels and costs seconds), so a request's work is bounded by what its headers
+    declare, not by its size in bytes.
+    """
+    opened = []
+    for i, blob in enumerate(blobs):
+        try:
+            opened.append(open_image(blob, max_pixels))
+        except ImageError as e:
+            raise ImageError(_which(i, len(blobs)) + e.message, hint=e.hint) from e
+    total = sum(im.size[0] * im.size[1] for im in opened)
+    if total > max_request_pixels:
+        raise ImageError(
+            f"request declares {total} pixels in its {len(opened)} image(s), over the per-request budget of "
+            f"{max_request_pixels} pixels (max_request_pixels); nothing was decoded",
+            hint=_BUDGET_HINT,
+        )
+    return opened
+
+
+def _which(i: int, n: int) -> str:
+    return f"image {i + 1} of {n}: " if n > 1 else ""
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from detserve.errors import ImageError
+from detserve.errors import DetserveError, ImageError
 from detserve.runtime.backend.common import (
     Abandoned,
     check_wanted,
@@ -111,3 +111,51 @@ def test_abandoned_request_answers_cancelled_and_the_batch_goes_on() -> None:
     assert responses[1].error.code == "CANCELLED" and "deadline" in responses[1].error.message
     assert responses[2].error.code == "INVALID_ARG"
     assert error_response(PB_UTILS, Abandoned("x")).error.code == "CANCELLED"
+
+
+def test_http_forwarded_headers_arrive_as_strings() -> None:
+    # Triton's HTTP front end forwards headers matching --http-header-forward-pattern as string
+    # parameters (checked with 2.51 over HTTP, tests/integration/test_request_budget.py); nginx's
+    # $msec has milliseconds; a client's JSON "parameters" may be an int, a float or a string
+    stamped = {"detserve-arrival": "1800000000.250", "detserve-timeout": "1500m"}
+    assert request_deadline(stamped) == pytest.approx(NOW + 1.75)
+    for own in (int(NOW), NOW + 0.5, str(NOW)):
+        assert request_deadline({"detserve_deadline": own}) == pytest.approx(float(own))
+    with pytest.raises(Abandoned, match=r"deadline exceeded: the client's deadline passed 3\.2 s before"):
+        check_wanted(Request(stamped), now=NOW + 4.95)
+
+
+SPEC_ARGS = {"model_config": json.dumps({"name": "m_preprocess", "parameters": {"preprocess_spec": {"string_value": "{}"}}})}
+
+
+def test_server_override_replaces_the_built_pixel_budget() -> None:
+    from detserve.runtime.backend.common import MAX_REQUEST_PIXELS_ENV, preprocess_spec
+
+    assert preprocess_spec(SPEC_ARGS, {}).max_request_pixels == 64_000_000  # the build's (default) value
+    assert preprocess_spec(SPEC_ARGS, {MAX_REQUEST_PIXELS_ENV: " 1000 "}).max_request_pixels == 1000
+    for bad in ("0", "-5", "1e6", "lots"):
+        with pytest.raises(DetserveError, match=MAX_REQUEST_PIXELS_ENV):
+            preprocess_spec(SPEC_ARGS, {MAX_REQUEST_PIXELS_ENV: bad})
+
+
+def test_late_request_is_dropped_before_its_headers_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preprocess model: a late request over the budget answers CANCELLED (deadline), not the budget error."""
+    import sys
+
+    import numpy as np
+
+    from tests.bad_images import bomb_png
+
+    blobs = np.array([[bomb_png(6000, 6000)]] * 8, dtype=np.object_)
+    pb = SimpleNamespace(**vars(PB_UTILS), get_input_tensor_by_name=lambda r, n: SimpleNamespace(as_numpy=lambda: blobs))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "detserve.runtime.backend.preprocess_model", raising=False)
+    import detserve.runtime.backend.preprocess_model as preprocess_model
+
+    monkeypatch.setattr(preprocess_model, "tune_stub_malloc", lambda: None)  # a stub's setting, not pytest's
+    model = preprocess_model.TritonPythonModel()
+    model.initialize(SPEC_ARGS)
+    late, in_time = Request({"detserve_deadline": 1.0}), Request()
+    responses = model.execute([late, in_time])
+    assert responses[0].error.code == "CANCELLED" and "deadline exceeded" in responses[0].error.message
+    assert responses[1].error.code == "INVALID_ARG" and "per-request budget of 64000000" in responses[1].error.message

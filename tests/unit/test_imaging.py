@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from detserve.errors import ImageError
-from detserve.runtime.imaging import decode_image
+from detserve.runtime.imaging import decode_image, load_image, open_request_images
 from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec
 from tests.bad_images import (
@@ -250,3 +250,43 @@ def test_tiny_images_preprocess() -> None:
 def test_extreme_aspect_ratio_is_refused_clearly() -> None:
     with pytest.raises(ImageError, match="aspect"):
         preprocess(decode_image(png_bytes(1000, 1), 10**6), FCOS_SPEC)
+
+
+# --- the per-request pixel budget (issue 20, finding 5): the sum of a request's declared pixels
+
+
+def test_request_over_pixel_budget_is_refused_before_any_image_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 bomb headers of 6000 x 6000 (each within the per-image limit): 288 M pixels from ~2 KB each
+    blobs = [bomb_png(6000, 6000)] * 8
+    with no_pixel_decoding(monkeypatch), pytest.raises(ImageError) as e:
+        open_request_images(blobs, 40_000_000, 64_000_000)
+    assert "request declares 288000000 pixels in its 8 image(s), over the per-request budget of 64000000" in e.value.message
+    assert e.value.hint and "--max-request-pixels" in e.value.hint and "DETSERVE_MAX_REQUEST_PIXELS" in e.value.hint
+
+
+def test_request_at_the_pixel_budget_decodes() -> None:
+    blobs = [png_bytes(100, 100), png_bytes(50, 20)]
+    opened = open_request_images(blobs, 10_000, 11_000)
+    assert [load_image(im, len(b)).shape for im, b in zip(opened, blobs, strict=True)] == [(100, 100, 3), (20, 50, 3)]
+    with pytest.raises(ImageError, match="request declares 11000 pixels in its 2 image"):
+        open_request_images(blobs, 10_000, 10_999)
+
+
+def test_per_image_limit_still_names_the_image_of_a_request() -> None:
+    with pytest.raises(ImageError, match=r"^image 2 of 2: PNG image declares 100x100 = 10000 pixels, over the limit of 9999"):
+        open_request_images([png_bytes(10, 10), png_bytes(100, 100)], 9_999, 10**9)
+
+
+def test_preprocess_images_checks_the_budget_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", SimpleNamespace())
+    from detserve.runtime.backend.preprocess_model import preprocess_images
+
+    spec = PreprocessSpec(min_size=32, max_size=64, max_request_pixels=5_000)
+    images, info = preprocess_images([png_bytes(64, 48), png_bytes(32, 32)], spec)  # 4096 pixels
+    assert images.shape[0] == 2 and info[:, :2].tolist() == [[48, 64], [32, 32]]
+    # a good image first, an over-budget sum: nothing decoded, not even the first one
+    with no_pixel_decoding(monkeypatch), pytest.raises(ImageError, match="over the per-request budget of 5000"):
+        preprocess_images([png_bytes(64, 48), png_bytes(64, 48)], spec)

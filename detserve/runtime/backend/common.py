@@ -19,13 +19,18 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detserve.errors import DetserveError
+
+if TYPE_CHECKING:
+    from detserve.specs import PreprocessSpec
 
 DEADLINE_PARAMETER = "detserve_deadline"
 ARRIVAL_PARAMETER = "detserve-arrival"
 TIMEOUT_PARAMETER = "detserve-timeout"
+# the per-request pixel budget set by the server (detserve serve --max-request-pixels), over the build's
+MAX_REQUEST_PIXELS_ENV = "DETSERVE_MAX_REQUEST_PIXELS"
 # gRPC's wire format for grpc-timeout: up to 8 digits and a unit (gRPC over HTTP2, "Timeout")
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -73,8 +78,34 @@ def check_wanted(request: Any, now: float | None = None) -> None:
     if request.is_cancelled():
         raise Abandoned("request cancelled by the client")
     deadline = request_deadline(json.loads(request.parameters() or "{}"))
-    if deadline is not None and (now if now is not None else time.time()) > deadline:
-        raise Abandoned("the client's deadline passed before processing started")
+    if deadline is None:
+        return
+    late = (now if now is not None else time.time()) - deadline
+    if late > 0:
+        raise Abandoned(
+            f"deadline exceeded: the client's deadline passed {late:.1f} s before processing started; dropped undecoded"
+        )
+
+
+def preprocess_spec(args: dict[str, Any], environ: Mapping[str, str] | None = None) -> PreprocessSpec:
+    """The model's stored ``preprocess_spec``, its pixel budget replaced by the server's override.
+
+    ``detserve serve --max-request-pixels N`` puts N in tritonserver's environment, which its python
+    stubs inherit (in a container: set the variable in the container's environment). An override
+    that is not a positive integer fails the model's load: a typo must not silently keep the default.
+    """
+    import dataclasses
+    import os
+
+    from detserve.specs import PreprocessSpec
+
+    spec = PreprocessSpec.from_json(config_parameter(args, "preprocess_spec"))
+    raw = (os.environ if environ is None else environ).get(MAX_REQUEST_PIXELS_ENV, "").strip()
+    if not raw:
+        return spec
+    if not raw.isdigit() or int(raw) <= 0:
+        raise DetserveError(f"{MAX_REQUEST_PIXELS_ENV}={raw!r} is not a positive number of pixels")
+    return dataclasses.replace(spec, max_request_pixels=int(raw))
 
 
 def config_parameter(args: dict[str, Any], key: str, default: str | None = None) -> str:

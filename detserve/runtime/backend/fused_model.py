@@ -29,6 +29,7 @@ from detserve.runtime.backend.common import (
     config_parameter,
     detections_response,
     error_response,
+    preprocess_spec,
     run_grouped,
     tune_stub_malloc,
 )
@@ -58,7 +59,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
         apply_torch_threads(args)
-        self.pre = PreprocessSpec.from_json(config_parameter(args, "preprocess_spec"))
+        self.pre = preprocess_spec(args)  # the build's, with the server's pixel budget if it sets one
         self.post = decode_spec_from_json(config_parameter(args, "postprocess_spec"))
         self.names = list(output_names(self.post))
         path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "onnx_file")

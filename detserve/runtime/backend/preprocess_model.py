@@ -9,8 +9,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from detserve.errors import ImageError
-from detserve.runtime.backend.common import apply_torch_threads, check_wanted, config_parameter, respond_each, tune_stub_malloc
-from detserve.runtime.imaging import decode_image
+from detserve.runtime.backend.common import (
+    apply_torch_threads,
+    check_wanted,
+    preprocess_spec,
+    respond_each,
+    tune_stub_malloc,
+)
+from detserve.runtime.imaging import load_image, open_request_images
 from detserve.runtime.preprocess import Preprocessed, preprocess
 from detserve.specs import PreprocessSpec
 
@@ -22,10 +28,12 @@ def preprocess_images(blobs: list[bytes], spec: PreprocessSpec) -> tuple[np.ndar
     them; send one image per request (as the detserve client does) to keep every image on its
     own canvas and let Triton's dynamic batcher group same-sized requests.
     """
+    # every header first: a request over the pixel budget fails before any image is decoded
+    opened = open_request_images(blobs, spec.max_image_pixels, spec.max_request_pixels)
     items: list[Preprocessed] = []
-    for i, blob in enumerate(blobs):
+    for i, (blob, im) in enumerate(zip(blobs, opened, strict=True)):
         try:
-            items.append(preprocess(decode_image(blob, spec.max_image_pixels), spec))
+            items.append(preprocess(load_image(im, len(blob)), spec))
         except ImageError as e:
             where = f"image {i + 1} of {len(blobs)}: " if len(blobs) > 1 else ""
             raise ImageError(where + e.message, hint=e.hint) from e
@@ -43,7 +51,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
         apply_torch_threads(args)
-        self.spec = PreprocessSpec.from_json(config_parameter(args, "preprocess_spec"))
+        self.spec = preprocess_spec(args)  # the build's, with the server's pixel budget if it sets one
 
     def _handle(self, request: Any) -> Any:
         # checked per request, just before its decode: the last of a batch of large images may
