@@ -677,14 +677,30 @@ def ops_report(
     out: Annotated[Path, typer.Option(help="where ops-report.md and ops-report.json go")] = Path("out/ops"),
     users: Annotated[int, typer.Option(help="concurrent clients held during each fault")] = 4,
     duration: Annotated[str, typer.Option(help="load per scenario, e.g. 10s")] = "10s",
+    soak: Annotated[
+        str | None, typer.Option(help="instead: a soak of this length (e.g. 30m) on `detserve serve`, faults on a schedule")
+    ] = None,
 ) -> None:
     """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
     from detserve.app.opsreport import run_ops_report
 
+    if soak is not None:
+        _soak(work, out, users, _seconds(soak))
+        return
     md, lost = run_ops_report(work, out, typer.echo, users=users, duration_s=_seconds(duration))
     typer.echo(md.read_text())
     if lost:
         typer.secho(f"{lost} request(s) lost", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def _soak(work: Path, out: Path, users: int, seconds: float) -> None:
+    from detserve.app.soak import run_soak
+
+    md, problems = run_soak(work, out, seconds, users=users, echo=typer.echo)
+    typer.echo(md.read_text())
+    if problems:
+        typer.secho("soak failed:\n" + "\n".join(f"- {p}" for p in problems), fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
 
 
