@@ -52,6 +52,7 @@ class BuildRequest:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     options: ServingOptions = field(default_factory=ServingOptions)
     max_image_pixels: int | None = None
+    max_request_pixels: int | None = None  # None: PreprocessSpec's default
     verify: bool = True
     # also write the fused CPU layout of the model into this repository (converters/fused.py)
     fused_out: Path | None = None
@@ -140,8 +141,9 @@ def build_repository(req: BuildRequest) -> BuildResult:
     num_classes = req.num_classes if req.num_classes is not None else family.default_num_classes(req.checkpoint)
     model = family.build(req.detector, num_classes, req.checkpoint, dict(req.model_kwargs), req.spread_init_seed)
     pre = family.preprocess_spec(model)
-    if req.max_image_pixels is not None:
-        pre = PreprocessSpec.from_dict({**pre.to_dict(), "max_image_pixels": req.max_image_pixels})
+    limits = {"max_image_pixels": req.max_image_pixels, "max_request_pixels": req.max_request_pixels}
+    if any(v is not None for v in limits.values()):
+        pre = PreprocessSpec.from_dict({**pre.to_dict(), **{k: v for k, v in limits.items() if v is not None}})
     post = family.decode_spec(model, pre)
     spec = ModelSpec(req.detector, num_classes, pre, post, dict(req.model_kwargs))
     repo = req.repository.resolve()

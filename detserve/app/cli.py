@@ -62,6 +62,9 @@ def build(
     kw: Annotated[list[str], typer.Option(help="model keyword KEY=VALUE (repeatable), e.g. min_size=320")] = [],  # noqa: B006
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching limit")] = 8,
     max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images before decoding")] = None,
+    max_request_pixels: Annotated[
+        int | None, typer.Option(help="refuse requests whose images declare more pixels in all (default 64 M)")
+    ] = None,
     verify: Annotated[bool, typer.Option(help="check ONNX Runtime against PyTorch")] = True,
     spread_init_seed: Annotated[
         int | None, typer.Option(help="test fixture: untrained heads re-initialised so scores spread over 0..1")
@@ -93,6 +96,7 @@ def build(
         model_kwargs=parse_model_kwargs(kw),
         options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu),
         max_image_pixels=max_image_pixels,
+        max_request_pixels=max_request_pixels,
         verify=verify,
         spread_init_seed=spread_init_seed,
         precision=precision,
