@@ -110,10 +110,10 @@ class PreprocessSpec(Spec):
     interpolation: Literal["bilinear"] = "bilinear"
     max_image_pixels: int = 40_000_000  # refused before decoding (decompression bombs)
     # the sum over a request's images, read from their headers before any is decoded: decoding and
-    # pre-processing cost ~0.1 s per M pixels on a CPU core whatever the bytes (a 116 KB black PNG
-    # declares 40 M). 64 M: one image at the default limit plus more, 7 x 4K UHD, an 8K (33 M) and
-    # 3 x 4K, 5 x 12-M phone photos; a worst-case request stays near 7 s of one core, not 8 x 40 M
-    # (~37 s). Overridden when serving by DETSERVE_MAX_REQUEST_PIXELS (detserve serve --max-request-pixels).
+    # pre-processing cost 0.11-0.14 s per M pixels on one busy CPU core whatever the bytes (a 116 KB
+    # black PNG declares 40 M: 4.6 s). 64 M: one image at the default limit plus more, 7 x 4K UHD,
+    # an 8K (33 M) and 3 x 4K, 5 x 12-M phone photos; a request at the budget took 9 s here, where
+    # 8 x 40 M took ~40 s. Overridden when serving by DETSERVE_MAX_REQUEST_PIXELS (serve --max-request-pixels).
     max_request_pixels: int = 64_000_000
 
     def __post_init__(self) -> None:
