@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from detserve.errors import ServerError
+from detserve.ops import stubshm
 from detserve.ops.server import ServerOptions, TritonServer, free_port, running_server
 
 
-def _stub_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "triton_python_backend_stub"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _stub_pids(prefix: str) -> set[int]:
+    """Running stubs of one server, told apart by its /dev/shm prefix: other servers may run beside the suite."""
+    return {pid for pid, state in stubshm.stub_processes(prefix).items() if state not in ("Z", "X")}
 
 
 def _copy_model(repository: Path, dest: Path, name: str) -> None:
@@ -51,11 +51,11 @@ def test_model_that_fails_to_load_reports_tritons_message(repository: Path, tmp_
 def test_stop_leaves_no_stub_processes(repository: Path, tmp_path: Path, samples: dict[str, bytes]) -> None:
     from clients.grpc_client import DetectorClient
 
-    before = _stub_pids()
     repo = tmp_path / "repo"
     _copy_model(repository, repo, "ssdlite")
     with running_server(repo) as server:
+        prefix = server.options.shm_prefix
         with DetectorClient(server.options.grpc_url, "ssdlite") as client:
             assert len(client.detect(samples["chelsea.png"], score_threshold=0.0)) > 0
-        assert len(_stub_pids() - before) >= 3  # preprocess, core, postprocess
-    assert _stub_pids() - before == set()
+        assert len(_stub_pids(prefix)) >= 3  # preprocess, core, postprocess
+    assert _stub_pids(prefix) == set()
