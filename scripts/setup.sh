@@ -29,6 +29,13 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     exit 1
   fi
 fi
+# The gate's nginx workers drop root for this system user (no login, no home); it reaches
+# tritonserver's sockets through the runtime directory's group (detserve/ops/gate.py). Without it
+# detserve still runs, with root workers and a warning.
+if [ "$(id -u)" = 0 ] && ! id detserve-gate >/dev/null 2>&1; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin detserve-gate \
+    || echo "warning: could not create the user detserve-gate; the gate's workers will run as root" >&2
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import torch, torchvision, onnxruntime, tritonclient, pytriton; print('detserve env ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
