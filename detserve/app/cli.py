@@ -132,6 +132,9 @@ def serve(
     grpc_port: int = 8001,
     http_port: int = 8000,
     metrics_port: int = 8002,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="address of Triton's metrics (default: loopback, whatever --host is)")
+    ] = None,
     log_file: Annotated[Path | None, typer.Option(help="Triton's log (default: a temp file)")] = None,
     replicas: Annotated[int, typer.Option(help="N > 1: N servers behind the gate, which balances between them")] = 1,
     max_request_bytes: Annotated[
@@ -148,6 +151,8 @@ def serve(
     ] = [],  # noqa: B006
 ) -> None:
     """Start Triton behind the gate; Ctrl-C or SIGTERM stops it (in-flight requests drain).
+
+    A tritonserver or gate (nginx) that dies is restarted, readiness false meanwhile.
 
     The admin key is read from DETSERVE_ADMIN_KEY_FILE (a 0600 file) or DETSERVE_ADMIN_KEY, never
     from the command line; without one the admin APIs are closed.
@@ -166,6 +171,7 @@ def serve(
         log_file,
         admin_key=admin_key(),
         max_request_bytes=max_request_bytes,
+        metrics_host=metrics_host,
         max_request_pixels=max_request_pixels,
         tritonserver=tritonserver,
         backend_directory=backend_directory,

@@ -14,7 +14,6 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from detserve.errors import ClientError, DetserveError
@@ -50,8 +49,16 @@ def validate_key(key: str, source: str = ENV_VAR) -> str:
 
 
 def _read_key_file(path: str, file_env: str) -> str:
+    """The key in ``path``; refused when group or others may read or write the file (issue 20, 7g)."""
     try:
-        text = Path(path).read_text()
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode  # of the file read, not of whatever the name points to later
+            if mode & 0o077:
+                raise AdminKeyError(
+                    f"{file_env}={path} is readable or writable by group or others (mode {mode & 0o777:04o})",
+                    hint=f"chmod 600 {path}",
+                )
+            text = f.read()
     except OSError as e:
         raise AdminKeyError(f"{file_env}={path} is not a readable file: {e.strerror or e}") from e
     text = text.rstrip("\n")  # as the entrypoint's $(<file): trailing newlines go, then one CR

@@ -106,11 +106,10 @@ def safe_text(text: str, limit: int = 400) -> str:
 
 
 def runtime_base() -> Path:
-    """Where private runtime directories go: $XDG_RUNTIME_DIR when usable, else the temp dir."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
-    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-        return Path(xdg)
-    return Path(tempfile.gettempdir())
+    """Where private runtime directories go: detserve's private base (detserve/ops/rundir.py, issue 20 7a)."""
+    from detserve.ops.rundir import private_base
+
+    return private_base()
 
 
 def private_directory(prefix: str = "detserve-") -> Path:

@@ -66,9 +66,8 @@ class ReplicaSet:
         upstreams = tuple(upstream_in(s.runtime) for s in self.servers if s.runtime is not None)
         self.gate = Gate(GateConfig(self.workdir, o.host, o.grpc_port, o.http_port, upstreams, o.admin_key, o.max_request_bytes))
         self.gate.start()
-        for server in self.servers:
-            if server.watchdog is not None:
-                server.watchdog.on_failing = lambda _failing: self._publish_readiness()
+        for server in self.servers:  # stub deaths and tritonserver restarts: readiness of the whole set
+            server.on_readiness = lambda _failing: self._publish_readiness()
 
     def _publish_readiness(self) -> None:
         failing: dict[str, str] = {}

@@ -22,12 +22,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detserve.errors import ServerError
+from detserve.errors import DetserveError, ServerError
 from detserve.ops.embedded import backend_directory, pytriton_root, server_environment
 from detserve.ops.gate import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -38,6 +38,7 @@ from detserve.ops.gate import (
     upstream_in,
 )
 from detserve.ops.nginx import Gate
+from detserve.ops.restarts import Backoff, Restart, describe_exit
 from detserve.ops.stubshm import ServerShm, prefix_args
 from detserve.ops.stubshm import new_prefix as new_shm_prefix
 from detserve.ops.stubshm import prepare as prepare_shm
@@ -49,16 +50,28 @@ EXIT_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
+# start-up lines of a CPU-only host that say nothing about why tritonserver stopped (issue 20, 7g)
+_HARMLESS = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
+# where Triton's metrics listen unless asked otherwise (a gate on 0.0.0.0 must not publish them on
+# every interface). IPv4 even with an IPv6 gate: Triton 2.51 logs "Started Metrics Service at ::1:P"
+# for --metrics-address=::1 but nothing answers on [::1]:P (checked).
+METRICS_LOOPBACK = "127.0.0.1"
+
+
 def _check_port(host: str, port: int, what: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -72,7 +85,8 @@ class ServerOptions:
 
     tritonserver itself listens on Unix sockets in a private runtime directory (detserve/ops/gate.py);
     ``host``/``grpc_port``/``http_port`` are the gate's (nginx) public address; metrics (read-only)
-    are served by Triton on ``host:metrics_port``. Model control is always explicit (all models
+    are served by Triton on ``metrics_host:metrics_port``, loopback unless set (a gate on 0.0.0.0
+    must not publish Triton's metrics on every interface by accident). Model control is always explicit (all models
     loaded at start): detserve drains and restarts dead stubs through the private socket. Users
     reach the admin APIs only through the gate, with ``admin_key``; without one they are closed.
     """
@@ -89,6 +103,7 @@ class ServerOptions:
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     admin_key: str | None = field(default=None, repr=False)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    metrics_host: str | None = None  # None: METRICS_LOOPBACK
     public: bool = True  # False: no gate of its own (a replica behind a shared gate)
     tritonserver: Path | None = None  # default: the binary inside nvidia-pytriton
     backend_directory: Path | None = None  # default: the python backend of nvidia-pytriton
@@ -107,7 +122,7 @@ class ServerOptions:
             f"--model-repository={self.repository.resolve()}",
             f"--backend-directory={backends}",
             *triton_listen_args(runtime),
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--strict-readiness=true",
@@ -124,12 +139,17 @@ class ServerOptions:
             # the gate stamps each call's arrival and grpc-timeout as detserve-* headers; Triton hands
             # them to the models as request parameters, so preprocessing can drop abandoned requests
             "--grpc-header-forward-pattern=^detserve-",
+            "--http-header-forward-pattern=^detserve-",
             *self.extra_args,
         ]
 
     @property
+    def metrics_address(self) -> str:
+        return self.metrics_host or METRICS_LOOPBACK
+
+    @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"[{self.host}]:{self.grpc_port}" if ":" in self.host else f"{self.host}:{self.grpc_port}"
 
 
 # flags detserve chooses itself: the listen addresses (Unix sockets behind the gate), model control
@@ -197,6 +217,13 @@ class TritonServer:
         self.watchdog: StubWatchdog | None = None
         self.shm: ServerShm | None = None  # what this start owns in /dev/shm, and its record
         self.log_path = options.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        # restarts of a dead tritonserver (``supervise``): readiness false while ``down`` says why
+        self.restarts: list[Restart] = []
+        self.down: str | None = None
+        self.on_readiness: Callable[[dict[str, str]], None] | None = None
+        self._backoff = Backoff()
+        self._restart_at: float | None = None
+        self._past_stub_restarts: list[StubRestart] = []
 
     @property
     def internal_url(self) -> str:
@@ -209,63 +236,166 @@ class TritonServer:
         opts = self.options
         if not opts.repository.is_dir():
             raise ServerError(f"model repository not found: {opts.repository}", hint="build one with `detserve build`")
-        ports = [("metrics", opts.metrics_port)] + ([("grpc", opts.grpc_port), ("http", opts.http_port)] if opts.public else [])
-        for what, port in ports:
-            _check_port(opts.host, port, what)
-        self.runtime = private_directory()
+        ports = [(opts.metrics_address, opts.metrics_port, "metrics")]
+        if opts.public:
+            ports += [(opts.host, opts.grpc_port, "grpc"), (opts.host, opts.http_port, "http")]
+        for host, port, what in ports:
+            _check_port(host, port, what)
+        try:
+            self.runtime = private_directory()
+            self._spawn()
+            if opts.public:
+                self.gate = Gate(
+                    GateConfig(
+                        self.runtime,
+                        opts.host,
+                        opts.grpc_port,
+                        opts.http_port,
+                        (upstream_in(self.runtime),),
+                        opts.admin_key,
+                        opts.max_request_bytes,
+                    )
+                )
+                self.gate.start()
+        except BaseException:
+            spawned = self.process is not None
+            self.stop()  # a failed start leaves no process, runtime directory or record behind
+            if self.options.log_file is None and not spawned:
+                self.log_path.unlink(missing_ok=True)  # nothing ran: an empty log says nothing
+            raise
+
+    def _spawn(self) -> None:
+        """tritonserver and its stub watchdog in ``self.runtime`` (a restart reuses it: the gate's upstreams stay)."""
+        opts = self.options
+        if self.runtime is None:
+            raise ServerError("the server has no runtime directory: start() creates it")
         env = server_environment(embedded=opts.tritonserver is None)
         if opts.max_request_pixels is not None:  # the python stubs inherit it (runtime/backend/common.py)
             env[MAX_REQUEST_PIXELS_ENV] = str(opts.max_request_pixels)
         self.shm = prepare_shm(opts.extra_args, opts.shm_prefix)  # and clean up after dead servers
-        out = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child process
+        out = open(self.log_path, "ab" if self.restarts else "wb")  # noqa: SIM115 - handed to the child; a restart appends
         self.process = subprocess.Popen(
-            opts.command(self.runtime), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            # umask 007: its sockets are group-connectable by the gate's workers (gate.private_directory)
+            opts.command(self.runtime),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            umask=0o007,
         )
         out.close()
         self.shm.record(self.process.pid)
-        if opts.public:
-            self.gate = Gate(
-                GateConfig(
-                    self.runtime,
-                    opts.host,
-                    opts.grpc_port,
-                    opts.http_port,
-                    (upstream_in(self.runtime),),
-                    opts.admin_key,
-                    opts.max_request_bytes,
-                )
-            )
-            self.gate.start()
-        gate = self.gate
-        self.watchdog = StubWatchdog(self.process.pid, self.internal_url, on_failing=gate.set_unready if gate else None)
+        self.watchdog = StubWatchdog(self.process.pid, self.internal_url, on_failing=lambda _: self.publish_readiness())
         self.watchdog.start()
+
+    def publish_readiness(self) -> None:
+        """Hand ``failing`` to whoever answers readiness: ``on_readiness`` (a replica set), else this server's gate."""
+        failing = self.failing
+        if self.on_readiness is not None:
+            self.on_readiness(failing)
+        elif self.gate is not None:
+            self.gate.set_unready(failing)
 
     @property
     def stub_restarts(self) -> list[StubRestart]:
-        return list(self.watchdog.restarts) if self.watchdog else []
+        return self._past_stub_restarts + (list(self.watchdog.restarts) if self.watchdog else [])
 
     @property
     def failing(self) -> dict[str, str]:
         """Models that cannot serve now, with the reason (readiness is false while this is not empty)."""
+        if self.down is not None:
+            return {"tritonserver": self.down}  # every model went with it
         return dict(self.watchdog.failing) if self.watchdog else {}
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    def supervise(self) -> str | None:
+        """One step of keeping tritonserver running; the serve loop calls it every ``POLL_S``.
+
+        A tritonserver that died (a crash, the OOM killer, a request that kills it) is counted, its
+        stubs, /dev/shm regions and sockets released, readiness set false naming how it ended, and
+        after a backoff started again in the same runtime directory, so the gate's upstreams hold.
+        Returns a line for the operator when something happened.
+        """
+        proc = self.process
+        if proc is None:
+            return None  # stopped
+        now = time.monotonic()
+        if self._restart_at is not None:
+            return self._respawn(now) if now >= self._restart_at else None
+        if proc.poll() is not None:
+            return self._died(now, describe_exit("tritonserver", proc.returncode))
+        if self.down is not None and self._answers_ready():
+            restart = self.restarts[-1]
+            restart.seconds = now - restart.at
+            self.down = None
+            self._backoff.up(now)
+            self.publish_readiness()
+            return f"tritonserver ready again ({restart.seconds:.1f} s after: {restart.reason}; restart {len(self.restarts)})"
+        return None
+
+    def _died(self, now: float, why: str) -> str:
+        self._release_dead()
+        delay = self._backoff.next_delay(now)
+        if self.down is None:  # a new death, not a restart that failed again
+            self.restarts.append(Restart(why, now))
+        else:
+            self.restarts[-1].error = why
+        self.down = f"{why}; restart {len(self.restarts)} in {delay:.0f} s"
+        self._restart_at = now + delay
+        self.publish_readiness()
+        message = f"{why}: restart {len(self.restarts)} in {delay:.1f} s (Triton log: {self.log_path})"
+        log.error("%s", message)
+        return message
+
+    def _respawn(self, now: float) -> str:
+        self._restart_at = None
+        try:
+            self._spawn()
+        except (DetserveError, OSError) as e:
+            return self._died(now, f"tritonserver could not be started: {e}")
+        self.down = f"{self.restarts[-1].reason}; restart {len(self.restarts)}: loading the models"
+        self.publish_readiness()
+        return f"tritonserver restart {len(self.restarts)}: started (pid {self.process.pid if self.process else '?'})"
+
+    def _release_dead(self) -> None:
+        """What a dead tritonserver leaves behind: its watchdog, stubs (its process group), regions, sockets."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self._past_stub_restarts += self.watchdog.restarts
+            self.watchdog = None
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        release_shm(self.shm)
+        if self.runtime is not None:  # a stale socket file would make the new server's bind fail
+            up = upstream_in(self.runtime)
+            for path in (up.grpc_socket.with_name(up.grpc_socket.name + ":0"), up.grpc_socket, up.http_socket):
+                path.unlink(missing_ok=True)
+
+    def _answers_ready(self) -> bool:
+        """A fresh client each time: one made before the socket existed backs off its reconnects up to
+        2 minutes (gRPC's default), which kept a start that took 40 s on a busy machine waiting 2 more."""
         import tritonclient.grpc as grpcclient
 
-        deadline = time.monotonic() + timeout_s
         client = grpcclient.InferenceServerClient(self.internal_url)
         try:
-            while time.monotonic() < deadline:
-                if self.process is None or self.process.poll() is not None:
-                    raise ServerError("tritonserver exited during start-up: " + self.errors(), hint=f"full log: {self.log_path}")
-                if self.gate is not None and not self.gate.alive:
-                    raise ServerError("the gate (nginx) exited during start-up: " + self.gate.errors())
-                with contextlib.suppress(Exception):
-                    if client.is_server_ready():
-                        return
-                time.sleep(0.5)
+            return bool(client.is_server_ready(client_timeout=2.0))
+        except Exception:  # not up yet: any failure means not ready
+            return False
         finally:
             client.close()
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                how = describe_exit("tritonserver", self.process.returncode if self.process else None)
+                raise ServerError(f"{how} during start-up: " + self.errors(), hint=f"full log: {self.log_path}")
+            if self.gate is not None and not self.gate.alive:
+                raise ServerError("the gate (nginx) exited during start-up: " + self.gate.errors())
+            if self._answers_ready():
+                return
+            time.sleep(0.5)
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s: " + self.errors(), hint=f"full log: {self.log_path}")
 
@@ -276,14 +406,24 @@ class TritonServer:
         except OSError:
             return "(no log)"
         wanted = [
-            ln for ln in lines if ln.startswith("E") or "failed to load" in ln or "UNAVAILABLE" in ln or "error:" in ln.lower()
+            ln
+            for ln in lines
+            if (ln.startswith("E") or "failed to load" in ln or "UNAVAILABLE" in ln or "error:" in ln.lower())
+            and not any(noise in ln for noise in _HARMLESS)
         ]
         return "\n".join(wanted[-15:]) or "\n".join(lines[-10:])
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> DrainReport | None:
         """Drain (see ``drain``), stop the gate, SIGTERM, then SIGKILL the whole group if it has not exited."""
         proc = self.process
+        self._restart_at = None
         if proc is None:
+            if self.gate is not None:
+                self.gate.stop()
+                self.gate = None
+            if self.runtime is not None:
+                shutil.rmtree(self.runtime, ignore_errors=True)
+                self.runtime = None
             return None
         if self.watchdog is not None:
             self.watchdog.stop()  # no reload while the server goes down

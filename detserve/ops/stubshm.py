@@ -28,7 +28,6 @@ import logging
 import os
 import secrets
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,24 +51,14 @@ def prefix_args(prefix: str) -> list[str]:
 
 
 def state_directory() -> Path:
-    """Where server records go: ``$XDG_RUNTIME_DIR/detserve/servers`` or ``<tmp>/detserve-<uid>/servers``, 0700."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
-    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-        base = Path(xdg) / "detserve"
-    else:
-        base = Path(tempfile.gettempdir()) / f"detserve-{os.getuid()}"
-    path = base / "servers"
+    """Where server records go: ``<private base>/servers``, 0700 (the base: detserve/ops/rundir.py)."""
+    from detserve.ops.rundir import private_base
+
+    path = private_base() / "servers"
     try:
-        base.mkdir(mode=0o700, exist_ok=True)  # mkdir(parents=True) would give the parent the umask's mode
         path.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(base)
     except OSError as e:
         raise ServerError(f"cannot create detserve's runtime directory {path}: {e}", hint="set XDG_RUNTIME_DIR") from e
-    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(base) or os.path.islink(base):
-        raise ServerError(
-            f"{base} is not a private directory of this user (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})",
-            hint="remove it, or set XDG_RUNTIME_DIR to a directory only you can write",
-        )
     return path
 
 

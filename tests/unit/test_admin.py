@@ -44,6 +44,7 @@ def test_variable_wins_file_loses_its_line_ending(monkeypatch: pytest.MonkeyPatc
     """The entrypoint's rule: the variable wins, the file is read only when it is empty."""
     path = tmp_path / "admin-key"
     path.write_text("fromfile-0123456789\r\n")
+    path.chmod(0o600)  # a key file others can read is refused
     monkeypatch.setenv("DETSERVE_ADMIN_KEY", KEY)
     monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", str(path))
     assert admin_key() == KEY
@@ -56,6 +57,7 @@ def test_unreadable_or_invalid_key_file(monkeypatch: pytest.MonkeyPatch, tmp_pat
     with pytest.raises(AdminKeyError, match="is not a readable file"):
         admin_key()
     (tmp_path / "short").write_text("short\n")
+    (tmp_path / "short").chmod(0o600)
     monkeypatch.setenv("DETSERVE_ADMIN_KEY_FILE", str(tmp_path / "short"))
     with pytest.raises(AdminKeyError, match="not valid"):
         admin_key()
