@@ -99,7 +99,7 @@ def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[
     import onnxruntime as ort
     import torch
 
-    from converters.onnx_export import CoreVerification, OutputError, compare_outputs
+    from converters.onnx_export import CoreVerification, OutputError, compare_outputs, merge_errors
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     errors: dict[str, list[OutputError]] = {t.name: [] for t in step.outputs}
@@ -111,10 +111,7 @@ def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[
         got = session.run([t.name for t in step.outputs], feed)
         for t, g, r in zip(step.outputs, got, ref, strict=True):
             errors[t.name].append(compare_outputs(t.name, g, r, t.atol, t.rtol))
-    merged = [
-        OutputError(n, e[-1].shape, max(x.max_abs for x in e), max(x.max_rel for x in e), max(x.worst_excess for x in e))
-        for n, e in errors.items()
-    ]
+    merged = [merge_errors(n, e) for n, e in errors.items()]
     return CoreVerification(
         backend=f"onnxruntime {ort.__version__} ({step.role})",
         atol=max(t.atol for t in step.outputs),

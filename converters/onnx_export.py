@@ -21,8 +21,11 @@ from detserve.errors import VerificationError
 from detserve.families.base import TensorDecl
 from detserve.specs import PreprocessSpec
 
-# FP32 tolerance of the ONNX Runtime check: |ort - torch| <= ATOL + RTOL * |torch| elementwise.
-# Kernel reordering in float32 gives ~1e-6..1e-5 here; 1e-4 catches real conversion bugs.
+# FP32 tolerance of the ONNX Runtime check, elementwise: |ort - torch| <= ATOL * scale + RTOL * |torch|,
+# where scale = max(1, max |torch|) of that output. Float32 kernel reordering errs in proportion to the
+# magnitudes the network computes with, not by a fixed amount: a trained-size FCOS (BatchNorm statistics
+# from images, logits up to ~1e1) differs by 4e-4 on logits near 0, which a fixed 1e-4 floor refused
+# while every detection matched (issue 21). A real conversion bug errs by a share of the scale itself.
 FP32_ATOL = 1e-4
 FP32_RTOL = 1e-4
 OPSET = 17
@@ -82,7 +85,8 @@ class OutputError:
     shape: tuple[int, ...]
     max_abs: float
     max_rel: float
-    worst_excess: float  # max(|a-b| - (atol + rtol|b|)); <= 0 means within tolerance
+    worst_excess: float  # max(|a-b| - (atol * scale + rtol|b|)); <= 0 means within tolerance
+    scale: float = 1.0  # max(1, max |reference|): the output's own magnitude, which the atol floor scales with
 
     @property
     def ok(self) -> bool:
@@ -107,22 +111,37 @@ class CoreVerification:
         return d
 
     def summary(self) -> str:
-        parts = [f"{o.name}: max abs {o.max_abs:.2e}, max rel {o.max_rel:.2e}" for o in self.outputs]
+        parts = [f"{o.name}: max abs {o.max_abs:.2e}, max rel {o.max_rel:.2e} (scale {o.scale:.3g})" for o in self.outputs]
         return f"{self.backend} vs PyTorch ({'ok' if self.ok else 'FAILED'}): " + "; ".join(parts)
 
 
 def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> OutputError:
+    """Elementwise ``|got - ref| <= atol * scale + rtol * |ref|`` with the output's scale (module comment)."""
     if got.shape != ref.shape:
         raise VerificationError(f"output {name}: shape {got.shape} differs from PyTorch's {ref.shape}")
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     mag = np.abs(ref.astype(np.float64))
+    scale = max(1.0, float(mag.max(initial=0.0)))
     rel = diff / np.maximum(mag, 1e-12)
     return OutputError(
         name=name,
         shape=tuple(int(s) for s in got.shape),
         max_abs=float(diff.max(initial=0.0)),
         max_rel=float(rel.max(initial=0.0)),
-        worst_excess=float((diff - (atol + rtol * mag)).max(initial=-np.inf)),
+        worst_excess=float((diff - (atol * scale + rtol * mag)).max(initial=-np.inf)),
+        scale=scale,
+    )
+
+
+def merge_errors(name: str, errs: Sequence[OutputError]) -> OutputError:
+    """One output's errors over several batches: the worst of each figure (the last batch's shape)."""
+    return OutputError(
+        name=name,
+        shape=errs[-1].shape,
+        max_abs=max(e.max_abs for e in errs),
+        max_rel=max(e.max_rel for e in errs),
+        worst_excess=max(e.worst_excess for e in errs),
+        scale=max(e.scale for e in errs),
     )
 
 
@@ -143,16 +162,7 @@ def verify_onnxruntime(
         got = session.run(list(decl), {"images": batch.numpy()})
         for (name, o), g, r in zip(decl.items(), got, ref, strict=True):
             errors[name].append(compare_outputs(name, g, r, o.atol, o.rtol))
-    merged = [
-        OutputError(
-            name=n,
-            shape=errs[-1].shape,
-            max_abs=max(e.max_abs for e in errs),
-            max_rel=max(e.max_rel for e in errs),
-            worst_excess=max(e.worst_excess for e in errs),
-        )
-        for n, errs in errors.items()
-    ]
+    merged = [merge_errors(n, errs) for n, errs in errors.items()]
     return CoreVerification(
         backend=f"onnxruntime {ort.__version__}",
         atol=max(o.atol for o in outputs),  # the loosest; each output has its own
@@ -167,6 +177,7 @@ def require_ok(result: CoreVerification) -> None:
         bad = [o for o in result.outputs if not o.ok]
         raise VerificationError(
             "converted core disagrees with PyTorch beyond tolerance: "
-            + "; ".join(f"{o.name} max abs {o.max_abs:.3e} (rel {o.max_rel:.3e})" for o in bad),
-            hint=f"tolerance is |diff| <= {result.atol} + {result.rtol}*|ref|; --no-verify skips the check (not advised)",
+            + "; ".join(f"{o.name} max abs {o.max_abs:.3e} (rel {o.max_rel:.3e}, output scale {o.scale:.3g})" for o in bad),
+            hint=f"tolerance is |diff| <= {result.atol}*max(1, max|ref|) + {result.rtol}*|ref| per output; "
+            "--no-verify skips the check (not advised)",
         )

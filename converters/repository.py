@@ -115,22 +115,44 @@ def sample_images() -> list[Any]:
     return [decode_image(blob, 1 << 31) for blob in sample_files().values()]
 
 
+def _verification_items(pre: PreprocessSpec) -> list[Any]:
+    """The sample photographs preprocessed as the server does (``Preprocessed``: tensor and sizes)."""
+    from detserve.runtime.preprocess import preprocess
+
+    return [preprocess(img, pre) for img in sample_images()]
+
+
 def _verification_batches(pre: PreprocessSpec) -> list[Any]:
     import torch
 
-    from detserve.runtime.preprocess import preprocess
-
-    items = [preprocess(img, pre) for img in sample_images()]
+    items = _verification_items(pre)
     batches = [p.tensor[None] for p in items[:3]]
     same = [p for p in items if p.padded_hw == items[0].padded_hw]
     batches.append(torch.stack([p.tensor for p in (same * 2)[:2]]))  # a batch of 2 of one size
     return batches
 
 
+def _verify_core(family: Any, post: Any, core: Any, outputs: list[Any], onnx_path: Path, pre: PreprocessSpec) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch: per tensor where each output slot is fixed; by decoded detections where the core
+    selects its slots (converters/verify_detections.py), with the per-tensor figures kept as information."""
+    from converters.onnx_export import require_ok, verify_onnxruntime
+    from converters.verify_detections import onnxruntime_runner, require_detections_ok, verify_detections
+
+    tensors = verify_onnxruntime(core, outputs, onnx_path, _verification_batches(pre))
+    if not family.core_selects(post):
+        require_ok(tensors)
+        return tensors.to_dict()
+    run, backend = onnxruntime_runner(onnx_path, [o.name for o in outputs])
+    detections = verify_detections(family, post, core, run, backend, _verification_items(pre))
+    require_detections_ok(detections)
+    return {**tensors.to_dict(), "ok": detections.ok, "tensors_ok": tensors.ok, "judged_by": "detections",
+            "detections": detections.to_dict()}  # fmt: skip
+
+
 def build_repository(req: BuildRequest) -> BuildResult:
     """Build (or add a version to) the detector's four models in ``req.repository``."""
     from converters.multistep import declared_steps
-    from converters.onnx_export import export_core, require_ok, verify_onnxruntime
+    from converters.onnx_export import export_core
     from detserve.families import family_for_detector
 
     name = validate_name(req.model_name)
@@ -165,9 +187,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
     onnx_path = export_core(core, outputs, pre, core_dir / "model.onnx", sample_hw=pre.trace_hw)
     verification = None
     if req.verify:
-        result = verify_onnxruntime(core, outputs, onnx_path, _verification_batches(pre))
-        require_ok(result)
-        verification = result.to_dict()
+        verification = _verify_core(family, post, core, outputs, onnx_path, pre)
     tensorrt = _build_tensorrt(req, repo, onnx_path, pre, outputs) if req.target == "tensorrt" else None
     checks: dict[str, Any] = {"core": verification}
     if tensorrt is not None:

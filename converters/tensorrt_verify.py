@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.onnx_export import CoreVerification, OutputError, compare_outputs
+from converters.onnx_export import CoreVerification, OutputError, compare_outputs, merge_errors
 from converters.tensorrt_build import INPUT_NAME, check_plan_compatible, import_tensorrt
 from detserve.errors import SpecError
 from detserve.families.base import TensorDecl
@@ -65,16 +65,6 @@ def ensure_cudart_visible() -> None:
     extra = [str(d) for d in cudart_dirs() if str(d) not in current]
     if extra:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*current, *extra])
-
-
-def _merge(name: str, errs: Sequence[OutputError]) -> OutputError:
-    return OutputError(
-        name=name,
-        shape=errs[-1].shape,
-        max_abs=max(e.max_abs for e in errs),
-        max_rel=max(e.max_rel for e in errs),
-        worst_excess=max(e.worst_excess for e in errs),
-    )
 
 
 def _feeds(batches: Sequence[Any]) -> list[dict[str, np.ndarray]]:
@@ -128,7 +118,7 @@ def compare_feeds(
         atol=max(a for a, _ in tolerances.values()),  # the loosest; each output has its own
         rtol=max(r for _, r in tolerances.values()),
         input_shapes=[tuple(int(s) for s in next(iter(f.values())).shape) for f in feeds],
-        outputs=[_merge(n, errs) for n, errs in errors.items()],
+        outputs=[merge_errors(n, errs) for n, errs in errors.items()],
     )
 
 

@@ -113,8 +113,14 @@ def build(
         pair = (
             f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt_") else "onnxruntime vs PyTorch"
         )
+        info = " (information: judged by detections)" if core.get("judged_by") == "detections" else ""
         for out in core["outputs"]:
-            typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} ({pair})")
+            typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} ({pair}){info}")
+        if (d := core.get("detections")) is not None:
+            typer.echo(
+                f"  verified detections: {d['matched']}/{d['reference']} matched on {d['images']} images, "
+                f"max |dscore| {d['max_score_delta']:.2e}, max box d {d['max_box_delta']:.2e} px ({pair})"
+            )
     trt = result.record["verification"].get("tensorrt")
     if trt:
         for out in trt["outputs"]:

@@ -106,6 +106,12 @@ class Family(Protocol):
 
     def outputs(self, decode_spec: Any) -> Sequence[TensorDecl]: ...
 
+    def core_selects(self, decode_spec: Any) -> bool:
+        """True when the core picks what fills its output slots (a top-k over scores, e.g. RT-DETR's query
+        selection): near-ties reorder the slots across runtimes, so verification compares decoded detections
+        rather than tensors (converters/verify_detections.py). False: each slot means a fixed anchor/position."""
+        ...
+
     def decode(
         self,
         spec: Any,

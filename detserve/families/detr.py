@@ -201,6 +201,11 @@ class DetrFamily:
     def outputs(self, spec: DetrDecodeSpec) -> list[TensorDecl]:
         return outputs(spec)
 
+    def core_selects(self, spec: DetrDecodeSpec) -> bool:
+        # RT-DETR / RT-DETRv2 / D-FINE (sigmoid heads) choose their decoder queries by a top-k over encoder
+        # scores inside the core; DETR's queries are fixed learned slots
+        return spec.activation == "sigmoid"
+
     def decode(
         self,
         spec: DetrDecodeSpec,

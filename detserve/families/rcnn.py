@@ -214,6 +214,9 @@ class RcnnFamily:
     def core(self, model: Any, spec: RcnnDecodeSpec) -> torch.nn.Module:
         return self.step_module(model, spec, "core")
 
+    def core_selects(self, spec: Any) -> bool:
+        return False  # every output slot is a fixed anchor / grid position
+
     def outputs(self, spec: RcnnDecodeSpec) -> list[TensorDecl]:
         return list(steps(spec)[0].outputs)
 

@@ -95,6 +95,9 @@ class TorchvisionFamily:
             return ("cls_logits", "bbox_regression", "bbox_ctrness")
         return ("cls_logits", "bbox_regression")
 
+    def core_selects(self, spec: Any) -> bool:
+        return False  # every output slot is a fixed anchor / grid position
+
     def outputs(self, spec: PostprocessSpec) -> list[TensorDecl]:
         m = _fixed_num_anchors(spec)
         last = {"cls_logits": spec.num_classes, "bbox_regression": 4, "bbox_ctrness": 1}

@@ -560,6 +560,9 @@ class YoloFamily:
     def core(self, model: Any, spec: YoloDecodeSpec) -> torch.nn.Module:
         return core(model, spec)
 
+    def core_selects(self, spec: Any) -> bool:
+        return False  # every output slot is a fixed anchor / grid position
+
     def outputs(self, spec: YoloDecodeSpec) -> list[TensorDecl]:
         return outputs(spec)
 

@@ -88,3 +88,17 @@ def test_compare_outputs_flags_a_planted_error() -> None:
     assert not err.ok and abs(err.max_abs - 1e-2) < 1e-6
     with pytest.raises(VerificationError, match="shape"):
         compare_outputs("x", got[:1], ref, 1e-4, 1e-4)
+
+
+def test_the_tolerance_floor_scales_with_the_outputs_magnitude() -> None:
+    """float32 noise on values near 0 of a large-valued output passes; the same error on a unit-scale output fails."""
+    ref = np.array([[12.0, -3.0, 1e-3, 0.0]], np.float32)  # logits of a network with realistic activations
+    noisy = ref + np.array([[4e-4, -3e-4, 4e-4, -4e-4]], np.float32)  # measured class of error (FCOS, issue 21)
+    err = compare_outputs("cls_logits", noisy, ref, atol=1e-4, rtol=1e-4)
+    assert err.ok and err.scale == 12.0
+    small = ref / 12.0  # the same absolute error where the output's scale is 1
+    assert not compare_outputs("probs", small + (noisy - ref), small, atol=1e-4, rtol=1e-4).ok
+    # a real divergence -- a share of the scale itself -- still fails
+    broken = ref.copy()
+    broken[0, 2] += 0.05
+    assert not compare_outputs("cls_logits", broken, ref, atol=1e-4, rtol=1e-4).ok
