@@ -298,6 +298,7 @@ class SoakResult:
     t_start: float  # monotonic: the load began
     users: int
     seconds: float
+    own_cpu_s: float  # CPU time of the soak process (clients, sampler, faults), beside the server's
     calls: list[Call]
     windows: list[Window]
     samples: list[Sample]
@@ -313,7 +314,7 @@ def soak(repo: Path, run_dir: Path, images: list[bytes], users: int, schedule: S
     """Start the service, hold the load, inject the faults, sample, settle, stop; return what was seen."""
     svc = start_service(repo, run_dir, images)
     echo(f"detserve serve ready (pid {svc.process.pid}); {users} users for {schedule.duration_s:.0f} s")
-    t_start = time.monotonic()
+    t_start, cpu_start = time.monotonic(), time.process_time()  # the soak's own CPU: its clients and sampler
     t_end = t_start + schedule.duration_s
     exited: str | None = None
     sampler = Sampler(svc, schedule.sample_s)
@@ -335,7 +336,7 @@ def soak(repo: Path, run_dir: Path, images: list[bytes], users: int, schedule: S
         left = stop_service(svc, seen)
     after = shm_usage(Path("/dev/shm"), sampler.prefixes)
     return SoakResult(
-        schedule, t_start, users, time.monotonic() - t_start, list(load.calls), windows, sampler.samples, sampler.shm,
+        schedule, t_start, users, time.monotonic() - t_start, time.process_time() - cpu_start, list(load.calls), windows, sampler.samples, sampler.shm,
         sampler.tritonservers, left, after, exited, Limits(),
     )  # fmt: skip
 

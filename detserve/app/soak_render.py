@@ -45,6 +45,7 @@ def build(r: SoakResult) -> dict[str, Any]:
         "schedule": {k: round(v, 1) for k, v in r.schedule.__dict__.items()},
         "users": r.users,
         "seconds": round(r.seconds, 1),
+        "soak_process_cpu_s": round(r.own_cpu_s, 1),
         "requests": {"sent": total.sent, "ok": total.ok, "failed": total.lost},
         "outside_windows": {"sent": out.sent, "ok": out.ok, "failed": out.lost, "errors": _errors(out)},
         "windows": windows,
@@ -101,7 +102,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     head = (
         f"Generated {data['at']} by `detserve ops-report --soak`: {data['model']}, `detserve serve` (embedded Triton "
         f"behind the gate), {data['users']} gRPC users for {data['seconds']:.0f} s, {data['machine']['cpus']} CPUs "
-        f"(1-minute load average {data['machine']['load_average_1m']:.1f} at the end). Requests sent {req['sent']}, "
+        f"(1-minute load average {data['machine']['load_average_1m']:.1f} at the end; the soak's own clients and "
+        f"sampler used {data['soak_process_cpu_s']:.0f} s of CPU). Requests sent {req['sent']}, "
         f"ok {req['ok']}, failed {req['failed']}; **failed outside the fault windows: {out['failed']}** of {out['sent']}."
     )
     lines = [head, "", "| fault | at | window | load requests | failed in window | own requests (refused as expected / wrong) | what happened |",
