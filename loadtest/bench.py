@@ -124,6 +124,7 @@ def cpu_accounting(series: Any, locust: dict[str, float] | None, report: Any) ->
 
 
 def _served(cfg: BenchConfig, repository: Path, label: str, echo: Callable[[str], None]) -> dict[str, Any]:
+    from detserve.ops.privateshm import shm_directory
     from detserve.ops.server import running_server
     from loadtest.procstats import CpuSampler
     from loadtest.runner import read_locust_cpu
@@ -149,7 +150,8 @@ def _served(cfg: BenchConfig, repository: Path, label: str, echo: Callable[[str]
         if label == "triton-dynamic-batching":
             out["memory_after_load"] = server_memory(server)
             out["sweep"] = _sweep(cfg, server.options.grpc_url, echo)
-            out["shm"] = _shared_memory(cfg, server.options.grpc_url, echo, key)
+            shm_dir = shm_directory(server.process.pid if server.process else None)  # its private /dev/shm
+            out["shm"] = _shared_memory(cfg, server.options.grpc_url, echo, key, shm_dir)
             out["server_rss_mb_after_load"] = sum(r["rss_mb"] for r in out["memory_after_load"])
     return out
 
@@ -163,14 +165,16 @@ def _sweep(cfg: BenchConfig, url: str, echo: Callable[[str], None]) -> dict[str,
     return run_loadtest(lt).report.to_dict()
 
 
-def _shared_memory(cfg: BenchConfig, url: str, echo: Callable[[str], None], admin_key: str) -> list[dict[str, Any]]:
+def _shared_memory(
+    cfg: BenchConfig, url: str, echo: Callable[[str], None], admin_key: str, shm_dir: Path
+) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
     from loadtest.shm import compare_transfer, large_jpeg
 
     image = large_jpeg()
     echo(f"  4K image ({len(image) / 1e6:.1f} MB JPEG): plain gRPC vs system shared memory, {cfg.shm_requests} requests each")
-    return [asdict(t) for t in compare_transfer(url, cfg.model, image, cfg.shm_requests, admin_key)]
+    return [asdict(t) for t in compare_transfer(url, cfg.model, image, cfg.shm_requests, admin_key, shm_dir)]
 
 
 def _flask(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:

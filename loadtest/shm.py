@@ -2,6 +2,9 @@
 
 The encoded image is serialised as a BYTES tensor into a POSIX shared-memory region that the
 server reads directly; only the region's name crosses the socket. Outputs stay on gRPC (small).
+tritonserver opens the region by name in *its* /dev/shm, a private tmpfs when detserve could give
+it one (detserve/ops/privateshm.py): the region is created there, through
+``shm_directory(<tritonserver pid>)``, which only the server's user and root can reach.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from clients.grpc_client import Detections, split_result
 from detserve.errors import ClientError
+from detserve.ops.privateshm import SHM_DIR, ServerRegion
 
 
 @dataclass(frozen=True)
@@ -28,25 +33,23 @@ class TransferTiming:
 class SharedMemoryImageSender:
     """Sends one encoded image per request through a registered system shared-memory region."""
 
-    def __init__(self, url: str, model: str, capacity_bytes: int, admin_key: str | None = None) -> None:
-        """``admin_key``: registering shared memory is an admin API (the gate passes it only with the key)."""
+    def __init__(self, url: str, model: str, capacity_bytes: int, admin_key: str | None = None, shm_dir: Path = SHM_DIR) -> None:
+        """``admin_key``: registering shared memory is an admin API (the gate passes it only with the key);
+        ``shm_dir``: the server's /dev/shm as this process sees it (module docstring)."""
         import tritonclient.grpc as grpcclient
-        import tritonclient.utils.shared_memory as shm
 
         from detserve.ops.admin import GRPC_HEADER
 
         self._headers = {GRPC_HEADER: admin_key} if admin_key else None
-        self._shm = shm
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
         self.name = f"detserve_img_{uuid.uuid4().hex[:8]}"
-        self.key = f"/{self.name}"
         self.capacity = capacity_bytes + 16  # room for the BYTES length prefix
-        self.handle = shm.create_shared_memory_region(self.name, self.key, self.capacity)
+        self.region = ServerRegion(shm_dir, self.name, self.capacity)
         try:
-            self.client.register_system_shared_memory(self.name, self.key, self.capacity, headers=self._headers)
+            self.client.register_system_shared_memory(self.name, self.region.key, self.capacity, headers=self._headers)
         except Exception as e:
-            shm.destroy_shared_memory_region(self.handle)
+            self.region.close()
             raise ClientError(f"cannot register shared memory with the server: {e}") from e
 
     def detect(self, image: bytes) -> Detections:
@@ -58,7 +61,8 @@ class SharedMemoryImageSender:
         size = int(serialized_byte_size(serialized))
         if size > self.capacity:
             raise ClientError(f"image of {size} bytes does not fit the {self.capacity}-byte region")
-        self._shm.set_shared_memory_region(self.handle, [serialized])
+        # an object array holds the serialised bytes as one item; a numeric one is the bytes themselves
+        self.region.write(serialized.item() if serialized.dtype == np.object_ else serialized.tobytes())
         inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
         inp.set_shared_memory(self.name, size)
         try:
@@ -82,7 +86,7 @@ class SharedMemoryImageSender:
                         raise
                     time.sleep(0.05)
         finally:
-            self._shm.destroy_shared_memory_region(self.handle)
+            self.region.close()
             self.client.close()
 
     def __enter__(self) -> SharedMemoryImageSender:
@@ -93,13 +97,13 @@ class SharedMemoryImageSender:
 
 
 def compare_transfer(
-    url: str, model: str, image: bytes, requests: int = 20, admin_key: str | None = None
+    url: str, model: str, image: bytes, requests: int = 20, admin_key: str | None = None, shm_dir: Path = SHM_DIR
 ) -> list[TransferTiming]:
     """The same large image, sequentially, over plain gRPC and over system shared memory (needs the admin key)."""
     from clients.grpc_client import DetectorClient
 
     timings = []
-    with DetectorClient(url, model) as plain, SharedMemoryImageSender(url, model, len(image), admin_key) as shared:
+    with DetectorClient(url, model) as plain, SharedMemoryImageSender(url, model, len(image), admin_key, shm_dir) as shared:
         for mode, send in (("grpc", plain.detect), ("system shared memory", shared.detect)):
             send(image)  # warm-up
             ms = []

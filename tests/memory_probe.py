@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from detserve.ops.privateshm import shm_directory
+
 STUB = "triton_python_backend_stub"
 MiB = 2**20
 
@@ -76,7 +78,7 @@ def server_memory(server_pid: int) -> ServerMemory:
     for pid, argv in _stubs(server_pid).items():
         model = Path(argv[1]).parents[1].name
         stubs[f"{model}/{argv[8]}"] = process_memory(pid)
-        region = Path("/dev/shm") / argv[2].lstrip("/")
+        region = shm_directory(server_pid) / argv[2].lstrip("/")  # its private /dev/shm (privateshm.py)
         if region.exists():
             shm += region.stat().st_blocks * 512
     return ServerMemory(process_memory(server_pid), stubs, shm)

@@ -18,6 +18,10 @@ So each server start gets its own prefix (``detserve-<uid>-<token>-``), recorded
 gone, or reused by a process with another start time). Only regions and processes of this user
 whose name carries a recorded prefix are touched: never another live server's, never another
 user's. ``StubJanitor`` handles stubs replaced by a reload while the server runs.
+
+The regions live in tritonserver's private /dev/shm when it has one (privateshm.py): they are found
+through ``/proc/<pid>/root/dev/shm`` of tritonserver or of a stub of the prefix (an orphaned stub
+keeps the namespace, and its tmpfs, alive), and on the host's /dev/shm for a server that shares it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from detserve.errors import ServerError
+from detserve.ops.privateshm import SHM_DIR, shm_directory
 
-SHM_DIR = Path("/dev/shm")
 PREFIX_OPTION = "shm-region-prefix-name"
 STUB_BINARY = "triton_python_backend_stub"
 RETIRE_GRACE_S = 30.0  # a replaced stub may finish its in-flight requests this long
@@ -94,28 +98,60 @@ def stub_processes(prefix: str) -> dict[int, str]:
     return found
 
 
-def regions(prefix: str) -> dict[str, int]:
-    """This user's regions in /dev/shm whose name starts with ``prefix``: {name: bytes allocated}."""
+def _directories(prefix: str, pids: tuple[int, ...]) -> list[Path]:
+    """The /dev/shm directories where ``prefix``'s regions may be: the host's, and the private one of
+    each given live process and of each stub of ``prefix`` (privateshm.py), each tmpfs once."""
+    out: dict[tuple[int, int], Path] = {}
+    for pid in (None, *pids, *stub_processes(prefix)):
+        directory = shm_directory(pid)
+        with contextlib.suppress(OSError):
+            st = os.stat(directory)
+            out.setdefault((st.st_dev, st.st_ino), directory)
+    return list(out.values())
+
+
+def regions(prefix: str, pids: tuple[int, ...] = ()) -> dict[str, int]:
+    """This user's regions whose name starts with ``prefix``: {name: bytes allocated}.
+
+    They are in tritonserver's private /dev/shm (``pids``: tritonserver's pid, when known) or, for a
+    server on the shared one, in /dev/shm; a stub of ``prefix`` still running keeps its private
+    /dev/shm alive after tritonserver is gone, and is found by its argv.
+    """
     out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for path in SHM_DIR.iterdir():
-            if path.name.startswith(prefix):
-                with contextlib.suppress(OSError):
-                    st = os.lstat(path)
-                    if st.st_uid == os.getuid():
-                        out[path.name] = st.st_blocks * 512
+    for directory in _directories(prefix, pids):
+        with contextlib.suppress(OSError):
+            for path in directory.iterdir():
+                if path.name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(path)
+                        if st.st_uid == os.getuid():
+                            out[path.name] = st.st_blocks * 512
     return out
 
 
-def unlink_region(name: str) -> bool:
-    """Remove one region of this user (a name only, never a path); False if it was not there or not ours."""
-    path = SHM_DIR / Path(name).name
+def unlink_region(name: str, directory: Path = SHM_DIR) -> bool:
+    """Remove one region of this user (a name only, never a path) from ``directory``; False if it was not there or not ours."""
+    path = directory / Path(name).name
     if not _owned_by_me(path):
         return False
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
         return True
     return False
+
+
+def unlink_regions(prefix: str, pids: tuple[int, ...] = ()) -> int:
+    """Remove every region of ``prefix`` wherever it is (``regions``): the bytes they held."""
+    freed = 0
+    for directory in _directories(prefix, pids):
+        with contextlib.suppress(OSError):
+            for path in directory.iterdir():
+                if path.name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        size = os.lstat(path).st_blocks * 512
+                        if unlink_region(path.name, directory):
+                            freed += size
+    return freed
 
 
 @dataclass
@@ -145,17 +181,18 @@ class ServerShm:
         return self.pid is not None and self.start is not None and process_start(self.pid) == self.start
 
     def release(self) -> tuple[int, int]:
-        """Kill this server's remaining stubs, remove its regions and its record: (stubs killed, bytes freed)."""
+        """Remove this server's regions, kill its remaining stubs, remove its record: (stubs killed, bytes freed).
+
+        Regions first: a private /dev/shm can be reached only through a live process of its namespace
+        (the stubs killed next may be the last ones); it dies with them anyway.
+        """
+        freed = unlink_regions(self.prefix, (self.pid,) if self.alive() and self.pid is not None else ())
         killed = 0
         for pid, state in stub_processes(self.prefix).items():
             if state != "Z":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
-        freed = 0
-        for name, size in regions(self.prefix).items():
-            if unlink_region(name):
-                freed += size
         with contextlib.suppress(FileNotFoundError):
             self.record_path.unlink()
         if killed or freed:
@@ -219,8 +256,9 @@ class StubJanitor:
     """After a stub reload: the replaced stubs' regions go, and a replaced stub still running after
     ``grace_s`` is killed (a live stub of the old instances beside its replacements holds ~1 GB)."""
 
-    def __init__(self, grace_s: float | None = None) -> None:
+    def __init__(self, grace_s: float | None = None, server_pid: int | None = None) -> None:
         self.grace_s = RETIRE_GRACE_S if grace_s is None else grace_s
+        self.server_pid = server_pid  # whose /dev/shm holds the regions (privateshm.py); None: /dev/shm
         self.seen: dict[int, tuple[str, str]] = {}  # stubs seen running: pid -> (model, region)
         self.retired: dict[int, tuple[str, float]] = {}  # replaced stubs: pid -> (region, kill deadline)
 
@@ -234,7 +272,7 @@ class StubJanitor:
         for pid, (region, deadline) in list(self.retired.items()):
             state = children[pid][0] if pid in children else "gone"
             if state in ("Z", "X", "gone"):
-                unlink_region(region)
+                unlink_region(region, shm_directory(self.server_pid))
                 del self.retired[pid]
             elif time.monotonic() > deadline:
                 log.warning(
