@@ -8,24 +8,43 @@ unchanged model is a no-op in Triton, and a config identical to the served one o
 in place, so the reload overrides the served config with one parameter changed
 (``detserve_stub_restart``): Triton loads fresh instances beside the dead ones and swaps them in
 once ready (~10 s here); clients retry the "not healthy" answers meanwhile.
+
+A frozen stub is handled the same way (issue 20, finding 6). A stub stopped by SIGSTOP (state ``T``,
+or ``t`` under a tracer) answers nothing: Triton failed every request on its instance with "not
+healthy" while the server's readiness stayed true. Seen stopped in two checks in a row, it is
+killed and its model reloaded like a dead stub, readiness false meanwhile. A stub that runs but
+no longer answers Triton's health check cannot be told from an idle one by its process state;
+Triton's statistics show it: the model's requests fail and none succeeds, and they fail *slowly*
+-- Triton waits 1 s for the stub's health mutex before it answers "not healthy" (measured: 3
+failures of the SIGSTOPped core, 3.01 s in all), whereas a request the model rejects (a bad image)
+fails in milliseconds or counts as a success (python-backend error responses, tritonstats.py), so
+clients cannot trigger a reload with bad inputs. Two such statistics windows in a row (``STATS_CHECK_S``
+each) and the model's stubs are killed and reloaded. A stub stuck inside the model's code that still
+passes Triton's health check holds its requests until their deadlines; that is not detected here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from detserve.ops.stubshm import StubJanitor
 
 STUB_BINARY = "triton_python_backend_stub"
 STUB_CHECK_S = 0.5
 RESTART_PARAMETER = "detserve_stub_restart"
+STOPPED_STATES = ("T", "t")  # /proc/<pid>/stat: stopped by a signal, stopped by a tracer
+STATS_CHECK_S = 5.0  # how often Triton's statistics are read for stubs that fail the health check
+UNHEALTHY_FAIL_S = 0.5  # a "not healthy" failure takes Triton's 1 s wait for the stub's health mutex
 
 log = logging.getLogger(__name__)
 
@@ -103,36 +122,41 @@ class StubWatchdog:
             self._thread.join(timeout=60)
 
     def _run(self) -> None:
-        stubs: dict[int, tuple[str, str]] = {}  # live stubs seen: pid -> (model, instance)
-        janitor = StubJanitor()  # the replaced stubs' regions, and replaced stubs that outlive their reload
-        suspects: set[int] = set()  # zombies seen once
-        handled: set[int] = set()  # dead stubs whose model was reloaded (Triton may never reap them)
-        while not self._stop.wait(self.interval_s):
-            try:
-                children = children_of(self.server_pid)
-            except OSError:
-                continue
-            dead: dict[str, list[int]] = {}
-            zombies = set()
-            for pid, (state, args) in children.items():
-                if state == "Z":
-                    zombies.add(pid)
-                    if pid in stubs and pid not in handled and pid in suspects:
-                        dead.setdefault(stubs[pid][0], []).append(pid)
-                elif (who := stub_identity(args)) is not None:
-                    stubs[pid] = who
-            suspects = zombies
-            stubs = {p: w for p, w in stubs.items() if p in children}
-            handled &= set(children)
-            janitor.observe(children, stubs)
-            for model, pids in sorted(dead.items()):
-                if self._stop.is_set():
-                    return
-                if self._reload(model, sorted(stubs[p][1] for p in pids)):
-                    handled.update(pids)
-                    janitor.reloaded(model)
-                else:
-                    self._stop.wait(5.0)  # and try again
+        seen = _SeenStubs()
+        janitor = StubJanitor(server_pid=self.server_pid)  # replaced stubs' regions, stubs outliving a reload
+        stuck = _FailingHealthChecks(self.url)
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    children = children_of(self.server_pid)
+                except OSError:
+                    continue
+                dead, frozen = seen.update(children)
+                janitor.observe(children, seen.stubs)
+                for model, pids in stuck.check(seen.stubs).items():
+                    frozen.setdefault(model, []).extend(p for p in pids if p not in frozen.get(model, []))
+                for model, pids in sorted(frozen.items()):
+                    self._kill_frozen(model, pids, seen)
+                    dead.setdefault(model, []).extend(p for p in pids if p not in dead.get(model, []))
+                for model, pids in sorted(dead.items()):
+                    if self._stop.is_set():
+                        return
+                    if self._reload(model, sorted(seen.stubs[p][1] for p in pids if p in seen.stubs)):
+                        seen.reloaded(model)
+                        janitor.reloaded(model)
+                    else:
+                        self._stop.wait(5.0)  # and try again
+        finally:
+            stuck.close()
+
+    def _kill_frozen(self, model: str, pids: list[int], seen: _SeenStubs) -> None:
+        """Readiness false at once, then SIGKILL: the reload that follows replaces the instances."""
+        instances = ", ".join(sorted(seen.stubs[p][1] for p in pids if p in seen.stubs))
+        log.warning("python stub(s) %s of %s stopped answering: killing them, reloading %s", instances, model, model)
+        self._set_failing(model, f"python stub {instances} stopped answering; reloading")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _set_failing(self, model: str, reason: str | None) -> None:
         if reason is None:
@@ -164,3 +188,95 @@ class StubWatchdog:
         restart.seconds = time.monotonic() - restart.at
         self._set_failing(model, None if restart.error is None else f"python stub died and its reload failed: {restart.error}")
         return restart.error is None
+
+
+class _SeenStubs:
+    """What the watchdog knows of tritonserver's stubs from one check to the next."""
+
+    def __init__(self) -> None:
+        self.stubs: dict[int, tuple[str, str]] = {}  # live stubs seen: pid -> (model, instance)
+        self.suspects: set[int] = set()  # zombies seen once
+        self.stopped: set[int] = set()  # stubs seen stopped once
+        self.handled: set[int] = set()  # stubs of replaced instances (Triton may never reap a dead one)
+
+    def update(self, children: dict[int, tuple[str, list[str]]]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """One look at tritonserver's children: ({model: dead stubs}, {model: frozen stubs}), each seen twice."""
+        dead: dict[str, list[int]] = {}
+        frozen: dict[str, list[int]] = {}
+        zombies, stopped = set(), set()
+        for pid, (state, args) in children.items():
+            if state == "Z":
+                zombies.add(pid)
+                if pid in self.stubs and pid not in self.handled and pid in self.suspects:
+                    dead.setdefault(self.stubs[pid][0], []).append(pid)
+                continue
+            if (who := stub_identity(args)) is not None:
+                self.stubs[pid] = who
+            if state in STOPPED_STATES and pid in self.stubs and pid not in self.handled:
+                stopped.add(pid)
+                if pid in self.stopped:
+                    frozen.setdefault(self.stubs[pid][0], []).append(pid)
+        self.suspects, self.stopped = zombies, stopped
+        self.stubs = {p: w for p, w in self.stubs.items() if p in children}
+        self.handled &= set(children)
+        return dead, frozen
+
+    def reloaded(self, model: str) -> None:
+        """Every stub of ``model`` seen so far belongs to the replaced instances: none is reloaded again."""
+        self.handled |= {p for p, (m, _) in self.stubs.items() if m == model}
+
+
+class _FailingHealthChecks:
+    """Models whose stubs fail Triton's health check while running (module docstring), from its statistics."""
+
+    def __init__(self, url: str, every_s: float | None = None) -> None:
+        self.url, self.every_s = url, STATS_CHECK_S if every_s is None else every_s
+        self.client: Any = None
+        self.last: dict[str, Any] = {}  # model -> ModelStats at the previous read
+        self.strikes: dict[str, int] = {}  # model -> windows in a row with slow failures only
+        self.next_at = time.monotonic() + self.every_s
+
+    def check(self, stubs: dict[int, tuple[str, str]]) -> dict[str, list[int]]:
+        """{model: its live stubs} for each model that failed that way in two windows in a row."""
+        if time.monotonic() < self.next_at:
+            return {}
+        self.next_at = time.monotonic() + self.every_s
+        try:
+            now = self._read()
+        except Exception as e:  # the server may be restarting: the process checks go on
+            log.debug("cannot read Triton's statistics: %s", e)
+            return {}
+        out: dict[str, list[int]] = {}
+        for model in sorted({m for m, _ in stubs.values()}):
+            before, after = self.last.get(model), now.get(model)
+            if before is not None and after is not None and _failing_slowly(before, after):
+                self.strikes[model] = self.strikes.get(model, 0) + 1
+            else:
+                self.strikes.pop(model, None)
+            if self.strikes.get(model, 0) >= 2:
+                out[model] = sorted(p for p, (m, _) in stubs.items() if m == model)
+                del self.strikes[model]
+        self.last = now
+        return out
+
+    def _read(self) -> dict[str, Any]:
+        import tritonclient.grpc as grpcclient
+
+        from detserve.ops.tritonstats import parse_statistics
+
+        if self.client is None:
+            self.client = grpcclient.InferenceServerClient(self.url)
+        return parse_statistics(self.client.get_inference_statistics(as_json=True, client_timeout=5.0))
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+
+
+def _failing_slowly(before: Any, after: Any) -> bool:
+    """Between two ModelStats: at least 2 failures, no success, each failure ``UNHEALTHY_FAIL_S`` or longer."""
+    fails = after.fail.count - before.fail.count
+    if fails < 2 or after.success.count != before.success.count:
+        return False
+    return (after.fail.ns - before.fail.ns) / fails >= UNHEALTHY_FAIL_S * 1e9
