@@ -138,6 +138,7 @@ def test_system_shared_memory_registered_in_the_servers_dev_shm(server: TritonSe
         assert result.boxes == pytest.approx(expected.boxes, abs=1e-3)
 
 
+@pytest.mark.slow  # its own server; the fast path: test_shm's SIGKILLed server (regions found and gone)
 def test_sigkilled_server_leaves_no_dev_shm(demo_repo: Path) -> None:
     """The whole group SIGKILLed (no stop, no release): the private tmpfs and its regions die with it."""
     opts = ServerOptions(demo_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
