@@ -38,6 +38,7 @@ from detserve.ops.gate import (
     upstream_in,
 )
 from detserve.ops.nginx import Gate
+from detserve.ops.privateshm import wrap as wrap_private_shm
 from detserve.ops.restarts import Backoff, Restart, describe_exit
 from detserve.ops.stubshm import ServerShm, prefix_args
 from detserve.ops.stubshm import new_prefix as new_shm_prefix
@@ -276,7 +277,7 @@ class TritonServer:
         out = open(self.log_path, "ab" if self.restarts else "wb")  # noqa: SIM115 - handed to the child; a restart appends
         self.process = subprocess.Popen(
             # umask 007: its sockets are group-connectable by the gate's workers (gate.private_directory)
-            opts.command(self.runtime),
+            wrap_private_shm(opts.command(self.runtime)),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
