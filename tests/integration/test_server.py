@@ -45,7 +45,7 @@ def test_model_that_fails_to_load_reports_tritons_message(repository: Path, tmp_
     with pytest.raises(ServerError) as e, running_server(repo):
         pass
     assert "ssdlite_core" in e.value.message
-    assert "tritonserver exited during start-up" in e.value.message
+    assert "tritonserver exited with code 1 during start-up" in e.value.message, e.value.message
 
 
 def test_stop_leaves_no_stub_processes(repository: Path, tmp_path: Path, samples: dict[str, bytes]) -> None:
