@@ -281,26 +281,74 @@ class RequestControls:
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any], spec: PostprocessSpec) -> RequestControls:
-        """Read controls from request parameters, falling back to the model's own defaults."""
-        from detserve.errors import RequestError
+        """Read controls from request parameters, falling back to the model's own defaults.
 
-        known = {"score_threshold", "iou_threshold", "max_det"}
-        values: dict[str, Any] = {}
-        for key in known & set(params):
-            v = params[key]
-            if isinstance(v, bool) or not isinstance(v, int | float | str):
-                raise RequestError(f"{key} must be a number, got {v!r}")
-            try:
-                values[key] = int(v) if key == "max_det" else float(v)
-            except ValueError as e:
-                raise RequestError(f"{key} must be a number, got {v!r}") from e
-        if "max_det" in values and isinstance(params["max_det"], float) and not float(params["max_det"]).is_integer():
-            raise RequestError(f"max_det must be an integer, got {params['max_det']!r}")
+        An unknown parameter name or a value of the wrong type is the request's error (checked first).
+        """
+        values = request_controls(params)
         return cls(
-            score_threshold=values.get("score_threshold", spec.score_thresh),
-            iou_threshold=values.get("iou_threshold", spec.nms_thresh),
-            max_det=values.get("max_det", spec.detections_per_img),
+            score_threshold=float(values.get("score_threshold", spec.score_thresh)),
+            iou_threshold=float(values.get("iou_threshold", spec.nms_thresh)),
+            max_det=int(values.get("max_det", spec.detections_per_img)),
         )
+
+
+# The request parameters a detection request may carry: its controls, and what a client or detserve's
+# gate adds for deadlines (read by detserve/runtime/backend/common.py). Anything else is refused by
+# name, so a misspelling (``score_thresh``, ``conf``) is an error rather than silently ignored.
+CONTROL_PARAMETERS = ("score_threshold", "iou_threshold", "max_det")
+DEADLINE_PARAMETERS = ("detserve_deadline", "detserve-arrival", "detserve-timeout")
+# KServe's binary-data extension: tritonclient's HTTP client sets it on the request when it names no outputs
+PROTOCOL_PARAMETERS = ("binary_data_output",)
+REQUEST_PARAMETERS = CONTROL_PARAMETERS + DEADLINE_PARAMETERS + PROTOCOL_PARAMETERS
+
+
+def request_controls(params: Mapping[str, Any]) -> dict[str, float | int]:
+    """The controls a request sets, type-checked; an unknown parameter name is refused listing the accepted ones.
+
+    HTTP carries parameters as int, bool or string only (a float must be sent as a string), gRPC as
+    int64, double, bool or string: every form of a number is read, nothing else.
+    """
+    from detserve.errors import RequestError
+
+    unknown = sorted(set(params) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise RequestError(
+            f"unknown request parameter(s) {', '.join(repr(k) for k in unknown)}: accepted are "
+            f"{', '.join(CONTROL_PARAMETERS)} (and {', '.join(DEADLINE_PARAMETERS)} for deadlines)"
+        )
+    out: dict[str, float | int] = {}
+    for key in CONTROL_PARAMETERS:
+        if key in params:
+            out[key] = _integer(key, params[key]) if key == "max_det" else _number(key, params[key])
+    return out
+
+
+def _number(key: str, value: Any) -> float:
+    from detserve.errors import RequestError
+
+    if not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise RequestError(f"{key} must be a number, got {value!r}")
+
+
+def _integer(key: str, value: Any) -> int:
+    """An int, or a float or string that holds a whole number ("100", 100.0); anything else is refused."""
+    from detserve.errors import RequestError
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float | str) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+    raise RequestError(f"{key} must be an integer, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -319,3 +319,57 @@ def test_a_bad_image_is_invalid_argument_not_internal(grpc_url: str) -> None:
     with grpcclient.InferenceServerClient(grpc_url) as client, pytest.raises(Exception) as info:
         client.infer("ssdlite", [inp])
     assert "INVALID_ARGUMENT" in str(info.value.status()) and "not a decodable image" in info.value.message()
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        (
+            {"score_thresh": "0.3"},
+            "unknown request parameter(s) 'score_thresh': accepted are score_threshold, iou_threshold, max_det",
+        ),
+        ({"conf": "0.3", "max_det": 5}, "unknown request parameter(s) 'conf'"),
+        ({"max_det": "3.5"}, "max_det must be an integer, got '3.5'"),
+    ],
+    ids=["spec field name", "another library's name", "fractional max_det"],
+)
+def test_unknown_or_mistyped_parameters_are_refused_over_grpc_and_http(
+    params: dict[str, Any], fragment: str, server: TritonServer, samples: dict[str, bytes]
+) -> None:
+    """A misspelt control returned every detection with no error; a client in another language could not notice."""
+    import http.client
+    import json
+    import struct
+
+    import tritonclient.grpc as grpcclient
+
+    blob = samples["astronaut.jpg"]
+    inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[blob]], dtype=np.object_))
+    with grpcclient.InferenceServerClient(server.options.grpc_url) as client, pytest.raises(Exception) as info:
+        client.infer("ssdlite", [inp], parameters=params)
+    assert "INVALID_ARGUMENT" in str(info.value.status()) and fragment in info.value.message(), info.value.message()
+
+    # HTTP with the binary-data extension (parameters are strings or ints there)
+    element = struct.pack("<I", len(blob)) + blob
+    header = json.dumps(
+        {"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(element)}}],
+         "parameters": params}
+    ).encode()  # fmt: skip
+    conn = http.client.HTTPConnection(server.options.host, server.options.http_port, timeout=60)
+    conn.request("POST", "/v2/models/ssdlite/infer", header + element, {"Inference-Header-Content-Length": str(len(header))})
+    response = conn.getresponse()
+    body = response.read().decode(errors="replace")
+    conn.close()
+    assert response.status == 400 and fragment in body, (response.status, body)
+
+
+def test_tritonclient_http_without_named_outputs_is_served(server: TritonServer, samples: dict[str, bytes]) -> None:
+    """tritonclient's HTTP client adds the request parameter binary_data_output when no outputs are named: accepted."""
+    import tritonclient.http as httpclient
+
+    inp = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[samples["astronaut.jpg"]]], dtype=np.object_), binary_data=True)
+    with httpclient.InferenceServerClient(f"{server.options.host}:{server.options.http_port}") as client:
+        result = client.infer("ssdlite", [inp], parameters={"score_threshold": "0.3", "max_det": 7})
+    assert 0 < int(result.as_numpy("num_detections")[0][0]) <= 7

@@ -97,6 +97,46 @@ def test_request_controls_out_of_range(params: dict[str, object], fragment: str)
         RequestControls.from_parameters(params, _post())
 
 
+@pytest.mark.parametrize("params", [{"score_thresh": 0.3}, {"conf": 0.3}, {"max_det": 5, "maxdet": 5}, {"detserve-foo": "1"}])
+def test_unknown_request_parameters_are_refused_by_name(params: dict[str, object]) -> None:
+    """A misspelt control used to be ignored silently (all 78 detections came back): it is the request's error."""
+    with pytest.raises(RequestError, match="unknown request parameter") as e:
+        RequestControls.from_parameters(params, _post())
+    bad = next(k for k in params if k not in ("max_det",))
+    assert repr(bad) in e.value.message
+    assert "score_threshold, iou_threshold, max_det" in e.value.message and "detserve_deadline" in e.value.message
+
+
+def test_deadline_and_protocol_parameters_are_accepted() -> None:
+    params = {"detserve_deadline": 1.0, "detserve-arrival": "1.0", "detserve-timeout": "10S", "binary_data_output": True}
+    assert RequestControls.from_parameters(params, _post()).max_det == 300
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (7, 7),
+        ("7", 7),
+        (7.0, 7),
+        ("7.0", 7),
+        ("3.5", None),
+        (3.5, None),
+        ("seven", None),
+        (True, None),
+        ("inf", None),
+        ([7], None),
+    ],
+)
+def test_max_det_must_be_an_integer(value: object, expected: int | None) -> None:
+    """HTTP carries parameters as int, bool or string, gRPC as int64, double, bool or string: every whole number is
+    read; anything else says it must be an integer (not "a number")."""
+    if expected is None:
+        with pytest.raises(RequestError, match="max_det must be an integer"):
+            RequestControls.from_parameters({"max_det": value}, _post())
+    else:
+        assert RequestControls.from_parameters({"max_det": value}, _post()).max_det == expected
+
+
 def test_anchor_level_counts_must_agree() -> None:
     with pytest.raises(SpecError, match="strides needs one entry per level"):
         AnchorSpec(kind="grid", sizes=((32,), (64,)), aspect_ratios=((1.0,), (1.0,)), strides=(8,))

@@ -73,11 +73,22 @@ def request_deadline(params: Mapping[str, Any]) -> float | None:
     return min(deadlines, default=None)
 
 
-def check_wanted(request: Any, now: float | None = None) -> None:
+def request_parameters(request: Any) -> dict[str, Any]:
+    """``request``'s parameters; an unknown name or a control of the wrong type is its error (specs.request_controls).
+
+    The first step checks them, so a misspelt control fails before any image is decoded."""
+    from detserve.specs import request_controls
+
+    params: dict[str, Any] = json.loads(request.parameters() or "{}")
+    request_controls(params)
+    return params
+
+
+def check_wanted(request: Any, params: Mapping[str, Any] | None = None, now: float | None = None) -> None:
     """Raise :class:`Abandoned` when nobody waits for ``request`` any more (call before expensive work)."""
     if request.is_cancelled():
         raise Abandoned("request cancelled by the client")
-    deadline = request_deadline(json.loads(request.parameters() or "{}"))
+    deadline = request_deadline(json.loads(request.parameters() or "{}") if params is None else params)
     if deadline is None:
         return
     late = (now if now is not None else time.time()) - deadline

@@ -14,7 +14,6 @@ split into one response per request, in order.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from detserve.runtime.backend.common import (
     detections_response,
     error_response,
     preprocess_spec,
+    request_parameters,
     run_grouped,
     tune_stub_malloc,
 )
@@ -44,8 +44,9 @@ class _Request:
     """One request, preprocessed: its images on their canvas, image_info and controls."""
 
     def __init__(self, request: Any, pre: PreprocessSpec, post: Any) -> None:
-        check_wanted(request)
-        self.controls = RequestControls.from_parameters(json.loads(request.parameters() or "{}"), post)
+        params = request_parameters(request)
+        check_wanted(request, params)
+        self.controls = RequestControls.from_parameters(params, post)
         blobs = [bytes(b) for b in pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)]
         self.images, self.info = preprocess_images(blobs, pre)
         self.n = int(self.info.shape[0])

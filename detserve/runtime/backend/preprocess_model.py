@@ -13,6 +13,7 @@ from detserve.runtime.backend.common import (
     apply_torch_threads,
     check_wanted,
     preprocess_spec,
+    request_parameters,
     respond_each,
     tune_stub_malloc,
 )
@@ -56,7 +57,7 @@ class TritonPythonModel:
     def _handle(self, request: Any) -> Any:
         # checked per request, just before its decode: the last of a batch of large images may
         # wait seconds behind the others, and its client may be gone by then (backend/common.py)
-        check_wanted(request)
+        check_wanted(request, request_parameters(request))
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         blobs = [bytes(b) for b in tensor.as_numpy().reshape(-1)]
         images, info = preprocess_images(blobs, self.spec)
