@@ -7,10 +7,8 @@ differ. Built here (~40 s) rather than copied from the four-detector session rep
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,35 +94,31 @@ def test_adding_version_2_keeps_version_1_serving(rollout_repo: Path) -> None:
 def test_promote_and_rollback_under_load(
     rollout_server: TritonServer, rollout_repo: Path, samples: dict[str, bytes], tmp_path: Path
 ) -> None:
-    from loadtest.runner import LoadTestConfig, run_locust
+    """The load runs until the rollout's phases are done, whatever they take: it is stopped by events (promote
+    returned, rollback returned, requests answered after it), never by a duration that a busy machine outlasts."""
+    from detserve.app.opsreport import ClientLoad
 
     url = rollout_server.options.grpc_url
     image = samples["astronaut.jpg"]
     v1, v2 = _reference(rollout_repo, 1, image), _reference(rollout_repo, 2, image)
     assert not _same(_served(url, image), v2) and _same(_served(url, image), v1)
 
-    cfg = LoadTestConfig(grpc_url=url, model="ssdlite", out_dir=tmp_path / "load", users=4, duration_s=60, retries=0)
-    logs: list[Any] = []
-    load = threading.Thread(target=lambda: logs.append(run_locust(cfg)))
-    marks = {"load": time.time()}
-    load.start()
-    time.sleep(6)
-    marks["promote"] = time.time()
-    rolled = promote(url, KEY, rollout_repo, "ssdlite", 2)
-    marks["promoted"] = time.time()
-    assert (rolled.old, rolled.new) == (1, 2)
-    assert _same(_served(url, image), v2)
-    time.sleep(2)
-    marks["rollback"] = time.time()
-    back = rollback(url, KEY, rollout_repo, "ssdlite")
-    marks["rolled_back"] = time.time()
-    assert (back.old, back.new) == (2, 1)
-    assert _same(_served(url, image), v1)
-    load.join(timeout=120)
-    assert logs, "the load test did not finish"
-    log = logs[0]
-    timeline = _timeline(log, marks)
-    timeline["errors"] = _failures(tmp_path / "load" / "locust_failures.csv")
+    marks = {"load": time.monotonic()}
+    with ClientLoad(url, list(samples.values()), users=4, model="ssdlite") as load:
+        load.wait_for(8)  # traffic is flowing before the promote
+        marks["promote"] = time.monotonic()
+        rolled = promote(url, KEY, rollout_repo, "ssdlite", 2)
+        marks["promoted"] = time.monotonic()
+        assert (rolled.old, rolled.new) == (1, 2)
+        assert _same(_served(url, image), v2)
+        load.wait_for(load.completed() + 4)
+        marks["rollback"] = time.monotonic()
+        back = rollback(url, KEY, rollout_repo, "ssdlite")
+        marks["rolled_back"] = time.monotonic()
+        assert (back.old, back.new) == (2, 1)
+        assert _same(_served(url, image), v1)
+        load.wait_for(load.completed() + 8)  # and after it
+    timeline = _timeline(load.calls, marks)
     print("rollout timeline:", json.dumps(timeline))
     assert timeline["failed"] == 0, timeline
     assert timeline["during_promote"] > 0 and timeline["during_rollback"] > 0 and timeline["after"] > 0, timeline
@@ -135,15 +129,21 @@ def test_promote_and_rollback_under_load(
     assert serving_version(rollout_repo, "ssdlite") == 1  # what a restart would serve
 
 
-def _timeline(log: Any, marks: dict[str, float]) -> dict[str, Any]:
-    start = log.start
+def _timeline(calls: list[Any], marks: dict[str, float]) -> dict[str, Any]:
+    """Requests by when they were sent, relative to the rollout's phases; failures with their messages."""
+    start = np.array([c.start for c in calls])
 
     def count(lo: float, hi: float) -> int:
         return int(((start >= lo) & (start < hi)).sum())
 
+    errors: dict[str, int] = {}
+    for c in calls:
+        if c.error is not None:
+            errors[c.error[:300]] = errors.get(c.error[:300], 0) + 1
     return {
-        "requests": len(start),
-        "failed": int((~log.ok).sum()),
+        "requests": len(calls),
+        "failed": sum(errors.values()),
+        "errors": errors,
         "before": count(0, marks["promote"]),
         "during_promote": count(marks["promote"], marks["promoted"]),
         "between": count(marks["promoted"], marks["rollback"]),
@@ -152,13 +152,6 @@ def _timeline(log: Any, marks: dict[str, float]) -> dict[str, Any]:
         "promote_s": round(marks["promoted"] - marks["promote"], 1),
         "rollback_s": round(marks["rolled_back"] - marks["rollback"], 1),
     }
-
-
-def _failures(path: Path) -> dict[str, int]:
-    """Locust's failure table: each distinct error message and how often it occurred."""
-    if not path.is_file():
-        return {}
-    return {row["Error"][:300]: int(row["Occurrences"]) for row in csv.DictReader(path.open())}
 
 
 def test_promote_refuses_a_failed_verification_unless_forced(rollout_server: TritonServer, rollout_repo: Path) -> None:
