@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,27 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, 
         BuildRequest(detector=DEMO_DETECTOR, repository=repo, name=SHAPES, num_classes=SHAPES_CLASSES, checkpoint=DEMO_WEIGHTS)
     )
     return repo
+
+
+@pytest.fixture(scope="session")
+def demo_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo detector's repository (what `make demo` serves), built once per session."""
+    from converters.repository import build_repository
+    from detserve.app.demo import demo_build_request
+
+    repo = tmp_path_factory.mktemp("demo_built")
+    build_repository(demo_build_request(repo))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def demo_copy(demo_built: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A fresh copy of the demo repository per call: servers write rollout state and reload models in theirs."""
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(demo_built, tmp_path_factory.mktemp(name) / "repo"))
+
+    return copy
 
 
 @pytest.fixture(scope="session")

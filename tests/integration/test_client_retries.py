@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,8 @@ from detserve.ops.server import ServerOptions, TritonServer, free_port
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("retry_repo")
-    build_repository(demo_build_request(repo))
-    return repo
+def demo_repo(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("retry_repo")
 
 
 def test_detect_many_retries_until_the_server_is_up(demo_repo: Path, samples: dict[str, bytes]) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,8 @@ class Sampler:
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("frozen_repo")
-    build_repository(demo_build_request(repo))
-    return repo
+def demo_repo(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("frozen_repo")
 
 
 def _freeze_core(demo_repo: Path, image: bytes, unready_within_s: float) -> dict[str, Any]:

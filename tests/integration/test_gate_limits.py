@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,14 +63,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def demo_server(demo_copy: Callable[[str], Path]) -> Iterator[TritonServer]:
     """The demo detector: real preprocessing, which reads the gate's deadline stamps."""
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("gate_demo_repository")
-    build_repository(demo_build_request(repo))
-    with running_server(repo) as srv:
+    with running_server(demo_copy("gate_demo_repository")) as srv:
         yield srv
 
 

@@ -31,13 +31,8 @@ HELD_TOLERANCE = 64 * MiB
 
 
 @pytest.fixture(scope="module")
-def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("hardening_repository")
-    build_repository(demo_build_request(repo))
-    return repo
+def demo_repository(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("hardening_repository")
 
 
 @pytest.fixture(scope="module")

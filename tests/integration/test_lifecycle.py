@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +32,8 @@ import pytest
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError
-from detserve.ops.nginx import nginx_binary
 from detserve.ops.server import free_port
+from tests.host_checks import needs_ipv6, needs_nginx
 from tests.unprivileged import run_as_nobody
 
 KEY = "lifecycle-test-key-0123456789abcdef"
@@ -41,25 +41,12 @@ MODEL = "demo"
 READY_S = 240.0  # a start on the busy 2-core CI machine took 26 s; a restart waits its backoff too
 
 
-def _nginx_available() -> bool:
-    try:
-        nginx_binary()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nginx_available(), reason="nginx is not installed (apt-get install nginx-light)")
+pytestmark = needs_nginx
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("lifecycle_repo")
-    build_repository(demo_build_request(repo))
-    return repo
+def demo_repo(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("lifecycle_repo")
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int, str] | None:
@@ -297,16 +284,7 @@ def test_admin_key_file_readable_by_others_is_refused(demo_repo: Path, tmp_path:
     assert "Traceback" not in out
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@needs_ipv6
 def test_serve_on_ipv6_loopback(demo_repo: Path, tmp_path: Path, samples: dict[str, bytes]) -> None:
     s = start_serve(demo_repo, tmp_path, host="::1")
     try:

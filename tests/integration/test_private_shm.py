@@ -15,7 +15,7 @@ import secrets
 import signal
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +74,8 @@ def marked_jpeg(jpeg: bytes, marker: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("private_shm_repo")
-    build_repository(demo_build_request(repo))
-    return repo
+def demo_repo(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("private_shm_repo")
 
 
 @pytest.fixture(scope="module")

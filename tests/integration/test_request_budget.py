@@ -20,7 +20,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,8 @@ FORWARD = "--http-header-forward-pattern=^detserve-"
 
 
 @pytest.fixture(scope="module")
-def budget_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("budget_repository")
-    build_repository(demo_build_request(repo))  # the build's default budget (PreprocessSpec.max_request_pixels)
-    return repo
+def budget_repository(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("budget_repository")
 
 
 def black_png_of(width: int, height: int) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,8 @@ def _record(key: str, value: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import build_repository
-    from detserve.app.demo import demo_build_request
-
-    repo = tmp_path_factory.mktemp("shm_repo")
-    build_repository(demo_build_request(repo))
-    return repo
+def demo_repo(demo_copy: Callable[[str], Path]) -> Path:
+    return demo_copy("shm_repo")
 
 
 def _state(prefix: str) -> dict[str, Any]:
