@@ -6,22 +6,12 @@ import shutil
 import threading
 from pathlib import Path
 
-import pytest
-
-from detserve.ops.nginx import nginx_binary
 from detserve.ops.replicas import running_replicas
 from loadtest.runner import LoadTestConfig, run_locust
+from tests.host_checks import needs_nginx
 
 
-def _nginx_available() -> bool:
-    try:
-        nginx_binary()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _nginx_available(), reason="nginx is not installed (apt-get install nginx-light)")
+@needs_nginx
 def test_replica_killed_mid_run_loses_nothing(repository: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for suffix in ("", "_preprocess", "_core", "_postprocess"):

@@ -15,6 +15,7 @@ from detserve.ops.admin import AdminKeyError, admin_key
 from detserve.ops.restarts import Backoff, describe_exit
 from detserve.ops.rundir import check_private
 from detserve.ops.server import ServerOptions, TritonServer, _check_port
+from tests.host_checks import needs_ipv6
 
 KEY = "unit-lifecycle-key-0123456789"
 
@@ -45,16 +46,7 @@ def test_backoff_doubles_to_a_cap_and_resets_after_a_stable_run() -> None:
     assert b.next_delay(300.0) == 1.0  # up 100 s: healthy, start again from the first delay
 
 
-def _ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6(), reason="no IPv6 loopback here")
+@needs_ipv6
 def test_port_check_on_ipv6() -> None:
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", 0))
