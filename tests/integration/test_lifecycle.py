@@ -38,6 +38,7 @@ from tests.unprivileged import run_as_nobody
 
 KEY = "lifecycle-test-key-0123456789abcdef"
 MODEL = "demo"
+BUDGET = 2_000_000  # `serve --max-request-pixels` of the shared server: above every sample photo
 READY_S = 240.0  # a start on the busy 2-core CI machine took 26 s; a restart waits its backoff too
 
 
@@ -197,7 +198,8 @@ def nobody_tmp() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def serve(demo_repo: Path, nobody_tmp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     """One ``detserve serve`` for the fast tests, started with the old state directory squatted by nobody."""
-    s = start_serve(demo_repo, tmp_path_factory.mktemp("serve"), env={"TMPDIR": str(nobody_tmp)})
+    workdir = tmp_path_factory.mktemp("serve")
+    s = start_serve(demo_repo, workdir, "--max-request-pixels", str(BUDGET), env={"TMPDIR": str(nobody_tmp)})
     try:
         s.wait_ready()
         s.children("tritonserver"), s.children("nginx")
@@ -214,6 +216,21 @@ def test_state_directory_squatted_by_nobody_does_not_stop_the_server(
     assert len(serve.detect(samples["chelsea.png"])) > 0
     squatted = nobody_tmp / f"detserve-{os.getuid()}"
     assert list(squatted.iterdir()) == []  # nothing of root's went into nobody's directory
+
+
+def test_serve_max_request_pixels_reaches_the_models(serve: Serve, samples: dict[str, bytes]) -> None:
+    """`detserve serve --max-request-pixels N` as typed: a request declaring more is refused, naming the budget."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((1200, 2000, 3), np.uint8)).save(buf, format="PNG")  # 2.4 M pixels, 7 KB
+    with pytest.raises(ClientError) as e:
+        serve.detect(buf.getvalue())
+    assert f"over the per-request budget of {BUDGET} pixels" in e.value.message, e.value.message
+    assert len(serve.detect(samples["chelsea.png"])) > 0
 
 
 def test_nginx_master_killed_gate_comes_back_on_the_same_ports(serve: Serve, samples: dict[str, bytes]) -> None:

@@ -4,11 +4,12 @@ their windows, nothing leaked, nothing left after the stop."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from detserve.app.soak import run_soak
 from detserve.app.soak_faults import FAULTS
 
 SECONDS = 110.0  # the cheap faults and one stub kill (windows of 6-10 s, an 8 s gap before each, 30 s kept quiet at the end)
@@ -16,10 +17,13 @@ SECONDS = 110.0  # the cheap faults and one stub kill (windows of 6-10 s, an 8 s
 
 @pytest.mark.slow
 def test_short_soak_loses_nothing_outside_the_fault_windows_and_leaves_nothing(tmp_path: Path) -> None:
-    md, problems = run_soak(tmp_path / "work", tmp_path / "out", SECONDS, users=2)
+    # the command as documented (docs/ops-report.md), through the CLI
+    command = [sys.executable, "-m", "detserve.app.cli", "ops-report", "--soak", f"{SECONDS:.0f}s", "--users", "2"]
+    command += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=SECONDS + 600)
     data = json.loads((tmp_path / "out" / "soak-report.json").read_text())
-    assert problems == data["problems"]
-    assert not problems, "\n".join(problems)
+    assert proc.returncode == 0 and not data["problems"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = tmp_path / "out" / "soak-report.md"
     faults = [w["fault"] for w in data["windows"]]
     assert faults == [name for name, _ in FAULTS][: len(faults)] and len(faults) >= 4, faults
     assert data["outside_windows"]["sent"] > 0 and data["outside_windows"]["failed"] == 0
