@@ -184,7 +184,8 @@ class DetectorClient:
         iou_threshold: float | None = None,
         max_det: int | None = None,
     ) -> list[Detections]:
-        """Several images in ONE request (they share one canvas on the server, as in a torchvision batch)."""
+        """Several images in ONE request; each keeps its own canvas on the server, so each gets what it
+        gets alone (a native onnxruntime/TensorRT core refuses images that would need different canvases)."""
         params = request_parameters(score_threshold, iou_threshold, max_det)
 
         def call() -> Any:

@@ -23,6 +23,7 @@ from detserve.tritonconfig import (
     ServingOptions,
     core_config,
     ensemble_config,
+    own_canvases,
     postprocess_config,
     preprocess_config,
     render,
@@ -180,6 +181,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
         core_config(name, req.target, pre, outputs, req.options),
         postprocess_config(name, post, outputs, req.options),
     ]
+    own_canvases(steps, req.target)
     configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
     configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
     core_dir = repo / model_name(name, CORE) / str(req.version)
@@ -220,6 +222,7 @@ def _build_steps(
     steps += [
         step_config(name, d, req.target, spec.postprocess, req.options, last=i == len(decls) - 1) for i, d in enumerate(decls)
     ]
+    own_canvases(steps, req.target)
     configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
     configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
     cores = build_cores(

@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from detserve.errors import SpecError
 from detserve.pipeline import CORE, POSTPROCESS, PREPROCESS, model_name
+from detserve.runtime.canvas import CANVAS_PARAMETER, PER_IMAGE, shape_name
 from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -197,6 +198,35 @@ def step_config(name: str, step: StepDecl, target: str, decode_spec: Any, opts: 
     for t in step.outputs:
         _tensor(config.output, t.name, _dtype(t.dtype), list(t.dims))
     return config
+
+
+def own_canvases(steps: Sequence[mc.ModelConfig], target: str) -> None:
+    """Every image of a request on its own canvas (runtime/canvas.py), where the cores can crop.
+
+    On python-onnxruntime (cores run by detserve's own stub) the pre-processing step pads each
+    image to its own canvas; a core that reads ``images`` also reads ``image_info`` to crop them;
+    every core output with a dimension that follows the image (-1) travels with a
+    ``<name>__shape`` companion, which every later step that reads the output reads too. Native
+    cores (onnxruntime, TensorRT backends) run a request's tensor whole: their pre-processing
+    keeps one canvas per request and refuses images that would need two.
+    """
+    if target != "python-onnxruntime":
+        return
+    steps[0].parameters[CANVAS_PARAMETER].string_value = PER_IMAGE
+    sized: dict[str, int] = {}  # a core output with an image-sized dim -> its rank
+    for config in steps[1:]:
+        names = [t.name for t in config.input]
+        for name in names:
+            if name in sized:
+                _tensor(config.input, shape_name(name), mc.TYPE_INT32, [sized[name]])
+        if "onnx_file" not in config.parameters:
+            continue
+        if CORE_INPUT in names and IMAGE_INFO not in names:
+            _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
+        for t in list(config.output):
+            if -1 in t.dims:
+                _tensor(config.output, shape_name(t.name), mc.TYPE_INT32, [len(t.dims)])
+                sized[t.name] = len(t.dims)
 
 
 def _add_detection_outputs(config: mc.ModelConfig) -> None:

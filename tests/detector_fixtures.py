@@ -70,3 +70,40 @@ def detection_arrays(d: Any) -> tuple[Any, Any, Any]:
     if isinstance(d, dict):
         return d["boxes"], d["scores"], np.asarray(d["labels"]).astype(np.int32)
     return d.boxes, d.scores, d.labels
+
+
+def mixed_size_images(samples: dict[str, bytes], count: int = 5) -> dict[str, bytes]:
+    """``count`` images of different sizes and aspect ratios (photos and generated ones, one grey)."""
+    pool = {**samples, **odd_images()}
+    picked = ["astronaut.jpg", "chelsea.png", "coffee.jpg", "generated_480x211_RGB.png", "generated_257x255_L.png"]
+    return {n: pool[n] for n in picked[:count]}
+
+
+def assert_each_image_answered_alone(
+    url: str, model: str, images: dict[str, bytes], report: str, **controls: Any
+) -> dict[str, Any]:
+    """One request holding all ``images`` (different sizes; in two orders) answers each image exactly
+    what a request holding it alone answers (issue 21 part 3: the batch-invariance tolerance); the
+    figures go to out/reports/multi-image.json under ``report`` (images, max |dscore|, max box delta)."""
+    from clients.grpc_client import DetectorClient
+    from detserve.verification.matching import check_parity
+    from tests.reports import record
+
+    names = list(images)
+    with DetectorClient(url, model) as client:
+        alone = {n: client.detect(images[n], **controls) for n in names}
+        forward = client.detect_batch([images[n] for n in names], **controls)
+        backward = client.detect_batch([images[n] for n in reversed(names)], **controls)[::-1]
+    worst = {"images": len(names), "detections": 0, "max_score_delta": 0.0, "max_box_delta": 0.0}
+    for together in (forward, backward):
+        for name, res in zip(names, together, strict=True):
+            result = check_parity(
+                detection_arrays(res), detection_arrays(alone[name]), score_floor=0.0, iou_min=0.999, score_tol=1e-5
+            )
+            assert result.ok, f"{model} {name} in a request of {len(names)} images: {result.failures[:5]}"
+            worst["max_score_delta"] = max(worst["max_score_delta"], float(result.max_score_delta))
+            worst["max_box_delta"] = max(worst["max_box_delta"], float(result.max_box_delta))
+    worst["detections"] = sum(len(alone[n].scores) for n in names)
+    assert worst["detections"] > 0, f"{model}: no detections at all; the fixture needs a score spread"
+    record("multi-image.json", report, worst)
+    return worst

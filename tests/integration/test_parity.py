@@ -18,7 +18,13 @@ import pytest
 from clients.grpc_client import Detections, DetectorClient
 from detserve.runtime.imaging import decode_image
 from detserve.verification.matching import check_parity
-from tests.detector_fixtures import PARITY_DETECTORS, SHORT_NAMES, eager_model
+from tests.detector_fixtures import (
+    PARITY_DETECTORS,
+    SHORT_NAMES,
+    assert_each_image_answered_alone,
+    eager_model,
+    mixed_size_images,
+)
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
 DETECTORS = list(PARITY_DETECTORS)
@@ -101,14 +107,11 @@ def test_batch_neighbours_do_not_change_detections(detector: str, grpc_url: str,
         assert result.ok, f"{name}: {result.failures[:5]}"
 
 
-def test_multi_image_request_on_a_fixed_size_model(grpc_url: str, samples: dict[str, bytes]) -> None:
-    """SSD resizes every image to one size: images of one request batch without sharing padding."""
-    blobs = list(samples.values())
-    with DetectorClient(grpc_url, "ssdlite") as client:
-        single = [client.detect(b) for b in blobs]
-        batch = client.detect_batch(blobs[::-1])[::-1]
-    for s, b in zip(single, batch, strict=True):
-        assert check_parity(_as_tuple(b), _as_tuple(s), score_floor=0.0, iou_min=0.999, score_tol=1e-5).ok
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_each_image_of_a_multi_image_request_answers_as_alone(detector: str, grpc_url: str, samples: dict[str, bytes]) -> None:
+    """Five images of different sizes in one request: FCOS/RetinaNet pad each to its own canvas (not
+    the largest of the request), SSD resizes all to one size; each answers what it answers alone."""
+    assert_each_image_answered_alone(grpc_url, SHORT_NAMES[detector], mixed_size_images(samples), SHORT_NAMES[detector])
 
 
 def test_per_request_controls_reach_the_postprocessing(grpc_url: str, samples: dict[str, bytes], eager: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from clients.masks import mask_iou, paste_boxes, paste_masks
 from detserve.ops.server import TritonServer, running_server
 from detserve.runtime.imaging import decode_image
 from detserve.verification.matching import check_parity, match_detections
+from tests.detector_fixtures import assert_each_image_answered_alone, mixed_size_images
 
 REPORTS = Path(__file__).resolve().parents[2] / "out" / "reports"
 NUM_CLASSES = 5
@@ -269,6 +270,16 @@ def test_faster_rcnn_batch_neighbours_do_not_change_detections(frcnn_server: Tri
     _batch_invariant(frcnn_server, "frcnn", images)
 
 
+def test_faster_rcnn_each_image_of_a_multi_image_request_answers_as_alone(
+    frcnn_server: TritonServer, samples: dict[str, bytes]
+) -> None:
+    """Five images of different sizes in one request: each keeps its own canvas through the core,
+    the proposals, the RoI core and the decode (feature maps cropped by their __shape companions)."""
+    assert_each_image_answered_alone(
+        frcnn_server.options.grpc_url, "frcnn", mixed_size_images(samples), "fasterrcnn", score_threshold=SCORE
+    )
+
+
 def test_per_request_controls_reach_the_detections_step(frcnn_server: TritonServer, samples: dict[str, bytes]) -> None:
     from clients.grpc_client import ClientError
 
@@ -315,6 +326,15 @@ def test_mask_rcnn_served_equals_eager(mrcnn_server: TritonServer, mrcnn_repo: P
 @pytest.mark.slow
 def test_mask_rcnn_batch_neighbours_do_not_change_detections(mrcnn_server: TritonServer, images: dict[str, bytes]) -> None:
     _batch_invariant(mrcnn_server, "mrcnn", images)
+
+
+@pytest.mark.slow
+def test_mask_rcnn_each_image_of_a_multi_image_request_answers_as_alone(
+    mrcnn_server: TritonServer, samples: dict[str, bytes]
+) -> None:
+    assert_each_image_answered_alone(
+        mrcnn_server.options.grpc_url, "mrcnn", mixed_size_images(samples), "maskrcnn", score_threshold=SCORE
+    )
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from clients.grpc_client import Detections, DetectorClient
 from detserve.ops.server import TritonServer, running_server
 from detserve.runtime.imaging import decode_image
 from detserve.verification.matching import check_parity
-from tests.detector_fixtures import detection_arrays, odd_images
+from tests.detector_fixtures import assert_each_image_answered_alone, detection_arrays, mixed_size_images, odd_images
 
 # found, not imported: ultralytics must first be configured by detserve (offline, no auto-install)
 pytestmark = pytest.mark.skipif(
@@ -127,6 +127,14 @@ def test_batch_neighbours_do_not_change_detections(name: str, yolo_server: Trito
             detection_arrays(res), detection_arrays(single[file]), score_floor=0.0, iou_min=0.999, score_tol=1e-5
         )
         assert result.ok, f"{file}: {result.failures[:5]}"
+
+
+@pytest.mark.parametrize("name", list(MODELS.values()))
+def test_each_image_of_a_multi_image_request_answers_as_alone(
+    name: str, yolo_server: TritonServer, samples: dict[str, bytes]
+) -> None:
+    """A letterbox to one size: the images of one request share nothing but the batch."""
+    assert_each_image_answered_alone(yolo_server.options.grpc_url, name, mixed_size_images(samples), name)
 
 
 def test_per_request_controls_and_compare_cli(yolo_server: TritonServer, samples: dict[str, bytes], tmp_path: Path) -> None:

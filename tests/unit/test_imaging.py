@@ -285,8 +285,9 @@ def test_preprocess_images_checks_the_budget_first(monkeypatch: pytest.MonkeyPat
     from detserve.runtime.backend.preprocess_model import preprocess_images
 
     spec = PreprocessSpec(min_size=32, max_size=64, max_request_pixels=5_000)
-    images, info = preprocess_images([png_bytes(64, 48), png_bytes(32, 32)], spec)  # 4096 pixels
+    images, info = preprocess_images([png_bytes(64, 48), png_bytes(32, 32)], spec, per_image=True)  # 4096 pixels
     assert images.shape[0] == 2 and info[:, :2].tolist() == [[48, 64], [32, 32]]
+    assert info[:, 4:].tolist() == [[32, 64], [32, 32]]  # each image on its own canvas
     # a good image first, an over-budget sum: nothing decoded, not even the first one
     with no_pixel_decoding(monkeypatch), pytest.raises(ImageError, match="over the per-request budget of 5000"):
         preprocess_images([png_bytes(64, 48), png_bytes(64, 48)], spec)

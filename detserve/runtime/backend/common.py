@@ -221,6 +221,41 @@ def run_grouped(
     return responses
 
 
+def run_per_image(
+    pb_utils: Any,
+    parsed: Mapping[int, Any],
+    key: Callable[[Any, int], Any],
+    run: Callable[[list[tuple[Any, int]]], Sequence[Any]],
+    respond: Callable[[Any, list[Any]], Any],
+    responses: list[Any],
+) -> list[Any]:
+    """Like ``run_grouped``, image by image (runtime/canvas.py): every image of the parsed requests
+    (index -> request with ``n`` images) joins the batch of its ``key(request, j)`` (its canvas,
+    its inputs' shapes), whatever request it came in; ``run`` gets ``(request, j)`` pairs and returns
+    one result per image; ``respond(request, results)`` makes a request's response from its images'
+    results, in order. A batch that fails fails every request with an image in it, no other."""
+    images = [(i, j) for i, p in parsed.items() for j in range(p.n)]
+    results: dict[int, list[Any]] = {i: [None] * p.n for i, p in parsed.items()}
+    failed: dict[int, BaseException] = {}
+    for _, idxs in group_by([key(parsed[i], j) for i, j in images]).items():
+        members = [images[k] for k in idxs if images[k][0] not in failed]
+        if not members:
+            continue
+        try:
+            outs = run([(parsed[i], j) for i, j in members])
+        except Exception as e:
+            failed.update((i, e) for i, _ in members)
+            continue
+        for (i, j), out in zip(members, outs, strict=True):
+            results[i][j] = out
+    for i, p in parsed.items():
+        try:
+            responses[i] = error_response(pb_utils, failed[i]) if i in failed else respond(p, results[i])
+        except Exception as e:
+            responses[i] = error_response(pb_utils, e)
+    return responses
+
+
 def detections_response(pb_utils: Any, per_image: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Any:
     """One request's response: each named output stacked over the request's images."""
     import numpy as np

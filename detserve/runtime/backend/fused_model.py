@@ -7,9 +7,10 @@ instead of three. It serves the same contract as the ensemble (``IMAGE`` in; ``n
 ``boxes``, ``scores``, ``labels`` out) under the ensemble's name, with the same per-request
 controls, errors and abandoned-request checks; the three stages' code is the ensemble's own.
 
-All requests handed to one ``execute`` are decoded one by one (a bad image fails alone), grouped
-by padded size, run through onnxruntime as one batch per size and decoded + NMS'd together, then
-split into one response per request, in order.
+All requests handed to one ``execute`` are decoded one by one (a bad image fails alone); their
+images, each on its own canvas (runtime/canvas.py), are grouped by canvas whatever request they
+came in, run through onnxruntime as one batch per canvas and decoded + NMS'd together, then put
+back into one response per request, in order.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from detserve.runtime.backend.common import (
     error_response,
     preprocess_spec,
     request_parameters,
-    run_grouped,
+    run_per_image,
     tune_stub_malloc,
 )
 from detserve.runtime.backend.preprocess_model import preprocess_images
+from detserve.runtime.canvas import canvas_of, crop_to_canvases
 from detserve.runtime.onnxrt import cpu_session
 from detserve.runtime.outputs import pad_detections
 from detserve.specs import PreprocessSpec, RequestControls
@@ -48,12 +50,9 @@ class _Request:
         check_wanted(request, params)
         self.controls = RequestControls.from_parameters(params, post)
         blobs = [bytes(b) for b in pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)]
-        self.images, self.info = preprocess_images(blobs, pre)
+        images, self.info = preprocess_images(blobs, pre, per_image=True)
+        self.images = crop_to_canvases(images, self.info)
         self.n = int(self.info.shape[0])
-
-    @property
-    def padded_hw(self) -> tuple[int, int]:
-        return (int(self.info[0, 4]), int(self.info[0, 5]))
 
 
 class TritonPythonModel:
@@ -68,18 +67,13 @@ class TritonPythonModel:
             path, int(config_parameter(args, "intra_op_threads")), config_parameter(args, "allow_spinning", "0") == "1"
         )
 
-    def _run_group(self, items: list[_Request]) -> list[list[dict[str, np.ndarray]]]:
-        batch = np.concatenate([it.images for it in items]) if len(items) > 1 else items[0].images
-        raw = self.session.run(self.names, {CORE_INPUT: batch})
+    def _run_group(self, members: list[tuple[_Request, int]]) -> list[dict[str, np.ndarray]]:
+        raw = self.session.run(self.names, {CORE_INPUT: np.stack([r.images[j] for r, j in members])})
         outputs = {name: torch.from_numpy(arr) for name, arr in zip(self.names, raw, strict=True)}
-        info = torch.from_numpy(np.concatenate([it.info for it in items]))
-        controls = [it.controls for it in items for _ in range(it.n)]
-        dets = family_of_spec(self.post).decode(self.post, outputs, items[0].padded_hw, info[:, 2:4], info[:, 0:2], controls)
-        out, start = [], 0
-        for it in items:
-            out.append([pad_detections(d, it.controls.max_det) for d in dets[start : start + it.n]])
-            start += it.n
-        return out
+        info = torch.from_numpy(np.stack([r.info[j] for r, j in members]))
+        controls = [r.controls for r, _ in members]
+        dets = family_of_spec(self.post).decode(self.post, outputs, canvas_of(info[0]), info[:, 2:4], info[:, 0:2], controls)
+        return [pad_detections(d, c.max_det) for d, c in zip(dets, controls, strict=True)]
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
@@ -89,11 +83,11 @@ class TritonPythonModel:
                 parsed[i] = _Request(request, self.pre, self.post)
             except Exception as e:  # this request's fault (or abandoned): it fails alone
                 responses[i] = error_response(pb_utils, e)
-        return run_grouped(
+        return run_per_image(
             pb_utils,
             parsed,
-            lambda p: p.padded_hw,
+            lambda r, j: canvas_of(r.info[j]),
             self._run_group,
-            lambda per_image: detections_response(pb_utils, per_image, OUTPUTS),
+            lambda _, per_image: detections_response(pb_utils, per_image, OUTPUTS),
             responses,
         )
