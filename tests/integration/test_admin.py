@@ -88,6 +88,9 @@ def test_unload_and_reload_with_the_key(admin_server: TritonServer, samples: dic
     assert _detect(url, samples["astronaut.jpg"]) > 0
 
 
+@pytest.mark.documents(
+    "detserve models list --url U --repository R", "detserve status --url U --metrics-url M", "detserve models load N --url U"
+)
 def test_cli_models_and_status(admin_server: TritonServer, samples: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     url = admin_server.options.grpc_url
     metrics = f"http://127.0.0.1:{admin_server.options.metrics_port}/metrics"

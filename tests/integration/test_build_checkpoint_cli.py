@@ -26,6 +26,7 @@ def _detserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
     return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.documents("detserve build hf --checkpoint DIR --repository R --name N")
 def test_build_hf_from_a_save_pretrained_folder_serves_and_compares(tmp_path: Path, samples: dict[str, bytes]) -> None:
     from detserve.families import family
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from detserve.ops.server import TritonServer
 
 
@@ -14,6 +16,7 @@ def _detserve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.documents("detserve detect P --model M --url U --score-threshold 0.3 --max-det 20 --json --draw D")
 def test_detect_prints_json_and_draws(server: TritonServer, samples: dict[str, bytes], tmp_path: Path) -> None:
     paths = []
     for name in ("astronaut.jpg", "camera.png"):

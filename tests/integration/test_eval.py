@@ -55,6 +55,9 @@ def test_served_map_equals_pytorch_and_a_bad_file_fails_alone(
 
 
 @pytest.mark.slow  # the max_det 100 eval and compare stay fast; 500 is the same path with a larger cap
+@pytest.mark.documents(
+    "detserve eval --model M --annotations A --images I --url U --repository R --max-det 500 --out O --no-progress"
+)
 def test_eval_command_at_max_det_500(server: TritonServer, repository: Path, test_images: Path, tmp_path: Path) -> None:
     proc = _detserve(
         "eval", "--model", SHAPES, "--annotations", str(test_images / "annotations.json"), "--images", str(test_images / "images"),
@@ -70,6 +73,7 @@ def test_eval_command_at_max_det_500(server: TritonServer, repository: Path, tes
     assert bad.returncode == 1 and "--max-det must be one of" in bad.stderr
 
 
+@pytest.mark.documents("detserve compare --model M --repository R --url U --limit 8 --out O IMAGES")
 def test_compare_live_endpoint_agrees(server: TritonServer, repository: Path, test_images: Path, tmp_path: Path) -> None:
     proc = _detserve(
         "compare", "--model", SHAPES, "--repository", str(repository), "--url", server.options.grpc_url,

@@ -68,6 +68,7 @@ def test_a_bad_image_fails_alone_in_a_batch(fused_server: TritonServer, samples:
     assert len(after) == len(results[0])  # type: ignore[arg-type]
 
 
+@pytest.mark.documents("detserve fuse --repository R --model M --out O")
 def test_detserve_fuse_writes_a_servable_layout_or_says_why_not(repository: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

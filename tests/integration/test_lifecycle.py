@@ -209,6 +209,9 @@ def serve(demo_repo: Path, nobody_tmp: Path, tmp_path_factory: pytest.TempPathFa
         s.kill_leftovers()
 
 
+@pytest.mark.documents(
+    "detserve serve --repository R --host H --grpc-port P --http-port P --metrics-port P --max-request-pixels N"
+)
 def test_state_directory_squatted_by_nobody_does_not_stop_the_server(
     serve: Serve, nobody_tmp: Path, samples: dict[str, bytes]
 ) -> None:
@@ -318,6 +321,7 @@ def test_serve_on_ipv6_loopback(demo_repo: Path, tmp_path: Path, samples: dict[s
 
 
 @pytest.mark.slow
+@pytest.mark.documents("detserve serve --repository R --host H --grpc-port P --http-port P --metrics-port P --replicas 2")
 def test_replica_tritonserver_killed_loses_no_request(demo_repo: Path, tmp_path: Path, samples: dict[str, bytes]) -> None:
     """With --replicas 2 the gate sends to the other replica while the killed one restarts."""
     s = start_serve(demo_repo, tmp_path, "--replicas", "2")

@@ -90,6 +90,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.documents("detserve run --model M --images I --out O --url U --repository R --max-in-flight 2 --no-progress")
 def test_killed_and_resumed_run_has_every_image_exactly_once(results: Path, tree: Path, server: TritonServer) -> None:
     lines = _lines(results)
     counts = Counter(r["path"] for r in lines)
@@ -127,6 +128,11 @@ def test_check_images_agrees_with_the_server(results: Path, tree: Path, tmp_path
     assert json.loads((tmp_path / "check.json").read_text())["counts"]["empty"] == 1
 
 
+@pytest.mark.documents(
+    "detserve prelabel --results R --out O --format coco --threshold 0.5 --threshold star=0.3 --audit 4",
+    "detserve prelabel --results R --out O --format yolo --threshold 0.5 --threshold star=0.3 --audit 4",
+    "detserve prelabel --results R --out O --format labelstudio --threshold 0.5 --threshold star=0.3 --audit 4",
+)
 def test_mine_and_prelabel_the_served_results(results: Path, tree: Path, tmp_path: Path) -> None:
     from pycocotools.coco import COCO
 
