@@ -217,12 +217,12 @@ def own_canvases(steps: Sequence[mc.ModelConfig], target: str) -> None:
     for config in steps[1:]:
         names = [t.name for t in config.input]
         for name in names:
-            if name in sized:
-                _tensor(config.input, shape_name(name), mc.TYPE_INT32, [sized[name]])
+            if name in sized:  # optional: a step called directly (a debugging client) crops nothing
+                config.input.add(name=shape_name(name), data_type=mc.TYPE_INT32, dims=[sized[name]], optional=True)
         if "onnx_file" not in config.parameters:
             continue
         if CORE_INPUT in names and IMAGE_INFO not in names:
-            _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
+            config.input.add(name=IMAGE_INFO, data_type=mc.TYPE_INT32, dims=[6], optional=True)
         for t in list(config.output):
             if -1 in t.dims:
                 _tensor(config.output, shape_name(t.name), mc.TYPE_INT32, [len(t.dims)])

@@ -28,7 +28,8 @@ class _Request:
     """One request's inputs, one dict of arrays per image (each on its own canvas / in its own shape)."""
 
     def __init__(self, request: Any, feeds: list[str], names: list[str]) -> None:
-        arrays = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in names}
+        given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in names}
+        arrays = {n: t.as_numpy() for n, t in given.items() if t is not None}  # companions are optional
         per_input = {}
         for n in feeds:
             if n == IMAGES and IMAGE_INFO in arrays:

@@ -47,7 +47,8 @@ class _Parsed:
         info = _array(pb_utils.get_input_tensor_by_name(request, IMAGE_INFO))
         self.info = info if isinstance(info, np.ndarray) else info.cpu().numpy()  # a few ints, read on the CPU
         self.n = int(self.info.shape[0])
-        shapes = {n: pb_utils.get_input_tensor_by_name(request, shape_name(n)).as_numpy() for n in companions}
+        given = {n: pb_utils.get_input_tensor_by_name(request, shape_name(n)) for n in companions}
+        shapes = {n: t.as_numpy() for n, t in given.items() if t is not None}  # optional
         per_input = {n: unpack(_array(pb_utils.get_input_tensor_by_name(request, n)), shapes.get(n), n) for n in names}
         self.images = [{n: per_input[n][j] for n in names} for j in range(self.n)]
 

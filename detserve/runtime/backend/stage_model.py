@@ -37,7 +37,8 @@ class _Request:
     def __init__(self, request: Any, names: list[str], spec: Any) -> None:
         from detserve.specs import RequestControls
 
-        arrays = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in names}
+        given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in names}
+        arrays = {n: t.as_numpy() for n, t in given.items() if t is not None}  # companions are optional
         self.info = arrays["image_info"]
         self.n = int(self.info.shape[0])
         feeds = [n for n in names if n != "image_info" and not is_shape_name(n)]
