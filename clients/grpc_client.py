@@ -35,11 +35,6 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
-    def above(self, threshold: float) -> Detections:
-        keep = self.scores >= threshold
-        masks = None if self.masks is None else self.masks[keep]
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], masks)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "boxes": [[round(float(v), 2) for v in b] for b in self.boxes],

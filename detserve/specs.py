@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from detserve.errors import SpecError
 
-ResizeMode = Literal["torchvision", "fixed", "letterbox", "ultralytics", "transformers"]
+ResizeMode = Literal["torchvision", "fixed", "ultralytics", "transformers"]
 ColorOrder = Literal["RGB", "BGR"]
 Family = Literal["ssd", "retinanet", "fcos"]
 AnchorKind = Literal["default_boxes", "grid"]
@@ -80,7 +80,6 @@ class PreprocessSpec(Spec):
       - ``torchvision``: torchvision's ``GeneralizedRCNNTransform`` (scale so the short side is
         ``min_size`` unless the long side would pass ``max_size``), bilinear, no corner alignment;
       - ``fixed``: stretch to ``fixed_size`` (what SSD models do);
-      - ``letterbox``: keep aspect inside ``fixed_size``, pad the rest with ``pad_value``;
       - ``ultralytics``: ultralytics' own ``LetterBox`` as its predictor runs it on a fixed canvas
         (``auto=False``): OpenCV ``INTER_LINEAR`` resize of the uint8 pixels, its rounding of the
         new size and of the centred padding, pad ``pad_value * pixel_max`` (114), then 0..1;

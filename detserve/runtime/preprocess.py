@@ -68,21 +68,13 @@ def resize(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
         return _resize_image_and_masks(image, spec.min_size, spec.max_size)[0]
     assert spec.fixed_size is not None  # checked by the spec
     h, w = spec.fixed_size
-    if spec.resize_mode == "fixed":
-        # torchvision's fixed_size is (width, height)
-        return _resize_image_and_masks(image, spec.min_size, spec.max_size, fixed_size=(w, h))[0]
-    # letterbox: keep the aspect ratio inside (h, w)
-    scale = min(h / image.shape[-2], w / image.shape[-1])
-    size = [max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))]
-    return torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    # "fixed": torchvision's fixed_size is (width, height)
+    return _resize_image_and_masks(image, spec.min_size, spec.max_size, fixed_size=(w, h))[0]
 
 
 def pad(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """Pad bottom/right to the canvas (letterbox/fixed) and to a multiple of size_divisible."""
-    h, w = int(image.shape[-2]), int(image.shape[-1])
-    if spec.resize_mode == "letterbox" and spec.fixed_size is not None:
-        h, w = max(h, spec.fixed_size[0]), max(w, spec.fixed_size[1])
-    ph, pw = spec.padded_hw((h, w))
+    """Pad bottom/right to a multiple of size_divisible."""
+    ph, pw = spec.padded_hw((int(image.shape[-2]), int(image.shape[-1])))
     out = image.new_full((image.shape[0], ph, pw), spec.pad_value)
     out[:, : image.shape[-2], : image.shape[-1]].copy_(image)
     return out

@@ -32,7 +32,6 @@ SPECS = {
     # the parity detectors' two kinds: SSD's fixed stretch and torchvision's min/max resize
     "fixed 320": PreprocessSpec(resize_mode="fixed", fixed_size=(320, 320), min_size=320, max_size=320, size_divisible=1),
     "torchvision 256/320": PreprocessSpec(resize_mode="torchvision", min_size=256, max_size=320),
-    "letterbox 320": PreprocessSpec(resize_mode="letterbox", fixed_size=(320, 320)),
 }
 FUZZ = settings(
     max_examples=EXAMPLES,

@@ -53,16 +53,6 @@ def test_bgr_swaps_channels() -> None:
     assert preprocess(rgb, bgr).tensor[2].eq(1).all() and preprocess(rgb, bgr).tensor[0].eq(0).all()
 
 
-def test_letterbox_keeps_aspect_and_pads_with_pad_value() -> None:
-    rgb = np.full((100, 200, 3), 255, np.uint8)
-    spec = PreprocessSpec(
-        resize_mode="letterbox", fixed_size=(64, 64), size_divisible=32, image_mean=(0, 0, 0), image_std=(1, 1, 1), pad_value=0.5
-    )
-    out = preprocess(rgb, spec)
-    assert out.resized_hw == (32, 64) and out.padded_hw == (64, 64)
-    assert out.tensor[:, :32].eq(1).all() and out.tensor[:, 32:].eq(0.5).all()
-
-
 def test_padding_to_multiple_of_divisor() -> None:
     rgb = np.zeros((50, 70, 3), np.uint8)
     out = preprocess(rgb, PreprocessSpec(min_size=50, max_size=1000, size_divisible=32))
