@@ -1,14 +1,12 @@
-"""Start and stop the Triton server that ships inside the ``nvidia-pytriton`` wheel.
+"""Start, supervise and stop the Triton server that ships inside the ``nvidia-pytriton`` wheel.
 
-Stopping drains first (``TritonServer.drain``): on SIGTERM Triton 2.51 stops every model's
-scheduler at once, composing models included, so an ensemble request that already passed its
-first step is rejected at the next one ("scheduler ... has stopped accepting new inference
-requests"). The server therefore always runs explicit model control -- with the user's admin key,
-or an internal one only this object knows -- and ``stop`` unloads the ensembles first: Triton
-refuses new requests for them at once and unloads each only when its in-flight requests are done.
-Then SIGTERM.
+A ``TritonServer`` owns one tritonserver process (in its own process group), its stub watchdog,
+its /dev/shm regions and, when public, its nginx gate. Stopping drains first: the server always
+runs explicit model control -- with the user's admin key, or an internal one only this object
+knows -- so ``stop`` unloads the ensembles before SIGTERM (why: ``drain.py``).
 
-The binary and its environment: ``embedded.py``; dead python stubs: ``watchdog.py``.
+What the server is asked to be (repository, addresses, limits, command line): ``server_options.py``;
+the binary and its environment: ``embedded.py``; dead python stubs: ``watchdog.py``.
 """
 
 from __future__ import annotations
@@ -18,192 +16,32 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from detserve.errors import DetserveError, ServerError
-from detserve.ops.embedded import backend_directory, pytriton_root, server_environment
-from detserve.ops.gate import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    GateConfig,
-    internal_grpc_url,
-    private_directory,
-    triton_listen_args,
-    upstream_in,
-)
+from detserve.ops.drain import DrainReport, drain_ensembles
+from detserve.ops.embedded import server_environment
+from detserve.ops.gate import GateConfig, internal_grpc_url, private_directory, upstream_in
 from detserve.ops.nginx import Gate
 from detserve.ops.privateshm import wrap as wrap_private_shm
 from detserve.ops.restarts import Backoff, Restart, describe_exit
-from detserve.ops.stubshm import ServerShm, prefix_args
-from detserve.ops.stubshm import new_prefix as new_shm_prefix
+from detserve.ops.server_options import EXIT_TIMEOUT_S, ServerOptions, check_port, free_port
+from detserve.ops.stubshm import ServerShm
 from detserve.ops.stubshm import prepare as prepare_shm
 from detserve.ops.stubshm import release as release_shm
 from detserve.ops.watchdog import StubRestart, StubWatchdog
 from detserve.runtime.backend.common import MAX_REQUEST_PIXELS_ENV
 
-EXIT_TIMEOUT_S = 10
-DRAIN_TIMEOUT_S = 30.0
+# ServerOptions and free_port are part of this module's interface (callers start a server with them)
+__all__ = ["DrainReport", "ServerOptions", "TritonServer", "free_port", "running_server"]
 
 log = logging.getLogger(__name__)
 # start-up lines of a CPU-only host that say nothing about why tritonserver stopped (issue 20, 7g)
 _HARMLESS = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM")
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-# where Triton's metrics listen unless asked otherwise (a gate on 0.0.0.0 must not publish them on
-# every interface). IPv4 even with an IPv6 gate: Triton 2.51 logs "Started Metrics Service at ::1:P"
-# for --metrics-address=::1 but nothing answers on [::1]:P (checked).
-METRICS_LOOPBACK = "127.0.0.1"
-
-
-def _check_port(host: str, port: int, what: str) -> None:
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ServerError(f"{what} port {port} on {host} is already in use", hint=f"pass another --{what}-port") from e
-
-
-@dataclass
-class ServerOptions:
-    """One tritonserver: its repository, the public address of its gate, its limits and admin key.
-
-    tritonserver itself listens on Unix sockets in a private runtime directory (detserve/ops/gate.py);
-    ``host``/``grpc_port``/``http_port`` are the gate's (nginx) public address; metrics (read-only)
-    are served by Triton on ``metrics_host:metrics_port``, loopback unless set (a gate on 0.0.0.0
-    must not publish Triton's metrics on every interface by accident). Model control is always explicit (all models
-    loaded at start): detserve drains and restarts dead stubs through the private socket. Users
-    reach the admin APIs only through the gate, with ``admin_key``; without one they are closed.
-    """
-
-    repository: Path
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
-    log_file: Path | None = None
-    log_verbose: int = 0
-    extra_args: list[str] = field(default_factory=list)
-    shm_prefix: str = field(default_factory=new_shm_prefix, repr=False)  # its stubs' /dev/shm regions (stubshm.py)
-    drain_timeout_s: float = DRAIN_TIMEOUT_S
-    admin_key: str | None = field(default=None, repr=False)
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    metrics_host: str | None = None  # None: METRICS_LOOPBACK
-    public: bool = True  # False: no gate of its own (a replica behind a shared gate)
-    tritonserver: Path | None = None  # default: the binary inside nvidia-pytriton
-    backend_directory: Path | None = None  # default: the python backend of nvidia-pytriton
-    max_request_pixels: int | None = None  # the stubs' per-request pixel budget; None: each model's build value
-
-    def __post_init__(self) -> None:
-        for arg in self.extra_args:
-            if arg.split("=", 1)[0] in _OWNED_FLAGS:
-                raise ServerError(f"{arg.split('=', 1)[0]} is set by detserve and cannot be passed as an extra flag")
-
-    def command(self, runtime: Path) -> list[str]:
-        binary = self.tritonserver or (pytriton_root() / "bin" / "tritonserver")
-        backends = self.backend_directory or backend_directory()
-        return [
-            str(binary),
-            f"--model-repository={self.repository.resolve()}",
-            f"--backend-directory={backends}",
-            *triton_listen_args(runtime),
-            f"--metrics-address={self.metrics_address}",
-            f"--metrics-port={self.metrics_port}",
-            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-            "--strict-readiness=true",
-            "--model-control-mode=explicit",
-            "--load-model=*",
-            # images of several MB per request: start the stubs' shared memory large enough
-            "--backend-config=python,shm-default-byte-size=16777216",
-            "--backend-config=python,shm-growth-byte-size=16777216",
-            *prefix_args(self.shm_prefix),
-            f"--log-verbose={self.log_verbose}",
-            # the gRPC front keeps up to N request objects for reuse, each holding the raw bytes of
-            # the last request it carried (default 8: 8 x the largest request, never returned)
-            "--grpc-infer-allocation-pool-size=0",
-            # the gate stamps each call's arrival and grpc-timeout as detserve-* headers; Triton hands
-            # them to the models as request parameters, so preprocessing can drop abandoned requests
-            "--grpc-header-forward-pattern=^detserve-",
-            "--http-header-forward-pattern=^detserve-",
-            *self.extra_args,
-        ]
-
-    @property
-    def metrics_address(self) -> str:
-        return self.metrics_host or METRICS_LOOPBACK
-
-    @property
-    def grpc_url(self) -> str:
-        return f"[{self.host}]:{self.grpc_port}" if ":" in self.host else f"{self.host}:{self.grpc_port}"
-
-
-# flags detserve chooses itself: the listen addresses (Unix sockets behind the gate), model control
-# (drain and stub restarts need explicit control) and any restriction key (never on a command line)
-_OWNED_FLAGS = {
-    "--grpc-address",
-    "--grpc-port",
-    "--http-address",
-    "--http-port",
-    "--model-control-mode",
-    "--grpc-restricted-protocol",
-    "--http-restricted-api",
-    "--allow-grpc",
-    "--allow-http",
-}
-
-
-@dataclass
-class DrainReport:
-    """What ``TritonServer.drain`` did: the ensembles it unloaded, how long it waited, what failed."""
-
-    unloaded: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    error: str | None = None
-
-
-def _ensemble_levels(admin: Any) -> list[list[str]]:
-    """The loaded ensembles in unload order: those no other ensemble uses first, then the next level."""
-    names = {e.name for e in admin.get_model_repository_index() if e.state == "READY"}
-    steps: dict[str, set[str]] = {}
-    for name in sorted(names):
-        config = admin.model_config(name)
-        if config.get("platform") == "ensemble":
-            steps[name] = {s["model_name"] for s in config.get("ensemble_scheduling", {}).get("step", [])}
-    levels: list[list[str]] = []
-    while steps:
-        used = set().union(*steps.values())
-        level = sorted(n for n in steps if n not in used) or sorted(steps)  # a cycle cannot load; be safe
-        levels.append(level)
-        for n in level:
-            del steps[n]
-    return levels
-
-
-def _wait_unloaded(admin: Any, names: list[str], deadline: float) -> None:
-    """Until no version of ``names`` is READY or UNLOADING (its in-flight requests are done)."""
-    while True:
-        busy = {e.name for e in admin.get_model_repository_index() if e.name in names and e.state in ("READY", "UNLOADING")}
-        if not busy:
-            return
-        if time.monotonic() > deadline:
-            raise ServerError(f"drain timed out: {', '.join(sorted(busy))} still busy")
-        time.sleep(0.1)
 
 
 class TritonServer:
@@ -241,7 +79,7 @@ class TritonServer:
         if opts.public:
             ports += [(opts.host, opts.grpc_port, "grpc"), (opts.host, opts.http_port, "http")]
         for host, port, what in ports:
-            _check_port(host, port, what)
+            check_port(host, port, what)
         try:
             self.runtime = private_directory()
             self._spawn()
@@ -451,29 +289,11 @@ class TritonServer:
         return report
 
     def drain(self) -> DrainReport:
-        """Unload the ensembles, outermost first, and wait until Triton has unloaded them.
+        """Unload the ensembles, outermost first, and wait until Triton has (``drain.py``).
 
-        Triton refuses new requests for an ensemble as soon as its unload starts ("unknown model"
-        / "not found": fast and clear) and destroys it only when its in-flight requests are done;
-        their composing models stay loaded meanwhile. A drain that fails or times out is logged in
-        the report, and SIGTERM follows anyway.
+        A drain that fails or times out is logged in the report, and SIGTERM follows anyway.
         """
-        from detserve.ops.admin import ModelAdmin
-
-        report = DrainReport()
-        t0 = time.monotonic()
-        deadline = t0 + self.options.drain_timeout_s
-        try:
-            with ModelAdmin(self.internal_url, None, timeout_s=self.options.drain_timeout_s) as admin:
-                for level in _ensemble_levels(admin):
-                    for name in level:
-                        admin.unload_model(name)
-                    report.unloaded += level
-                    _wait_unloaded(admin, level, deadline)
-        except Exception as e:  # the drain is best effort: SIGTERM still stops the server
-            report.error = str(e)
-        report.seconds = time.monotonic() - t0
-        return report
+        return drain_ensembles(self.internal_url, self.options.drain_timeout_s)
 
     def __enter__(self) -> TritonServer:
         self.start()

@@ -14,7 +14,8 @@ from detserve.errors import ServerError
 from detserve.ops.admin import AdminKeyError, admin_key
 from detserve.ops.restarts import Backoff, describe_exit
 from detserve.ops.rundir import check_private
-from detserve.ops.server import ServerOptions, TritonServer, _check_port
+from detserve.ops.server import ServerOptions, TritonServer
+from detserve.ops.server_options import check_port
 from tests.host_checks import needs_ipv6
 
 KEY = "unit-lifecycle-key-0123456789"
@@ -53,8 +54,8 @@ def test_port_check_on_ipv6() -> None:
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(ServerError, match=f"grpc port {port} on ::1 is already in use"):
-            _check_port("::1", port, "grpc")
-    _check_port("::1", port, "grpc")  # free now: no false "in use" (the check was AF_INET only)
+            check_port("::1", port, "grpc")
+    check_port("::1", port, "grpc")  # free now: no false "in use" (the check was AF_INET only)
 
 
 def test_metrics_on_loopback_unless_asked(tmp_path: Path) -> None:
