@@ -11,20 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import DetserveError
-from training.synthetic import CLASSES, NUM_CLASSES
+from loadtest.bench_model import DEMO_DETECTOR, DEMO_NAME, DEMO_WEIGHTS, demo_build_request
+from training.synthetic import CLASSES
+
+# the demo detector is defined below the CLI (loadtest/bench_model.py): the bench builds it too
+__all__ = ["DEMO_DETECTOR", "DEMO_NAME", "DEMO_WEIGHTS", "DemoResult", "demo_build_request", "demo_images", "run_demo"]
 
 CLASS_NAMES = ["background", *CLASSES]
-
-if TYPE_CHECKING:
-    from converters.repository import BuildRequest
-
-DEMO_DETECTOR = "ssdlite320_mobilenet_v3_large"
-DEMO_NAME = "demo"
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_ssdlite320_shapes.pt"
 DEMO_IMAGES = 6  # held-out test-split images detected in step 3
 
 
@@ -73,15 +70,6 @@ def run_demo(
             seconds["load_test"] = time.monotonic() - t
             echo(report_md)
     return DemoResult(repository, server.options.grpc_url, {p.name: r for p, r in zip(images, results, strict=True)}, seconds)
-
-
-def demo_build_request(repository: Path, name: str = DEMO_NAME) -> BuildRequest:
-    """The trained demo detector as ``name`` in ``repository`` (the demo's and the bench's model)."""
-    from converters.repository import BuildRequest
-
-    return BuildRequest(
-        detector=DEMO_DETECTOR, repository=repository, name=name, num_classes=NUM_CLASSES, checkpoint=DEMO_WEIGHTS
-    )
 
 
 def demo_images(out: Path) -> list[Path]:

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 from detserve.ops.server import TritonServer
-from loadtest.bench import CAPACITY_RATIO, FLASK_PER_CPU_RATIO, FUSED_RATIO, PER_CPU_RATIO, BenchConfig, run_bench
+from loadtest.bench import BenchConfig, run_bench
+from loadtest.bench_figures import CAPACITY_RATIO, FLASK_PER_CPU_RATIO, FUSED_RATIO, PER_CPU_RATIO
 from tests.integration.conftest import SHAPES
 
 
 def test_cpu_accounting_of_a_served_run(server: TritonServer, tmp_path: Path) -> None:
     """Locust's own CPU over its load window, every stub of the loaded model seen with CPU used."""
-    from loadtest.bench import cpu_accounting, server_memory
+    from loadtest.bench import server_memory
+    from loadtest.bench_figures import cpu_accounting
     from loadtest.procstats import CpuSampler
     from loadtest.runner import LoadTestConfig, read_locust_cpu, run_loadtest
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.bench import (
+from loadtest.bench_figures import (
     CAPACITY_RATIO,
     FLASK_PER_CPU_RATIO,
     LOAD_SHARE,
@@ -17,9 +17,9 @@ from loadtest.bench import (
     TARGET_RATIO,
     cpu_accounting,
     ratios,
-    render_bench,
     targets,
 )
+from loadtest.bench_report import render_bench
 from loadtest.procstats import CpuSeries
 
 
