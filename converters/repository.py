@@ -190,7 +190,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
     verification = None
     if req.verify:
         verification = _verify_core(family, post, core, outputs, onnx_path, pre)
-    tensorrt = _build_tensorrt(req, repo, onnx_path, pre, outputs) if req.target == "tensorrt" else None
+    tensorrt = _build_tensorrt(req, repo, onnx_path, pre, outputs, (family, post)) if req.target == "tensorrt" else None
     checks: dict[str, Any] = {"core": verification}
     if tensorrt is not None:
         checks["tensorrt"] = tensorrt["verification"]
@@ -361,10 +361,13 @@ def _check_target_options(req: BuildRequest) -> None:
     require_cuda_gpu()
 
 
-def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: PreprocessSpec, outputs: list[Any]) -> dict[str, Any]:
-    """``model.plan`` (+ ``model.plan.json``) next to the ONNX, verified against ONNX Runtime unless --no-verify."""
+def _build_tensorrt(
+    req: BuildRequest, repo: Path, onnx_path: Path, pre: PreprocessSpec, outputs: list[Any], decoder: tuple[Any, Any]
+) -> dict[str, Any]:
+    """``model.plan`` (+ ``model.plan.json``) next to the ONNX, verified against ONNX Runtime unless --no-verify
+    (``decoder``: family and decode spec, to judge a core that selects its slots by its detections)."""
     from converters.tensorrt_build import BuildOptions, build_engine, default_timing_cache
-    from converters.tensorrt_verify import require_engine_ok, verify_tensorrt
+    from converters.tensorrt_verify import verify_engine
 
     plan = onnx_path.with_name("model.plan")
     opts = BuildOptions(
@@ -375,10 +378,8 @@ def _build_tensorrt(req: BuildRequest, repo: Path, onnx_path: Path, pre: Preproc
     meta = build_engine(onnx_path, plan, pre, req.options.max_batch_size, opts)
     verification = None
     if req.verify:
-        batches = [b for b in _verification_batches(pre) if b.shape[0] <= req.options.max_batch_size]
-        result = verify_tensorrt(onnx_path, plan, batches, req.precision, outputs)
-        require_engine_ok(result, onnx_path)  # a GridSample graph's refusal names the option that avoids it
-        verification = result.to_dict()
+        # per tensor, or by detections where the core selects; a GridSample graph's refusal names the option that avoids it
+        verification = verify_engine(*decoder, onnx_path, plan, _verification_items(pre), req.precision, outputs)
     return {"engine": meta.to_dict(), "verification": verification}
 
 
