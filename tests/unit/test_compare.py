@@ -75,3 +75,35 @@ def test_report_files_and_exit_condition(tmp_path: Path) -> None:
     data = json.loads(paths["json"].read_text())
     assert data["ok"] is False and data["problems"]
     assert "DISAGREE" in paths["markdown"].read_text() and "<table>" in paths["html"].read_text()
+
+
+def _raw(selects: bool, error: float, scale: float) -> dict[str, object]:
+    """The raw-tensor line of one backend: a logits output of magnitude ``scale`` off by ``error`` near 0."""
+    from converters.onnx_export import CoreVerification, compare_outputs
+    from detserve.app.compare import raw_record
+
+    ref = np.zeros((1, 30, 5), np.float32)
+    ref[0, 0, 0] = scale
+    got = ref.copy()
+    got[0, 3, 2] = error
+    out = compare_outputs("logits", got, ref, 1e-4, 1e-4)
+    return raw_record(CoreVerification("onnxruntime", 1e-4, 1e-4, [(1, 3, 8, 8)], [out]), selects)
+
+
+def test_raw_tensor_line_fails_a_fixed_slot_core_beyond_its_scaled_floor() -> None:
+    report = CompareReport("m", 1, ["a.png"], 0.0)
+    report.raw.append(_raw(selects=False, error=1e-3, scale=24.0))  # float32 noise of a trained-size network
+    assert report.problems == []
+    report.raw.append(_raw(selects=False, error=1e-3, scale=1.0))  # the same error on an output of scale 1
+    assert len(report.problems) == 1 and "raw tensors beyond tolerance: logits" in report.problems[0]
+    assert "BEYOND tolerance" in report.markdown()
+
+
+def test_raw_tensor_line_is_information_where_the_core_selects_its_slots() -> None:
+    """RT-DETR's slots come from a top-k: whole values differ between runtimes while the detections agree."""
+    report = CompareReport("m", 1, ["a.png"], 0.0)
+    report.sides.append(compare_side("onnxruntime", REFERENCE[:1], REFERENCE[:1]))
+    report.raw.append(_raw(selects=True, error=4.6, scale=10.0))
+    assert not report.raw[0]["ok"] and report.raw[0]["judged_by"] == "detections"
+    assert report.problems == [] and report.to_dict()["ok"]
+    assert "information (slots chosen by top-k" in report.markdown()
