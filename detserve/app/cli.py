@@ -107,11 +107,11 @@ def build(
     result = build_repository(req)
     typer.echo(f"built {result.name} version {result.version} in {result.repository} ({time.monotonic() - started:.1f} s)")
     for role, core in result.record["verification"].items():  # "core"; a multi-step family: each core step
-        if role in ("tensorrt", "ok") or not core:
+        if role == "ok" or not core:
             continue
-        # a multi-step family's engines: "tensorrt_<core step>"
+        # the engine: "tensorrt"; a multi-step family's engines: "tensorrt_<core step>"
         pair = (
-            f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt_") else "onnxruntime vs PyTorch"
+            f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt") else "onnxruntime vs PyTorch"
         )
         info = " (information: judged by detections)" if core.get("judged_by") == "detections" else ""
         for out in core["outputs"]:
@@ -120,13 +120,6 @@ def build(
             typer.echo(
                 f"  verified detections: {d['matched']}/{d['reference']} matched on {d['images']} images, "
                 f"max |dscore| {d['max_score_delta']:.2e}, max box d {d['max_box_delta']:.2e} px ({pair})"
-            )
-    trt = result.record["verification"].get("tensorrt")
-    if trt:
-        for out in trt["outputs"]:
-            typer.echo(
-                f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} "
-                f"(tensorrt {result.record['precision']} vs onnxruntime)"
             )
 
 
