@@ -561,7 +561,9 @@ class YoloFamily:
         return core(model, spec)
 
     def core_selects(self, spec: Any) -> bool:
-        return False  # every output slot is a fixed anchor / grid position
+        # end-to-end heads (YOLOv10, YOLO26) pick their detections by a top-k inside the graph: near-ties
+        # reorder the rows across runtimes; otherwise every output column is a fixed grid position
+        return bool(spec.end2end)
 
     def outputs(self, spec: YoloDecodeSpec) -> list[TensorDecl]:
         return outputs(spec)
