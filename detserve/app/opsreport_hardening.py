@@ -21,7 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detserve.app.opsreport import KEY, MODEL, Call, ClientLoad, Row, Setup, Tally, _copy, _server, _stub_pids
+from detserve.app.opsreport_base import (
+    KEY,
+    MODEL,
+    Call,
+    ClientLoad,
+    Row,
+    Setup,
+    Tally,
+    copy_repository,
+    scenario_server,
+    stub_pids,
+)
 from detserve.pipeline import CORE, model_name
 
 SIZE_LIMIT = 8 * 1024 * 1024
@@ -30,7 +41,7 @@ SIZE_LIMIT = 8 * 1024 * 1024
 def key_exposure(s: Setup) -> Row:
     """Every process's cmdline and environ searched for the key (what ps and /proc show)."""
     with (
-        _server(_copy(s.base, s.work / "key"), key=True) as server,
+        scenario_server(copy_repository(s.base, s.work / "key"), key=True) as server,
         ClientLoad(server.options.grpc_url, s.images, s.users) as load,
     ):
         t0 = time.monotonic()
@@ -94,7 +105,7 @@ def admin_without_key(s: Setup) -> Row:
     marker = Path("/tmp") / f"detserve-ops-{uuid.uuid4().hex}"
     calls: list[Call] = []
     with (
-        _server(_copy(s.base, s.work / "admin"), key=True) as server,
+        scenario_server(copy_repository(s.base, s.work / "admin"), key=True) as server,
         ClientLoad(server.options.grpc_url, s.images, s.users) as load,
     ):
         t0 = time.monotonic()
@@ -127,7 +138,7 @@ def admin_without_key(s: Setup) -> Row:
 
 def _stub_region(server: Any) -> str:
     """A live python stub's shared-memory region name (argv[2], visible to every user in ps)."""
-    for pid in _stub_pids(server, model_name(MODEL, CORE)):
+    for pid in stub_pids(server, model_name(MODEL, CORE)):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             return "/" + args[2].decode().lstrip("/")
@@ -142,8 +153,11 @@ def oversized_requests(s: Setup) -> Row:
     import tritonclient.grpc as grpcclient
 
     calls: list[Call] = []
-    repo = _copy(s.base, s.work / "oversized")
-    with _server(repo, max_request_bytes=SIZE_LIMIT) as server, ClientLoad(server.options.grpc_url, s.images, s.users) as load:
+    repo = copy_repository(s.base, s.work / "oversized")
+    with (
+        scenario_server(repo, max_request_bytes=SIZE_LIMIT) as server,
+        ClientLoad(server.options.grpc_url, s.images, s.users) as load,
+    ):
         t0 = time.monotonic()
         client = grpcclient.InferenceServerClient(server.options.grpc_url)
         try:
@@ -190,17 +204,17 @@ def _until(cond: Callable[[], bool], timeout_s: float) -> float:
 
 def unservable_model(s: Setup) -> Row:
     """The core's file corrupted and its stub killed: readiness false (naming it) until the file is back."""
-    repo = _copy(s.base, s.work / "unservable")
+    repo = copy_repository(s.base, s.work / "unservable")
     onnx = repo / model_name(MODEL, CORE) / "1" / "model.onnx"
     good = onnx.read_bytes()
-    with _server(repo) as server:
+    with scenario_server(repo) as server:
         url = server.options.grpc_url
         with ClientLoad(url, s.images, s.users) as load:
             t0 = time.monotonic()
             load.wait_for(s.users)
             onnx.write_bytes(b"not an onnx file")
             t_fault = time.monotonic()
-            for pid in _stub_pids(server, model_name(MODEL, CORE)):
+            for pid in stub_pids(server, model_name(MODEL, CORE)):
                 os.kill(pid, signal.SIGKILL)
             to_false = _until(lambda: "reload failed" in _ready(url)[1], 120)
             why = _ready(url)[1]

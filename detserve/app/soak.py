@@ -32,9 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detserve.app.opsreport import KEY, MODEL, Call, ClientLoad, Echo, _build_request
+from detserve.app.opsreport_base import KEY, MODEL, ClientLoad, Echo, build_request
 from detserve.app.soak_faults import FAULTS, Fault, Service, ready, server_processes
-from detserve.app.soak_stats import Limits, Sample, Window
+from detserve.app.soak_render import write_report
+from detserve.app.soak_stats import Limits, Sample, Schedule, SoakResult, Window
 from detserve.errors import DetserveError
 
 SOAK_MAX_REQUEST_BYTES = 8 * 2**20  # small, so that an oversized request is cheap to send
@@ -48,22 +49,6 @@ END_SETTLE_S = 45.0  # a replaced stub may live 30 s after its reload (stubshm.R
 PREFIX_OPTION = "shm-region-prefix-name="
 
 
-@dataclass(frozen=True)
-class Schedule:
-    duration_s: float
-    warmup_s: float
-    gap_s: float  # quiet time before each fault
-    sample_s: float
-
-    @classmethod
-    def for_duration(cls, duration_s: float) -> Schedule:
-        if duration_s < 60:
-            raise DetserveError(f"a soak of {duration_s:.0f} s is too short", hint="at least 1m; 3m sees every fault once")
-        return cls(
-            duration_s, min(30.0, duration_s / 10), min(60.0, max(8.0, duration_s / 30)), min(15.0, max(2.0, duration_s / 120))
-        )
-
-
 def ensure_base(work: Path, echo: Echo) -> Path:
     """``<work>/base``: ops-report's small ssdlite repository (version 1), built once (~20 s)."""
     from converters.repository import build_repository
@@ -72,7 +57,7 @@ def ensure_base(work: Path, echo: Echo) -> Path:
     if not (base / MODEL / "config.pbtxt").is_file():
         echo(f"building {MODEL} into {base}")
         shutil.rmtree(base, ignore_errors=True)
-        build_repository(_build_request(base, 1, seed=0))
+        build_repository(build_request(base, 1, seed=0))
     return base
 
 
@@ -292,24 +277,6 @@ def stop_service(svc: Service, seen: list[tuple[int, str, int | None]]) -> list[
     return left
 
 
-@dataclass(frozen=True)
-class SoakResult:
-    schedule: Schedule
-    t_start: float  # monotonic: the load began
-    users: int
-    seconds: float
-    own_cpu_s: float  # CPU time of the soak process (clients, sampler, faults), beside the server's
-    calls: list[Call]
-    windows: list[Window]
-    samples: list[Sample]
-    shm: list[tuple[float, int, int]]
-    tritonservers: list[int]
-    left_after_stop: list[str]
-    shm_after_stop: tuple[int, int]
-    service_exited: str | None
-    limits: Limits
-
-
 def soak(repo: Path, run_dir: Path, images: list[bytes], users: int, schedule: Schedule, echo: Echo) -> SoakResult:
     """Start the service, hold the load, inject the faults, sample, settle, stop; return what was seen."""
     svc = start_service(repo, run_dir, images)
@@ -348,7 +315,6 @@ def run_soak(work: Path, out: Path, duration_s: float, users: int = 3, echo: Ech
     from, attacks answered instead of refused, leaks (processes, descriptors, RSS slopes,
     /dev/shm), anything left after the service stopped. None of them raises: the report says them.
     """
-    from detserve.app.soak_render import write_report
     from detserve.runtime.samples import sample_files
 
     schedule = Schedule.for_duration(duration_s)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detserve.app.opsreport import MODEL, Call, bad_inputs
+from detserve.app.opsreport_base import MODEL, Call
+from detserve.app.opsreport_scenarios import bad_inputs
 from detserve.app.soak_stats import ZOMBIE
 from loadtest.procstats import ProcInfo, descendants, read_proc, role_of_process
 

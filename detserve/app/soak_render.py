@@ -6,14 +6,11 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from detserve.app.opsreport import DETECTOR, MODEL, Tally
+from detserve.app.opsreport_base import DETECTOR, MODEL, Tally
 from detserve.app.soak_faults import STUB_KILL
-from detserve.app.soak_stats import EndState, ProcessSeries, attribute, end_state, series
-
-if TYPE_CHECKING:
-    from detserve.app.soak import SoakResult
+from detserve.app.soak_stats import EndState, ProcessSeries, SoakResult, attribute, end_state, series
 
 MiB = 2**20
 

@@ -9,6 +9,9 @@ Pure functions over what the soak recorded, so that the rules are tested without
   least-squares line in MB/hour;
 - the end state is compared with the start: processes per role, descriptors per role, and the
   server's /dev/shm regions.
+
+The records themselves (the schedule, what one soak saw) are here too, so the soak (soak.py) and
+its report (soak_render.py) both read them from below instead of from each other.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from detserve.app.opsreport import Call, Tally
+from detserve.app.opsreport_base import Call, Tally
+from detserve.errors import DetserveError
 
 ZOMBIE = "zombie"
 
@@ -198,3 +202,37 @@ def end_state(
                 f"+{p.late_slope_mb_h:.0f} MB/h over its second half"
             )
     return EndState(start, end, shm_start, shm_end, leaks)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    duration_s: float
+    warmup_s: float
+    gap_s: float  # quiet time before each fault
+    sample_s: float
+
+    @classmethod
+    def for_duration(cls, duration_s: float) -> Schedule:
+        if duration_s < 60:
+            raise DetserveError(f"a soak of {duration_s:.0f} s is too short", hint="at least 1m; 3m sees every fault once")
+        return cls(
+            duration_s, min(30.0, duration_s / 10), min(60.0, max(8.0, duration_s / 30)), min(15.0, max(2.0, duration_s / 120))
+        )
+
+
+@dataclass(frozen=True)
+class SoakResult:
+    schedule: Schedule
+    t_start: float  # monotonic: the load began
+    users: int
+    seconds: float
+    own_cpu_s: float  # CPU time of the soak process (clients, sampler, faults), beside the server's
+    calls: list[Call]
+    windows: list[Window]
+    samples: list[Sample]
+    shm: list[tuple[float, int, int]]
+    tritonservers: list[int]
+    left_after_stop: list[str]
+    shm_after_stop: tuple[int, int]
+    service_exited: str | None
+    limits: Limits

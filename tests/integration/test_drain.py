@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from detserve.app.opsreport import ClientLoad, Tally, is_rejection
+from detserve.app.opsreport_base import ClientLoad, Tally, is_rejection
 from detserve.ops.admin import ModelAdmin
 from detserve.ops.server import running_server
 from tests.detector_fixtures import NUM_CLASSES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detserve.app.opsreport import Call
+from detserve.app.opsreport_base import Call
 from detserve.app.soak_stats import ZOMBIE, Limits, Sample, Window, attribute, end_state, series, slope_per_hour
 
 
