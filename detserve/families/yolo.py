@@ -57,7 +57,7 @@ def ultralytics_env() -> Path:
     ultralytics reads these switches once, at import; an ultralytics imported earlier without them
     may already have probed the network or written ``~/.config/Ultralytics``, so that is refused.
     """
-    from detserve.ops.cachedir import cache_directory
+    from detserve.cachedir import cache_directory
 
     config_dir = cache_directory() / "ultralytics"
     config_dir.mkdir(mode=0o700, exist_ok=True)

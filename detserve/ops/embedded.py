@@ -23,8 +23,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from detserve.cachedir import cache_directory
 from detserve.errors import ServerError
-from detserve.ops.cachedir import cache_directory
 
 # never handed to tritonserver, nginx or the stubs
 SECRET_VARIABLES = ("DETSERVE_ADMIN_KEY", "DETSERVE_ADMIN_KEY_FILE")

@@ -1,5 +1,8 @@
 """detserve's per-user cache: files it generates next to an install it must not write into.
 
+Foundation layer (imports only ``detserve.errors``): the server's helpers (ops) and the YOLO
+family (ultralytics' settings) both keep files here, and a family may not import ops.
+
 The python backend directory (symlinks) and the stubs' private prefix used to go into
 ``sys.prefix``, which fails on a read-only or system-wide install. They go to
 ``$XDG_CACHE_HOME/detserve`` (default ``~/.cache/detserve``), 0700, one subdirectory per
