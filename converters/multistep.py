@@ -1,10 +1,10 @@
-"""Build the steps of a multi-step family (``Family.steps``: two-stage R-CNN) into a repository.
+"""Build the cores of a multi-core family (``Family.steps``: two-stage R-CNN) into a repository.
 
 The generic preprocessing step, then the family's declared steps in order: each ``core`` step is
 its own exported ONNX (several inputs: FPN maps + boxes), verified against PyTorch on the inputs
 it really gets -- the sample photographs run through the whole chain in-process
-(:func:`run_chain`) -- and each ``python`` step runs the family's torch code in the generic stage
-backend (detserve.runtime.backend.stage_model). The ensemble wires them by tensor name.
+(:func:`run_chain`) -- and each ``python`` step runs the family's torch code in the python step
+model (detserve.runtime.backend.step_model). The ensemble wires them by tensor name.
 """
 
 from __future__ import annotations
@@ -17,20 +17,14 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import SpecError
-from detserve.families.base import StepDecl, TensorDecl
+from detserve.families.base import Family, StepDecl, TensorDecl
 from detserve.specs import PreprocessSpec, RequestControls
 
 OPSET = 17
 
 
-def declared_steps(family: Any, decode_spec: Any) -> list[StepDecl] | None:
-    """The family's steps after preprocessing, or None for the default three-step pipeline."""
-    steps = getattr(family, "steps", None)
-    return list(steps(decode_spec)) if steps is not None else None
-
-
 def run_chain(
-    family: Any, model: Any, spec: Any, images: Any, info: Any, controls: Sequence[RequestControls]
+    family: Family, model: Any, spec: Any, images: Any, info: Any, controls: Sequence[RequestControls]
 ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Every tensor of the served chain, computed in-process (cores as torch modules), and each core's inputs."""
     import torch
@@ -39,7 +33,7 @@ def run_chain(
 
     tensors: dict[str, Any] = {"images": images, "image_info": info}
     core_inputs: dict[str, list[Any]] = {}
-    for step in declared_steps(family, spec) or []:
+    for step in family.steps(spec):
         args = [tensors[t.name] for t in step.inputs]
         if step.kind == "core":
             core_inputs[step.role] = args
@@ -122,7 +116,7 @@ def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[
 
 
 def build_cores(
-    family: Any, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl], version_dir: Any, verify: bool
+    family: Family, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl], version_dir: Any, verify: bool
 ) -> dict[str, Any]:
     """Export (and verify) every core step into ``version_dir(role)/model.onnx``; per role the ONNX path,
     the verification and the sample inputs (the chain's on the sample photographs)."""

@@ -1,8 +1,10 @@
-"""Build a Triton model repository for a torchvision detector.
+"""Build a Triton model repository for a detector of any family.
 
-Writes four models, each with a numbered version directory and a ``build.json`` record:
-``<name>_preprocess`` (python), ``<name>_core`` (ONNX: onnxruntime inside python, or the
-onnxruntime backend), ``<name>_postprocess`` (python, torch) and the ``<name>`` ensemble.
+Writes ``<name>_preprocess`` (python), one model per step the family declares (``Family.steps``:
+``<name>_core`` + ``<name>_postprocess`` for a single-stage family; more for two-stage R-CNN) and
+the ``<name>`` ensemble, each with a numbered version directory and a ``build.json`` record. A core
+is ONNX (run by onnxruntime inside the python step model, or by Triton's onnxruntime backend) or a
+TensorRT engine beside it; a torch step runs in the python step model.
 """
 
 from __future__ import annotations
@@ -17,18 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from detserve.errors import SpecError
-from detserve.pipeline import CORE, POSTPROCESS, PREPROCESS, all_models, model_name
+from detserve.pipeline import PREPROCESS, all_models, model_name, role_of
 from detserve.specs import ModelSpec, PreprocessSpec
-from detserve.tritonconfig import (
-    ServingOptions,
-    core_config,
-    ensemble_config,
-    own_canvases,
-    postprocess_config,
-    preprocess_config,
-    render,
-    step_config,
-)
+from detserve.tritonconfig import ServingOptions, ensemble_config, own_canvases, preprocess_config, render, step_config
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
@@ -81,7 +74,7 @@ class BuildResult:
 
     @property
     def model_dirs(self) -> list[Path]:
-        if self.record.get("steps"):  # a multi-step family: the preprocessing step and those it declares
+        if self.record.get("steps"):  # the preprocessing step and those the family declares
             return [self.repository / n for n in [self.name, model_name(self.name, PREPROCESS), *self.record["steps"]]]
         return [self.repository / n for n in all_models(self.name)]
 
@@ -151,10 +144,10 @@ def _verify_core(family: Any, post: Any, core: Any, outputs: list[Any], onnx_pat
 
 
 def build_repository(req: BuildRequest) -> BuildResult:
-    """Build (or add a version to) the detector's four models in ``req.repository``."""
-    from converters.multistep import declared_steps
-    from converters.onnx_export import export_core
+    """Build (or add a version to) the detector's models in ``req.repository``: the preprocessing step,
+    the steps its family declares (``Family.steps``), and the ensemble."""
     from detserve.families import family_for_detector
+    from detserve.families.base import is_single_stage
 
     name = validate_name(req.model_name)
     if req.version < 1:
@@ -170,35 +163,33 @@ def build_repository(req: BuildRequest) -> BuildResult:
     post = family.decode_spec(model, pre)
     spec = ModelSpec(req.detector, num_classes, pre, post, dict(req.model_kwargs))
     repo = req.repository.resolve()
-    decls = declared_steps(family, post)
-    if req.fused_out is not None and (decls is not None or req.target == "tensorrt"):
+    decls = list(family.steps(post))
+    single = is_single_stage(decls)
+    if req.fused_out is not None and (not single or req.target == "tensorrt"):
         raise SpecError("the fused CPU layout is for single-core models on onnxruntime (not multi-step or tensorrt)")
-    if decls is not None:  # a multi-step family (two-stage): the steps it declares
-        return _build_steps(req, repo, name, family, model, spec, decls)
-    outputs = list(family.outputs(post))
-    steps = [
-        preprocess_config(name, pre, req.options),
-        core_config(name, req.target, pre, outputs, req.options),
-        postprocess_config(name, post, outputs, req.options),
-    ]
+    if req.target == "tensorrt" and req.precision == "int8" and not single:
+        raise SpecError(
+            f"{family.name}: int8 needs calibration batches of every input of every core (FPN maps, proposals)",
+            hint="build with --precision fp32 or fp16",
+        )
+    steps = [preprocess_config(name, pre, req.options)]
+    last = len(decls) - 1
+    steps += [step_config(name, d, req.target, post, req.options, last=i == last, pre=pre) for i, d in enumerate(decls)]
     own_canvases(steps, req.target)
     configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
     configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
-    core_dir = repo / model_name(name, CORE) / str(req.version)
-    core = family.core(model, post)
-    onnx_path = export_core(core, outputs, pre, core_dir / "model.onnx", sample_hw=pre.trace_hw)
-    verification = None
-    if req.verify:
-        verification = _verify_core(family, post, core, outputs, onnx_path, pre)
-    tensorrt = _build_tensorrt(req, repo, onnx_path, pre, outputs, (family, post)) if req.target == "tensorrt" else None
-    checks: dict[str, Any] = {"core": verification}
-    if tensorrt is not None:
-        checks["tensorrt"] = tensorrt["verification"]
+
+    def version_dir(role: str) -> Path:
+        return repo / model_name(name, role) / str(req.version)
+
+    export = _build_single_core if single else _build_step_cores
+    checks, extra = export(req, repo, family, model, spec, decls, version_dir)
     checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
-    record = _record(req, name, family.name, num_classes, onnx_path, checks)
-    if tensorrt is not None:
-        record["tensorrt"] = tensorrt["engine"]
-    _write_models(repo, name, req, configs, spec, record)
+    record = {**_record(req, name, family.name, num_classes, version_dir("core") / "model.onnx", checks), **extra}
+    record["steps"] = [model_name(name, d.role) for d in decls]
+    # every step but the preprocessing runs in the one python step model, except cores on Triton's own backends
+    modules = {model_name(name, d.role): "step_model" for d in decls if d.kind == "python" or req.target == "python-onnxruntime"}
+    _write_models(repo, name, req, configs, spec, record, modules)
     if req.fused_out is not None:
         from converters.fused import fused_repository
 
@@ -206,36 +197,38 @@ def build_repository(req: BuildRequest) -> BuildResult:
     return BuildResult(name, req.version, repo, spec, record)
 
 
-def _build_steps(
-    req: BuildRequest, repo: Path, name: str, family: Any, model: Any, spec: ModelSpec, decls: list[Any]
-) -> BuildResult:
-    """A multi-step family: preprocessing, then its declared steps; every core exported and verified."""
+def _build_single_core(
+    req: BuildRequest, repo: Path, family: Any, model: Any, spec: ModelSpec, decls: list[Any], version_dir: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A single-stage family's one core: exported at the preprocess spec's trace size (or its fixed
+    size), verified per tensor -- or by detections where the core selects its slots -- and on the
+    tensorrt target built into an engine (int8 calibration, fp16) verified against ONNX Runtime.
+    The checks by name, and what the build record adds (the engine)."""
+    from converters.onnx_export import export_core
+
+    pre, post = spec.preprocess, spec.postprocess
+    outputs = list(decls[0].outputs)
+    core = family.step_module(model, post, "core")
+    onnx_path = export_core(core, outputs, pre, version_dir("core") / "model.onnx", sample_hw=pre.trace_hw)
+    checks: dict[str, Any] = {"core": _verify_core(family, post, core, outputs, onnx_path, pre) if req.verify else None}
+    if req.target != "tensorrt":
+        return checks, {}
+    tensorrt = _build_tensorrt(req, repo, onnx_path, pre, outputs, (family, post))
+    checks["tensorrt"] = tensorrt["verification"]
+    return checks, {"tensorrt": tensorrt["engine"]}
+
+
+def _build_step_cores(
+    req: BuildRequest, repo: Path, family: Any, model: Any, spec: ModelSpec, decls: list[Any], version_dir: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A multi-core family: every core exported and verified on the inputs the chain gives it
+    (converters/multistep.py); on tensorrt an engine per core, verified per output."""
     from converters.multistep import build_cores
     from detserve.hashing import file_sha256
 
-    if req.target == "tensorrt" and req.precision == "int8":
-        raise SpecError(
-            f"{family.name}: int8 needs calibration batches of every input of every core (FPN maps, proposals)",
-            hint="build with --precision fp32 or fp16",
-        )
-    steps = [preprocess_config(name, spec.preprocess, req.options)]
-    steps += [
-        step_config(name, d, req.target, spec.postprocess, req.options, last=i == len(decls) - 1) for i, d in enumerate(decls)
-    ]
-    own_canvases(steps, req.target)
-    configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
-    configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
-    cores = build_cores(
-        family,
-        model,
-        spec.postprocess,
-        spec.preprocess,
-        decls,
-        lambda role: repo / model_name(name, role) / str(req.version),
-        req.verify,
-    )
+    cores = build_cores(family, model, spec.postprocess, spec.preprocess, decls, version_dir, req.verify)
     checks: dict[str, Any] = {role: c["verification"] for role, c in cores.items()}
-    engines: dict[str, Any] = {}
+    extra: dict[str, Any] = {"onnx_sha256": {role: file_sha256(c["onnx"]) for role, c in cores.items()}}
     if req.target == "tensorrt":  # an engine per core, beside its ONNX, verified per output (tensorrt_multistep)
         from converters.tensorrt_build import default_timing_cache
         from converters.tensorrt_multistep import build_step_engines
@@ -245,16 +238,8 @@ def _build_steps(
             decls, cores, spec.preprocess, spec.postprocess, req.options.max_batch_size, req.precision, cache, req.verify
         )
         checks.update({f"tensorrt_{role}": b["verification"] for role, b in built.items()})
-        engines = {role: b["engine"] for role, b in built.items()}
-    checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
-    record = _record(req, name, family.name, spec.num_classes, cores["core"]["onnx"], checks)
-    if engines:
-        record["tensorrt"] = engines
-    record["steps"] = [model_name(name, d.role) for d in decls]
-    record["onnx_sha256"] = {role: file_sha256(c["onnx"]) for role, c in cores.items()}
-    modules = {model_name(name, d.role): "stage_model" for d in decls if d.kind == "python" or req.target == "python-onnxruntime"}
-    _write_models(repo, name, req, configs, spec, record, modules)
-    return BuildResult(name, req.version, repo, spec, record)
+        extra["tensorrt"] = {role: b["engine"] for role, b in built.items()}
+    return checks, extra
 
 
 def _checkpoint_kind(checkpoint: Path | str | None) -> str | None:
@@ -398,23 +383,21 @@ def _write_models(
     configs: dict[str, Any],
     spec: ModelSpec,
     record: dict[str, Any],
-    modules: dict[str, str] | None = None,
+    modules: dict[str, str],
 ) -> None:
-    """Configs, ``model.py`` of every python step (``modules``: model -> backend module, for
-    multi-step families), ``build.json`` and ``spec.json`` per version."""
+    """Configs, ``model.py`` of every python model (the preprocessing step, and ``modules``: model ->
+    backend module), ``build.json`` and ``spec.json`` per version."""
     from detserve import __version__
 
-    roles = {model_name(name, PREPROCESS): "preprocess_model", model_name(name, POSTPROCESS): "postprocess_model"}
-    if req.target == "python-onnxruntime":
-        roles[model_name(name, CORE)] = "core_model"
-    if modules is not None:
-        roles = {model_name(name, PREPROCESS): "preprocess_model", **modules}
+    modules = {model_name(name, PREPROCESS): "preprocess_model", **modules}
     for step, config in configs.items():
         version_dir = repo / step / str(req.version)
         version_dir.mkdir(parents=True, exist_ok=True)
         (repo / step / "config.pbtxt").write_text(render(config))
-        if step in roles:
-            role = roles[step].removesuffix("_model")
-            (version_dir / "model.py").write_text(MODEL_PY.format(version=__version__, role=role, name=name, module=roles[step]))
+        if step in modules:
+            role = role_of(step, name) or step
+            (version_dir / "model.py").write_text(
+                MODEL_PY.format(version=__version__, role=role, name=name, module=modules[step])
+            )
         (version_dir / "build.json").write_text(json.dumps({**record, "model": step}, indent=2, sort_keys=True) + "\n")
         (version_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")

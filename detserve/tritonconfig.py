@@ -16,12 +16,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from detserve.errors import SpecError
-from detserve.pipeline import CORE, POSTPROCESS, PREPROCESS, model_name
+from detserve.pipeline import PREPROCESS, model_name
 from detserve.runtime.canvas import CANVAS_PARAMETER, PER_IMAGE, shape_name
 from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
-    from detserve.families.base import StepDecl, TensorDecl
+    from detserve.families.base import StepDecl
 
 Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt"]
 TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt")
@@ -126,59 +126,32 @@ def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> m
     return config
 
 
-def core_config(
-    name: str, target: str, pre: PreprocessSpec, outputs: Sequence[TensorDecl], opts: ServingOptions
+def step_config(
+    name: str,
+    step: StepDecl,
+    target: str,
+    decode_spec: Any,
+    opts: ServingOptions,
+    last: bool,
+    pre: PreprocessSpec | None = None,
 ) -> mc.ModelConfig:
-    """The core step: the family's declared outputs, on the chosen target."""
+    """The config of one of a family's steps (``Family.steps``): its declared inputs and outputs.
+
+    A core step is exported ONNX on ``target`` (python-onnxruntime: the python step model runs it
+    in onnxruntime; onnxruntime / tensorrt: Triton's own backends); its ``images`` input is
+    [3, H, W] with the size ``pre`` fixes, if it fixes one. A python step runs the family's torch
+    step (``parameters: step``) with the decode spec. The last step's instances are the
+    post-processing ones; the steps between get one each. A step that may take GPU inputs
+    (``StepDecl.gpu_inputs``: a single-stage post-processing) runs on the GPU with
+    ``ServingOptions.postprocess_on_gpu``.
+    """
     if target not in TARGETS:
         raise SpecError(f"unknown target {target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
-    config = mc.ModelConfig(name=model_name(name, CORE))
-    if target == "onnxruntime":
-        config.platform = "onnxruntime_onnx"
-        config.default_model_filename = "model.onnx"
-    elif target == "tensorrt":
-        # the engine converters.tensorrt_build built for the GPU it runs on
-        config.platform = "tensorrt_plan"
-        config.default_model_filename = "model.plan"
-    else:
-        config.backend = "python"
-        config.parameters["onnx_file"].string_value = "model.onnx"
-        config.parameters["intra_op_threads"].string_value = str(opts.ort_intra_op_threads)
-        config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
-    _batched(config, opts, opts.core_instances, gpu=target == "tensorrt")
-    _tensor(config.input, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
-    for out in outputs:
-        _tensor(config.output, out.name, _dtype(out.dtype), list(out.dims))
-    return config
-
-
-def postprocess_config(name: str, decode_spec: Any, outputs: Sequence[TensorDecl], opts: ServingOptions) -> mc.ModelConfig:
-    """The post-processing step: the core's declared outputs in, the detection contract out."""
-    config = mc.ModelConfig(name=model_name(name, POSTPROCESS), backend="python")
-    _batched(config, opts, opts.postprocess_instances, gpu=opts.postprocess_on_gpu)
-    if opts.postprocess_on_gpu:
-        # the python backend copies every input to the CPU unless told not to
-        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
-    for out in outputs:
-        _tensor(config.input, out.name, _dtype(out.dtype), list(out.dims))
-    _tensor(config.input, IMAGE_INFO, mc.TYPE_INT32, [6])
-    _add_detection_outputs(config)
-    config.parameters["postprocess_spec"].string_value = decode_spec.to_json()
-    config.parameters["torch_threads"].string_value = str(opts.postprocess_torch_threads)
-    return config
-
-
-def step_config(name: str, step: StepDecl, target: str, decode_spec: Any, opts: ServingOptions, last: bool) -> mc.ModelConfig:
-    """A step of a multi-step family (``Family.steps``): its declared inputs and outputs.
-
-    A core step is exported ONNX on ``target`` (on python-onnxruntime the generic stage backend
-    runs it); a python step runs the family's torch step (``parameters: step``) with the decode
-    spec. The last step's instances are the post-processing ones; the steps between get one each.
-    """
     config = mc.ModelConfig(name=model_name(name, step.role))
     if step.kind == "core" and target == "onnxruntime":
         config.platform, config.default_model_filename = "onnxruntime_onnx", "model.onnx"
     elif step.kind == "core" and target == "tensorrt":
+        # the engine converters.tensorrt_build built for the GPU it runs on
         config.platform, config.default_model_filename = "tensorrt_plan", "model.plan"
     else:
         config.backend = "python"
@@ -189,12 +162,16 @@ def step_config(name: str, step: StepDecl, target: str, decode_spec: Any, opts: 
             config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
         _batched(config, opts, opts.core_instances, gpu=target == "tensorrt")
     else:
-        _batched(config, opts, opts.postprocess_instances if last else 1)
+        gpu = opts.postprocess_on_gpu and step.gpu_inputs
+        _batched(config, opts, opts.postprocess_instances if last else 1, gpu=gpu)
+        if gpu:  # the python backend copies every input to the CPU unless told not to
+            config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
         config.parameters["postprocess_spec"].string_value = decode_spec.to_json()
         config.parameters["step"].string_value = step.role
         config.parameters["torch_threads"].string_value = str(opts.postprocess_torch_threads)
     for t in step.inputs:
-        _tensor(config.input, t.name, _dtype(t.dtype), list(t.dims))
+        dims = _core_dims(pre) if t.name == CORE_INPUT and pre is not None else list(t.dims)
+        _tensor(config.input, t.name, _dtype(t.dtype), dims)
     for t in step.outputs:
         _tensor(config.output, t.name, _dtype(t.dtype), list(t.dims))
     return config

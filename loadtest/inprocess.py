@@ -9,7 +9,7 @@ A multi-step family (``Family.steps``: two-stage R-CNN) runs its whole declared 
 preprocess, then each step in order — every core through onnxruntime on its own
 ``<name>_<role>/<version>/model.onnx`` with that step's served session settings, every torch step
 through the family's ``run_step`` — the images of one padded size as one batch through every step,
-outputs cast to the declared dtypes as the stage backend casts them.
+outputs cast to the declared dtypes as the python step model casts them.
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ class InProcessPipeline:
         import torch
 
         from detserve.families import family_of_spec, output_names
+        from detserve.runtime.outputs import stack_rows
 
         post = self.spec.postprocess
         names = output_names(post)
@@ -177,10 +178,10 @@ class InProcessPipeline:
         raw = self.session.run(list(names), {CORE_INPUT: batch})
         t1 = time.process_time()
         outputs = {name: torch.from_numpy(arr) for name, arr in zip(names, raw, strict=True)}
-        resized = torch.tensor([it.resized_hw for it in items], dtype=torch.int32)
-        original = torch.tensor([it.original_hw for it in items], dtype=torch.int32)
-        dets = family_of_spec(post).decode(post, outputs, padded_hw, resized, original, controls)
-        out = [{k: v.numpy() for k, v in d.items()} for d in dets]
+        info = torch.from_numpy(np.stack([it.info() for it in items]))  # each image's canvas: padded_hw
+        rows = family_of_spec(post).run_step(post, "postprocess", outputs, info, controls)
+        # images with other max_det controls have other row counts: zero-padded as a served response
+        out = _detections({n: stack_rows([r[n] for r in rows]) for n in rows[0]}, len(items))
         self.stage_cpu_s["core"] += t1 - t0
         self.stage_cpu_s["postprocess"] += time.process_time() - t1
         return out
@@ -204,7 +205,7 @@ class InProcessPipeline:
         from detserve.families import family_of_spec
         from detserve.runtime.outputs import stack_rows
 
-        family: Any = family_of_spec(self.spec.postprocess)
+        family = family_of_spec(self.spec.postprocess)
         info = np.stack([it.info() for it in items])
         tensors: dict[str, np.ndarray] = {"images": torch.stack([it.tensor for it in items]).numpy(), "image_info": info}
         for step in self.steps or []:
@@ -226,19 +227,23 @@ class InProcessPipeline:
         self, padded_hw: tuple[int, int], items: list[Any], controls: list[RequestControls]
     ) -> list[dict[str, np.ndarray]]:
         """Multi-step: detections per image (and masks where the contract has them), as the client reads them."""
-        tensors = self._run_steps(items, controls)
-        out = []
-        for i in range(len(items)):
-            k = int(tensors["num_detections"][i].reshape(-1)[0])
-            det = {
-                "boxes": tensors["boxes"][i, :k],
-                "scores": tensors["scores"][i, :k],
-                "labels": tensors["labels"][i, :k].astype(np.int64),
-            }
-            if "masks" in tensors:
-                det["masks"] = tensors["masks"][i, :k]
-            out.append(det)
-        return out
+        return _detections(self._run_steps(items, controls), len(items))
+
+
+def _detections(tensors: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
+    """The last step's padded rows -> detections per image (and masks where the contract has them), as the client reads them."""
+    out = []
+    for i in range(n):
+        k = int(tensors["num_detections"][i].reshape(-1)[0])
+        det = {
+            "boxes": tensors["boxes"][i, :k],
+            "scores": tensors["scores"][i, :k],
+            "labels": tensors["labels"][i, :k].astype(np.int64),
+        }
+        if "masks" in tensors:
+            det["masks"] = tensors["masks"][i, :k]
+        out.append(det)
+    return out
 
 
 # Triton data type names a step declares -> the numpy dtype the served step sends
@@ -246,11 +251,13 @@ NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT32": np.int32, "INT6
 
 
 def _declared_steps(spec: ModelSpec) -> list[Any] | None:
-    """The family's declared steps after preprocessing (multi-step), or None (preprocess / core / postprocess)."""
-    from converters.multistep import declared_steps
+    """The family's declared steps after preprocessing where they are more than one core and its
+    post-processing (multi-step), else None (preprocess / core / postprocess: one session, ``session``)."""
     from detserve.families import family_of_spec
+    from detserve.families.base import is_single_stage
 
-    return declared_steps(family_of_spec(spec.postprocess), spec.postprocess)
+    steps = list(family_of_spec(spec.postprocess).steps(spec.postprocess))
+    return None if is_single_stage(steps) else steps
 
 
 def _batches(blobs: Sequence[bytes], batch_size: int) -> list[list[bytes]]:

@@ -1,9 +1,12 @@
-"""CPU milliseconds per pipeline stage, per family: preprocess, core (ONNX Runtime), decode.
+"""CPU milliseconds per composing model, per family: preprocess, then each declared step.
 
 In process and side by side in one run (the machines are noisy: compare rows of one table, not
 tables of different runs). Each detector is built the way ``detserve build`` builds it (seeded
 weights with a score spread: decode cost depends on how many candidates pass the threshold), its
-core exported to a temporary ONNX file, and each stage timed on the sample photographs, batch 1.
+cores exported to temporary ONNX files, and each step timed on the sample photographs, batch 1:
+one tool for every family (``Family.steps``). A single-stage family's steps are its three stages
+(preprocess, core, decode = the post-processing step); a two-stage family gets a row per composing
+model in a table of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detserve.errors import SpecError
+
+STAGES = ("preprocess", "core", "postprocess")  # the steps of a single-stage family, in the table's columns
 # (detector, model keywords): the families' test sizes and the CPU-friendly defaults
 DEFAULT_DETECTORS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ssdlite320_mobilenet_v3_large", {}),
@@ -47,6 +53,20 @@ class StageTiming:
         )
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    detector: str
+    family: str
+    input_hw: tuple[int, int]
+    ms: dict[str, float]  # role -> mean ms per image ("preprocess" first, then the declared steps)
+    detections: float
+
+    def row(self) -> str:
+        h, w = self.input_hw
+        steps = " ".join(f"{role} {ms:.1f}" for role, ms in self.ms.items())
+        return f"| {self.detector} | {h}x{w} | {steps} | {sum(self.ms.values()):.1f} | {self.detections:.0f} |"
+
+
 def _median_ms(fn: Callable[[], Any], repeat: int, best: bool = False) -> float:
     """Median of ``repeat`` timed calls after a warm-up (``best``: the minimum, robust on a shared machine)."""
     fn()  # warm
@@ -58,6 +78,84 @@ def _median_ms(fn: Callable[[], Any], repeat: int, best: bool = False) -> float:
     return min(times) if best else statistics.median(times)
 
 
+def time_steps(
+    detector: str,
+    model_kwargs: dict[str, Any],
+    blobs: Sequence[bytes],
+    repeat: int = 3,
+    best: bool = False,
+    torch_threads: int | None = None,
+) -> StepTiming:
+    """Median (``best``: minimum) ms per image of each composing model of ``detector``'s pipeline, as served:
+    the generic preprocessing, every core in ONNX Runtime with one intra-op thread, every torch step
+    through the family's ``run_step``, on the sample photographs, batch 1 (mean over the photos).
+
+    A single-stage family's core is exported as the build exports it (converters.onnx_export.export_core:
+    its trace size, a fixed input size kept fixed); the cores of a multi-core family on the inputs the chain
+    gives them. ``torch_threads`` sets torch's intra-op threads: on a machine whose cores other processes
+    hold, two threads can wait on each other far longer than the work takes.
+    """
+    import numpy as np
+    import torch
+
+    from converters.multistep import run_chain
+    from detserve.families import family_for_detector
+    from detserve.families.base import is_single_stage
+    from detserve.runtime.imaging import decode_image
+    from detserve.runtime.onnxrt import cpu_session
+    from detserve.runtime.preprocess import preprocess
+    from detserve.specs import RequestControls
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    fam = family_for_detector(detector)
+    model = fam.build(detector, fam.default_num_classes(None), None, dict(model_kwargs), 0)
+    pre = fam.preprocess_spec(model)
+    spec = fam.decode_spec(model, pre)
+    steps = list(fam.steps(spec))
+    controls = [RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)]
+    per_role: dict[str, list[float]] = {"preprocess": [], **{s.role: [] for s in steps}}
+    counts: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions: dict[str, Any] = {}
+        for rgb in (decode_image(b, pre.max_image_pixels) for b in blobs):
+            item = preprocess(rgb, pre)
+            per_role["preprocess"].append(_median_ms(functools.partial(preprocess, rgb, pre), repeat, best))
+            info = torch.from_numpy(item.info()[None])
+            tensors, core_inputs = run_chain(fam, model, spec, item.tensor[None], info, controls)
+            for step in steps:
+                args = [tensors[t.name] for t in step.inputs]
+                if step.kind == "core":
+                    if step.role not in sessions:
+                        path = _export(fam, model, spec, pre, step, core_inputs[step.role], Path(tmp), is_single_stage(steps))
+                        sessions[step.role] = cpu_session(path, 1, False)
+                    feed = {t.name: np.ascontiguousarray(a.numpy()) for t, a in zip(step.inputs, args, strict=True)}
+                    call: Callable[[], Any] = functools.partial(sessions[step.role].run, None, feed)
+                else:
+                    raw = {t.name: a for t, a in zip(step.inputs, args, strict=True) if t.name != "image_info"}
+                    call = functools.partial(fam.run_step, spec, step.role, raw, info, controls)
+                per_role[step.role].append(_median_ms(call, repeat, best))
+            counts.append(int(tensors["num_detections"][0, 0]))
+    return StepTiming(
+        detector,
+        fam.name,
+        tuple(int(v) for v in item.padded_hw),  # type: ignore[arg-type]
+        {role: statistics.mean(v) for role, v in per_role.items()},
+        statistics.mean(counts),
+    )
+
+
+def _export(fam: Any, model: Any, spec: Any, pre: Any, step: Any, sample: Sequence[Any], folder: Path, single: bool) -> Path:
+    from converters.multistep import export_step
+    from converters.onnx_export import export_core
+
+    module = fam.step_module(model, spec, step.role)
+    path = folder / f"{step.role}.onnx"
+    if single:
+        return export_core(module, step.outputs, pre, path, sample_hw=pre.trace_hw)
+    return export_step(module, step, sample, path)
+
+
 def time_detector(
     detector: str,
     model_kwargs: dict[str, Any],
@@ -66,59 +164,19 @@ def time_detector(
     best: bool = False,
     torch_threads: int | None = None,
 ) -> StageTiming:
-    """Median (``best``: minimum) ms per image of each stage for one detector (ONNX Runtime with 1 intra-op thread, as served).
+    """``time_steps`` of a single-stage family, as its three stages (decode = its post-processing step)."""
+    stages = as_stages(time_steps(detector, model_kwargs, blobs, repeat, best, torch_threads))
+    if stages is None:
+        raise SpecError(f"{detector} is served by more steps than preprocess/core/postprocess", hint="use time_steps")
+    return stages
 
-    ``torch_threads`` sets torch's intra-op threads for preprocess/decode: on a machine whose cores
-    other processes hold, two threads can wait on each other far longer than the work takes.
-    """
-    import torch
 
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-
-    from converters.onnx_export import export_core
-    from detserve.families import family_for_detector
-    from detserve.runtime.imaging import decode_image
-    from detserve.runtime.onnxrt import cpu_session
-    from detserve.runtime.preprocess import preprocess
-    from detserve.specs import RequestControls
-
-    fam = family_for_detector(detector)
-    model = fam.build(detector, fam.default_num_classes(None), None, dict(model_kwargs), 0)
-    pre = fam.preprocess_spec(model)
-    spec = fam.decode_spec(model, pre)
-    outputs = list(fam.outputs(spec))
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx = export_core(fam.core(model, spec), outputs, pre, Path(tmp) / "model.onnx", sample_hw=pre.trace_hw)
-        session = cpu_session(onnx, 1, False)
-        rgbs = [decode_image(b, pre.max_image_pixels) for b in blobs]
-        controls = [RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)]
-        pre_ms: list[float] = []
-        core_ms: list[float] = []
-        dec_ms: list[float] = []
-        counts: list[int] = []
-        for rgb in rgbs:
-            item = preprocess(rgb, pre)
-            pre_ms.append(_median_ms(functools.partial(preprocess, rgb, pre), repeat, best))
-            batch = item.tensor[None].numpy()
-            core_ms.append(_median_ms(functools.partial(session.run, None, {"images": batch}), repeat, best))
-            raw = {o.name: torch.from_numpy(a) for o, a in zip(outputs, session.run(None, {"images": batch}), strict=True)}
-            resized, original = torch.tensor([item.resized_hw]), torch.tensor([item.original_hw])
-
-            def decode(raw: dict[str, Any] = raw, item: Any = item, r: Any = resized, o: Any = original) -> Any:
-                return fam.decode(spec, raw, item.padded_hw, r, o, controls)
-
-            dec_ms.append(_median_ms(decode, repeat, best))
-            counts.append(len(decode()[0]["scores"]))
-    return StageTiming(
-        detector,
-        fam.name,
-        tuple(int(v) for v in item.padded_hw),  # type: ignore[arg-type]
-        statistics.mean(pre_ms),
-        statistics.mean(core_ms),
-        statistics.mean(dec_ms),
-        statistics.mean(counts),
-    )
+def as_stages(t: StepTiming) -> StageTiming | None:
+    """A single-stage family's step timing as its three stages; None for a multi-step family."""
+    if tuple(t.ms) != STAGES:
+        return None
+    pre, core, post = (t.ms[r] for r in STAGES)
+    return StageTiming(t.detector, t.family, t.input_hw, pre, core, post, t.detections)
 
 
 def stage_table(
@@ -136,14 +194,20 @@ def stage_table(
         "| detector | family | input | preprocess ms | core ms (ORT, 1 thread) | decode ms | detections/image |",
         "|---|---|---|---|---|---|---|",
     ]
-    from loadtest.stage_steps import is_multistep, step_table
-
-    multistep = [(d, kw) for d, kw in detectors if is_multistep(d)]  # two-stage: a row per composing model
+    multistep: list[StepTiming] = []  # two-stage: a row per composing model, in a table of their own
     for detector, kwargs in detectors:
-        if (detector, kwargs) in multistep:
-            continue
         echo(f"timing {detector} ...")
-        lines.append(time_detector(detector, kwargs, blobs, repeat, best, torch_threads).row())
+        t = time_steps(detector, kwargs, blobs, repeat, best, torch_threads)
+        stages = as_stages(t)
+        if stages is None:
+            multistep.append(t)
+        else:
+            lines.append(stages.row())
     if multistep:
-        lines += ["", step_table(multistep, blobs, echo)]
+        lines += [
+            "",
+            "| detector (multi-step) | input | ms per composing model, batch 1 | total ms | detections/image |",
+            "|---|---|---|---|---|",
+            *(t.row() for t in multistep),
+        ]
     return "\n".join(lines)

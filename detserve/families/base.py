@@ -1,25 +1,29 @@
 """The family seam: what generic code may ask a detector family, and nothing more.
 
 A family (torchvision single-stage, YOLO, ...) is one module that provides a :class:`Family`
-object. Config generation, export, verification, the post-processing model, compare and eval read
+object. Config generation, export, verification, the python step model, compare and eval read
 its declarations -- never a table of family names:
 
 - ``build``: the eager model, by name with seeded test weights or from the user's checkpoint;
 - ``preprocess_spec`` / ``decode_spec``: frozen, validated specs derived from the model;
-- ``core``: the exportable network (images -> raw tensors) and ``outputs``: its declared tensors
-  (name, dtype, dims with a symbolic batch, tolerance);
-- ``decode``: the batched torch post-processing with per-request controls (runtime: no model zoo
-  import);
+- ``steps(decode_spec)``: the ordered :class:`StepDecl` list after the generic preprocessing
+  (roles, kinds, declared inputs/outputs) -- every family has them; ``step_module(model,
+  decode_spec, role)`` gives each exported core and ``run_step(decode_spec, role, inputs,
+  image_info, controls)`` runs each torch step;
+- ``core``: the first exportable network (images -> raw tensors) and ``outputs``: its declared
+  tensors (name, dtype, dims with a symbolic batch, tolerance);
 - ``reference``: the eager model's own detections, as the library computes them (parity).
 
-Multi-step families (two-stage R-CNN) also provide ``steps(decode_spec)``: the ordered
-:class:`StepDecl` list after the generic preprocessing (roles, kinds, declared inputs/outputs),
-``step_module(model, decode_spec, role)`` for each exported core and ``run_step(decode_spec, role,
-inputs, image_info, controls)`` for each torch step. A family without ``steps`` is the default
-three-step pipeline (preprocess / core / postprocess) and uses ``core``/``outputs``/``decode``.
+A single-stage family (one core, then decode + NMS) writes none of the step members itself: it
+provides ``decode`` (the batched torch post-processing of ``outputs`` with per-request controls:
+:class:`Decoder`) and inherits :class:`SingleStage`, whose steps are ``[core, postprocess]`` built
+from ``outputs`` and the detection contract, and whose ``postprocess`` step is ``decode`` +
+fixed-size padding.
+Two-stage R-CNN declares its own chain (core / proposals / roi_core / ... / postprocess).
 
-Runtime parts (``decode_spec_type``, ``decode``) must import only torch/torchvision/numpy:
-the serving runtime never imports a model zoo whose licence or weight would burden it.
+Runtime parts (``decode_spec_type``, ``decode``, ``run_step``) must import only
+torch/torchvision/numpy: the serving runtime never imports a model zoo whose licence or weight
+would burden it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from detserve.errors import SpecError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,10 +60,10 @@ class TensorDecl:
 
 @dataclass(frozen=True)
 class StepDecl:
-    """One composing model of a multi-step pipeline, after the generic preprocessing step.
+    """One composing model of a family's pipeline, after the generic preprocessing step.
 
     ``kind`` "core": an exported network (ONNX -> onnxruntime / TensorRT), ``step_module`` gives it;
-    "python": a torch step the generic stage backend runs through ``run_step``. Inputs are
+    "python": a torch step the python step model (runtime/backend/step_model.py) runs through ``run_step``. Inputs are
     tensors an earlier step outputs (the preprocessing step gives ``images`` and ``image_info``);
     the last step outputs the ensemble's contract.
     """
@@ -66,10 +72,93 @@ class StepDecl:
     kind: str  # "core" | "python"
     inputs: tuple[TensorDecl, ...]
     outputs: tuple[TensorDecl, ...]
+    # a torch step that may run on the GPU and take its inputs where a TensorRT core left them
+    # (ServingOptions.postprocess_on_gpu): a single-stage family's post-processing. R-CNN's steps
+    # read the counts of earlier torch steps on the CPU, so they stay there.
+    gpu_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("core", "python"):
             raise ValueError(f"step kind must be 'core' or 'python', got {self.kind!r}")
+
+
+# the tensors the generic preprocessing step gives every family, and the detection contract the last
+# step gives the ensemble (tritonconfig.OUTPUTS; masks only where a family adds them)
+IMAGES = TensorDecl("images", (3, -1, -1))  # [3, H, W]; fixed where the preprocess spec fixes the size
+IMAGE_INFO = TensorDecl("image_info", (6,), "INT32")
+DETECTIONS: tuple[TensorDecl, ...] = (
+    TensorDecl("num_detections", (1,), "INT32"),
+    TensorDecl("boxes", (-1, 4)),
+    TensorDecl("scores", (-1,)),
+    TensorDecl("labels", (-1,), "INT32"),
+)
+
+
+def single_stage_steps(outputs: Sequence[TensorDecl]) -> list[StepDecl]:
+    """The steps of every single-stage family: its core (``images`` -> ``outputs``), then the
+    post-processing (``outputs`` + ``image_info`` -> the detections)."""
+    raw = tuple(outputs)
+    return [
+        StepDecl("core", "core", (IMAGES,), raw),
+        StepDecl("postprocess", "python", (*raw, IMAGE_INFO), DETECTIONS, gpu_inputs=True),
+    ]
+
+
+def is_single_stage(steps: Sequence[StepDecl]) -> bool:
+    """True for ``[core, postprocess]``: one core whose outputs the post-processing decodes (the
+    build exports and verifies it as one core, and may fuse it; see converters/repository.py)."""
+    return [(s.role, s.kind) for s in steps] == [("core", "core"), ("postprocess", "python")]
+
+
+class Decoder(Protocol):
+    """A single-stage family's own part: its core, the core's outputs, and their decode (what
+    :class:`SingleStage` builds the step members from, and what verification judges a core by)."""
+
+    def outputs(self, decode_spec: Any) -> Sequence[TensorDecl]: ...
+
+    def core(self, model: Any, decode_spec: Any) -> torch.nn.Module: ...
+
+    def decode(
+        self,
+        spec: Any,
+        outputs: dict[str, torch.Tensor],
+        padded_hw: Sequence[int],
+        resized_hw: torch.Tensor,
+        original_hw: torch.Tensor,
+        controls: Sequence[RequestControls],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image (boxes x1y1x2y2 in original pixels, scores, labels), by score."""
+        ...
+
+
+class SingleStage:
+    """The step members of a single-stage family, from its ``outputs``, ``core`` and ``decode``."""
+
+    def steps(self: Decoder, decode_spec: Any) -> list[StepDecl]:
+        return single_stage_steps(self.outputs(decode_spec))
+
+    def step_module(self: Decoder, model: Any, decode_spec: Any, role: str) -> torch.nn.Module:
+        if role != "core":
+            raise SpecError(f"a single-stage family exports one core, not {role!r}")
+        return self.core(model, decode_spec)
+
+    def run_step(
+        self: Decoder,
+        decode_spec: Any,
+        role: str,
+        raw: dict[str, Any],
+        info: torch.Tensor,
+        controls: Sequence[RequestControls],
+    ) -> list[dict[str, np.ndarray]]:
+        """``postprocess``: decode + NMS the images (one canvas) in one pass, where ``raw`` is (CPU, or
+        the GPU a TensorRT core left it on); ``max_det`` zero-padded rows per image, on the CPU."""
+        if role != "postprocess":
+            raise SpecError(f"a single-stage family has one torch step, 'postprocess', not {role!r}")
+        from detserve.runtime.outputs import pad_detections
+
+        canvas = (int(info[0, 4]), int(info[0, 5]))  # image_info's own padded size (runtime/canvas.py)
+        dets = self.decode(decode_spec, raw, canvas, info[:, 2:4], info[:, 0:2], controls)
+        return [pad_detections(d, c.max_det) for d, c in zip(dets, controls, strict=True)]
 
 
 class Family(Protocol):
@@ -112,16 +201,18 @@ class Family(Protocol):
         rather than tensors (converters/verify_detections.py). False: each slot means a fixed anchor/position."""
         ...
 
-    def decode(
-        self,
-        spec: Any,
-        outputs: dict[str, torch.Tensor],
-        padded_hw: Sequence[int],
-        resized_hw: torch.Tensor,
-        original_hw: torch.Tensor,
-        controls: Sequence[RequestControls],
-    ) -> list[dict[str, torch.Tensor]]:
-        """Detections per image (boxes x1y1x2y2 in original pixels, scores, labels), by score."""
+    def steps(self, decode_spec: Any) -> list[StepDecl]:
+        """The composing models after the generic preprocessing, in order; the last gives the detections."""
+        ...
+
+    def step_module(self, model: Any, decode_spec: Any, role: str) -> torch.nn.Module:
+        """The exportable network of the core step ``role`` (inputs and outputs in declared order)."""
+        ...
+
+    def run_step(
+        self, decode_spec: Any, role: str, raw: dict[str, Any], info: torch.Tensor, controls: Sequence[RequestControls]
+    ) -> list[dict[str, np.ndarray]]:
+        """The torch step ``role`` over a batch of images of one canvas: one dict of output rows per image."""
         ...
 
     def reference(

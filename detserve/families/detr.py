@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from detserve.families.base import TensorDecl
+from detserve.families.base import SingleStage, TensorDecl
 from detserve.specs import PreprocessSpec, RequestControls, Spec, check
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def outputs(spec: DetrDecodeSpec) -> list[TensorDecl]:
     ]
 
 
-class DetrFamily:
+class DetrFamily(SingleStage):
     """Transformer detectors from Hugging Face transformers (see the module docstring)."""
 
     name = "detr"

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detserve.errors import DetserveError
-from detserve.families.base import StepDecl, TensorDecl
+from detserve.families.base import DETECTIONS, IMAGE_INFO, IMAGES, StepDecl, TensorDecl
 from detserve.specs import PreprocessSpec, RequestControls, Spec, check
 
 if TYPE_CHECKING:
@@ -43,7 +42,6 @@ DETECTORS: tuple[str, ...] = (
     "maskrcnn_resnet50_fpn_v2",
 )
 MASK_SIZE = 28  # the mask head's own resolution (MaskRCNNPredictor: 14x14 RoIs, one 2x deconvolution)
-IMAGE_INFO = TensorDecl("image_info", (6,), "INT32")
 
 
 @dataclass(frozen=True)
@@ -115,19 +113,13 @@ def _rpn_outputs(spec: RcnnDecodeSpec) -> tuple[TensorDecl, ...]:
 
 
 def _contract(masks: bool) -> tuple[TensorDecl, ...]:
-    out = (
-        TensorDecl("num_detections", (1,), "INT32"),
-        TensorDecl("boxes", (-1, 4)),
-        TensorDecl("scores", (-1,)),
-        TensorDecl("labels", (-1,), "INT32"),
-    )
-    return (*out, TensorDecl("masks", (-1, MASK_SIZE, MASK_SIZE), "FP16")) if masks else out
+    return (*DETECTIONS, TensorDecl("masks", (-1, MASK_SIZE, MASK_SIZE), "FP16")) if masks else DETECTIONS
 
 
 def steps(spec: RcnnDecodeSpec) -> list[StepDecl]:
     """The steps after preprocessing (see the module docstring); names are the tensors' in the ensemble."""
     p = spec.rpn_post_nms_top_n
-    images = TensorDecl("images", (3, -1, -1))
+    images = IMAGES
     props = TensorDecl("proposals", (p, 4))
     count = TensorDecl("num_proposals", (1,), "INT32")
     # logits/box deltas of the box predictor: |values| up to ~10, ulp-level reordering in the FC layers
@@ -210,7 +202,8 @@ class RcnnFamily:
 
         return run_step(spec, role, raw, info, controls)
 
-    # the single-core seam: the first core and its outputs (export/verification tools that look at one core)
+    # the first core and its outputs (export/verification tools that look at one core); no ``decode``:
+    # its outputs become detections only through the rest of the chain (converters.multistep.run_chain)
     def core(self, model: Any, spec: RcnnDecodeSpec) -> torch.nn.Module:
         return self.step_module(model, spec, "core")
 
@@ -219,12 +212,6 @@ class RcnnFamily:
 
     def outputs(self, spec: RcnnDecodeSpec) -> list[TensorDecl]:
         return list(steps(spec)[0].outputs)
-
-    def decode(self, spec: RcnnDecodeSpec, outputs: dict[str, Any], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        raise DetserveError(
-            "a two-stage (R-CNN) detector has no single decode step: its pipeline is several steps",
-            hint="run it through the served ensemble, or in-process with converters.multistep.run_chain",
-        )
 
     def reference(
         self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int

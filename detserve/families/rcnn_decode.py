@@ -1,6 +1,6 @@
 """The torch steps of a two-stage (Faster / Mask R-CNN) pipeline, with torchvision's own components.
 
-Runtime code (the stage backend runs it): torch and torchvision only. Every step rebuilds the
+Runtime code (the python step model runs it): torch and torchvision only. Every step rebuilds the
 eager model's own pieces from the decode spec and calls them as the model does:
 
 - ``proposals``: ``concat_box_prediction_layers``, the RPN's ``AnchorGenerator`` and ``BoxCoder``
@@ -153,7 +153,7 @@ def _internal(det: dict[str, Any]) -> dict[str, np.ndarray]:
     """The detections as rows for the mask core: as many as there are (at least one), not max_det.
 
     The mask head costs per row: padding to max_det (up to thousands) would run it on empty rows.
-    Images of one request with other counts are zero-padded to the longest by the stage backend;
+    Images of one request with other counts are zero-padded to the longest by the python step model;
     ``det_count`` says how many rows are real, and the last step pads to max_det for the contract.
     """
     out = padded(det, max(1, int(det["scores"].shape[0])))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import SpecError
-from detserve.families.base import TensorDecl
+from detserve.families.base import SingleStage, TensorDecl
 from detserve.specs import PostprocessSpec, PreprocessSpec, RequestControls
 
 # (atol, rtol) at fp16 / int8 TensorRT vs ONNX Runtime fp32: logits move more than box codes
@@ -48,7 +48,7 @@ def _core_class() -> type:
     return TorchvisionCore
 
 
-class TorchvisionFamily:
+class TorchvisionFamily(SingleStage):
     """One torchvision head type (``ssd``, ``retinanet`` or ``fcos``)."""
 
     labels_are_indices = False  # torchvision emits category ids (0 is background)

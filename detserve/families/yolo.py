@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detserve.errors import CheckpointError, DetserveError, SpecError
-from detserve.families.base import TensorDecl
+from detserve.families.base import SingleStage, TensorDecl
 from detserve.specs import PreprocessSpec, RequestControls, Spec, check
 
 if TYPE_CHECKING:
@@ -532,7 +532,7 @@ def reference(model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold
     }
 
 
-class YoloFamily:
+class YoloFamily(SingleStage):
     """ultralytics YOLO detection models (see the module docstring)."""
 
     name = "yolo"

@@ -585,7 +585,8 @@ def test_nms_engine_is_refused_for_dynamic_cores() -> None:
 def test_tensorrt_core_config_runs_the_plan_on_the_gpu() -> None:
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from detserve.tritonconfig import ServingOptions, core_config, postprocess_config
+    from detserve.tritonconfig import ServingOptions
+    from tests.unit.test_tritonconfig import core_config, postprocess_config
 
     config = core_config("ssd", "tensorrt", SSD_PRE, SSD_OUT, ServingOptions())
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan" and not config.backend
@@ -670,42 +671,90 @@ def _pb_utils() -> Any:
     def get(request: Any, name: str) -> Any:
         return request.tensors[name]
 
+    types = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT32": np.int32}
     return SimpleNamespace(
-        Tensor=_PbTensor, InferenceResponse=InferenceResponse, TritonError=TritonError, get_input_tensor_by_name=get
+        Tensor=_PbTensor,
+        InferenceResponse=InferenceResponse,
+        TritonError=TritonError,
+        get_input_tensor_by_name=get,
+        triton_string_to_numpy=types.__getitem__,
     )
 
 
+STEP_MODULES = ("step_model", "postprocess_model")
+
+
 @pytest.fixture
-def postprocess_model(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The backend module imported against a stand-in ``triton_python_backend_utils``, then forgotten."""
+def backend(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The python step model, and the alias that repositories built before name, imported against a
+    stand-in ``triton_python_backend_utils``, then forgotten."""
     import importlib
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
-    monkeypatch.delitem(sys.modules, "detserve.runtime.backend.postprocess_model", raising=False)
-    yield importlib.import_module("detserve.runtime.backend.postprocess_model")
-    sys.modules.pop("detserve.runtime.backend.postprocess_model", None)
+    for m in STEP_MODULES:
+        monkeypatch.delitem(sys.modules, f"detserve.runtime.backend.{m}", raising=False)
+    yield {m: importlib.import_module(f"detserve.runtime.backend.{m}") for m in STEP_MODULES}
+    for m in STEP_MODULES:
+        sys.modules.pop(f"detserve.runtime.backend.{m}", None)
 
 
-def test_postprocess_model_reads_gpu_inputs_through_dlpack(ssdlite: dict[str, Any], postprocess_model: Any) -> None:
-    TritonPythonModel = postprocess_model.TritonPythonModel
+def _loaded(module: Any, config: Any, post: Any) -> Any:
+    """The model of ``module`` initialised with ``config`` as Triton hands it over (JSON), with ``post`` as its spec."""
+    from google.protobuf import json_format
 
-    post, items, raw = ssdlite["post"], ssdlite["items"], ssdlite["raw"]
-    config = {"name": "p", "parameters": {"postprocess_spec": {"string_value": post.to_json()}}}
-    model = TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config)})
+    config.parameters["postprocess_spec"].string_value = post.to_json()
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))})
+    return model
 
-    def request(i: int, on_gpu: bool) -> Any:
+
+def _requests(ssdlite: dict[str, Any], on_gpu: bool) -> list[Any]:
+    raw, items = ssdlite["raw"], ssdlite["items"]
+
+    def request(i: int) -> Any:
         tensors = {n: _PbTensor(n, raw[n][i : i + 1].numpy(), on_gpu) for n in raw}
         tensors["image_info"] = _PbTensor("image_info", items[i].info()[None], on_gpu)
         return SimpleNamespace(tensors=tensors, parameters=lambda: json.dumps({"max_det": 50}))
 
-    cpu = model.execute([request(i, False) for i in range(3)])
-    gpu = model.execute([request(i, True) for i in range(3)])
-    for a, b in zip(cpu, gpu, strict=True):
-        assert a.error is None and b.error is None
-        for ta, tb in zip(a.output_tensors, b.output_tensors, strict=True):
+    return [request(i) for i in range(len(items))]
+
+
+def _same_responses(a: list[Any], b: list[Any]) -> None:
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.error is None and rb.error is None, (ra.error, rb.error)
+        for ta, tb in zip(ra.output_tensors, rb.output_tensors, strict=True):
             assert ta.name() == tb.name() and np.array_equal(ta.as_numpy(), tb.as_numpy())
+
+
+def _postprocess_config(post: Any, **options: Any) -> Any:
+    from detserve.families.base import single_stage_steps
+    from detserve.tritonconfig import ServingOptions, step_config
+
+    decl = single_stage_steps(family("ssd").outputs(post))[1]
+    return step_config("p", decl, "tensorrt", post, ServingOptions(**options), last=True)
+
+
+def test_postprocess_model_reads_gpu_inputs_through_dlpack(ssdlite: dict[str, Any], backend: Any) -> None:
+    model = _loaded(backend["step_model"], _postprocess_config(ssdlite["post"], postprocess_on_gpu=True), ssdlite["post"])
+    cpu, gpu = model.execute(_requests(ssdlite, False)), model.execute(_requests(ssdlite, True))
+    _same_responses(cpu, gpu)
+    assert [t.name() for t in cpu[0].output_tensors] == ["num_detections", "boxes", "scores", "labels"]
     assert int(cpu[0].output_tensors[0].as_numpy()[0, 0]) > 0
+
+
+def test_a_postprocess_config_of_the_old_writer_still_serves(ssdlite: dict[str, Any], backend: Any) -> None:
+    """A repository built before every step ran in one python model: its model.py names
+    ``postprocess_model`` and its config (tests/golden/legacy: the old writer's) has no ``step``
+    parameter. It loads, and answers what the step model answers with the config written now."""
+    from detserve.tritonconfig import parse
+
+    legacy = parse((Path(__file__).parent.parent / "golden" / "legacy" / "ssd_postprocess.pbtxt").read_text())
+    assert "step" not in legacy.parameters
+    raw = ssdlite["raw"]  # SSDlite320 with 5 classes: the legacy config's tensors
+    assert all(t.name == "image_info" or tuple(t.dims) == tuple(raw[t.name].shape[1:]) for t in legacy.input)
+    old = _loaded(backend["postprocess_model"], legacy, ssdlite["post"])
+    new = _loaded(backend["step_model"], _postprocess_config(ssdlite["post"]), ssdlite["post"])
+    _same_responses(old.execute(_requests(ssdlite, False)), new.execute(_requests(ssdlite, False)))
 
 
 # --------------------------------------------------------------------------------------------

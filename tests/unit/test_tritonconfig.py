@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from detserve.errors import SpecError
-from detserve.families.base import TensorDecl
+from detserve.families.base import TensorDecl, single_stage_steps
 from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec
-from detserve.tritonconfig import (
-    ServingOptions,
-    core_config,
-    ensemble_config,
-    parse,
-    postprocess_config,
-    preprocess_config,
-    render,
-)
+from detserve.tritonconfig import ServingOptions, ensemble_config, parse, preprocess_config, render, step_config
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 
@@ -54,6 +47,15 @@ OPTS = ServingOptions()
 # the core's outputs as the torchvision family declares them (SSDlite320's 3234 anchors; FCOS dynamic)
 SSD_OUT = [TensorDecl("cls_logits", (3234, 5)), TensorDecl("bbox_regression", (3234, 4))]
 FCOS_OUT = [TensorDecl("cls_logits", (-1, 5)), TensorDecl("bbox_regression", (-1, 4)), TensorDecl("bbox_ctrness", (-1, 1))]
+
+
+def core_config(name: str, target: str, pre: PreprocessSpec, outputs: list[TensorDecl], opts: ServingOptions) -> Any:
+    """The core step of a single-stage family, as the build writes it (one writer for every step)."""
+    return step_config(name, single_stage_steps(outputs)[0], target, None, opts, last=False, pre=pre)
+
+
+def postprocess_config(name: str, post: PostprocessSpec, outputs: list[TensorDecl], opts: ServingOptions) -> Any:
+    return step_config(name, single_stage_steps(outputs)[1], "python-onnxruntime", post, opts, last=True)
 
 
 def _ensemble(name: str, pre: PreprocessSpec, post: PostprocessSpec, outputs: list[TensorDecl]) -> str:
@@ -132,3 +134,19 @@ def test_invalid_inputs() -> None:
         ensemble_config("x", [postprocess_config("x", SSD_POST, SSD_OUT, OPTS)], OPTS)
     with pytest.raises(SpecError, match="must give num_detections"):
         ensemble_config("x", [pre], OPTS)
+
+
+def test_every_family_declares_its_steps_single_stage_from_one_helper() -> None:
+    """A single-stage family's steps are [core, postprocess] from its declared outputs and the detection contract."""
+    from detserve.families import family, outputs_of
+    from detserve.families.base import is_single_stage
+    from detserve.tritonconfig import OUTPUTS
+
+    for post in (SSD_POST, FCOS_POST):
+        steps = family(post.family).steps(post)
+        assert is_single_stage(steps)
+        assert steps[0].outputs == tuple(outputs_of(post)) and [t.name for t in steps[0].inputs] == ["images"]
+        assert [t.name for t in steps[1].inputs] == [*(o.name for o in outputs_of(post)), "image_info"]
+        assert [t.name for t in steps[1].outputs] == list(OUTPUTS) and steps[1].gpu_inputs
+    with pytest.raises(SpecError, match="one core"):
+        family("ssd").step_module(None, SSD_POST, "roi_core")

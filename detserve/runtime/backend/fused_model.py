@@ -37,7 +37,6 @@ from detserve.runtime.backend.common import (
 from detserve.runtime.backend.preprocess_model import preprocess_images
 from detserve.runtime.canvas import canvas_of, crop_to_canvases
 from detserve.runtime.onnxrt import cpu_session
-from detserve.runtime.outputs import pad_detections
 from detserve.specs import PreprocessSpec, RequestControls
 from detserve.tritonconfig import CORE_INPUT, IMAGE, OUTPUTS
 
@@ -61,6 +60,7 @@ class TritonPythonModel:
         apply_torch_threads(args)
         self.pre = preprocess_spec(args)  # the build's, with the server's pixel budget if it sets one
         self.post = decode_spec_from_json(config_parameter(args, "postprocess_spec"))
+        self.family = family_of_spec(self.post)
         self.names = list(output_names(self.post))
         path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "onnx_file")
         self.session = cpu_session(
@@ -72,8 +72,8 @@ class TritonPythonModel:
         outputs = {name: torch.from_numpy(arr) for name, arr in zip(self.names, raw, strict=True)}
         info = torch.from_numpy(np.stack([r.info[j] for r, j in members]))
         controls = [r.controls for r, _ in members]
-        dets = family_of_spec(self.post).decode(self.post, outputs, canvas_of(info[0]), info[:, 2:4], info[:, 0:2], controls)
-        return [pad_detections(d, c.max_det) for d, c in zip(dets, controls, strict=True)]
+        # the ensemble's own post-processing step (a single-stage family's decode + fixed-size padding)
+        return list(self.family.run_step(self.post, "postprocess", outputs, info, controls))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
