@@ -496,7 +496,7 @@ def eval_(
     progress: Annotated[bool, typer.Option(help="progress bar")] = True,
 ) -> None:
     """COCO mAP of the live endpoint (no score threshold) beside in-process PyTorch; exit 1 past 0.1 point."""
-    from detserve.app.evalrun import MAX_DET_CHOICES, run_eval, write_report
+    from detserve.verification.evalrun import MAX_DET_CHOICES, run_eval, write_report
 
     if max_det not in MAX_DET_CHOICES:
         raise DetserveError(f"--max-det must be one of {', '.join(map(str, MAX_DET_CHOICES))}, got {max_det}")

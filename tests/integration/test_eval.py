@@ -28,7 +28,7 @@ def _detserve(*args: str) -> subprocess.CompletedProcess[str]:
 def test_served_map_equals_pytorch_and_a_bad_file_fails_alone(
     server: TritonServer, repository: Path, test_images: Path, tmp_path: Path
 ) -> None:
-    from detserve.app.evalrun import run_eval
+    from detserve.verification.evalrun import run_eval
 
     # a copy of the split where one file is garbage: it gets a clear error, the run goes on
     images = tmp_path / "images"
@@ -107,7 +107,7 @@ def test_bulk_client_reports_a_missing_file_and_finishes_the_rest(
 @pytest.mark.slow
 def test_full_test_split_eval(server: TritonServer, repository: Path, tmp_path: Path) -> None:
     """The whole held-out split at max_det 100 and 500; reports land in out/reports/."""
-    from detserve.app.evalrun import run_eval, write_report
+    from detserve.verification.evalrun import run_eval, write_report
 
     split = write_split(SPLITS["test"], tmp_path / "test")
     for max_det in (100, 500):

@@ -178,7 +178,7 @@ def test_compare_cli(detr_server: TritonServer, samples: dict[str, bytes], tmp_p
 @pytest.mark.slow
 def test_rtdetr_v2_and_dfine_parity_and_eval(tmp_path_factory: pytest.TempPathFactory, images: dict[str, bytes]) -> None:
     """RT-DETRv2 (discrete sampling) and D-FINE: the same parity on their own server, and ``eval``."""
-    from detserve.app.evalrun import run_eval
+    from detserve.verification.evalrun import run_eval
     from detserve.verification.reference import build_record, reference_model
     from training.synthetic import SPLITS, write_split
 

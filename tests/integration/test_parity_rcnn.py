@@ -340,7 +340,7 @@ def test_mask_rcnn_each_image_of_a_multi_image_request_answers_as_alone(
 @pytest.mark.slow
 def test_mask_rcnn_eval_reports_segm_map_beside_box_map(mrcnn_server: TritonServer, tmp_path: Path) -> None:
     """detserve eval on the generated shapes (exact instance masks): served vs PyTorch, boxes and masks."""
-    from detserve.app.evalrun import run_eval
+    from detserve.verification.evalrun import run_eval
     from training.synthetic import SPLITS, write_split
 
     annotations = write_split(SPLITS["test"], tmp_path, limit=4)

@@ -160,7 +160,7 @@ def test_per_request_controls_and_compare_cli(yolo_server: TritonServer, samples
 
 def test_eval_maps_class_indices_to_the_datasets_categories(yolo_server: TritonServer, tmp_path: Path) -> None:
     """detserve eval on a YOLO model: served vs ultralytics mAP side by side, labels as category indices."""
-    from detserve.app.evalrun import category_map, run_eval
+    from detserve.verification.evalrun import category_map, run_eval
     from training.synthetic import SPLITS, write_split
 
     write_split(SPLITS["test"], tmp_path, limit=6)

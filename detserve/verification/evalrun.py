@@ -5,6 +5,9 @@ threshold, the given max detections) and through the eager torchvision model the
 was built from; both are scored by the same pycocotools code. For an FP32 build the two must agree
 to a tenth of a point of mAP; a larger gap means the serving path changed what the model sees or
 returns.
+
+A verification workflow (it sits in ``detserve.verification``, not in the CLI's ``app``): it needs
+only the client, the families and the reference below it; ``detserve eval`` calls ``run_eval``.
 """
 
 from __future__ import annotations
