@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,33 @@ def test_compare_live_endpoint_agrees(server: TritonServer, repository: Path, te
     assert high["reference"] > 0 and high["matched"] == high["reference"] and high["extra"] == 0
     assert all(p["ok"] for p in data["batch_position"]) and len(data["batch_position"]) == 3
     assert (tmp_path / "compare.html").is_file() and "tensorrt" in data["skipped"]
+
+
+def test_compare_skips_only_an_unavailable_tensorrt_side(
+    repository: Path, test_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version with an engine that cannot run here (no metadata, no TensorRT, no GPU) is "skipped"; a
+    bug on that side (here: a session whose run raises TypeError) raises instead of hiding as "skipped"."""
+    from converters import compare
+    from detserve.pipeline import CORE, model_name
+
+    repo = Path(shutil.copytree(repository, tmp_path / "repo"))
+    (repo / model_name(SHAPES, CORE) / "1" / "model.plan").write_bytes(b"not an engine")
+    images = sorted((test_images / "images").iterdir())[:2]
+    report = compare.run_compare(repo, SHAPES, images, echo=lambda _: None)
+    assert report.skipped["tensorrt"].startswith("EngineMismatchError: model.plan.json is missing")
+    assert {s.side for s in report.sides} == {"onnxruntime"}
+
+    class BrokenSession:  # TensorRT available, then a bug in the code that feeds it
+        def __init__(self, plan: Path) -> None:
+            pass
+
+        def run(self, names: object, feeds: object) -> list[object]:
+            raise TypeError("a bug, not a missing GPU")
+
+    monkeypatch.setattr(compare, "_TrtSession", BrokenSession)
+    with pytest.raises(TypeError, match="a bug"):
+        compare.run_compare(repo, SHAPES, images, echo=lambda _: None)
 
 
 def test_bulk_client_reports_a_missing_file_and_finishes_the_rest(

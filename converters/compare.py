@@ -12,6 +12,11 @@ core picks its slots by a top-k (``Family.core_selects``: RT-DETR, D-FINE) near-
 between runtimes, so those figures are information and the detection comparison decides. And the
 batch-position check — the same image at other positions and beside other images must give the same
 detections.
+
+It lives in ``converters`` (the tools layer), not in ``detserve.verification``: it exports and checks
+cores (``converters.onnx_export``, ``converters.multistep``) and runs TensorRT engines
+(``converters.tensorrt_*``), which the verification layer below converters may not import.
+``detserve compare`` calls :func:`run_compare` and :func:`write_report`.
 """
 
 from __future__ import annotations
@@ -352,6 +357,26 @@ def _step_raw_errors(
     return out
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every side is compared on: the images, the served pipeline run in process, the eager reference."""
+
+    repository: Path
+    model: str
+    version: int
+    record: dict[str, Any]  # the version's build record
+    pipeline: Any  # loadtest.inprocess.InProcessPipeline over the version's ONNX
+    controls: Any  # RequestControls: the score threshold, the spec's NMS IoU and max detections
+    blobs: list[bytes]
+    items: list[Any]  # the preprocessed images (the cores' inputs)
+    torch_model: Any  # verification.reference's eager model
+    reference: list[Any]  # its detections, one per image
+    score_threshold: float
+    max_det: int
+    agree_iou: float
+    seed: int
+
+
 def run_compare(
     repository: Path,
     model: str,
@@ -363,17 +388,37 @@ def run_compare(
     seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> CompareReport:
+    """Every side against eager PyTorch on ``images``; a side that cannot run here is listed in ``skipped``."""
+    if not images:
+        raise ValueError("no images to compare")
+    run = _prepare(repository, model, images, score_threshold, agree_iou, seed, echo)
+    report = CompareReport(model, run.version, [p.name for p in images], score_threshold, score_tol=score_tol)
+    _onnxruntime_side(run, report, echo)
+    report.raw += _raw_errors(run)
+    _tensorrt_side(run, report, echo)
+    if url is None:
+        report.skipped["server"] = "no --url given"
+    else:
+        _server_side(run, report, url, echo)
+    return report
 
-    from clients.grpc_client import DetectorClient
-    from converters.onnx_export import verify_onnxruntime
+
+def _prepare(
+    repository: Path,
+    model: str,
+    images: Sequence[Path],
+    score_threshold: float,
+    agree_iou: float,
+    seed: int,
+    echo: Callable[[str], None],
+) -> _Inputs:
+    """Decode and preprocess the images, load the version's pipeline, and run the eager reference once."""
     from detserve.runtime.imaging import decode_image
     from detserve.runtime.preprocess import preprocess
     from detserve.specs import RequestControls
     from detserve.verification.reference import build_record, reference_model
     from loadtest.inprocess import InProcessPipeline
 
-    if not images:
-        raise ValueError("no images to compare")
     version, record = build_record(repository, model)
     pipeline = InProcessPipeline.from_repository(repository, model, version)
     spec = pipeline.spec
@@ -381,88 +426,123 @@ def run_compare(
     controls = RequestControls(score_threshold, spec.postprocess.nms_thresh, max_det)
     blobs = [p.read_bytes() for p in images]
     rgbs = [decode_image(b, spec.preprocess.max_image_pixels) for b in blobs]
-    report = CompareReport(model, version, [p.name for p in images], score_threshold, score_tol=score_tol)
-
     echo(f"pytorch: eager {record['detector']} on {len(images)} images")
     torch_model = reference_model(record)
     reference = [torch_model.detect(rgb, score_threshold, max_det) for rgb in rgbs]
-
-    echo("onnxruntime: the served ONNX and pre/post-processing, in process")
-    ort_single = [_as_det(pipeline.run([b], controls)[0]) for b in blobs]
-    report.sides.append(compare_side("onnxruntime", reference, ort_single, agree_iou))
-    order = list(range(len(blobs)))
-    random.Random(seed).shuffle(order)
-    batched = pipeline.run([blobs[i] for i in order], controls)
-    report.positions.append(
-        position_check(
-            "onnxruntime",
-            "all images in one call, shuffled",
-            ort_single,
-            [(i, _as_det(d)) for i, d in zip(order, batched, strict=True)],
-        )
+    items = [preprocess(rgb, spec.preprocess) for rgb in rgbs]
+    return _Inputs(
+        repository=repository,
+        model=model,
+        version=version,
+        record=record,
+        pipeline=pipeline,
+        controls=controls,
+        blobs=blobs,
+        items=items,
+        torch_model=torch_model,
+        reference=reference,
+        score_threshold=score_threshold,
+        max_det=max_det,
+        agree_iou=agree_iou,
+        seed=seed,
     )
 
-    items = [preprocess(rgb, spec.preprocess) for rgb in rgbs]
-    plan = pipeline.version_dir / "model.plan"
-    if pipeline.steps is not None:  # a multi-step family: every core on the inputs the chain gives it
-        report.raw += _step_raw_errors(repository, model, version, torch_model, pipeline, items, controls)
-    else:
-        outputs = torch_model.family.outputs(spec.postprocess)
-        core = torch_model.family.core(torch_model.model, spec.postprocess)
-        raw = verify_onnxruntime(core, outputs, pipeline.version_dir / "model.onnx", [it.tensor[None] for it in items])
-        report.raw.append(raw_record(raw, torch_model.family.core_selects(spec.postprocess)))
 
-    if pipeline.steps is not None:
+def _onnxruntime_side(run: _Inputs, report: CompareReport, echo: Callable[[str], None]) -> None:
+    """The served ONNX and pre/post-processing in process: each image alone, then all of them in one shuffled call."""
+    echo("onnxruntime: the served ONNX and pre/post-processing, in process")
+    single = [_as_det(run.pipeline.run([b], run.controls)[0]) for b in run.blobs]
+    report.sides.append(compare_side("onnxruntime", run.reference, single, run.agree_iou))
+    order = list(range(len(run.blobs)))
+    random.Random(run.seed).shuffle(order)
+    batched = run.pipeline.run([run.blobs[i] for i in order], run.controls)
+    trials = [(i, _as_det(d)) for i, d in zip(order, batched, strict=True)]
+    report.positions.append(position_check("onnxruntime", "all images in one call, shuffled", single, trials))
+
+
+def _raw_errors(run: _Inputs) -> list[dict[str, Any]]:
+    """The cores' raw tensors against their torch modules: every core step of a multi-step family on the
+    inputs the chain gives it, or the single core on the preprocessed images."""
+    from converters.onnx_export import verify_onnxruntime
+
+    if run.pipeline.steps is not None:
+        return _step_raw_errors(run.repository, run.model, run.version, run.torch_model, run.pipeline, run.items, run.controls)
+    family, post = run.torch_model.family, run.pipeline.spec.postprocess
+    core = family.core(run.torch_model.model, post)
+    onnx = run.pipeline.version_dir / "model.onnx"
+    raw = verify_onnxruntime(core, family.outputs(post), onnx, [it.tensor[None] for it in run.items])
+    return [raw_record(raw, family.core_selects(post))]
+
+
+def _tensorrt_side(run: _Inputs, report: CompareReport, echo: Callable[[str], None]) -> None:
+    """The version's engine in process, where it has one and this machine can run it.
+
+    Only the errors that mean "TensorRT cannot run this engine here" make the side "skipped": no
+    TensorRT, no CUDA GPU, an engine built for another GPU or TensorRT version (or without its
+    metadata). Anything else is a bug or a real failure, and raises.
+    """
+    from converters.tensorrt_build import EngineMismatchError, NoCudaGpuError, TensorRTNotInstalledError
+    from converters.tensorrt_verify import verify_tensorrt
+    from loadtest.inprocess import InProcessPipeline
+
+    plan = run.pipeline.version_dir / "model.plan"
+    if run.pipeline.steps is not None:
         report.skipped["tensorrt"] = (
             "no in-process TensorRT side for multi-step pipelines yet; served engines are compared with --url"
         )
-    elif plan.is_file():
-        try:
-            trt = InProcessPipeline(spec, _TrtSession(plan), pipeline.version_dir)
-            echo("tensorrt: the version's engine, in process")
-            trt_single = [_as_det(trt.run([b], controls)[0]) for b in blobs]
-            report.sides.append(compare_side("tensorrt", reference, trt_single, agree_iou))
-            from converters.tensorrt_verify import verify_tensorrt
-
-            engine_raw = verify_tensorrt(
-                pipeline.version_dir / "model.onnx",
-                plan,
-                [it.tensor[None] for it in items],
-                record.get("precision", "fp32"),
-                outputs,
-            )
-            report.raw.append(raw_record(engine_raw, torch_model.family.core_selects(spec.postprocess)))
-        except Exception as e:  # no GPU / TensorRT here: say so, compare the rest
-            report.skipped["tensorrt"] = f"{type(e).__name__}: {e}"
-    else:
+        return
+    if not plan.is_file():
         report.skipped["tensorrt"] = "no model.plan in this version (built for onnxruntime)"
+        return
+    try:
+        session = _TrtSession(plan)
+    except (TensorRTNotInstalledError, NoCudaGpuError, EngineMismatchError) as e:  # say so, compare the rest
+        report.skipped["tensorrt"] = f"{type(e).__name__}: {e}"
+        return
+    spec = run.pipeline.spec
+    trt = InProcessPipeline(spec, session, run.pipeline.version_dir)
+    echo("tensorrt: the version's engine, in process")
+    single = [_as_det(trt.run([b], run.controls)[0]) for b in run.blobs]
+    report.sides.append(compare_side("tensorrt", run.reference, single, run.agree_iou))
+    family = run.torch_model.family
+    batches = [it.tensor[None] for it in run.items]
+    engine_raw = verify_tensorrt(
+        run.pipeline.version_dir / "model.onnx",
+        plan,
+        batches,
+        run.record.get("precision", "fp32"),
+        family.outputs(spec.postprocess),
+    )
+    report.raw.append(raw_record(engine_raw, family.core_selects(spec.postprocess)))
 
-    if url is None:
-        report.skipped["server"] = "no --url given"
-    else:
-        echo(f"server: {model} at {url}, one request per image, then shuffled concurrent rounds")
-        with DetectorClient(url, model, retries=3) as client:
-            client.check_ready()
-            served = [_as_det(client.detect(b, score_threshold, None, max_det)) for b in blobs]
-            report.sides.append(compare_side("server", reference, served, agree_iou))
-            trials: list[tuple[int, Det]] = []
-            rng = random.Random(seed)
-            for _ in range(3):
-                order = [i for i in range(len(blobs)) for _ in range(2)]
-                rng.shuffle(order)
-                results = client.detect_many([blobs[i] for i in order], score_threshold, None, max_det, max_in_flight=len(order))
-                for i, res in zip(order, results, strict=True):
-                    if isinstance(res, Exception):
-                        raise res
-                    trials.append((i, _as_det(res)))
-            report.positions.append(position_check("server", "concurrent requests, shuffled, dynamic batching", served, trials))
-            if spec.preprocess.fixed_input_hw is not None:  # fixed canvas: images of one request are independent
-                trials = []
-                for shift in range(min(3, len(blobs))):
-                    order = [(k + shift) % len(blobs) for k in range(len(blobs))][:8]
-                    for i, res in zip(
-                        order, client.detect_batch([blobs[i] for i in order], score_threshold, None, max_det), strict=True
-                    ):
-                        trials.append((i, _as_det(res)))
-                report.positions.append(position_check("server", "multi-image requests, rotated", served, trials))
-    return report
+
+def _server_side(run: _Inputs, report: CompareReport, url: str, echo: Callable[[str], None]) -> None:
+    """The live endpoint: one request per image, then shuffled concurrent rounds (dynamic batching mixes
+    them), then multi-image requests where the canvas is fixed. An unreachable server raises (``--url``
+    names it: not being able to reach it is the user's error, not a side to skip)."""
+    from clients.grpc_client import DetectorClient
+
+    echo(f"server: {run.model} at {url}, one request per image, then shuffled concurrent rounds")
+    blobs, threshold, max_det = run.blobs, run.score_threshold, run.max_det
+    with DetectorClient(url, run.model, retries=3) as client:
+        client.check_ready()
+        served = [_as_det(client.detect(b, threshold, None, max_det)) for b in blobs]
+        report.sides.append(compare_side("server", run.reference, served, run.agree_iou))
+        trials: list[tuple[int, Det]] = []
+        rng = random.Random(run.seed)
+        for _ in range(3):
+            order = [i for i in range(len(blobs)) for _ in range(2)]
+            rng.shuffle(order)
+            results = client.detect_many([blobs[i] for i in order], threshold, None, max_det, max_in_flight=len(order))
+            for i, res in zip(order, results, strict=True):
+                if isinstance(res, Exception):
+                    raise res
+                trials.append((i, _as_det(res)))
+        report.positions.append(position_check("server", "concurrent requests, shuffled, dynamic batching", served, trials))
+        if run.pipeline.spec.preprocess.fixed_input_hw is not None:  # fixed canvas: images of one request are independent
+            trials = []
+            for shift in range(min(3, len(blobs))):
+                order = [(k + shift) % len(blobs) for k in range(len(blobs))][:8]
+                batch = client.detect_batch([blobs[i] for i in order], threshold, None, max_det)
+                trials += [(i, _as_det(res)) for i, res in zip(order, batch, strict=True)]
+            report.positions.append(position_check("server", "multi-image requests, rotated", served, trials))
