@@ -1,1 +1,2 @@
-"""The top layer: the ``detserve`` command and the reports and harnesses it runs (demo, ops report, compare, eval)."""
+"""The top layer: the ``detserve`` command and the demo; the workflows they run live below (verification,
+converters, loadtest)."""

@@ -691,7 +691,7 @@ def ops_report(
     ] = None,
 ) -> None:
     """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
-    from detserve.app.opsreport import run_ops_report
+    from loadtest.opsreport import run_ops_report
 
     if soak is not None:
         _soak(work, out, users, _seconds(soak))
@@ -704,7 +704,7 @@ def ops_report(
 
 
 def _soak(work: Path, out: Path, users: int, seconds: float) -> None:
-    from detserve.app.soak import run_soak
+    from loadtest.soak import run_soak
 
     md, problems = run_soak(work, out, seconds, users=users, echo=typer.echo)
     typer.echo(md.read_text())

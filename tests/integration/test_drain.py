@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from detserve.app.opsreport_base import ClientLoad, Tally, is_rejection
 from detserve.ops.admin import ModelAdmin
 from detserve.ops.server import running_server
+from loadtest.opsreport_base import ClientLoad, Tally, is_rejection
 from tests.detector_fixtures import NUM_CLASSES
 
 USERS = 12

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from clients.grpc_client import Detections, DetectorClient
-from detserve.app.opsreport_base import ClientLoad, Tally
 from detserve.ops.server import ServerOptions, TritonServer, free_port
+from loadtest.opsreport_base import ClientLoad, Tally
 from tests.reports import record
 
 

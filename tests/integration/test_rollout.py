@@ -96,7 +96,7 @@ def test_promote_and_rollback_under_load(
 ) -> None:
     """The load runs until the rollout's phases are done, whatever they take: it is stopped by events (promote
     returned, rollback returned, requests answered after it), never by a duration that a busy machine outlasts."""
-    from detserve.app.opsreport_base import ClientLoad
+    from loadtest.opsreport_base import ClientLoad
 
     url = rollout_server.options.grpc_url
     image = samples["astronaut.jpg"]

@@ -1,4 +1,4 @@
-"""A short soak (detserve/app/soak.py) on the real ``detserve serve``: faults under load, nothing lost outside
+"""A short soak (loadtest/soak.py) on the real ``detserve serve``: faults under load, nothing lost outside
 their windows, nothing leaked, nothing left after the stop."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from detserve.app.soak_faults import FAULTS
+from loadtest.soak_faults import FAULTS
 
 SECONDS = 110.0  # the cheap faults and one stub kill (windows of 6-10 s, an 8 s gap before each, 30 s kept quiet at the end)
 

@@ -1,11 +1,11 @@
-"""The soak's bookkeeping (detserve/app/soak_stats.py): windows, slopes, end-state verdicts."""
+"""The soak's bookkeeping (loadtest/soak_stats.py): windows, slopes, end-state verdicts."""
 
 from __future__ import annotations
 
 import pytest
 
-from detserve.app.opsreport_base import Call
-from detserve.app.soak_stats import ZOMBIE, Limits, Sample, Window, attribute, end_state, series, slope_per_hour
+from loadtest.opsreport_base import Call
+from loadtest.soak_stats import ZOMBIE, Limits, Sample, Window, attribute, end_state, series, slope_per_hour
 
 
 def test_requests_go_to_the_first_window_they_overlap_and_failures_elsewhere_are_lost() -> None:

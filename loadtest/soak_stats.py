@@ -1,4 +1,4 @@
-"""The soak's bookkeeping (detserve/app/soak.py): fault windows, per-process samples, slopes, verdicts.
+"""The soak's bookkeeping (loadtest/soak.py): fault windows, per-process samples, slopes, verdicts.
 
 Pure functions over what the soak recorded, so that the rules are tested without a server:
 
@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from detserve.app.opsreport_base import Call, Tally
 from detserve.errors import DetserveError
+from loadtest.opsreport_base import Call, Tally
 
 ZOMBIE = "zombie"
 

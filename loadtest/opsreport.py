@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from detserve.app.opsreport_base import DETECTOR, MODEL, Echo, Row, Setup, ensure_repositories
-from detserve.app.opsreport_hardening import HARDENING_SCENARIOS
-from detserve.app.opsreport_scenarios import SCENARIOS
+from loadtest.opsreport_base import DETECTOR, MODEL, Echo, Row, Setup, ensure_repositories
+from loadtest.opsreport_hardening import HARDENING_SCENARIOS
+from loadtest.opsreport_scenarios import SCENARIOS
 
 
 def run_ops_report(
@@ -80,7 +80,7 @@ def render_markdown(rows: list[Row], data: dict[str, Any]) -> str:
         lines.append(f"| {r.scenario} | {load} | {r.fault} | {t.sent} | {t.expected} | **{t.lost}** |")
     notes = [f"- {r.scenario}: {r.notes}" for r in rows if r.notes]
     head = (
-        f"Generated {data['at']} by `detserve.app.opsreport.run_ops_report`: {data['model']}, embedded Triton, "
+        f"Generated {data['at']} by `loadtest.opsreport.run_ops_report`: {data['model']}, embedded Triton, "
         f"{data['machine']['cpus']} CPUs (1-minute load average {data['machine']['load_average_1m']:.1f} at the end). "
         f"Requests lost in all: **{data['lost_total']}**."
     )

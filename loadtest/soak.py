@@ -32,11 +32,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detserve.app.opsreport_base import KEY, MODEL, ClientLoad, Echo, build_request
-from detserve.app.soak_faults import FAULTS, Fault, Service, ready, server_processes
-from detserve.app.soak_render import write_report
-from detserve.app.soak_stats import Limits, Sample, Schedule, SoakResult, Window
 from detserve.errors import DetserveError
+from loadtest.opsreport_base import KEY, MODEL, ClientLoad, Echo, build_request
+from loadtest.soak_faults import FAULTS, Fault, Service, ready, server_processes
+from loadtest.soak_render import write_report
+from loadtest.soak_stats import Limits, Sample, Schedule, SoakResult, Window
 
 SOAK_MAX_REQUEST_BYTES = 8 * 2**20  # small, so that an oversized request is cheap to send
 CLIENT_DEADLINE_S = 30.0

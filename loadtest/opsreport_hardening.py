@@ -1,4 +1,4 @@
-"""The ops report's rows for issue 10's attacks, each with traffic flowing (detserve/app/opsreport.py).
+"""The ops report's rows for issue 10's attacks, each with traffic flowing (loadtest/opsreport.py).
 
 - the admin key searched for in every process's command line and environment;
 - every admin API called without the key and with a guessed one (gRPC and HTTP), including a
@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detserve.app.opsreport_base import (
+from detserve.pipeline import CORE, model_name
+from loadtest.opsreport_base import (
     KEY,
     MODEL,
     Call,
@@ -33,7 +34,6 @@ from detserve.app.opsreport_base import (
     scenario_server,
     stub_pids,
 )
-from detserve.pipeline import CORE, model_name
 
 SIZE_LIMIT = 8 * 1024 * 1024
 

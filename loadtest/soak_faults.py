@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detserve.app.opsreport_base import MODEL, Call
-from detserve.app.opsreport_scenarios import bad_inputs
-from detserve.app.soak_stats import ZOMBIE
+from loadtest.opsreport_base import MODEL, Call
+from loadtest.opsreport_scenarios import bad_inputs
 from loadtest.procstats import ProcInfo, descendants, read_proc, role_of_process
+from loadtest.soak_stats import ZOMBIE
 
 STREAM_CHANNELS, STREAMS_PER_CHANNEL, STREAM_HOLD_S = 20, 50, 5.0
 STUB_KILL = "python stub SIGKILL"

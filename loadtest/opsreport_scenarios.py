@@ -18,7 +18,8 @@ import time
 import zlib
 from collections.abc import Callable
 
-from detserve.app.opsreport_base import (
+from detserve.pipeline import CORE, POSTPROCESS, model_name
+from loadtest.opsreport_base import (
     KEY,
     MODEL,
     ROLES,
@@ -32,7 +33,6 @@ from detserve.app.opsreport_base import (
     scenario_server,
     stub_pids,
 )
-from detserve.pipeline import CORE, POSTPROCESS, model_name
 
 
 def steady(s: Setup) -> Row:

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from detserve.app.opsreport_base import DETECTOR, MODEL, Tally
-from detserve.app.soak_faults import STUB_KILL
-from detserve.app.soak_stats import EndState, ProcessSeries, SoakResult, attribute, end_state, series
+from loadtest.opsreport_base import DETECTOR, MODEL, Tally
+from loadtest.soak_faults import STUB_KILL
+from loadtest.soak_stats import EndState, ProcessSeries, SoakResult, attribute, end_state, series
 
 MiB = 2**20
 
