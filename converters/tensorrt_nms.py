@@ -19,7 +19,7 @@ num_detections are zeros.
 Not bit-exact with the eager model, by construction: the eager model takes the top
 ``topk_candidates`` per class before NMS, the NMS layer the top ``topk_box_limit`` (5000, its
 maximum) (box, class) pairs per image; thresholds are fixed at build time (no per-request
-controls); softmax/exp run in TensorRT's kernels. :func:`converters.gpu_check.run` reports how far
+controls); softmax/exp run in TensorRT's kernels. ``scripts/gpu_check.py`` (its end_to_end_nms step) reports how far
 the two pipelines' detections agree. Only fixed-size cores (SSD) qualify: their anchors are
 constants; RetinaNet/FCOS anchors depend on each input's padded size.
 """

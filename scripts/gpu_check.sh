@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prove the TensorRT path on a CUDA machine, in under 13 minutes:
-#   converters/gpu_check.py  builds the demo detector's fp32/fp16/int8 engines, verifies each
+#   scripts/gpu_check.py     builds the demo detector's fp32/fp16/int8 engines, verifies each
 #                            against ONNX Runtime, checks GPU post-processing against CPU, builds
 #                            the end-to-end NMS variant, builds and verifies RT-DETR engines (grid-sample
 #                            and discrete-sampling cores: a wrong GridSample engine must be refused,
@@ -38,7 +38,7 @@ if ! "$PY" -c 'import torch, tensorrt, polygraphy, onnx, onnxruntime; assert tor
 fi
 
 status=0
-timeout --signal=INT 520 "$PY" -m converters.gpu_check --out "$OUT" --budget-s 480 || status=1
+timeout --signal=INT 520 "$PY" scripts/gpu_check.py --out "$OUT" --budget-s 480 || status=1
 timeout --signal=INT 90 "$PY" -m pytest -q -m gpu tests/unit/test_tensorrt.py -p no:cacheprovider \
     >"$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 3 "$OUT/pytest_gpu.txt"

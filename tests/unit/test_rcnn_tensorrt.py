@@ -4,7 +4,7 @@ per-output Polygraphy verification of a RoIAlign core with ONNX Runtime running 
 faithful one passes, one that samples RoIs with the other pixel convention is refused.
 
 Real engines (kernels, the ROIAlign_TRT plugin's numerics) are built and verified by
-scripts/gpu_check.sh (converters/gpu_check.py: rcnn_engines) on a GPU.
+scripts/gpu_check.sh (scripts/gpu_check.py: rcnn_engines) on a GPU.
 """
 
 from __future__ import annotations

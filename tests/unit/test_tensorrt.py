@@ -868,7 +868,7 @@ def test_end_to_end_nms_engine_agrees_with_the_split_pipeline(ssdlite: dict[str,
 
 
 def test_gpu_check_records_a_failed_step_and_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from converters.gpu_check import run_checks
+    from scripts.gpu_check import run_checks
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     results = run_checks(tmp_path, budget_s=60)
@@ -878,7 +878,7 @@ def test_gpu_check_records_a_failed_step_and_stops(tmp_path: Path, monkeypatch: 
 
 
 def test_gpu_check_prepares_the_demo_detector_and_compares_detections(tmp_path: Path) -> None:
-    from converters.gpu_check import Run, _parity, _postprocess, prepare
+    from scripts.gpu_check import Run, _parity, _postprocess, prepare
 
     run = Run(tmp_path, budget_s=60)
     info = run.step("prepare", prepare)

@@ -24,6 +24,9 @@ On the demo detector (ssdlite320_mobilenet_v3_large, 91 classes, spread-init see
 Every step's result (or its error) is written to ``<out>/gpu_check.json`` as soon as it ends, so a
 run cut short still leaves what it measured; steps that would not fit the time budget are skipped
 and say so. Nothing is installed at run time.
+
+A script, not part of the installed package: ``scripts/gpu_check.sh`` runs it from the repository
+root (``python scripts/gpu_check.py --out DIR --budget-s S``) with the project importable.
 """
 
 from __future__ import annotations
