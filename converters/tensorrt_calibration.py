@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import DetserveError
+from detserve.hashing import file_sha256
 from detserve.specs import PreprocessSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -95,7 +96,7 @@ def files_digest(files: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        h.update(bytes.fromhex(file_sha256(p)))  # the file's digest, read in chunks
     return h.hexdigest()
 
 

@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spread-init-seed", type=int, help="test fixture: untrained heads with a score spread")
     parser.add_argument("--access-log", action="store_true", help="log every request (off: logging would be measured too)")
     args = parser.parse_args(argv)
-    from detserve.families.torchvision_models import parse_model_kwargs
+    from detserve.kwargs import parse_model_kwargs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.INFO if args.access_log else logging.WARNING)

@@ -11,7 +11,6 @@ settings, loss curve, wall time, environment, and the held-out test metrics of *
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from detserve.families.torchvision_models import build_detector
+from detserve.hashing import file_sha256
 from training.synthetic import CLASSES, NUM_CLASSES, SPLITS, SplitConfig, coco_dict, render
 
 DETECTOR = "ssdlite320_mobilenet_v3_large"
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "detector": DETECTOR,
         "num_classes": NUM_CLASSES,
         "classes": ["__background__", *CLASSES],
-        "weights": {"file": args.out.name, "sha256": hashlib.sha256(args.out.read_bytes()).hexdigest(), "dtype": "float16"},
+        "weights": {"file": args.out.name, "sha256": file_sha256(args.out), "dtype": "float16"},
         "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dataset": {name: cfg.to_json() for name, cfg in SPLITS.items()},

@@ -82,7 +82,7 @@ def build(
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
     from converters.repository import BuildRequest, build_repository
-    from detserve.families.torchvision_models import parse_model_kwargs
+    from detserve.kwargs import parse_model_kwargs
     from detserve.tritonconfig import ServingOptions
 
     req = BuildRequest(

@@ -8,8 +8,7 @@ weights_backbone=None``; trained weights come from a local checkpoint (a state d
 from __future__ import annotations
 
 import inspect
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,20 +25,6 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "retinanet_resnet50_fpn_v2": ("retinanet_resnet50_fpn_v2", "retinanet"),
     "fcos_resnet50_fpn": ("fcos_resnet50_fpn", "fcos"),
 }
-
-
-def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs from the command line, values read as JSON where they parse (``min_size=320`` is an int)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"model keyword {item!r} is not KEY=VALUE", hint="e.g. --kw min_size=320")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def family_of(name: str) -> str:

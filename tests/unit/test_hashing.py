@@ -37,3 +37,17 @@ def test_a_folder_hashes_names_and_contents_in_a_fixed_order(tmp_path: Path) -> 
     assert checkpoint_sha256(b) == digest
     (b / "extra.txt").write_text("x")
     assert checkpoint_sha256(b) != digest
+
+
+def test_the_calibration_key_keeps_its_formula(tmp_path: Path) -> None:
+    """TensorRT calibration caches written before file_sha256 was shared stay valid: same per-file digest."""
+    from converters.tensorrt_calibration import files_digest
+
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    for k, f in enumerate(files):
+        f.write_bytes(bytes([k]) * (3 << 20))  # larger than file_sha256's 1 MiB chunk
+    before = hashlib.sha256()
+    for f in files:
+        before.update(f.name.encode())
+        before.update(hashlib.sha256(f.read_bytes()).digest())
+    assert files_digest(files) == before.hexdigest()
