@@ -523,7 +523,7 @@ def compare(
 ) -> None:
     """Detection-level diff: PyTorch vs ONNX Runtime vs the live endpoint (and TensorRT); exit 1 on high-score disagreement."""
     from clients.bulk import image_files
-    from converters.compare import run_compare, write_report
+    from loadtest.compare import run_compare, write_report
 
     if len(images) == 1 and images[0].is_dir():
         images = image_files(images[0])[:limit]

@@ -96,8 +96,8 @@ def test_compare_skips_only_an_unavailable_tensorrt_side(
 ) -> None:
     """A version with an engine that cannot run here (no metadata, no TensorRT, no GPU) is "skipped"; a
     bug on that side (here: a session whose run raises TypeError) raises instead of hiding as "skipped"."""
-    from converters import compare
     from detserve.pipeline import CORE, model_name
+    from loadtest import compare
 
     repo = Path(shutil.copytree(repository, tmp_path / "repo"))
     (repo / model_name(SHAPES, CORE) / "1" / "model.plan").write_bytes(b"not an engine")

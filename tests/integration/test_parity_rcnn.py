@@ -436,7 +436,7 @@ def test_compare_served_and_in_process_against_eager(
 ) -> None:
     """detserve compare on a two-stage model: onnxruntime in process and the server against eager
     ``model([image])``, order-free per score band; every core step's raw error on the chain's inputs."""
-    from converters.compare import run_compare, write_report
+    from loadtest.compare import run_compare, write_report
 
     paths = []
     for file, blob in list(samples.items())[:1]:  # one photo: the fast-suite budget (more in the slow bench)

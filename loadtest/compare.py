@@ -13,9 +13,11 @@ between runtimes, so those figures are information and the detection comparison 
 batch-position check — the same image at other positions and beside other images must give the same
 detections.
 
-It lives in ``converters`` (the tools layer), not in ``detserve.verification``: it exports and checks
-cores (``converters.onnx_export``, ``converters.multistep``) and runs TensorRT engines
-(``converters.tensorrt_*``), which the verification layer below converters may not import.
+It lives in the tools layer (converters, loadtest, training), not in ``detserve.verification``: it
+exports and checks cores (``converters.onnx_export``, ``converters.multistep``) and runs TensorRT
+engines (``converters.tensorrt_*``), which the verification layer below may not import. Within that
+layer it sits in ``loadtest``, beside the in-process pipeline it runs (``loadtest.inprocess``):
+loadtest imports converters, so compare in ``converters`` would close a converters <-> loadtest cycle.
 ``detserve compare`` calls :func:`run_compare` and :func:`write_report`.
 """
 
