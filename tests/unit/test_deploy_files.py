@@ -129,7 +129,7 @@ def test_entrypoint_runs_detserve_serve_with_no_key_on_the_command_line(tmp_path
 def test_entrypoint_shm_matches_embedded_server(tmp_path: Path) -> None:
     # the container and `detserve serve` give the python stubs the same shared memory
     argv = _entrypoint(tmp_path, {"DETSERVE_ADMIN_KEY": KEY}).stdout.splitlines()
-    served = re.findall(r"--backend-config=python,shm-[a-z-]+=\d+", (ROOT / "detserve" / "ops" / "server.py").read_text())
+    served = re.findall(r"--backend-config=python,shm-[a-z-]+=\d+", (ROOT / "detserve" / "ops" / "server_options.py").read_text())
     assert served and {f"--triton-arg={f}" for f in served} <= set(argv), (served, argv)
 
 
