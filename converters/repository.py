@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from detserve.errors import SpecError
+from detserve.families import ModelSpec
 from detserve.pipeline import PREPROCESS, all_models, model_name, role_of
-from detserve.specs import ModelSpec, PreprocessSpec
+from detserve.specs import PreprocessSpec
 from detserve.tritonconfig import ServingOptions, ensemble_config, own_canvases, preprocess_config, render, step_config
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
@@ -51,7 +52,7 @@ class BuildRequest:
     # also write the fused CPU layout of the model into this repository (converters/fused.py)
     fused_out: Path | None = None
     # Test fixture, not a trained model: untrained heads re-initialised with this seed so that
-    # scores spread over 0..1 (see detserve.families.torchvision_models.spread_head_init). Recorded in build.json.
+    # scores spread over 0..1 (see detserve.families.torchvision.models.spread_head_init). Recorded in build.json.
     spread_init_seed: int | None = None
     # target "tensorrt" only: engine precision, INT8 calibration photos, and the tactic timing
     # cache (default: <repository>/.trt_timing_cache, shared by every build into the repository)

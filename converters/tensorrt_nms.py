@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import SpecError
-from detserve.specs import PostprocessSpec, PreprocessSpec
+from detserve.families.torchvision.spec import PostprocessSpec
+from detserve.specs import PreprocessSpec
 
 NMS_OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 TOPK_LIMIT = 3840  # ITopKLayer's largest k
@@ -70,7 +71,7 @@ def ssd_decode_constants(pre: PreprocessSpec, post: PostprocessSpec) -> SsdDecod
     """Anchor centres/sizes computed exactly as ``BoxCoder.decode_single`` computes them (float32)."""
     import torch
 
-    from detserve.families.torchvision_decode import anchors_for
+    from detserve.families.torchvision.decode import anchors_for
 
     h, w = check_nms_supported(pre, post)
     anchors, _ = anchors_for(post, (h, w))
@@ -259,7 +260,7 @@ def to_original(boxes: Any, resized_hw: tuple[int, int], original_hw: tuple[int,
     """Engine boxes (resized frame) -> original pixels, with the served post-processing's arithmetic."""
     import torch
 
-    from detserve.families.torchvision_decode import rescale_boxes
+    from detserve.families.torchvision.decode import rescale_boxes
 
     n = boxes.shape[0]
     resized = torch.tensor([resized_hw], device=boxes.device).expand(n, 2)

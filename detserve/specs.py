@@ -1,4 +1,6 @@
-"""Frozen, validated specs: how an image becomes the core's input, and how raw outputs become boxes.
+"""Frozen, validated specs: how an image becomes the core's input, and a request's controls.
+
+How raw outputs become boxes is each family's decode spec (``detserve/families/<name>/spec.py``).
 
 A spec is declared once per model, stored in the repository (as JSON in a config parameter and
 as a file in each version directory) and used by the server *and* by every reference path, so
@@ -11,15 +13,13 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from detserve.errors import SpecError
 
 ResizeMode = Literal["torchvision", "fixed", "ultralytics", "transformers"]
 ColorOrder = Literal["RGB", "BGR"]
-Family = Literal["ssd", "retinanet", "fcos"]
-AnchorKind = Literal["default_boxes", "grid"]
 
 T = TypeVar("T")
 
@@ -179,85 +179,20 @@ class PreprocessSpec(Spec):
         return (math.ceil(resized_hw[0] / d) * d, math.ceil(resized_hw[1] / d) * d)
 
 
-@dataclass(frozen=True)
-class AnchorSpec(Spec):
-    """The model's own anchor/prior/point generator, rebuilt in the post-processing model.
-
-    ``grid``: torchvision ``AnchorGenerator(sizes, aspect_ratios)`` (RetinaNet, FCOS points).
-    ``default_boxes``: torchvision ``DefaultBoxGenerator`` (SSD priors).
-    Feature-map sizes come from ``fixed_grid_sizes`` when the input size is fixed, else from
-    ``strides`` as ceil(H / stride) — checked against the real model when the repository is built.
-    """
-
-    kind: AnchorKind
-    sizes: tuple[tuple[int, ...], ...] = ()
-    aspect_ratios: tuple[tuple[float, ...], ...] = ()
-    min_ratio: float = 0.15
-    max_ratio: float = 0.9
-    scales: tuple[float, ...] | None = None
-    steps: tuple[int, ...] | None = None
-    clip: bool = True
-    strides: tuple[int, ...] | None = None
-    fixed_input_hw: tuple[int, int] | None = None
-    fixed_grid_sizes: tuple[tuple[int, int], ...] | None = None
-
-    def __post_init__(self) -> None:
-        check(self.kind in get_args(AnchorKind), f"anchor kind must be one of {get_args(AnchorKind)}, got {self.kind!r}")
-        check(len(self.aspect_ratios) > 0, "aspect_ratios must not be empty")
-        if self.kind == "grid":
-            check(len(self.sizes) == len(self.aspect_ratios), "grid anchors need one sizes entry per aspect_ratios entry")
-        check(
-            self.strides is not None or (self.fixed_input_hw is not None and self.fixed_grid_sizes is not None),
-            "anchors need strides, or fixed_input_hw with fixed_grid_sizes",
-        )
-        levels = len(self.aspect_ratios)
-        for name in ("strides", "fixed_grid_sizes", "steps"):
-            value = getattr(self, name)
-            check(value is None or len(value) == levels, f"{name} needs one entry per level ({levels}), got {value}")
-        if self.kind == "default_boxes" and self.scales is not None:
-            check(len(self.scales) == levels + 1, f"default boxes need {levels + 1} scales (levels + 1), got {len(self.scales)}")
-
-    def grid_sizes(self, padded_hw: tuple[int, int]) -> list[tuple[int, int]]:
-        h, w = padded_hw
-        if (
-            self.fixed_grid_sizes is not None
-            and self.fixed_input_hw is not None
-            and tuple(padded_hw) == tuple(self.fixed_input_hw)
-        ):
-            return [(int(a), int(b)) for a, b in self.fixed_grid_sizes]
-        if self.strides is None:
-            raise SpecError(f"this model only accepts inputs of {self.fixed_input_hw}, got {padded_hw}")
-        return [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
-
-
-@dataclass(frozen=True)
-class PostprocessSpec(Spec):
-    """How the core's raw outputs become detections, exactly as the eager torchvision model does."""
-
-    family: Family
-    num_classes: int  # class columns of the head; for SSD this includes background column 0
-    anchors: AnchorSpec
-    score_thresh: float
-    nms_thresh: float
-    detections_per_img: int
-    topk_candidates: int
-    box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    normalize_by_size: bool = True  # FCOS' BoxLinearCoder
-    bbox_xform_clip: float = math.log(1000.0 / 16)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.anchors, Mapping):  # built from JSON
-            object.__setattr__(self, "anchors", AnchorSpec.from_dict(self.anchors))
-        check(self.family in get_args(Family), f"family must be one of {get_args(Family)}, got {self.family!r}")
-        check(self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}")
-        check(0.0 <= self.score_thresh < 1.0, f"score_thresh must be in [0, 1), got {self.score_thresh}")
-        check(0.0 < self.nms_thresh <= 1.0, f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
-        check(self.detections_per_img >= 1, f"detections_per_img must be >= 1, got {self.detections_per_img}")
-        check(self.topk_candidates >= 1, f"topk_candidates must be >= 1, got {self.topk_candidates}")
-        check(len(self.box_coder_weights) == 4, "box_coder_weights needs 4 values")
-
-
 MAX_DET_LIMIT = 10_000
+
+
+class ControlDefaults(Protocol):
+    """What every family's decode spec holds: the model's own per-request defaults."""
+
+    @property
+    def score_thresh(self) -> float: ...
+
+    @property
+    def nms_thresh(self) -> float: ...
+
+    @property
+    def detections_per_img(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -279,7 +214,7 @@ class RequestControls:
             raise RequestError(f"max_det must be in [1, {MAX_DET_LIMIT}], got {self.max_det}")
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, Any], spec: PostprocessSpec) -> RequestControls:
+    def from_parameters(cls, params: Mapping[str, Any], spec: ControlDefaults) -> RequestControls:
         """Read controls from request parameters, falling back to the model's own defaults.
 
         An unknown parameter name or a value of the wrong type is the request's error (checked first).
@@ -348,22 +283,3 @@ def _integer(key: str, value: Any) -> int:
         if math.isfinite(number) and number.is_integer():
             return int(number)
     raise RequestError(f"{key} must be an integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ModelSpec(Spec):
-    """Everything a repository build needs to know about one detector."""
-
-    detector: str
-    num_classes: int
-    preprocess: PreprocessSpec
-    postprocess: Any  # the family's decode spec (PostprocessSpec for torchvision, YoloDecodeSpec, ...)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.preprocess, Mapping):
-            object.__setattr__(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
-        if isinstance(self.postprocess, Mapping):
-            from detserve.families import decode_spec_from_dict
-
-            object.__setattr__(self, "postprocess", decode_spec_from_dict(dict(self.postprocess)))

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from detserve.errors import SpecError
+from detserve.families import ModelSpec
 from detserve.pipeline import CORE, model_name
-from detserve.specs import ModelSpec, RequestControls
+from detserve.specs import RequestControls
 
 CORE_INPUT = "images"  # the core's input tensor, as the server feeds it
 STAGES = ("preprocess", "core", "postprocess")  # decode + resize + normalise; onnxruntime; decode + NMS

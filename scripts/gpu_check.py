@@ -168,7 +168,7 @@ def _controls(run: Run, n: int) -> list[Any]:
 
 
 def _postprocess(run: Run, raw: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    from detserve.families.torchvision_decode import postprocess_batch
+    from detserve.families.torchvision.decode import postprocess_batch
 
     resized, original = _hw_info(run, n)
     pre = run.state["pre"]

@@ -28,7 +28,7 @@ def make_checkpoint(detector: str, directory: Path) -> Path:
     """A state dict on disk, so the build goes through the real checkpoint path."""
     import torch
 
-    from detserve.families.torchvision_models import build_detector, spread_head_init
+    from detserve.families.torchvision.models import build_detector, spread_head_init
 
     kwargs, spread = PARITY_DETECTORS[detector]
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def make_checkpoint(detector: str, directory: Path) -> Path:
 
 
 def eager_model(detector: str, checkpoint: Path) -> Any:
-    from detserve.families.torchvision_models import build_detector
+    from detserve.families.torchvision.models import build_detector
 
     kwargs, _ = PARITY_DETECTORS[detector]
     return build_detector(detector, NUM_CLASSES, checkpoint, **kwargs)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detserve.families.torchvision_models import build_detector
+from detserve.families.torchvision.models import build_detector
 from detserve.hashing import file_sha256
 from training.synthetic import CLASSES, NUM_CLASSES, SPLITS, SplitConfig, coco_dict, render
 

@@ -1,20 +1,27 @@
 """Detector families behind one small registry (the seam: detserve/families/base.py).
 
 The registry maps a family's name -- the ``family`` field of its decode spec, stored in every
-repository -- to the module that provides it. Modules load lazily: asking for the torchvision
-family does not import the YOLO module, and no family module imports a model zoo at import time.
+repository -- to the package that provides it (``detserve/families/<name>/``: ``spec``,
+``decode``, ``models``; docs/families.md). Packages load lazily: asking for the torchvision
+family does not import the YOLO package, and no family imports a model zoo at import time.
+:class:`ModelSpec` (a repository build's record of one detector) lives here because it decodes
+its stored decode spec through the registry.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from detserve.errors import SpecError
 from detserve.families.base import Family, TensorDecl
+from detserve.specs import PreprocessSpec, Spec
 
 __all__ = [
     "Family",
+    "ModelSpec",
     "TensorDecl",
     "decode_spec_from_dict",
     "family",
@@ -26,7 +33,7 @@ __all__ = [
     "outputs_of",
 ]
 
-# family name -> module path; the module has FAMILIES: dict[str, Family] (or FAMILY for one)
+# family name -> package; the package has FAMILIES: dict[str, Family] (or FAMILY for one)
 _REGISTRY: dict[str, str] = {
     "ssd": "detserve.families.torchvision",
     "retinanet": "detserve.families.torchvision",
@@ -103,3 +110,20 @@ def decode_spec_from_json(text: str) -> Any:
     except json.JSONDecodeError as e:
         raise SpecError(f"decode spec is not valid JSON: {e}") from e
     return decode_spec_from_dict(data)
+
+
+@dataclass(frozen=True)
+class ModelSpec(Spec):
+    """Everything a repository build needs to know about one detector."""
+
+    detector: str
+    num_classes: int
+    preprocess: PreprocessSpec
+    postprocess: Any  # the family's decode spec (PostprocessSpec for torchvision, YoloDecodeSpec, ...)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preprocess, Mapping):
+            object.__setattr__(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
+        if isinstance(self.postprocess, Mapping):
+            object.__setattr__(self, "postprocess", decode_spec_from_dict(dict(self.postprocess)))

@@ -32,10 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from detserve.errors import SpecError
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from detserve.specs import PreprocessSpec, RequestControls
@@ -92,6 +93,43 @@ DETECTIONS: tuple[TensorDecl, ...] = (
     TensorDecl("scores", (-1,)),
     TensorDecl("labels", (-1,), "INT32"),
 )
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, wherever it lives
+        return value.detach().cpu().numpy()  # type: ignore[no-any-return]
+    return np.asarray(value)
+
+
+def pad_detections(det: dict[str, Any], max_det: int) -> dict[str, np.ndarray]:
+    """Fixed-shape outputs for Triton (every image of a response has the same shape).
+
+    Returns num_detections int32 [1], boxes float32 [max_det, 4], scores float32 [max_det],
+    labels int32 [max_det]; rows past num_detections are zeros. Extra detections are cut.
+    """
+    if max_det < 1:
+        raise ValueError(f"max_det must be >= 1, got {max_det}")
+    scores = _numpy(det["scores"]).astype(np.float32).reshape(-1)
+    k = min(int(scores.shape[0]), int(max_det))
+    out = {
+        "num_detections": np.array([k], dtype=np.int32),
+        "boxes": np.zeros((max_det, 4), dtype=np.float32),
+        "scores": np.zeros((max_det,), dtype=np.float32),
+        "labels": np.zeros((max_det,), dtype=np.int32),
+    }
+    out["boxes"][:k] = _numpy(det["boxes"]).astype(np.float32).reshape(-1, 4)[:k]
+    out["scores"][:k] = scores[:k]
+    out["labels"][:k] = _numpy(det["labels"]).astype(np.int32).reshape(-1)[:k]
+    return out
+
+
+def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """One request's per-image rows as a batch; rows of different lengths (a step that returns as
+    many detections as an image has) are zero-padded to the longest, their count said by another output."""
+    longest = max(r.shape[0] for r in rows) if rows[0].ndim else 0
+    if all(r.shape == rows[0].shape for r in rows):
+        return np.stack(rows)
+    return np.stack([np.pad(r, [(0, longest - r.shape[0])] + [(0, 0)] * (r.ndim - 1)) for r in rows])
 
 
 def single_stage_steps(outputs: Sequence[TensorDecl]) -> list[StepDecl]:
@@ -154,11 +192,40 @@ class SingleStage:
         the GPU a TensorRT core left it on); ``max_det`` zero-padded rows per image, on the CPU."""
         if role != "postprocess":
             raise SpecError(f"a single-stage family has one torch step, 'postprocess', not {role!r}")
-        from detserve.runtime.outputs import pad_detections
-
         canvas = (int(info[0, 4]), int(info[0, 5]))  # image_info's own padded size (runtime/canvas.py)
         dets = self.decode(decode_spec, raw, canvas, info[:, 2:4], info[:, 0:2], controls)
         return [pad_detections(d, c.max_det) for d, c in zip(dets, controls, strict=True)]
+
+
+class ModelsHalf:
+    """The members a family keeps in its zoo half (``<family>/models.py``): imported on first use, so
+    asking the registry for a family never loads a model library. A family defines :meth:`models`
+    (one function-level import of its ``models`` module); the module provides ``build``,
+    ``preprocess_spec``, ``decode_spec``, ``core`` (a multi-step family also ``step_module``) and
+    ``reference`` with the :class:`Family` signatures."""
+
+    def models(self) -> Any:
+        raise NotImplementedError
+
+    def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
+        return self.models().build(detector, num_classes, checkpoint, model_kwargs, seed)
+
+    def preprocess_spec(self, model: Any) -> PreprocessSpec:
+        return self.models().preprocess_spec(model)  # type: ignore[no-any-return]
+
+    def decode_spec(self, model: Any, pre: PreprocessSpec) -> Any:
+        return self.models().decode_spec(model, pre)
+
+    def core(self, model: Any, decode_spec: Any) -> torch.nn.Module:
+        return self.models().core(model, decode_spec)  # type: ignore[no-any-return]
+
+    def step_module(self, model: Any, decode_spec: Any, role: str) -> torch.nn.Module:
+        return self.models().step_module(model, decode_spec, role)  # type: ignore[no-any-return]
+
+    def reference(
+        self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int
+    ) -> dict[str, Any]:
+        return self.models().reference(model, rgb, score_threshold, iou_threshold, max_det)  # type: ignore[no-any-return]
 
 
 class Family(Protocol):

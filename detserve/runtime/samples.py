@@ -1,44 +1,7 @@
-"""Real photographs for demos and checks, from scikit-image (nothing is downloaded).
-
-Several sizes and aspect ratios, one grey, encoded as JPEG or PNG so they go through the same
-decoder as any user's image.
-"""
+"""The sample photographs (detserve/samples.py: a foundation helper the families use too), for the runtime's callers."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
+from detserve.samples import SAMPLES, sample_array, sample_bytes, sample_files, sample_photos, write_samples
 
-import numpy as np
-
-# name -> encoding; camera is grey, chelsea/coffee/rocket are not square
-SAMPLES: dict[str, str] = {"astronaut": "JPEG", "chelsea": "PNG", "coffee": "JPEG", "camera": "PNG", "rocket": "JPEG"}
-
-
-def sample_array(name: str) -> np.ndarray:
-    from skimage import data
-
-    return np.ascontiguousarray(getattr(data, name)())
-
-
-def sample_bytes(name: str) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(sample_array(name)).save(buf, format=SAMPLES[name], **({"quality": 92} if SAMPLES[name] == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def sample_files() -> dict[str, bytes]:
-    """file name -> encoded bytes, for every sample."""
-    return {f"{name}.{'jpg' if fmt == 'JPEG' else 'png'}": sample_bytes(name) for name, fmt in SAMPLES.items()}
-
-
-def write_samples(out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for filename, blob in sample_files().items():
-        path = out / filename
-        path.write_bytes(blob)
-        paths.append(path)
-    return paths
+__all__ = ["SAMPLES", "sample_array", "sample_bytes", "sample_files", "sample_photos", "write_samples"]

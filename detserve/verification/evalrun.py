@@ -236,7 +236,7 @@ def run_eval(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> EvalReport:
-    from detserve.specs import ModelSpec
+    from detserve.families import ModelSpec
     from detserve.verification.reference import build_record
 
     if max_det < 1:

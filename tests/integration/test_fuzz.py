@@ -23,10 +23,11 @@ import pytest
 
 from clients.grpc_client import Detections, DetectorClient
 from detserve.errors import ClientError, ImageError
+from detserve.families.torchvision.spec import PostprocessSpec
 from detserve.ops.server import TritonServer
 from detserve.runtime.imaging import decode_image
 from detserve.runtime.preprocess import preprocess
-from detserve.specs import PostprocessSpec, PreprocessSpec
+from detserve.specs import PreprocessSpec
 from detserve.verification.matching import check_parity
 from tests.bad_images import mutate, png_and_jpeg_seeds, random_mutations
 

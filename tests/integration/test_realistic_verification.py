@@ -26,7 +26,7 @@ def realistic_fcos_checkpoint(path: Path, samples: dict[str, bytes], seed: int =
     """FCOS R50-FPN, 7 classes, BatchNorm running statistics averaged over the sample photos, heads spread."""
     import torch
 
-    from detserve.families.torchvision_models import build_detector, spread_head_init
+    from detserve.families.torchvision.models import build_detector, spread_head_init
     from detserve.runtime.imaging import decode_image
 
     torch.manual_seed(seed)
@@ -94,7 +94,7 @@ def test_rtdetr_default_configuration_from_a_folder_builds_judged_by_detections(
     Measured with seed 5: 1500/1500 detections matched, and here the raw tensors agree too; slots swapped by
     near-ties at the query top-k are what tests/unit/test_verify_detections.py plants."""
     from detserve.families import family
-    from detserve.families.detr_models import spread_head_init
+    from detserve.families.detr.models import spread_head_init
     from detserve.runtime.imaging import decode_image
 
     model = family("detr").build("rtdetr_r50vd", 7, None, {}, seed=5)

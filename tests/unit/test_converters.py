@@ -10,7 +10,7 @@ import torch
 
 from converters.onnx_export import compare_outputs, export_core, require_ok, verify_onnxruntime
 from detserve.errors import CheckpointError, SpecError, VerificationError
-from detserve.families.torchvision_models import build_detector, load_checkpoint
+from detserve.families.torchvision.models import build_detector, load_checkpoint
 
 
 def test_unknown_detector_lists_the_known_ones() -> None:
@@ -62,8 +62,8 @@ def test_export_and_verify_ssdlite(tmp_path: Path) -> None:
     import onnx
 
     from detserve.families import family
-    from detserve.families.torchvision_models import spread_head_init
-    from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families.torchvision.from_model import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families.torchvision.models import spread_head_init
 
     model = spread_head_init(build_detector("ssdlite320_mobilenet_v3_large", 3), seed=0)
     pre, post = preprocess_spec_from_model(model), postprocess_spec_from_model(model, "ssd")

@@ -37,7 +37,7 @@ def _model(detector: str) -> Any:
 
 
 def _processor(kind: str, size: dict[str, int]) -> Any:
-    from detserve.families.detr_models import hf_env
+    from detserve.families.detr.models import hf_env
 
     hf_env()
     import transformers
@@ -64,7 +64,7 @@ def photos(samples: dict[str, bytes]) -> dict[str, np.ndarray]:
 def test_preprocessing_equals_the_image_processor_bit_for_bit(
     kind: str, size: dict[str, int], photos: dict[str, np.ndarray]
 ) -> None:
-    from detserve.families.detr_models import preprocess_spec
+    from detserve.families.detr.models import preprocess_spec
 
     processor = _processor(kind, size)
     holder = type("M", (), {"detserve_processor": processor})()

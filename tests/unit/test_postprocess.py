@@ -22,11 +22,12 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detserve.errors import SpecError
 from detserve.families import outputs_of
-from detserve.families.torchvision_decode import anchors_for, postprocess_batch
-from detserve.families.torchvision_models import build_detector, family_of, spread_head_init
-from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
+from detserve.families.torchvision.decode import anchors_for, postprocess_batch
+from detserve.families.torchvision.from_model import postprocess_spec_from_model, preprocess_spec_from_model
+from detserve.families.torchvision.models import build_detector, family_of, spread_head_init
+from detserve.families.torchvision.spec import AnchorSpec, PostprocessSpec
 from detserve.runtime.outputs import pad_detections
-from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec, RequestControls
+from detserve.specs import PreprocessSpec, RequestControls
 
 FPN_KWARGS = {"min_size": 256, "max_size": 320}
 ALL_IMAGES = ("astronaut", "chelsea", "coffee", "camera", "rocket")

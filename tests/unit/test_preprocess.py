@@ -21,7 +21,7 @@ TRANSFORMS = {
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
-    from detserve.families.torchvision_models import build_detector
+    from detserve.families.torchvision.models import build_detector
 
     return {name: build_detector(name, 3, **kw) for name, kw in TRANSFORMS.items()}
 
@@ -30,7 +30,7 @@ def models() -> dict[str, torch.nn.Module]:
 def test_bit_exact_against_model_transform(detector: str, models: dict[str, torch.nn.Module], samples: dict[str, bytes]) -> None:
     from torchvision.transforms.functional import to_tensor
 
-    from detserve.families.torchvision_specs import preprocess_spec_from_model
+    from detserve.families.torchvision.from_model import preprocess_spec_from_model
 
     model = models[detector]
     spec = preprocess_spec_from_model(model)

@@ -81,7 +81,7 @@ def test_padded_proposals_do_not_change_results(
     frcnn: tuple[Any, Any, Any], chain: tuple[dict[str, Any], Any, np.ndarray]
 ) -> None:
     """Rows past num_proposals may hold anything: the box head treats RoIs alone, detections drop them."""
-    from detserve.families.rcnn_decode import run_step
+    from detserve.families.rcnn.decode import run_step
 
     fam, model, spec = frcnn
     tensors, info, _ = chain
@@ -101,7 +101,7 @@ def test_padded_proposals_do_not_change_results(
 
 
 def test_controls_are_per_image(frcnn: tuple[Any, Any, Any], chain: tuple[dict[str, Any], Any, np.ndarray]) -> None:
-    from detserve.families.rcnn_decode import run_step
+    from detserve.families.rcnn.decode import run_step
 
     _, _, spec = frcnn
     tensors, info, _ = chain

@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 
 from detserve.errors import RequestError, SpecError
-from detserve.specs import AnchorSpec, ModelSpec, PostprocessSpec, PreprocessSpec, RequestControls
+from detserve.families import ModelSpec
+from detserve.families.torchvision.spec import AnchorSpec, PostprocessSpec
+from detserve.specs import PreprocessSpec, RequestControls
 
 
 def _post(**kw: object) -> PostprocessSpec:

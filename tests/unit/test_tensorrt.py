@@ -495,9 +495,9 @@ def test_cudart_of_the_torch_wheels_is_made_visible_to_polygraphy(monkeypatch: p
 
 @pytest.fixture(scope="module")
 def ssdlite() -> dict[str, Any]:
-    from detserve.families import family
-    from detserve.families.torchvision_models import spread_init_detector
-    from detserve.families.torchvision_specs import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families import family, output_names
+    from detserve.families.torchvision.from_model import postprocess_spec_from_model, preprocess_spec_from_model
+    from detserve.families.torchvision.models import spread_init_detector
     from detserve.runtime.imaging import decode_image
     from detserve.runtime.preprocess import preprocess
     from detserve.runtime.samples import sample_files
@@ -507,7 +507,7 @@ def ssdlite() -> dict[str, Any]:
     items = [preprocess(decode_image(b, 1 << 31), pre) for b in list(sample_files().values())[:3]]
     with torch.no_grad():
         raw = family("ssd").core(model, post)(torch.stack([it.tensor for it in items]))
-    names = family("ssd").output_names()
+    names = output_names(post)
     return {"model": model, "pre": pre, "post": post, "items": items, "raw": dict(zip(names, raw, strict=True))}
 
 
@@ -516,7 +516,7 @@ def test_decoding_layers_equal_the_models_box_coder(ssdlite: dict[str, Any]) -> 
 
     import tests.fake_tensorrt as fake
     from converters.tensorrt_nms import _decode, _Layers, ssd_decode_constants
-    from detserve.families.torchvision_decode import anchors_for
+    from detserve.families.torchvision.decode import anchors_for
 
     pre, post = ssdlite["pre"], ssdlite["post"]
     codes = ssdlite["raw"]["bbox_regression"]
@@ -533,7 +533,7 @@ def test_decoding_layers_equal_the_models_box_coder(ssdlite: dict[str, Any]) -> 
 def test_nms_graph_matches_the_torch_post_processing(ssdlite: dict[str, Any]) -> None:
     import tests.fake_tensorrt as fake
     from converters.tensorrt_nms import append_nms, to_original
-    from detserve.families.torchvision_decode import postprocess_batch
+    from detserve.families.torchvision.decode import postprocess_batch
     from detserve.specs import RequestControls
     from detserve.verification.matching import check_parity
 
@@ -764,7 +764,7 @@ def test_a_postprocess_config_of_the_old_writer_still_serves(ssdlite: dict[str, 
 
 @pytest.mark.gpu
 def test_postprocess_on_the_gpu_equals_the_cpu(ssdlite: dict[str, Any]) -> None:
-    from detserve.families.torchvision_decode import postprocess_batch
+    from detserve.families.torchvision.decode import postprocess_batch
     from detserve.specs import RequestControls
     from detserve.verification.matching import check_parity
 
@@ -837,7 +837,7 @@ def test_in_process_engine_matches_onnxruntime_and_refuses_a_foreign_plan(
 def test_end_to_end_nms_engine_agrees_with_the_split_pipeline(ssdlite: dict[str, Any], small_engine: dict[str, Any]) -> None:
     from converters.tensorrt_nms import build_nms_engine, to_original
     from converters.tensorrt_runtime import TrtEngine
-    from detserve.families.torchvision_decode import postprocess_batch
+    from detserve.families.torchvision.decode import postprocess_batch
     from detserve.specs import RequestControls
     from detserve.verification.matching import check_parity
 

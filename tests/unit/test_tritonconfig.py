@@ -13,7 +13,8 @@ import pytest
 
 from detserve.errors import SpecError
 from detserve.families.base import TensorDecl, single_stage_steps
-from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec
+from detserve.families.torchvision.spec import AnchorSpec, PostprocessSpec
+from detserve.specs import PreprocessSpec
 from detserve.tritonconfig import ServingOptions, ensemble_config, parse, preprocess_config, render, step_config
 
 GOLDEN = Path(__file__).parent.parent / "golden"

@@ -16,6 +16,8 @@ import pytest
 
 from detserve.errors import SpecError
 from detserve.families import yolo
+from detserve.families.yolo.models import ultralytics_env
+from detserve.families.yolo.spec import num_anchors
 from detserve.runtime.imaging import decode_image
 from detserve.runtime.preprocess import preprocess
 from detserve.specs import PreprocessSpec, RequestControls
@@ -95,7 +97,7 @@ def test_preprocessing_equals_ultralytics_predictor(samples: dict[str, bytes], t
     import torch
 
     model = _model("yolov8n", 320)
-    yolo.ultralytics_env()
+    ultralytics_env()
     from ultralytics.models.yolo.detect import DetectionPredictor
     from ultralytics.utils.patches import imread
 
@@ -230,7 +232,7 @@ def _decode_spec(nc: int = 3, imgsz: int = 64) -> yolo.YoloDecodeSpec:
         class_names=tuple(str(i) for i in range(nc)),
         imgsz=imgsz,
         strides=(8, 16, 32),
-        num_predictions=yolo.num_anchors(imgsz, (8, 16, 32)),
+        num_predictions=num_anchors(imgsz, (8, 16, 32)),
     )
 
 
@@ -273,7 +275,7 @@ def test_decode_equals_ultralytics_nms_and_scale_boxes() -> None:
     """The vectorised decode against ultralytics' own functions on random raw outputs, per image."""
     import torch
 
-    yolo.ultralytics_env()
+    ultralytics_env()
     from ultralytics.utils import nms, ops
 
     spec = _decode_spec(nc=5, imgsz=96)
@@ -350,7 +352,7 @@ def test_importing_ultralytics_leaves_this_process_as_it_was() -> None:
     from detserve.runtime.imaging import decode_image
 
     before = (Image.open, torch.save)
-    yolo.ultralytics_env()
+    ultralytics_env()
     import ultralytics.utils.patches  # noqa: F401
 
     assert (Image.open, torch.save) == before

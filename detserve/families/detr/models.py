@@ -1,7 +1,7 @@
 """Build, export and reference side of the DETR family: everything here imports transformers.
 
 Never imported by the serving runtime (the decode spec and the decode live in
-:mod:`detserve.families.detr`). Every function that imports transformers calls :func:`hf_env`
+:mod:`detserve.families.detr.spec` and :mod:`detserve.families.detr.decode`). Every function that imports transformers calls :func:`hf_env`
 first: Hugging Face Hub offline and without telemetry, so neither a build nor a reference run
 probes the network; folders load with ``local_files_only``.
 """
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detserve.errors import CheckpointError, SpecError
-from detserve.families.detr import DEFAULT_MAX_DET, DetrDecodeSpec
-from detserve.families.detr_configs import CHECKPOINT_DETECTOR, DETECTORS
+from detserve.families.detr.configs import CHECKPOINT_DETECTOR, DETECTORS
+from detserve.families.detr.spec import DEFAULT_MAX_DET, DetrDecodeSpec
 from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _classes(model_type: str) -> tuple[Any, Any, Any, Any]:
 def build(detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
     """The eager ``...ForObjectDetection`` in eval mode, with its image processor attached.
 
-    By name: a transformers config built in code (``detr_configs.DETECTORS``), weights seeded,
+    By name: a transformers config built in code (``detr.configs.DETECTORS``), weights seeded,
     nothing downloaded. With a checkpoint: a ``save_pretrained`` folder holding ``config.json``,
     the weights and ``preprocessor_config.json`` (the image processor decides the preprocessing), or,
     with a named detector, a weights file (``.safetensors``, or a ``torch.save``d state dict read with
@@ -154,18 +154,19 @@ def _load_weights(model: Any, path: Path) -> None:
 
 
 def spread_head_init(model: Any, seed: int, logit_std: float = 3.0, fraction_above: float = 0.2) -> Any:
-    """Give an untrained model class scores spread over 0..1, deterministically (a test fixture).
+    """Give an untrained model class scores spread over 0..1, deterministically (a test fixture: families/spread.py).
 
     transformers initialises the class heads so that every query scores the same prior (and the
     encoder's query-selection head with zero weights: the top-k over anchors is then a tie, which
     ONNX Runtime and PyTorch break differently). The query-selection head and every class head are
-    re-drawn with a fixed seed; the class heads are then scaled so the final logits have
-    ``logit_std`` on a fixed noise image and (sigmoid models) shifted so that about
+    re-drawn from ``seed`` (weights / sqrt(fan-in)); the class heads are then scaled together so the
+    final logits have ``logit_std`` on a fixed noise image and (sigmoid models) shifted so that about
     ``fraction_above`` of the (query, class) pairs score above 0.05.
     """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    from detserve.families.spread import spread_init
+
     selection = [m for n, m in model.named_modules() if n.endswith("enc_score_head") and isinstance(m, torch.nn.Linear)]
     heads: list[Any] = []
     for n, m in model.named_modules():  # RT-DETRv2 / D-FINE tie two lists of class heads: each weight once
@@ -174,21 +175,22 @@ def spread_head_init(model: Any, seed: int, logit_std: float = 3.0, fraction_abo
             heads.append(m)
     if not heads:
         raise SpecError(f"{type(model).__name__}: no class head found to initialise")
-    with torch.no_grad():
-        for lin in selection + heads:
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / math.sqrt(lin.in_features))
-            lin.bias.zero_()
-        if model.detserve_type == "detr":
-            _spread_detr_queries(model, gen)
-        noise = torch.rand((1, 3, *_trace_hw(model)), generator=gen)
-        logits = model(pixel_values=noise).logits.flatten()
-        factor = logit_std / (float(logits.std()) or 1.0)
-        shift = 0.0
-        if model.detserve_type in _SIGMOID_TYPES:
-            shift = math.log(0.05 / 0.95) - float(torch.quantile(logits * factor, 1 - fraction_above))
-        for lin in heads:
-            lin.weight.mul_(factor)
-            lin.bias.fill_(shift)
+
+    def probe(gen: torch.Generator) -> Any:
+        return model(pixel_values=torch.rand((1, 3, *_trace_hw(model)), generator=gen))
+
+    spread_init(
+        seed,
+        probe,
+        heads,
+        logit_std=logit_std,
+        fraction_above=fraction_above if model.detserve_type in _SIGMOID_TYPES else None,
+        sample=lambda scores, gen: scores,
+        logits=lambda out: out.logits.flatten(),
+        fan_in=True,
+        also_redrawn=selection,
+        before_probe=(lambda gen: _spread_detr_queries(model, gen)) if model.detserve_type == "detr" else None,
+    )
     return model
 
 
@@ -288,8 +290,9 @@ def core(model: Any, spec: DetrDecodeSpec) -> torch.nn.Module:
     return DetrCore(model).eval()
 
 
-def reference(model: Any, rgb: np.ndarray, score_threshold: float, max_det: int) -> dict[str, Any]:
-    """The image processor, the eager model and ``post_process_object_detection`` on one RGB image, by score."""
+def reference(model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int) -> dict[str, Any]:
+    """The image processor, the eager model and ``post_process_object_detection`` on one RGB image, by score;
+    ``iou_threshold`` is ignored (no NMS)."""
     hf_env()
     import torch
 

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detserve.errors import SpecError
+from detserve.families.base import pad_detections
 
 if TYPE_CHECKING:
     import torch
 
-    from detserve.families.rcnn import RcnnDecodeSpec
+    from detserve.families.rcnn.spec import RcnnDecodeSpec
     from detserve.specs import RequestControls
 
 
@@ -119,8 +120,6 @@ def to_original(boxes: torch.Tensor, info_row: torch.Tensor) -> torch.Tensor:
 
 def padded(det: dict[str, Any], max_det: int, prefix: str = "") -> dict[str, np.ndarray]:
     """Fixed-size rows (zeros past the count) for one image."""
-    from detserve.runtime.outputs import pad_detections
-
     out = pad_detections(det, max_det)
     return {f"{prefix}{k}": v for k, v in out.items()}
 

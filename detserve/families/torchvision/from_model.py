@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from detserve.errors import SpecError
-from detserve.specs import AnchorSpec, PostprocessSpec, PreprocessSpec
+from detserve.families.torchvision.spec import AnchorSpec, PostprocessSpec
+from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +187,7 @@ def _check_anchors(model: torch.nn.Module, spec: PostprocessSpec, hw: tuple[int,
     import torch
     from torchvision.models.detection.image_list import ImageList
 
-    from detserve.families.torchvision_decode import anchors_for
+    from detserve.families.torchvision.decode import anchors_for
 
     ours, _ = anchors_for(spec, hw)
     feats = [torch.empty((1, 0, h, w)) for h, w in spec.anchors.grid_sizes(hw)]

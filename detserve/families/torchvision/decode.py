@@ -29,7 +29,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
 from detserve.errors import SpecError
-from detserve.specs import AnchorSpec, PostprocessSpec, RequestControls
+from detserve.families.torchvision.spec import AnchorSpec, PostprocessSpec, output_names
+from detserve.specs import RequestControls
 
 _NEG_INF = float("-inf")
 
@@ -60,7 +61,7 @@ def _cached_anchors(
     if len(grid) != len(per_location):
         raise SpecError(
             f"the anchor spec has {len(per_location)} levels but gives {len(grid)} feature-map sizes",
-            hint="rebuild the spec with detserve.families.torchvision_specs",
+            hint="rebuild the spec with detserve.families.torchvision.from_model",
         )
     # Only shapes are read by the generators: zero-channel tensors cost no memory.
     feats = [torch.empty((1, 0, h, w), dtype=dtype, device=device) for h, w in grid]
@@ -230,15 +231,9 @@ def rescale_boxes(boxes: Tensor, resized_hw: Tensor, original_hw: Tensor) -> Ten
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
-def _output_names(spec: PostprocessSpec) -> tuple[str, ...]:
-    from detserve.families.torchvision import FAMILIES
-
-    return FAMILIES[spec.family].output_names()
-
-
 def _check_batch(spec: PostprocessSpec, outputs: dict[str, Tensor], n_controls: int) -> None:
     """Fail with a clear message when the core's outputs do not fit the spec (wrong model/spec pair)."""
-    names = _output_names(spec)
+    names = output_names(spec.family)
     missing = [k for k in names if k not in outputs]
     if missing:
         raise SpecError(f"core outputs lack {', '.join(missing)}", hint=f"a {spec.family} core gives {', '.join(names)}")

@@ -1,4 +1,5 @@
-"""Build a torchvision detector by name, load an optional checkpoint, give test weights a score spread.
+"""The torchvision family's zoo half: build a detector by name, load an optional checkpoint, give test
+weights a score spread; its exported core and the eager reference.
 
 Nothing here downloads weights: every builder is called with ``weights=None,
 weights_backbone=None``; trained weights come from a local checkpoint (a state dict loaded with
@@ -8,6 +9,7 @@ weights_backbone=None``; trained weights come from a local checkpoint (a state d
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +17,11 @@ from typing import TYPE_CHECKING, Any
 from detserve.errors import CheckpointError, SpecError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from detserve.families.torchvision.spec import PostprocessSpec
+    from detserve.specs import PreprocessSpec
 
 # name -> (module attribute in torchvision.models.detection, family)
 DETECTORS: dict[str, tuple[str, str]] = {
@@ -25,6 +31,21 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "retinanet_resnet50_fpn_v2": ("retinanet_resnet50_fpn_v2", "retinanet"),
     "fcos_resnet50_fpn": ("fcos_resnet50_fpn", "fcos"),
 }
+
+
+def build(detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> torch.nn.Module:
+    """The family's ``build``: the seeded fixture (``seed``, no checkpoint) or the detector with an optional checkpoint."""
+    if seed is not None:
+        if checkpoint is not None:
+            raise SpecError("a spread-init seed replaces the heads' weights; it cannot be combined with a checkpoint")
+        return spread_init_detector(detector, num_classes, seed, **model_kwargs)
+    return build_detector(detector, num_classes, checkpoint, **model_kwargs)
+
+
+def preprocess_spec(model: Any) -> PreprocessSpec:
+    from detserve.families.torchvision.from_model import preprocess_spec_from_model
+
+    return preprocess_spec_from_model(model)
 
 
 def family_of(name: str) -> str:
@@ -143,55 +164,32 @@ def _final_cls_and_reg_layers(model: torch.nn.Module) -> tuple[list[Any], list[A
 def spread_head_init(
     model: torch.nn.Module, seed: int = 0, logit_std: float = 3.0, fraction_above: float = 0.002
 ) -> torch.nn.Module:
-    """Give an untrained detector scores spread over 0..1, deterministically.
+    """Give an untrained detector scores spread over 0..1, deterministically (families/spread.py).
 
-    A randomly initialised detector gives near-uniform scores, which cannot test NMS, thresholds
-    or parity. This re-initialises the last classification/regression convs with a fixed seed,
-    then, measured on a fixed noise image, scales the class logits to ``logit_std`` and shifts
-    them so that about ``fraction_above`` of (anchor, class) pairs score above 0.05; box
-    regressions are kept moderate. Not a trained model: a test fixture with a score spread.
+    The last classification/regression convs are re-drawn from ``seed`` and measured on a fixed
+    320x320 noise image: box regressions scaled to std 0.3, class logits to ``logit_std`` and shifted together
+    so that about ``fraction_above`` of (anchor, class) pairs score above 0.05. For SSD's softmax the
+    background logit stays 0, so a foreground score is close to sigmoid(its logit).
     """
-    import math
-
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    from detserve.families.spread import spread_init
+
     cls_layers, reg_layers = _final_cls_and_reg_layers(model)
-    for conv in cls_layers + reg_layers:
-        with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
-            if conv.bias is not None:
-                conv.bias.zero_()
-    captured: dict[int, list[torch.Tensor]] = {id(c): [] for c in cls_layers + reg_layers}
-    hooks = [c.register_forward_hook(lambda m, i, o: captured[id(m)].append(o.flatten())) for c in cls_layers + reg_layers]
-    try:
-        with torch.no_grad():
-            model.eval()(list(torch.rand((1, 3, 320, 320), generator=gen)))
-    finally:
-        for h in hooks:
-            h.remove()
     cls_head: Any = model.head.classification_head  # type: ignore[union-attr]
+
+    def probe(gen: torch.Generator) -> Any:
+        return model.eval()(list(torch.rand((1, 3, 320, 320), generator=gen)))
+
+    def background_zero(conv: Any, shift: float) -> None:
+        ncol = int(cls_head.num_columns)
+        bias = torch.full((conv.bias.numel() // ncol, ncol), shift)
+        bias[:, 0] = 0.0
+        conv.bias.copy_(bias.flatten())
+
     softmax = hasattr(cls_head, "module_list")
-    with torch.no_grad():
-        for conv in reg_layers:
-            conv.weight.mul_(0.3 / (float(torch.cat(captured[id(conv)]).std()) or 1.0))
-        scaled = []
-        for conv in cls_layers:
-            out = torch.cat(captured[id(conv)])
-            factor = logit_std / (float(out.std()) or 1.0)
-            conv.weight.mul_(factor)
-            scaled.append(out * factor)
-        # shift so that `fraction_above` of the logits pass logit(0.05); for SSD's softmax the
-        # background logit stays 0, so a foreground score is close to sigmoid(its logit).
-        shift = math.log(0.05 / 0.95) - float(torch.quantile(torch.cat(scaled)[:1_000_000], 1.0 - fraction_above))
-        for conv in cls_layers:
-            if softmax:
-                ncol = int(cls_head.num_columns)
-                bias = torch.full((conv.bias.numel() // ncol, ncol), shift)
-                bias[:, 0] = 0.0
-                conv.bias.copy_(bias.flatten())
-            else:
-                conv.bias.fill_(shift)
+    kwargs: dict[str, Any] = {"set_bias": background_zero} if softmax else {}
+    spread_init(seed, probe, cls_layers, reg_layers, logit_std=logit_std, box_std=0.3, fraction_above=fraction_above, **kwargs)
     return model
 
 
@@ -207,3 +205,41 @@ def spread_init_detector(name: str, num_classes: int, seed: int, **model_kwargs:
         torch.manual_seed(seed)
         model = build_detector(name, num_classes, None, **model_kwargs)
         return spread_head_init(model, seed=seed).eval()
+
+
+def core(model: Any, spec: PostprocessSpec) -> torch.nn.Module:
+    """backbone + head: normalised padded images -> the head's raw outputs, in declared order."""
+    import torch
+
+    from detserve.families.torchvision.spec import output_names
+
+    class TorchvisionCore(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module, output_names: tuple[str, ...]) -> None:
+            super().__init__()
+            self.backbone: Any = model.backbone
+            self.head: Any = model.head
+            self.output_names = output_names
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            features = self.backbone(images)
+            if isinstance(features, torch.Tensor):  # SSD backbones may return one map
+                features = OrderedDict([("0", features)])
+            head_outputs = self.head(list(features.values()))
+            return tuple(head_outputs[name] for name in self.output_names)
+
+    return TorchvisionCore(model, output_names(spec.family)).eval()
+
+
+def reference(model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int) -> dict[str, Any]:
+    """``model([image])`` with per-call thresholds, exactly as torchvision runs it."""
+    import torch
+
+    saved = (model.score_thresh, model.nms_thresh, model.detections_per_img)
+    iou = saved[1] if iou_threshold is None else iou_threshold
+    model.score_thresh, model.nms_thresh, model.detections_per_img = score_threshold, iou, max_det
+    try:
+        with torch.no_grad():
+            out = model([torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)])[0]
+    finally:
+        model.score_thresh, model.nms_thresh, model.detections_per_img = saved
+    return {k: out[k].numpy() for k in ("boxes", "scores", "labels")}

@@ -1,7 +1,7 @@
-"""Build side of the R-CNN family: eager models, the score-spread fixture, the cores, the reference.
+"""The R-CNN family's zoo half: eager models, the score-spread fixture, the cores, the reference.
 
 Nothing here downloads weights (``weights=None, weights_backbone=None``); a checkpoint is a state
-dict loaded with ``weights_only=True`` (torchvision_models.load_checkpoint).
+dict loaded with ``weights_only=True`` (torchvision.models.load_checkpoint).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detserve.errors import SpecError
-from detserve.families.rcnn import DETECTORS, RcnnDecodeSpec
+from detserve.families.rcnn.spec import DETECTORS, RcnnDecodeSpec
+from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,7 @@ def build(detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[s
     import torch
     from torchvision.models import detection
 
-    from detserve.families.torchvision_models import load_checkpoint
+    from detserve.families.torchvision.models import load_checkpoint
 
     if detector not in DETECTORS:
         raise SpecError(f"unknown R-CNN detector {detector!r}", hint=f"choose one of: {', '.join(DETECTORS)}")
@@ -75,6 +76,8 @@ def spread_init(model: Any, seed: int, logit_std: float = 3.0) -> Any:
     """
     import torch
 
+    from detserve.families.spread import captured_outputs, redraw
+
     gen = torch.Generator().manual_seed(seed)
     photos = _photos()
     _calibrate_batchnorm(model, photos)
@@ -90,37 +93,28 @@ def spread_init(model: Any, seed: int, logit_std: float = 3.0) -> Any:
     if heads.mask_predictor is not None:
         layers["mask"] = heads.mask_predictor.mask_fcn_logits
     target = {"obj": 2.0, "rpn_box": 0.2, "cls": logit_std, "box": 1.0, "mask": logit_std}
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
-            layer.bias.zero_()
-    captured: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
-
-    def channels_last(o: torch.Tensor) -> torch.Tensor:  # [..., C] rows: one per position / RoI
-        return (o.movedim(1, -1) if o.dim() == 4 else o).reshape(-1, o.shape[1]).detach()
-
-    hooks = [
-        layer.register_forward_hook(lambda m, i, o, k=k: captured[k].append(channels_last(o)))  # type: ignore[misc]
-        for k, layer in layers.items()
-    ]
+    redraw(list(layers.values()), gen)
     todo = dict(layers)
-    try:
+    with captured_outputs(list(layers.values()), rows=_channels_last) as captured:
         for _ in range(2):  # the mask head sees RoIs only once the box layers give detections
             for rows in captured.values():
                 rows.clear()
             with torch.no_grad():
                 model.eval()([image])
-            for k in [k for k in todo if captured[k] and captured[k][0].shape[0] > 1]:
-                _standardise(todo.pop(k), torch.cat(captured[k]), target[k])
-    finally:
-        for h in hooks:
-            h.remove()
+            for k in [k for k in todo if captured[id(todo[k])] and captured[id(todo[k])][0].shape[0] > 1]:
+                layer = todo.pop(k)
+                _standardise(layer, torch.cat(captured[id(layer)]), target[k])
     _blank_objectness_low(model)
     with torch.no_grad():
         # objectness probabilities must not saturate: the RPN ranks and NMS-es sigmoid(logit), and
         # near 1.0 float32 rounds neighbouring logits to one probability (ties at the top-n cut)
         rpn.cls_logits.bias.add_(OBJECTNESS_SHIFT)
     return model
+
+
+def _channels_last(o: torch.Tensor) -> torch.Tensor:
+    """[..., C] rows: one per position / RoI (each output channel is standardised over them)."""
+    return (o.movedim(1, -1) if o.dim() == 4 else o).reshape(-1, o.shape[1]).detach()
 
 
 def _blank_objectness_low(model: Any) -> None:
@@ -173,10 +167,9 @@ def _photos() -> list[torch.Tensor]:
     """The bundled sample photographs as float RGB in 0..1, the eager model's input."""
     import torch
 
-    from detserve.runtime.imaging import decode_image
-    from detserve.runtime.samples import sample_files
+    from detserve.samples import sample_photos
 
-    return [torch.from_numpy(decode_image(b, 1 << 30)).permute(2, 0, 1).float().div(255.0) for b in sample_files().values()]
+    return [torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0) for rgb in sample_photos()]
 
 
 def _unit_fpn_outputs(model: Any, image: torch.Tensor) -> None:
@@ -217,11 +210,22 @@ def _standardise(layer: Any, rows: torch.Tensor, std_target: float) -> None:
         layer.bias.copy_(-rows.mean(0) * factor)
 
 
+def preprocess_spec(model: Any) -> PreprocessSpec:
+    """torchvision's ``GeneralizedRCNNTransform``, as for the single-stage torchvision detectors."""
+    from detserve.families.torchvision.from_model import preprocess_spec_from_model
+
+    return preprocess_spec_from_model(model)
+
+
+def decode_spec(model: Any, pre: PreprocessSpec) -> RcnnDecodeSpec:
+    return decode_spec_from_model(model)
+
+
 def decode_spec_from_model(model: Any) -> RcnnDecodeSpec:
     """The spec of the live model: its RPN, anchor generator, RoI pooler and RoI heads' settings."""
     import torch
 
-    from detserve.families.torchvision_specs import STRIDE_PROBE_HW
+    from detserve.families.torchvision.from_model import STRIDE_PROBE_HW
 
     rpn, heads = model.rpn, model.roi_heads
     with torch.no_grad():
@@ -260,7 +264,7 @@ def _pool_levels(pool: Any, spec: RcnnDecodeSpec, model: Any) -> tuple[list[floa
     import torch
     from torchvision.ops.poolers import _setup_scales
 
-    from detserve.families.torchvision_specs import STRIDE_PROBE_HW
+    from detserve.families.torchvision.from_model import STRIDE_PROBE_HW
 
     with torch.no_grad():
         features = model.backbone(torch.zeros((1, 3, *STRIDE_PROBE_HW)))
@@ -349,6 +353,11 @@ def step_module(model: Any, spec: RcnnDecodeSpec, role: str) -> torch.nn.Module:
     if role not in cores or (role == "mask_core" and not spec.masks):
         raise SpecError(f"the R-CNN family has no core {role!r}")
     return cores[role]().eval()
+
+
+def core(model: Any, spec: RcnnDecodeSpec) -> torch.nn.Module:
+    """The first core (export/verification tools that look at one core)."""
+    return step_module(model, spec, "core")
 
 
 # --------------------------------------------------------------------------- reference

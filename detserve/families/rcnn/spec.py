@@ -1,4 +1,4 @@
-"""Two-stage detectors -- torchvision's Faster R-CNN and Mask R-CNN -- as a multi-step family.
+"""The R-CNN family's decode spec and declared steps (torch-free): Faster R-CNN and Mask R-CNN as a multi-step pipeline.
 
 Why not one exported model: torchvision's whole-model ONNX export freezes the score/IoU threshold
 and the top-100 into the graph, breaks at batch > 1 for Mask R-CNN (pytorch/vision #2311), and
@@ -14,23 +14,16 @@ resized image) -> ``mask_core`` (RoIAlign + mask head on the final boxes, the la
 probabilities) -> ``postprocess`` (boxes to original pixels, masks as FP16).
 
 The spec and the steps' declarations are runtime code (torch-free here); the torch steps are in
-:mod:`detserve.families.rcnn_decode`, building, cores and the reference in
-:mod:`detserve.families.rcnn_models`.
+:mod:`detserve.families.rcnn.decode`, building, cores and the reference in
+:mod:`detserve.families.rcnn.models`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from detserve.families.base import DETECTIONS, IMAGE_INFO, IMAGES, StepDecl, TensorDecl
-from detserve.specs import PreprocessSpec, RequestControls, Spec, check
-
-if TYPE_CHECKING:
-    import torch
+from detserve.specs import Spec, check
 
 # name -> torchvision.models.detection builder (all build offline with weights=None, weights_backbone=None)
 DETECTORS: tuple[str, ...] = (
@@ -46,7 +39,7 @@ MASK_SIZE = 28  # the mask head's own resolution (MaskRCNNPredictor: 14x14 RoIs,
 
 @dataclass(frozen=True)
 class RcnnDecodeSpec(Spec):
-    """What the torch steps need, read from the live model (``rcnn_models.decode_spec_from_model``).
+    """What the torch steps need, read from the live model (``rcnn.models.decode_spec_from_model``).
 
     ``score_thresh``/``nms_thresh``/``detections_per_img`` are the RoI heads' (per-request defaults);
     the ``rpn_*`` settings are the RPN's eval-time ones (``rpn_pre_nms_top_n_test``, ...).
@@ -151,74 +144,6 @@ def steps(spec: RcnnDecodeSpec) -> list[StepDecl]:
     ]
 
 
-# --------------------------------------------------------------------------- the family
-
-
-class RcnnFamily:
-    """torchvision Faster R-CNN / Mask R-CNN (see the module docstring)."""
-
-    name = "rcnn"
-    labels_are_indices = False  # torchvision category ids, 0 = background
-
-    def detectors(self) -> list[str]:
-        return list(DETECTORS)
-
-    def accepts(self, detector: str) -> bool:
-        return detector in DETECTORS
-
-    def default_num_classes(self, checkpoint: Any) -> int:
-        return 91
-
-    def build(self, detector: str, num_classes: int, checkpoint: Any, model_kwargs: dict[str, Any], seed: int | None) -> Any:
-        from detserve.families.rcnn_models import build
-
-        return build(detector, num_classes, checkpoint, model_kwargs, seed)
-
-    def preprocess_spec(self, model: Any) -> PreprocessSpec:
-        from detserve.families.torchvision_specs import preprocess_spec_from_model
-
-        return preprocess_spec_from_model(model)
-
-    def decode_spec(self, model: Any, pre: PreprocessSpec) -> RcnnDecodeSpec:
-        from detserve.families.rcnn_models import decode_spec_from_model
-
-        return decode_spec_from_model(model)
-
-    def decode_spec_type(self) -> type[RcnnDecodeSpec]:
-        return RcnnDecodeSpec
-
-    def steps(self, spec: RcnnDecodeSpec) -> list[StepDecl]:
-        return steps(spec)
-
-    def step_module(self, model: Any, spec: RcnnDecodeSpec, role: str) -> torch.nn.Module:
-        from detserve.families.rcnn_models import step_module
-
-        return step_module(model, spec, role)
-
-    def run_step(
-        self, spec: RcnnDecodeSpec, role: str, raw: dict[str, Any], info: Any, controls: Sequence[RequestControls]
-    ) -> list[dict[str, np.ndarray]]:
-        from detserve.families.rcnn_decode import run_step
-
-        return run_step(spec, role, raw, info, controls)
-
-    # the first core and its outputs (export/verification tools that look at one core); no ``decode``:
-    # its outputs become detections only through the rest of the chain (converters.multistep.run_chain)
-    def core(self, model: Any, spec: RcnnDecodeSpec) -> torch.nn.Module:
-        return self.step_module(model, spec, "core")
-
-    def core_selects(self, spec: Any) -> bool:
-        return False  # every output slot is a fixed anchor / grid position
-
-    def outputs(self, spec: RcnnDecodeSpec) -> list[TensorDecl]:
-        return list(steps(spec)[0].outputs)
-
-    def reference(
-        self, model: Any, rgb: np.ndarray, score_threshold: float, iou_threshold: float | None, max_det: int
-    ) -> dict[str, Any]:
-        from detserve.families.rcnn_models import reference
-
-        return reference(model, rgb, score_threshold, iou_threshold, max_det)
-
-
-FAMILY = RcnnFamily()
+def outputs(spec: RcnnDecodeSpec) -> list[TensorDecl]:
+    """The first core's outputs (export/verification tools that look at one core): its FPN maps and RPN tensors."""
+    return list(steps(spec)[0].outputs)
