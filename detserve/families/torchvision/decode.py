@@ -19,24 +19,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder
-from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms
 
 from detserve.errors import SpecError
 from detserve.families.torchvision.spec import AnchorSpec, PostprocessSpec, output_names
-from detserve.specs import RequestControls
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+    from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+
+    from detserve.specs import RequestControls
 
 _NEG_INF = float("-inf")
 
 
 def _generator(anchors: AnchorSpec) -> AnchorGenerator | DefaultBoxGenerator:
     """The model's own torchvision generator class, so anchors come from the very same code."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+
     if anchors.kind == "grid":
         sizes = tuple(tuple(s) for s in anchors.sizes)
         return AnchorGenerator(sizes=sizes, aspect_ratios=tuple(tuple(a) for a in anchors.aspect_ratios))
@@ -55,6 +58,9 @@ def _cached_anchors(
     anchors: AnchorSpec, padded_hw: tuple[int, int], device: str, dtype: torch.dtype
 ) -> tuple[Tensor, tuple[int, ...]]:
     """Anchors depend only on the padded size, so a server builds them once per size it sees."""
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
     gen = _generator(anchors)
     grid = anchors.grid_sizes(padded_hw)
     per_location = gen.num_anchors_per_location()
@@ -76,17 +82,19 @@ def anchors_for(
     spec: PostprocessSpec | AnchorSpec,
     padded_hw: Sequence[int],
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Anchors [M, 4] for one padded input size, and the number of anchors per feature level.
 
     Built by torchvision's own ``AnchorGenerator`` / ``DefaultBoxGenerator`` with the real
     feature-map sizes, so they equal the eager model's anchors bit for bit. Cached per
-    (spec, size, device, dtype): treat the returned tensor as read-only.
+    (spec, size, device, dtype): treat the returned tensor as read-only. ``dtype`` None: float32.
     """
+    import torch
+
     anchor_spec = spec.anchors if isinstance(spec, PostprocessSpec) else spec
     hw = (int(padded_hw[0]), int(padded_hw[1]))
-    boxes, counts = _cached_anchors(anchor_spec, hw, str(torch.device(device or "cpu")), dtype)
+    boxes, counts = _cached_anchors(anchor_spec, hw, str(torch.device(device or "cpu")), dtype or torch.float32)
     return boxes, list(counts)
 
 
@@ -96,6 +104,8 @@ def _ssd_candidates(spec: PostprocessSpec, logits: Tensor, thresh: Tensor) -> tu
     Returns (image, anchor, label, score) per candidate, image-major then class-major then by
     score, which is the order the eager model feeds NMS.
     """
+    import torch
+
     n, m, c = logits.shape
     scores = torch.softmax(logits, dim=-1)[:, :, 1:].transpose(1, 2)  # [N, C-1, M]
     masked = scores.masked_fill(~(scores > thresh[:, None, None]), _NEG_INF)
@@ -108,6 +118,8 @@ def _ssd_candidates(spec: PostprocessSpec, logits: Tensor, thresh: Tensor) -> tu
 
 def _dense_scores(spec: PostprocessSpec, outputs: dict[str, Tensor], logits: Tensor) -> Tensor:
     """Per (anchor, class) scores: sigmoid (RetinaNet), or sqrt(sigmoid(cls) * sigmoid(ctr)) (FCOS)."""
+    import torch
+
     if spec.family == "fcos":
         ctrness = outputs["bbox_ctrness"].to(logits.dtype)
         return torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctrness))
@@ -120,6 +132,8 @@ def _level_candidates(spec: PostprocessSpec, scores: Tensor, counts: list[int], 
     Returns (image, anchor, label, score) per candidate, image-major then level-major then by
     score, which is the order the eager model feeds NMS.
     """
+    import torch
+
     n, _, c = scores.shape
     tops, anchors, labels = [], [], []
     start = 0
@@ -139,6 +153,8 @@ def _level_candidates(spec: PostprocessSpec, scores: Tensor, counts: list[int], 
 
 def _decode(spec: PostprocessSpec, rel_codes: Tensor, anchors: Tensor) -> Tensor:
     """The model's own box coder (decoding is element-wise, so decoding only candidates is exact)."""
+    from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder
+
     if spec.family == "fcos":
         return BoxLinearCoder(normalize_by_size=spec.normalize_by_size).decode(rel_codes, anchors)
     wx, wy, ww, wh = (float(w) for w in spec.box_coder_weights)
@@ -147,6 +163,8 @@ def _decode(spec: PostprocessSpec, rel_codes: Tensor, anchors: Tensor) -> Tensor
 
 def _clip(boxes: Tensor, hw: Tensor) -> Tensor:
     """``clip_boxes_to_image`` with one (height, width) per box instead of one per call."""
+    import torch
+
     hw = hw.to(boxes.dtype)
     xs = torch.minimum(boxes[:, 0::2].clamp(min=0), hw[:, 1:2])
     ys = torch.minimum(boxes[:, 1::2].clamp(min=0), hw[:, 0:1])
@@ -166,6 +184,8 @@ def _eager_nms_inputs(boxes: Tensor, label: Tensor, image: Tensor, n: int, num_c
     one NMS. A single call over the batch offsetting by image * C + label would round the
     coordinates differently and flip near-threshold IoUs, so the per-image shift is reproduced.
     """
+    import torch
+
     per_class = (torch.bincount(image, minlength=n) * 4 > _per_group_numel(boxes.device))[image]
     top = torch.full((n,), _NEG_INF, dtype=boxes.dtype, device=boxes.device)
     top = top.scatter_reduce(0, image, boxes.amax(dim=1), reduce="amax", include_self=False)
@@ -195,6 +215,8 @@ def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> T
     are offset per group in one call, done in float64, which holds float32 coordinates exactly,
     with the threshold moved so that float64 IoUs are judged as their float32 roundings would be.
     """
+    from torchvision.ops import batched_nms
+
     if boxes.numel() <= _per_group_numel(boxes.device):
         boxes, scores, iou = boxes.double(), scores.double(), _float32_iou_threshold(iou)
     return batched_nms(boxes, scores, groups, iou)
@@ -202,6 +224,8 @@ def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> T
 
 def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, image: Tensor, ious: list[float]) -> Tensor:
     """Indices kept by NMS: one ``batched_nms`` per distinct IoU threshold, by score within each call."""
+    import torch
+
     distinct = sorted(set(ious))
     if len(distinct) == 1:
         return _batched_nms(boxes, scores, groups, distinct[0])
@@ -215,6 +239,8 @@ def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, image: Tensor, ious: lis
 
 def _limit_per_image(keep: Tensor, image: Tensor, max_det: Tensor, n: int) -> Tensor:
     """Group kept indices by image (score order kept) and cut each image at its own max_det."""
+    import torch
+
     keep = keep[torch.sort(image[keep], stable=True).indices]
     img = image[keep]
     counts = torch.bincount(img, minlength=n)
@@ -225,6 +251,8 @@ def _limit_per_image(keep: Tensor, image: Tensor, max_det: Tensor, n: int) -> Te
 
 def rescale_boxes(boxes: Tensor, resized_hw: Tensor, original_hw: Tensor) -> Tensor:
     """``resize_boxes`` from resized to original size, per box, with torchvision's float32 op order."""
+    import torch
+
     ratio = original_hw.to(torch.float32) / resized_hw.to(torch.float32)  # [K, 2]: (h, w)
     x1, y1, x2, y2 = boxes.unbind(1)
     ratio_h, ratio_w = ratio[:, 0], ratio[:, 1]
@@ -267,6 +295,8 @@ def postprocess_batch(
     (a score must be strictly above the threshold, as in torchvision). Returns one dict per image:
     boxes [K, 4] float32 (x1, y1, x2, y2, original pixels), scores [K], labels [K] int64, by score.
     """
+    import torch
+
     _check_batch(spec, outputs, len(controls))
     logits = outputs["cls_logits"].float()  # the eager model works in float32
     device, n = logits.device, logits.shape[0]
