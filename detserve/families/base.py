@@ -1,6 +1,7 @@
 """The family seam: what generic code may ask a detector family, and nothing more.
 
-A family (torchvision single-stage, YOLO, ...) is one module that provides a :class:`Family`
+A family (torchvision single-stage, YOLO, ...) is one package, ``detserve/families/<name>/``
+(``spec``, ``decode``, ``models``; docs/families.md), whose ``__init__`` provides a :class:`Family`
 object. Config generation, export, verification, the python step model, compare and eval read
 its declarations -- never a table of family names:
 
@@ -21,9 +22,11 @@ from ``outputs`` and the detection contract, and whose ``postprocess`` step is `
 fixed-size padding.
 Two-stage R-CNN declares its own chain (core / proposals / roi_core / ... / postprocess).
 
-Runtime parts (``decode_spec_type``, ``decode``, ``run_step``) must import only
-torch/torchvision/numpy: the serving runtime never imports a model zoo whose licence or weight
-would burden it.
+Runtime parts (``decode_spec_type``, ``decode``, ``run_step``: a family's ``spec`` and ``decode``)
+must import only torch/torchvision/numpy: the serving runtime never imports a model zoo whose
+licence or weight would burden it. The members that need the zoo (``build``, the specs read off the
+model, ``core``/``step_module``, ``reference``) live in the family's ``models`` module, reached
+through :class:`ModelsHalf`.
 """
 
 from __future__ import annotations
