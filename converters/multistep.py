@@ -52,8 +52,8 @@ def verification_inputs(pre: PreprocessSpec) -> list[tuple[Any, Any]]:
     """(images, image_info) batches of the sample photographs: three alone, and two of one size together."""
     import torch
 
-    from converters.repository import sample_images
     from detserve.runtime.preprocess import preprocess
+    from detserve.runtime.samples import sample_images
 
     items = [preprocess(img, pre) for img in sample_images()]
     batches = [[p] for p in items[:3]]

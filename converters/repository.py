@@ -102,17 +102,10 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def sample_images() -> list[Any]:
-    """The sample photographs, decoded exactly as the server decodes them."""
-    from detserve.runtime.imaging import decode_image
-    from detserve.runtime.samples import sample_files
-
-    return [decode_image(blob, 1 << 31) for blob in sample_files().values()]
-
-
 def _verification_items(pre: PreprocessSpec) -> list[Any]:
     """The sample photographs preprocessed as the server does (``Preprocessed``: tensor and sizes)."""
     from detserve.runtime.preprocess import preprocess
+    from detserve.runtime.samples import sample_images
 
     return [preprocess(img, pre) for img in sample_images()]
 

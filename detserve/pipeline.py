@@ -9,6 +9,15 @@ No torch here: clients import it.
 
 from __future__ import annotations
 
+# the ensemble contract's tensor names (DESIGN: clients send IMAGE, read the detections) and the
+# preprocessing step's outputs, said once for the config writer, the stubs and the clients
+IMAGE = "IMAGE"
+CORE_INPUT = "images"
+IMAGE_INFO = "image_info"
+OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+# outputs a family may add after the detections (instance-mask families: masks [max_det, 28, 28])
+EXTRA_OUTPUTS = ("masks",)
+
 DEFAULT_ROLES: tuple[str, ...] = ("preprocess", "core", "postprocess")
 PREPROCESS, CORE, POSTPROCESS = DEFAULT_ROLES
 

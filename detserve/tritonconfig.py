@@ -16,7 +16,15 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from detserve.errors import SpecError
-from detserve.pipeline import PREPROCESS, model_name
+from detserve.pipeline import (  # the tensor names live in the foundation; re-exported here
+    CORE_INPUT,
+    EXTRA_OUTPUTS,
+    IMAGE,
+    IMAGE_INFO,
+    OUTPUTS,
+    PREPROCESS,
+    model_name,
+)
 from detserve.runtime.canvas import CANVAS_PARAMETER, PER_IMAGE, shape_name
 from detserve.specs import PreprocessSpec
 
@@ -25,13 +33,6 @@ if TYPE_CHECKING:
 
 Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt"]
 TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt")
-
-IMAGE = "IMAGE"
-CORE_INPUT = "images"
-IMAGE_INFO = "image_info"
-OUTPUTS = ("num_detections", "boxes", "scores", "labels")
-# outputs a family may add after the detections (instance-mask families: masks [max_det, 28, 28])
-EXTRA_OUTPUTS = ("masks",)
 
 
 @dataclass(frozen=True)

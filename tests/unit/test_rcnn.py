@@ -29,8 +29,8 @@ def frcnn() -> tuple[Any, Any, Any]:
 def chain(frcnn: tuple[Any, Any, Any]) -> tuple[dict[str, Any], Any, np.ndarray]:
     """The served steps in-process on one sample photo, and the photo."""
     from converters.multistep import run_chain
-    from converters.repository import sample_images
     from detserve.runtime.preprocess import preprocess
+    from detserve.runtime.samples import sample_images
 
     fam, model, spec = frcnn
     rgb = sample_images()[1]

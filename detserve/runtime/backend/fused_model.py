@@ -23,6 +23,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from detserve.families import decode_spec_from_json, family_of_spec, output_names
+from detserve.pipeline import CORE_INPUT, IMAGE, OUTPUTS
 from detserve.runtime.backend.common import (
     apply_torch_threads,
     check_wanted,
@@ -38,7 +39,6 @@ from detserve.runtime.backend.preprocess_model import preprocess_images
 from detserve.runtime.canvas import canvas_of, crop_to_canvases
 from detserve.runtime.onnxrt import cpu_session
 from detserve.specs import PreprocessSpec, RequestControls
-from detserve.tritonconfig import CORE_INPUT, IMAGE, OUTPUTS
 
 
 class _Request:
