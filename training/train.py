@@ -45,7 +45,7 @@ def batch(cfg: SplitConfig, start: int, size: int) -> tuple[list[torch.Tensor], 
 def evaluate(model: torch.nn.Module, cfg: SplitConfig, n: int | None = None, max_det: int = 100) -> dict[str, float]:
     """COCO metrics of ``model`` on the first ``n`` images of split ``cfg`` (no score threshold)."""
     from detserve.verification.evaluation import ImageDetections, coco_metrics
-    from detserve.verification.reference import pytorch_detect
+    from detserve.families.torchvision.models import reference
 
     model.eval()
     n = cfg.num_images if n is None else n
@@ -53,7 +53,7 @@ def evaluate(model: torch.nn.Module, cfg: SplitConfig, n: int | None = None, max
     dets = {}
     for image_id, (_, s) in enumerate(samples, start=1):
         # no score threshold and the cap inside the model too, exactly as `detserve eval` scores PyTorch
-        out = pytorch_detect(model, s.image, score_threshold=0.0, max_det=max_det)
+        out = reference(model, s.image, score_threshold=0.0, iou_threshold=None, max_det=max_det)
         dets[image_id] = ImageDetections(out["boxes"], out["scores"], out["labels"])
     return coco_metrics(coco_dict(cfg, samples), dets, max_det=max_det)
 
