@@ -20,7 +20,7 @@ from typing import Any
 
 from detserve.errors import SpecError
 from detserve.families import ModelSpec
-from detserve.pipeline import PREPROCESS, all_models, model_name, role_of
+from detserve.pipeline import PREPROCESS, model_name, role_of
 from detserve.specs import PreprocessSpec
 from detserve.tritonconfig import ServingOptions, ensemble_config, own_canvases, preprocess_config, render, step_config
 
@@ -72,12 +72,6 @@ class BuildResult:
     repository: Path
     spec: ModelSpec
     record: dict[str, Any]
-
-    @property
-    def model_dirs(self) -> list[Path]:
-        if self.record.get("steps"):  # the preprocessing step and those the family declares
-            return [self.repository / n for n in [self.name, model_name(self.name, PREPROCESS), *self.record["steps"]]]
-        return [self.repository / n for n in all_models(self.name)]
 
 
 def validate_name(name: str) -> str:
