@@ -223,8 +223,17 @@ def preprocessor(row: Row, model: Any) -> Any:
     import torch
 
     def transform(rgb: np.ndarray, path: Path) -> tuple[np.ndarray, Any]:  # image_info[2:4]: the resized size
-        with torch.no_grad():
-            ref = model.transform([eager_input(row, rgb)])[0]
+        from detserve.tritonconfig import ServingOptions
+
+        # as many torch threads as the server's pre-processing stub: the resize kernel's last bit depends on
+        # the thread count, and an earlier test of the session may have changed this process's
+        saved = torch.get_num_threads()
+        torch.set_num_threads(ServingOptions().preprocess_torch_threads)
+        try:
+            with torch.no_grad():
+                ref = model.transform([eager_input(row, rgb)])[0]
+        finally:
+            torch.set_num_threads(saved)
         return ref.tensors[0].numpy(), (slice(2, 4), tuple(ref.image_sizes[0]))
 
     def processor(rgb: np.ndarray, path: Path) -> tuple[np.ndarray, Any]:  # image_info[:2]: the original size
