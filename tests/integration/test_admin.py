@@ -7,6 +7,7 @@ ssdlite-only repository (built here, ~20 s; not the four-detector session reposi
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -79,7 +80,13 @@ def test_unload_and_reload_with_the_key(admin_server: TritonServer, samples: dic
     with ModelAdmin(url, KEY) as admin:
         admin.unload_model("ssdlite")
         assert not _ready(url)
-        state = {(e.name, e.state) for e in admin.get_model_repository_index()}
+        # unload returns before Triton has finished (UNLOADING on a busy machine): wait for the state, not a duration
+        deadline = time.monotonic() + 60
+        while True:
+            state = {(e.name, e.state) for e in admin.get_model_repository_index()}
+            if ("ssdlite", "UNLOADING") not in state or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert ("ssdlite", "UNAVAILABLE") in state and ("ssdlite_core", "READY") in state
         with pytest.raises(Exception, match="ssdlite"):
             _detect(url, samples["astronaut.jpg"])
