@@ -44,8 +44,8 @@ def batch(cfg: SplitConfig, start: int, size: int) -> tuple[list[torch.Tensor], 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: SplitConfig, n: int | None = None, max_det: int = 100) -> dict[str, float]:
     """COCO metrics of ``model`` on the first ``n`` images of split ``cfg`` (no score threshold)."""
-    from detserve.verification.evaluation import ImageDetections, coco_metrics
     from detserve.families.torchvision.models import reference
+    from detserve.verification.evaluation import ImageDetections, coco_metrics
 
     model.eval()
     n = cfg.num_images if n is None else n
