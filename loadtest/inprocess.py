@@ -10,12 +10,17 @@ preprocess, then each step in order — every core through onnxruntime on its ow
 ``<name>_<role>/<version>/model.onnx`` with that step's served session settings, every torch step
 through the family's ``run_step`` — the images of one padded size as one batch through every step,
 outputs cast to the declared dtypes as the python step model casts them.
+
+Every torch stage runs with the torch thread count its served model sets (config parameter
+``torch_threads``): a resize or a reduction's last bit follows the thread count, so the same
+image gives the server's answer bit for bit, not to within float noise.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,9 @@ class InProcessPipeline:
     # None: the default three-step pipeline (``session`` is its core)
     steps: list[Any] | None = None
     sessions: dict[str, Any] = field(default_factory=dict)
+    # torch's intra-op threads per torch stage (by role, "preprocess" included), as each served
+    # model's config sets them; a stage not named runs with this process's own setting
+    torch_threads: dict[str, int] = field(default_factory=dict)
 
     @property
     def multistep(self) -> bool:
@@ -85,9 +93,18 @@ class InProcessPipeline:
             threads = intra_op_threads if intra_op_threads is not None else int(params["intra_op_threads"].string_value or 0)
             return cpu_session(onnx, threads, params["allow_spinning"].string_value == "1")
 
+        def threads_of(role: str) -> dict[str, int]:
+            model_dir = Path(repository) / model_name(name, role)
+            if not (model_dir / "config.pbtxt").is_file():
+                return {}
+            raw = read_config(model_dir).parameters["torch_threads"].string_value
+            return {role: int(raw)} if raw and int(raw) > 0 else {}
+
         steps = _declared_steps(spec)
+        torch_roles = ["preprocess", *(s.role for s in steps if s.kind != "core")] if steps else ["preprocess", "postprocess"]
+        threads = {k: v for role in torch_roles for k, v in threads_of(role).items()}
         if steps is None:
-            return cls(spec, session_of(core_dir, onnx_path), version_dir)
+            return cls(spec, session_of(core_dir, onnx_path), version_dir, torch_threads=threads)
         sessions = {}
         for step in steps:
             if step.kind != "core":
@@ -98,7 +115,7 @@ class InProcessPipeline:
                 raise SpecError(f"{onnx} not found", hint=f"the {step.role!r} step of {name!r}: rebuild the repository")
             sessions[step.role] = session_of(step_dir, onnx)
         stages = dict.fromkeys(["preprocess", *(s.role for s in steps)], 0.0)
-        return cls(spec, sessions.get(CORE), version_dir, stages, steps=steps, sessions=sessions)
+        return cls(spec, sessions.get(CORE), version_dir, stages, steps=steps, sessions=sessions, torch_threads=threads)
 
     def default_controls(self) -> RequestControls:
         """The model's own thresholds, what a request without parameters gets from the server."""
@@ -162,7 +179,8 @@ class InProcessPipeline:
         from detserve.runtime.preprocess import preprocess
 
         pre = self.spec.preprocess
-        return preprocess(decode_image(blob, pre.max_image_pixels), pre)
+        with _torch_threads(self.torch_threads.get("preprocess")):
+            return preprocess(decode_image(blob, pre.max_image_pixels), pre)
 
     def _core_and_postprocess(
         self, padded_hw: tuple[int, int], items: list[Any], controls: list[RequestControls]
@@ -180,7 +198,8 @@ class InProcessPipeline:
         t1 = time.process_time()
         outputs = {name: torch.from_numpy(arr) for name, arr in zip(names, raw, strict=True)}
         info = torch.from_numpy(np.stack([it.info() for it in items]))  # each image's canvas: padded_hw
-        rows = family_of_spec(post).run_step(post, "postprocess", outputs, info, controls)
+        with _torch_threads(self.torch_threads.get("postprocess")):
+            rows = family_of_spec(post).run_step(post, "postprocess", outputs, info, controls)
         # images with other max_det controls have other row counts: zero-padded as a served response
         out = _detections({n: stack_rows([r[n] for r in rows]) for n in rows[0]}, len(items))
         self.stage_cpu_s["core"] += t1 - t0
@@ -217,7 +236,8 @@ class InProcessPipeline:
                 tensors.update({t.name: o for t, o in zip(step.outputs, outs, strict=True)})
             else:
                 raw = {t.name: torch.from_numpy(tensors[t.name]) for t in step.inputs if t.name != "image_info"}
-                rows = family.run_step(self.spec.postprocess, step.role, raw, torch.from_numpy(info), controls)
+                with _torch_threads(self.torch_threads.get(step.role)):
+                    rows = family.run_step(self.spec.postprocess, step.role, raw, torch.from_numpy(info), controls)
                 for t in step.outputs:
                     tensors[t.name] = stack_rows([r[t.name] for r in rows]).astype(NUMPY_DTYPES[t.dtype], copy=False)
             if time_steps:
@@ -229,6 +249,21 @@ class InProcessPipeline:
     ) -> list[dict[str, np.ndarray]]:
         """Multi-step: detections per image (and masks where the contract has them), as the client reads them."""
         return _detections(self._run_steps(items, controls), len(items))
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block (None: left as it is), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _detections(tensors: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
