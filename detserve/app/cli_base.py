@@ -1,0 +1,42 @@
+"""What every ``detserve`` command module shares: the Typer app, the user-error wrapper, common options."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from detserve.errors import DetserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve PyTorch object detectors on Triton.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """A DetserveError is the user's to fix: message + hint, exit 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DetserveError as e:
+            typer.secho(f"error: {e.message}", fg=typer.colors.RED, err=True)
+            if e.hint:
+                typer.echo(f"hint: {e.hint}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def seconds(text: str) -> float:
+    """'60s', '2m', '90' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError as e:
+        raise DetserveError(f"not a duration: {text!r}", hint="e.g. 30s, 2m") from e
+
+
+URL = Annotated[str, typer.Option(help="gRPC HOST:PORT")]

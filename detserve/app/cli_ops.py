@@ -1,0 +1,155 @@
+"""``detserve`` commands that operate a running server: models, promote, rollback, status, ops-report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from detserve.app.cli_base import URL, app, seconds, user_errors
+
+models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+@user_errors
+def models_list(
+    url: URL = "127.0.0.1:8001",
+    repository: Annotated[Path | None, typer.Option(help="repository directory: adds each version's build record")] = None,
+) -> None:
+    """Each model version and its state (repository index with the admin key, else readiness per model)."""
+    from detserve.ops.admin import admin_key
+    from detserve.ops.status import list_models
+
+    rows = list_models(url, admin_key(), repository)
+    if not rows:
+        typer.echo("no models")
+    for row in rows:
+        reason = f" ({row.reason})" if row.reason else ""
+        typer.echo(f"{row.name:<32} version {row.version or '-':<4} {row.state}{reason}")
+        b = row.build
+        if b is not None:
+            verified = {True: "ok", False: "FAILED", None: "not run"}[b.verified]
+            typer.echo(
+                f"    {b.detector}, weights {b.weights}, checkpoint sha256 {b.checkpoint_sha256 or '-'}, "
+                f"{b.precision}, verification {verified}, built {b.built_at}"
+            )
+
+
+def _admin_call(action: str, name: str, url: str) -> None:
+    from detserve.ops.admin import ModelAdmin, admin_key
+
+    with ModelAdmin(url, admin_key()) as admin:
+        getattr(admin, f"{action}_model")(name)
+
+
+@models_app.command("load")
+@user_errors
+def models_load(name: Annotated[str, typer.Argument(help="model name")], url: URL = "127.0.0.1:8001") -> None:
+    """Load (or reload) a model from the server's repository; needs DETSERVE_ADMIN_KEY."""
+    _admin_call("load", name, url)
+    typer.echo(f"loaded {name}")
+
+
+@models_app.command("unload")
+@user_errors
+def models_unload(name: Annotated[str, typer.Argument(help="model name")], url: URL = "127.0.0.1:8001") -> None:
+    """Unload a model (in-flight requests finish first); needs DETSERVE_ADMIN_KEY."""
+    _admin_call("unload", name, url)
+    typer.echo(f"unloaded {name}")
+
+
+@app.command()
+@user_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="ensemble name")],
+    version: Annotated[int, typer.Option(help="version of the composing models to serve")],
+    force: Annotated[bool, typer.Option(help="serve it even though its build record says verification failed")] = False,
+    repository: Annotated[Path, typer.Option(help="the server's model repository")] = Path("model_repository"),
+    url: URL = "127.0.0.1:8001",
+) -> None:
+    """Switch a running ensemble to another version without dropping a request; needs DETSERVE_ADMIN_KEY."""
+    from detserve.ops.admin import admin_key
+    from detserve.ops.versions import promote as do_promote
+
+    r = do_promote(url, admin_key(), repository, name, version, force, on_step=typer.echo)
+    typer.echo(f"{name}: serving version {r.new} (was {r.old}){' (forced)' if r.forced else ''}")
+
+
+@app.command()
+@user_errors
+def rollback(
+    name: Annotated[str, typer.Argument(help="ensemble name")],
+    repository: Annotated[Path, typer.Option(help="the server's model repository")] = Path("model_repository"),
+    url: URL = "127.0.0.1:8001",
+) -> None:
+    """Serve the version the last promote came from (rollout.json); needs DETSERVE_ADMIN_KEY."""
+    from detserve.ops.admin import admin_key
+    from detserve.ops.versions import rollback as do_rollback
+
+    r = do_rollback(url, admin_key(), repository, name, on_step=typer.echo)
+    typer.echo(f"{name}: serving version {r.new} (was {r.old})")
+
+
+@app.command()
+@user_errors
+def status(
+    url: URL = "127.0.0.1:8001",
+    metrics_url: Annotated[str, typer.Option(help="Triton's Prometheus endpoint")] = "http://127.0.0.1:8002/metrics",
+) -> None:
+    """Readiness of the server and each model, with Triton's counters per model since it loaded."""
+    from detserve.ops.status import server_status
+
+    st = server_status(url, metrics_url)
+    typer.echo(f"server {st.url}: live {'yes' if st.live else 'no'}, ready {'yes' if st.ready else 'no'}")
+    if st.not_ready_reason:
+        typer.echo(f"  {st.not_ready_reason}")
+    typer.echo(
+        f"{'model':<32} {'ver':>3} {'ready':>5} {'ok':>8} {'failed':>7} {'queue ms':>9} {'compute ms':>10} {'batch':>6} {'pending':>7}"
+    )
+    for m in st.models:
+        pending = "-" if m.pending is None else str(m.pending)
+        typer.echo(
+            f"{m.name:<32} {m.version:>3} {'yes' if m.ready else 'no':>5} {m.requests:>8} {m.failures:>7} "
+            f"{m.queue_ms:>9.2f} {m.compute_ms:>10.2f} {m.avg_batch_size:>6.2f} {pending:>7}"
+        )
+    if st.metrics_error:
+        typer.echo(f"pending requests unavailable: {st.metrics_error}", err=True)
+
+
+@app.command("ops-report")
+@user_errors
+def ops_report(
+    work: Annotated[Path, typer.Option(help="work directory: small repositories built once, one copy per scenario")] = Path(
+        "out/ops/work"
+    ),
+    out: Annotated[Path, typer.Option(help="where ops-report.md and ops-report.json go")] = Path("out/ops"),
+    users: Annotated[int, typer.Option(help="concurrent clients held during each fault")] = 4,
+    duration: Annotated[str, typer.Option(help="load per scenario, e.g. 10s")] = "10s",
+    soak: Annotated[
+        str | None, typer.Option(help="instead: a soak of this length (e.g. 30m) on `detserve serve`, faults on a schedule")
+    ] = None,
+) -> None:
+    """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
+    from loadtest.opsreport import run_ops_report
+
+    if soak is not None:
+        _soak(work, out, users, seconds(soak))
+        return
+    md, lost = run_ops_report(work, out, typer.echo, users=users, duration_s=seconds(duration))
+    typer.echo(md.read_text())
+    if lost:
+        typer.secho(f"{lost} request(s) lost", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def _soak(work: Path, out: Path, users: int, seconds: float) -> None:
+    from loadtest.soak import run_soak
+
+    md, problems = run_soak(work, out, seconds, users=users, echo=typer.echo)
+    typer.echo(md.read_text())
+    if problems:
+        typer.secho("soak failed:\n" + "\n".join(f"- {p}" for p in problems), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,113 @@
+"""``detserve`` commands that measure: loadtest, bench, tune, fuse, stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from detserve.app.cli_base import app, seconds, user_errors
+from detserve.errors import DetserveError
+
+
+@app.command()
+@user_errors
+def loadtest(
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    url: Annotated[str, typer.Option(help="gRPC HOST:PORT")] = "127.0.0.1:8001",
+    users: Annotated[int, typer.Option(help="concurrent users (closed loop)")] = 8,
+    duration: Annotated[str, typer.Option(help="e.g. 60s, 2m (fixed and step shapes)")] = "60s",
+    shape: Annotated[str, typer.Option(help="fixed | step | sweep")] = "fixed",
+    step: Annotated[str, typer.Option(help="time per step of the step/sweep shapes")] = "10s",
+    sweep: Annotated[str, typer.Option(help="concurrency levels of the sweep shape")] = "1,2,4,8,16",
+    images: Annotated[Path | None, typer.Option(help="folder of images (default: sample photographs)")] = None,
+    score_threshold: Annotated[float | None, typer.Option(help="sent with every request")] = None,
+    max_det: Annotated[int | None, typer.Option(help="sent with every request")] = None,
+    out: Annotated[Path, typer.Option(help="report folder")] = Path("out/loadtest"),
+) -> None:
+    """Load-test a served ensemble with Locust over gRPC; writes Locust's CSV/HTML and our report."""
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    try:
+        levels = tuple(int(v) for v in sweep.split(",") if v.strip())
+    except ValueError as e:
+        raise DetserveError(f"--sweep must be comma-separated integers, got {sweep!r}") from e
+    cfg = LoadTestConfig(
+        grpc_url=url, model=model, out_dir=out, users=users, duration_s=seconds(duration), shape=shape,
+        step_s=seconds(step), sweep=levels, images=images, score_threshold=score_threshold, max_det=max_det,
+    )  # fmt: skip
+    result = run_loadtest(cfg)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report: {', '.join(str(p) for p in result.files.values())}")
+
+
+@app.command()
+@user_errors
+def bench(
+    repository: Annotated[
+        Path, typer.Option(help="repository holding the model (built with the demo detector if missing)")
+    ] = Path("out/bench/model_repository"),
+    model: Annotated[str, typer.Option(help="ensemble name")] = "demo",
+    users: Annotated[int, typer.Option(help="concurrent users for every served/Flask run")] = 16,
+    duration: Annotated[str, typer.Option(help="length of each run")] = "20s",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench"),
+) -> None:
+    """Served ensemble vs in-process limit, Flask + eager PyTorch, no dynamic batching and the fused CPU layout;
+    prints the ratios with the load generator's CPU accounted for, CPU per process and hop, memory per process."""
+    from loadtest.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(repository=repository, model=model, out_dir=out, users=users, duration_s=seconds(duration))
+    run_bench(cfg, typer.echo)
+    typer.echo((out / "bench.md").read_text())
+
+
+@app.command()
+@user_errors
+def tune(
+    repository: Annotated[Path, typer.Option(help="repository holding the model")],
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    users: Annotated[int, typer.Option(help="concurrent users")] = 16,
+    duration: Annotated[str, typer.Option(help="length of each run")] = "15s",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("out/tune"),
+    ort_threads: Annotated[bool, typer.Option(help="only onnxruntime's thread counts (1..cores) against as built")] = False,
+    apply: Annotated[bool, typer.Option(help="write the fastest variant into the repository's configs")] = False,
+) -> None:
+    """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
+    from loadtest.tune import tune_and_report
+
+    typer.echo(tune_and_report(repository, model, out, users, seconds(duration), typer.echo, ort_threads, apply))
+
+
+@app.command()
+@user_errors
+def fuse(
+    repository: Annotated[Path, typer.Option(help="repository holding the built ensemble")],
+    model: Annotated[str, typer.Option(help="ensemble name")],
+    out: Annotated[Path, typer.Option(help="repository to write the fused model into (served under the same name)")],
+    instances: Annotated[int, typer.Option(help="fused model instances (0: one per core)")] = 0,
+    ort_threads: Annotated[int, typer.Option(help="onnxruntime threads per instance (0: cores / instances)")] = 0,
+) -> None:
+    """The fused CPU layout of a built model: pre-processing + core + post-processing in one python model."""
+    from converters.fused import FusedOptions, fused_repository
+
+    dst = fused_repository(repository, out, model, FusedOptions(instances=instances, intra_op_threads=ort_threads))
+    typer.echo(f"wrote {dst / model} (serve it with: detserve serve --repository {dst})")
+
+
+@app.command()
+@user_errors
+def stages(
+    detector: Annotated[list[str], typer.Option(help="detector (repeatable; default: one or two per family)")] = [],  # noqa: B006
+    repeat: Annotated[int, typer.Option(help="timed runs per image and stage")] = 5,
+    best: Annotated[bool, typer.Option(help="report the minimum of the runs, not the median (a shared machine)")] = False,
+    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads for preprocess/decode (0: torch's default)")] = 0,
+) -> None:
+    """CPU ms per pipeline stage (preprocess, core in ONNX Runtime, decode) per family, in this process."""
+    from loadtest.stages import DEFAULT_DETECTORS, stage_table
+
+    # every detector asked for, with its default test keywords where it has some (a mix of default and
+    # other detectors used to drop the others)
+    defaults = dict(DEFAULT_DETECTORS)
+    chosen = [(d, defaults.get(d, {})) for d in detector] if detector else list(DEFAULT_DETECTORS)
+    typer.echo(stage_table(chosen, typer.echo, repeat, best, torch_threads or None))
