@@ -90,13 +90,16 @@ def build(
     started = time.monotonic()
     result = build_repository(req)
     typer.echo(f"built {result.name} version {result.version} in {result.repository} ({time.monotonic() - started:.1f} s)")
-    for role, core in result.record["verification"].items():  # "core"; a multi-step family: each core step
+    _print_verification(result.record)
+
+
+def _print_verification(record: dict[str, Any]) -> None:
+    """The build's verification lines: per declared output, and by detections where that judged it."""
+    for role, core in record["verification"].items():  # "core"; a multi-step family: each core step
         if role == "ok" or not core:
             continue
         # the engine: "tensorrt"; a multi-step family's engines: "tensorrt_<core step>"
-        pair = (
-            f"tensorrt {result.record['precision']} vs onnxruntime" if role.startswith("tensorrt") else "onnxruntime vs PyTorch"
-        )
+        pair = f"tensorrt {record['precision']} vs onnxruntime" if role.startswith("tensorrt") else "onnxruntime vs PyTorch"
         info = " (information: judged by detections)" if core.get("judged_by") == "detections" else ""
         for out in core["outputs"]:
             typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} ({pair}){info}")
