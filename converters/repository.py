@@ -327,7 +327,8 @@ def _check_target_options(req: BuildRequest) -> None:
         if req.options.postprocess_on_gpu:
             raise SpecError("post-processing on the GPU needs --target tensorrt (its raw outputs are on the GPU)")
         return
-    from converters.tensorrt_build import check_precision_supported, import_tensorrt, require_cuda_gpu, validate_precision
+    from converters.tensorrt_build import check_precision_supported, validate_precision
+    from converters.tensorrt_env import import_tensorrt, require_cuda_gpu
 
     validate_precision(req.precision, req.calibration_images)
     check_precision_supported(import_tensorrt(), req.precision)

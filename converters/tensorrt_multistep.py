@@ -8,7 +8,7 @@ engine's largest batch size.
 
 Profiles (:func:`step_profiles`), batch 1..max_batch_size (opt: max_batch_size) for every input:
 
-- ``images``: the single-core profile (:func:`converters.tensorrt_build.derive_profile`);
+- ``images``: the single-core profile (:func:`converters.tensorrt_profile.derive_profile`);
 - a feature map ``[C, -1, -1]``: the image profile's padded H/W over the map's stride (measured on
   the sample photographs: padded size / map size, a power of two), rounded up as a stride-2
   convolution does -- so every image the preprocessing can give has its maps inside the profile;
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.tensorrt_build import ShapeRange, derive_profile
+from converters.tensorrt_profile import ShapeRange, derive_profile
 from detserve.errors import SpecError
 from detserve.families.base import StepDecl, TensorDecl
 from detserve.specs import PreprocessSpec
@@ -139,7 +139,7 @@ def verify_step_engine(
     """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    from converters.tensorrt_build import check_plan_compatible
+    from converters.tensorrt_env import check_plan_compatible
     from converters.tensorrt_verify import compare_feeds, onnx_output_names, tolerances_for
 
     meta = check_plan_compatible(plan_path)
@@ -156,7 +156,7 @@ def verify_step_engine(
 
 
 def _trt_runner(plan_path: Path) -> Any:
-    from converters.tensorrt_build import import_tensorrt
+    from converters.tensorrt_env import import_tensorrt
     from converters.tensorrt_verify import ensure_cudart_visible
 
     trt = import_tensorrt()

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from converters.tensorrt_build import INPUT_NAME, PlanMetadata, check_plan_compatible, import_tensorrt
+from converters.tensorrt_env import PlanMetadata, check_plan_compatible, import_tensorrt
+from converters.tensorrt_profile import INPUT_NAME
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:
@@ -33,7 +34,7 @@ class TrtEngine:
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.engine is None:
-            from converters.tensorrt_build import EngineMismatchError
+            from converters.tensorrt_env import EngineMismatchError
 
             raise EngineMismatchError(f"TensorRT could not deserialise {plan_path}", hint="rebuild the engine on this machine")
         self.context = self.engine.create_execution_context()

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from converters.onnx_export import CoreVerification, OutputError, compare_outputs, merge_errors
-from converters.tensorrt_build import INPUT_NAME, check_plan_compatible, import_tensorrt
+from converters.tensorrt_env import check_plan_compatible, import_tensorrt
+from converters.tensorrt_profile import INPUT_NAME
 from converters.verify_detections import FP32_RULE, DetectionRule, DetectionVerification, match_outputs, require_detections_ok
 from detserve.errors import SpecError
 from detserve.families.base import TensorDecl
@@ -251,7 +252,7 @@ def engine_pair(
     onnx_path: Path, plan_path: Path, precision: str, outputs: Sequence[TensorDecl], candidate: Any = None
 ) -> EnginePair:
     """The engine's metadata is checked against this machine first, so an engine built elsewhere
-    fails with :class:`~converters.tensorrt_build.EngineMismatchError`, not inside TensorRT."""
+    fails with :class:`~converters.tensorrt_env.EngineMismatchError`, not inside TensorRT."""
     meta = check_plan_compatible(plan_path)
     if meta.precision != precision:
         raise SpecError(f"{plan_path.name} is a {meta.precision} engine; it cannot be checked with {precision} tolerances")

@@ -304,7 +304,7 @@ class _TrtSession:
     """An ``onnxruntime.InferenceSession``-shaped wrapper around a TensorRT engine (Polygraphy runner)."""
 
     def __init__(self, plan: Path) -> None:
-        from converters.tensorrt_build import check_plan_compatible, import_tensorrt
+        from converters.tensorrt_env import check_plan_compatible, import_tensorrt
         from converters.tensorrt_verify import ensure_cudart_visible
 
         check_plan_compatible(plan)
@@ -483,7 +483,7 @@ def _tensorrt_side(run: _Inputs, report: CompareReport, echo: Callable[[str], No
     TensorRT, no CUDA GPU, an engine built for another GPU or TensorRT version (or without its
     metadata). Anything else is a bug or a real failure, and raises.
     """
-    from converters.tensorrt_build import EngineMismatchError, NoCudaGpuError, TensorRTNotInstalledError
+    from converters.tensorrt_env import EngineMismatchError, NoCudaGpuError, TensorRTNotInstalledError
     from converters.tensorrt_verify import verify_tensorrt
     from loadtest.inprocess import InProcessPipeline
 

@@ -90,7 +90,7 @@ class Run:
 def environment(run: Run) -> dict[str, Any]:
     import torch
 
-    from converters.tensorrt_build import import_tensorrt, require_cuda_gpu
+    from converters.tensorrt_env import import_tensorrt, require_cuda_gpu
 
     trt = import_tensorrt()
     gpu = require_cuda_gpu()

@@ -108,7 +108,7 @@ def test_the_check_adds_a_batch_at_the_engines_largest_size() -> None:
 
 def test_engine_profiles_cover_what_the_processors_produce() -> None:
     """RT-DETR: one fixed canvas; DETR: any short side down to 1 pixel (no padding) up to longest_edge."""
-    from converters.tensorrt_build import derive_profile
+    from converters.tensorrt_profile import derive_profile
     from detserve.runtime.preprocess import shortest_longest_edge
     from detserve.specs import PreprocessSpec
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tests.fake_tensorrt as fake
-from converters.tensorrt_build import EngineEnvironment, GpuInfo
+from converters.tensorrt_env import EngineEnvironment, GpuInfo
 from detserve.errors import SpecError, VerificationError
 from detserve.families.base import StepDecl, TensorDecl
 from detserve.specs import PreprocessSpec
@@ -81,10 +81,15 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The TensorRT stand-ins in place of ``tensorrt`` and a GPU; the registered plugins reset."""
     import converters.tensorrt_build as tb
+    import converters.tensorrt_env as te
+
+    def gpu(device: int = 0) -> GpuInfo:
+        return GpuInfo("stand-in GPU", "9.0", "13.0")
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(tb, "require_cuda_gpu", lambda device=0: GpuInfo("stand-in GPU", "9.0", "13.0"))
-    monkeypatch.setattr(tb, "current_environment", lambda: EngineEnvironment("fake", "stand-in GPU", "9.0"))
+    monkeypatch.setattr(te, "require_cuda_gpu", gpu)
+    monkeypatch.setattr(tb, "require_cuda_gpu", gpu)  # the build imported the function by name
+    monkeypatch.setattr(te, "current_environment", lambda: EngineEnvironment("fake", "stand-in GPU", "9.0"))
     monkeypatch.setattr(fake, "registered_plugins", [])
     return fake
 
@@ -107,8 +112,8 @@ def test_export_emits_roi_align_with_the_poolers_pixel_convention(toy: dict[str,
 def test_profiles_of_every_rcnn_core_step() -> None:
     """Faster/Mask R-CNN at torchvision's defaults: images as the single-core profile, FPN maps at
     padded size / stride rounded up, proposals fixed, final detections 1..max rows."""
-    from converters.tensorrt_build import derive_profile
     from converters.tensorrt_multistep import step_profiles
+    from converters.tensorrt_profile import derive_profile
     from detserve.families.rcnn import RcnnDecodeSpec, steps
 
     spec = RcnnDecodeSpec(
@@ -138,8 +143,10 @@ def test_profiles_of_every_rcnn_core_step() -> None:
 def test_a_multi_input_core_builds_with_a_profile_per_input_and_the_plugins(
     toy: dict[str, Any], stand_in: Any, tmp_path: Path
 ) -> None:
-    from converters.tensorrt_build import BuildOptions, EngineBuildError, UnsupportedOpError, build_engine, read_plan_metadata
+    from converters.tensorrt_build import BuildOptions, EngineBuildError, build_engine
+    from converters.tensorrt_env import read_plan_metadata
     from converters.tensorrt_multistep import step_profiles
+    from converters.tensorrt_parse import UnsupportedOpError
 
     profiles = step_profiles(STEP, PRE, {"feat_0": 4}, 4, 20, 5)
     plan = tmp_path / "model.plan"

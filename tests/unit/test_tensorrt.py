@@ -22,33 +22,13 @@ import torch
 
 from converters.tensorrt_build import (
     BuildOptions,
-    EngineEnvironment,
-    EngineMismatchError,
-    NoCudaGpuError,
-    OnnxParseError,
-    ParserIssue,
-    PlanMetadata,
     PrecisionUnsupportedError,
-    ShapeRange,
-    TensorRTNotInstalledError,
-    UnsupportedOpError,
     apply_precision,
     attach_timing_cache,
     build_engine,
-    calibration_shape,
-    check_plan_compatible,
-    check_plan_metadata,
     check_precision_supported,
-    derive_profile,
-    import_tensorrt,
-    metadata_path,
-    parse_error,
-    parser_issues,
-    read_plan_metadata,
-    require_cuda_gpu,
     save_timing_cache,
     validate_precision,
-    write_plan_metadata,
 )
 from converters.tensorrt_calibration import (
     CalibrationCache,
@@ -58,6 +38,22 @@ from converters.tensorrt_calibration import (
     load_calibration_batches,
     make_batches,
 )
+from converters.tensorrt_env import (
+    EngineEnvironment,
+    EngineMismatchError,
+    NoCudaGpuError,
+    PlanMetadata,
+    TensorRTNotInstalledError,
+    check_plan_compatible,
+    check_plan_metadata,
+    import_tensorrt,
+    metadata_path,
+    read_plan_metadata,
+    require_cuda_gpu,
+    write_plan_metadata,
+)
+from converters.tensorrt_parse import OnnxParseError, ParserIssue, UnsupportedOpError, parse_error, parser_issues
+from converters.tensorrt_profile import ShapeRange, calibration_shape, derive_profile
 from detserve.errors import SpecError
 from detserve.families import family
 from detserve.families.base import TensorDecl
@@ -167,14 +163,14 @@ def test_missing_or_corrupt_metadata_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_check_plan_compatible_compares_with_the_running_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import converters.tensorrt_build as tb
+    import converters.tensorrt_env as te
 
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"engine")
     write_plan_metadata(plan, _meta())
-    monkeypatch.setattr(tb, "current_environment", lambda: ENV)
+    monkeypatch.setattr(te, "current_environment", lambda: ENV)
     assert check_plan_compatible(plan).precision == "fp16"
-    monkeypatch.setattr(tb, "current_environment", lambda: EngineEnvironment("11.4.0.106", ENV.gpu_name, "9.0"))
+    monkeypatch.setattr(te, "current_environment", lambda: EngineEnvironment("11.4.0.106", ENV.gpu_name, "9.0"))
     with pytest.raises(EngineMismatchError, match=r"TensorRT 10\.16\.0\.72"):
         check_plan_compatible(plan)
     with pytest.raises(EngineMismatchError, match="not found"):
@@ -339,7 +335,7 @@ class _ParserError:
 
 
 def test_unsupported_op_names_the_node_and_the_op(tmp_path: Path) -> None:
-    from converters.tensorrt_build import onnx_nodes
+    from converters.tensorrt_parse import onnx_nodes
 
     nodes = onnx_nodes(_tiny_onnx(tmp_path / "m.onnx"))
     parser = SimpleNamespace(
@@ -625,7 +621,7 @@ def test_cli_build_tensorrt_without_tensorrt_exits_1_with_a_hint(tmp_path: Path)
         pytest.skip("this machine can build engines")
     proc = subprocess.run(
         [sys.executable, "-m", "detserve.app.cli", "build", "ssdlite320_mobilenet_v3_large", "--repository", str(tmp_path),
-         "--num-classes", "3", "--target", "tensorrt", "--precision", "fp16"],
+         "--num-classes", "3", "--random-weights", "--target", "tensorrt", "--precision", "fp16"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
@@ -796,7 +792,7 @@ def small_engine(ssdlite: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
 @pytest.mark.gpu
 @needs_tensorrt
 def test_fp32_engine_is_built_described_and_verified(ssdlite: dict[str, Any], small_engine: dict[str, Any]) -> None:
-    from converters.tensorrt_build import current_environment
+    from converters.tensorrt_env import current_environment
     from converters.tensorrt_verify import verify_tensorrt
 
     meta = small_engine["meta"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from converters.tensorrt_build import EngineEnvironment, PlanMetadata, write_plan_metadata
+from converters.tensorrt_env import EngineEnvironment, PlanMetadata, write_plan_metadata
 from detserve.errors import VerificationError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="the DETR family needs transformers")
@@ -58,9 +58,9 @@ def rtdetr(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 @pytest.fixture
 def on_stand_in_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import converters.tensorrt_build as tb
+    import converters.tensorrt_env as te
 
-    monkeypatch.setattr(tb, "current_environment", lambda: ENV)
+    monkeypatch.setattr(te, "current_environment", lambda: ENV)
 
 
 def _plan(d: Path, precision: str, max_batch_size: int = 4) -> Path:
