@@ -63,8 +63,13 @@ def build(
     fused_out: Annotated[
         Path | None, typer.Option(help="also write the fused CPU layout (one python model) into this repository")
     ] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(help="build without --checkpoint: untrained random weights (tests, smoke checks; detections meaningless)"),
+    ] = False,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
+    _check_weights(checkpoint, random_weights)
     from converters.repository import BuildRequest, build_repository
     from detserve.kwargs import parse_model_kwargs
     from detserve.tritonconfig import ServingOptions
@@ -91,6 +96,26 @@ def build(
     result = build_repository(req)
     typer.echo(f"built {result.name} version {result.version} in {result.repository} ({time.monotonic() - started:.1f} s)")
     _print_verification(result.record)
+
+
+def _check_weights(checkpoint: Path | None, random_weights: bool) -> None:
+    """No silent random weights (issue 24, part 6): a detector built without its weights serves
+    meaningless detections that look like real ones; only ``build.json`` said so before."""
+    if checkpoint is not None:
+        if random_weights:
+            raise DetserveError("--random-weights and --checkpoint contradict each other", hint="give one of them")
+        return
+    if not random_weights:
+        raise DetserveError(
+            "no --checkpoint: the detector would be built with untrained random weights",
+            hint="give the trained weights with --checkpoint FILE, or pass --random-weights to build untrained "
+            "weights on purpose (tests, smoke checks)",
+        )
+    typer.secho(
+        "warning: building with untrained random weights (--random-weights): its detections are meaningless",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
 
 
 def _print_verification(record: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ def two_versions(demo_copy: Callable[[str], Path]) -> Path:
     repo = demo_copy("documented_ops")
     ok(
         detserve("build", "ssdlite320_mobilenet_v3_large", "--repository", str(repo), "--name", "demo",
-                 "--num-classes", "6", "--version", "2", "--spread-init-seed", "1", timeout=900)
+                 "--num-classes", "6", "--version", "2", "--spread-init-seed", "1", "--random-weights", timeout=900)
     )  # fmt: skip
     return repo
 
