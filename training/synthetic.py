@@ -215,15 +215,61 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int
 
 
 def render(cfg: SplitConfig, index: int) -> Sample:
-    """Image ``index`` of split ``cfg``: deterministic in (cfg.seed, index) alone."""
+    """Image ``index`` of split ``cfg``: deterministic in (cfg.seed, index) alone.
+
+    Every random draw comes from one generator seeded by (seed, index), in a fixed order: size, background,
+    clutter, objects, blur, noise. The helpers below take their draws in that order; reordering them changes
+    every image.
+    """
     rng = np.random.default_rng([cfg.seed, index])
     short = int(rng.integers(cfg.short_side[0], cfg.short_side[1] + 1))
     long_ = int(short * rng.uniform(*cfg.aspect))
     w, h = (long_, short) if rng.random() < 0.5 else (short, long_)
+    canvas = _backdrop(cfg, rng, w, h)
+    owner, labels = _place_objects(cfg, rng, canvas, short)
+    return _annotated(_camera(cfg, rng, canvas), owner, labels)
+
+
+def _backdrop(cfg: SplitConfig, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Background plus clutter, as a writable uint8 HWC array the objects are painted on."""
     bg = Image.fromarray(_background(cfg, rng, w, h).astype(np.uint8))
     _clutter(ImageDraw.Draw(bg), rng, w, h, int(rng.integers(cfg.clutter[0], cfg.clutter[1] + 1)))
-    canvas = np.asarray(bg, dtype=np.uint8).copy()
-    owner = np.zeros((h, w), dtype=np.int32)  # object number (1-based) owning each pixel, 0 = none
+    return np.asarray(bg, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True)
+class _Footprint:
+    """An object's polygon rasterised in its own box only: image pixels ``[y0:y0 + rows, x0:x0 + cols]``."""
+
+    x0: int
+    y0: int
+    local: list[tuple[float, float]]  # the polygon in the box's coordinates
+    mask: np.ndarray  # bool [rows, cols]: the object's pixels
+
+    @classmethod
+    def of(cls, poly: list[tuple[float, float]]) -> _Footprint:
+        x0, y0 = int(min(x for x, _ in poly)), int(min(y for _, y in poly))
+        x1, y1 = int(max(x for x, _ in poly)) + 2, int(max(y for _, y in poly)) + 2
+        local = [(x - x0, y - y0) for x, y in poly]
+        m_img = Image.new("L", (x1 - x0, y1 - y0), 0)
+        ImageDraw.Draw(m_img).polygon(local, fill=255)
+        return cls(x0, y0, local, np.asarray(m_img) > 0)
+
+    def window(self, a: np.ndarray) -> np.ndarray:
+        """The footprint's box of image-sized array ``a`` (a view: writes go to ``a``)."""
+        rows, cols = self.mask.shape
+        return a[self.y0 : self.y0 + rows, self.x0 : self.x0 + cols]
+
+
+def _place_objects(cfg: SplitConfig, rng: np.random.Generator, canvas: np.ndarray, short: int) -> tuple[np.ndarray, list[int]]:
+    """Paint objects onto ``canvas`` until the image's drawn count is placed (at most 8 tries per object).
+
+    Returns the owner map (object number, 1-based, owning each pixel; 0 = none) and each object's label.
+    A candidate is rejected when it leaves the image, is under 16 pixels, or would leave an earlier
+    object less than ``cfg.min_visible`` of its pixels.
+    """
+    h, w = canvas.shape[:2]
+    owner = np.zeros((h, w), dtype=np.int32)
     full_area: list[int] = []
     visible: list[int] = []
     labels: list[int] = []
@@ -237,32 +283,36 @@ def render(cfg: SplitConfig, index: int) -> Sample:
         poly = _object_polygon(CLASSES[label - 1], rng, cfg, cx, cy, size)
         if not _inside(poly, w, h):
             continue
-        # rasterise in the polygon's own box only
-        x0, y0 = int(min(x for x, _ in poly)), int(min(y for _, y in poly))
-        x1, y1 = int(max(x for x, _ in poly)) + 2, int(max(y for _, y in poly)) + 2
-        local = [(x - x0, y - y0) for x, y in poly]
-        m_img = Image.new("L", (x1 - x0, y1 - y0), 0)
-        ImageDraw.Draw(m_img).polygon(local, fill=255)
-        mask = np.asarray(m_img) > 0
-        if mask.sum() < 16:
+        fp = _Footprint.of(poly)
+        if fp.mask.sum() < 16:
             continue
-        region = owner[y0:y1, x0:x1]
-        covered = np.bincount(region[mask], minlength=len(labels) + 1)
+        region = fp.window(owner)
+        covered = np.bincount(region[fp.mask], minlength=len(labels) + 1)
         if any(visible[k] - covered[k + 1] < cfg.min_visible * full_area[k] for k in range(len(labels)) if covered[k + 1]):
             continue
-        patch = canvas[y0:y1, x0:x1]
-        fill = _contrasting_fill(rng, patch[mask].astype(np.float32).mean(axis=0))
-        patch[mask] = fill.astype(np.uint8)
-        if rng.random() < 0.3:  # a darker or lighter outline, kept inside the mask so the box stays exact
-            o_img = Image.new("L", m_img.size, 0)
-            ImageDraw.Draw(o_img).polygon(local, outline=255, width=int(rng.integers(1, 4)))
-            patch[(np.asarray(o_img) > 0) & mask] = np.clip(fill * rng.uniform(0.4, 1.6), 0, 255).astype(np.uint8)
+        _paint(rng, fp.window(canvas), fp)
         for k in range(len(labels)):
             visible[k] -= int(covered[k + 1])
-        region[mask] = len(labels) + 1
-        full_area.append(int(mask.sum()))
-        visible.append(int(mask.sum()))
+        region[fp.mask] = len(labels) + 1
+        full_area.append(int(fp.mask.sum()))
+        visible.append(int(fp.mask.sum()))
         labels.append(label)
+    return owner, labels
+
+
+def _paint(rng: np.random.Generator, patch: np.ndarray, fp: _Footprint) -> None:
+    """Fill the object's pixels of ``patch`` (its box of the canvas) with a colour that stands out from what it covers."""
+    fill = _contrasting_fill(rng, patch[fp.mask].astype(np.float32).mean(axis=0))
+    patch[fp.mask] = fill.astype(np.uint8)
+    if rng.random() < 0.3:  # a darker or lighter outline, kept inside the mask so the box stays exact
+        rows, cols = fp.mask.shape
+        o_img = Image.new("L", (cols, rows), 0)
+        ImageDraw.Draw(o_img).polygon(fp.local, outline=255, width=int(rng.integers(1, 4)))
+        patch[(np.asarray(o_img) > 0) & fp.mask] = np.clip(fill * rng.uniform(0.4, 1.6), 0, 255).astype(np.uint8)
+
+
+def _camera(cfg: SplitConfig, rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """The painted canvas as a camera might give it: sometimes blurred, then sensor noise, rounded to uint8."""
     picture = Image.fromarray(canvas)
     if rng.random() < cfg.blur_prob:
         picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -270,7 +320,11 @@ def render(cfg: SplitConfig, index: int) -> Sample:
     sigma = rng.uniform(*cfg.noise_sigma)
     if sigma > 0:
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * sigma
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _annotated(image: np.ndarray, owner: np.ndarray, labels: list[int]) -> Sample:
+    """``image`` with each object's box, area and mask measured on its visible pixels (fully hidden ones dropped)."""
     boxes, areas, kept, masks = [], [], [], []
     for k, label in enumerate(labels, start=1):
         ys, xs = np.nonzero(owner == k)
