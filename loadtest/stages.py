@@ -78,6 +78,37 @@ def _median_ms(fn: Callable[[], Any], repeat: int, best: bool = False) -> float:
     return min(times) if best else statistics.median(times)
 
 
+@dataclass(frozen=True)
+class _Served:
+    """A detector built the way ``detserve build`` builds it, with what its steps are run with."""
+
+    fam: Any
+    model: Any
+    pre: Any  # the family's preprocessing spec
+    spec: Any  # its decode spec
+    steps: list[Any]  # the declared steps, in order
+    controls: list[Any]  # one request's RequestControls: the model's defaults
+
+    @property
+    def single_stage(self) -> bool:
+        from detserve.families.base import is_single_stage
+
+        return is_single_stage(self.steps)
+
+
+def _build_served(detector: str, model_kwargs: dict[str, Any]) -> _Served:
+    from detserve.families import family_for_detector
+    from detserve.specs import RequestControls
+
+    fam = family_for_detector(detector)
+    # seed 0: the seeded weights with a score spread `detserve build` writes (decode cost follows the candidate count)
+    model = fam.build(detector, fam.default_num_classes(None), None, dict(model_kwargs), 0)
+    pre = fam.preprocess_spec(model)
+    spec = fam.decode_spec(model, pre)
+    controls = [RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)]
+    return _Served(fam, model, pre, spec, list(fam.steps(spec)), controls)
+
+
 def time_steps(
     detector: str,
     model_kwargs: dict[str, Any],
@@ -95,54 +126,63 @@ def time_steps(
     gives them. ``torch_threads`` sets torch's intra-op threads: on a machine whose cores other processes
     hold, two threads can wait on each other far longer than the work takes.
     """
-    import numpy as np
     import torch
 
     from converters.multistep import run_chain
-    from detserve.families import family_for_detector
-    from detserve.families.base import is_single_stage
     from detserve.runtime.imaging import decode_image
-    from detserve.runtime.onnxrt import cpu_session
     from detserve.runtime.preprocess import preprocess
-    from detserve.specs import RequestControls
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    fam = family_for_detector(detector)
-    model = fam.build(detector, fam.default_num_classes(None), None, dict(model_kwargs), 0)
-    pre = fam.preprocess_spec(model)
-    spec = fam.decode_spec(model, pre)
-    steps = list(fam.steps(spec))
-    controls = [RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)]
-    per_role: dict[str, list[float]] = {"preprocess": [], **{s.role: [] for s in steps}}
+    served = _build_served(detector, model_kwargs)
+    per_role: dict[str, list[float]] = {"preprocess": [], **{s.role: [] for s in served.steps}}
     counts: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
-        sessions: dict[str, Any] = {}
-        for rgb in (decode_image(b, pre.max_image_pixels) for b in blobs):
-            item = preprocess(rgb, pre)
-            per_role["preprocess"].append(_median_ms(functools.partial(preprocess, rgb, pre), repeat, best))
+        sessions: dict[str, Any] = {}  # role -> ONNX Runtime session, exported on the first image
+        for rgb in (decode_image(b, served.pre.max_image_pixels) for b in blobs):
+            item = preprocess(rgb, served.pre)
+            per_role["preprocess"].append(_median_ms(functools.partial(preprocess, rgb, served.pre), repeat, best))
             info = torch.from_numpy(item.info()[None])
-            tensors, core_inputs = run_chain(fam, model, spec, item.tensor[None], info, controls)
-            for step in steps:
-                args = [tensors[t.name] for t in step.inputs]
-                if step.kind == "core":
-                    if step.role not in sessions:
-                        path = _export(fam, model, spec, pre, step, core_inputs[step.role], Path(tmp), is_single_stage(steps))
-                        sessions[step.role] = cpu_session(path, 1, False)
-                    feed = {t.name: np.ascontiguousarray(a.numpy()) for t, a in zip(step.inputs, args, strict=True)}
-                    call: Callable[[], Any] = functools.partial(sessions[step.role].run, None, feed)
-                else:
-                    raw = {t.name: a for t, a in zip(step.inputs, args, strict=True) if t.name != "image_info"}
-                    call = functools.partial(fam.run_step, spec, step.role, raw, info, controls)
+            # every step's inputs for this image, as the served chain hands them on
+            tensors, core_inputs = run_chain(served.fam, served.model, served.spec, item.tensor[None], info, served.controls)
+            for step in served.steps:
+                call = _step_call(served, step, tensors, info, core_inputs, sessions, Path(tmp))
                 per_role[step.role].append(_median_ms(call, repeat, best))
             counts.append(int(tensors["num_detections"][0, 0]))
     return StepTiming(
         detector,
-        fam.name,
+        served.fam.name,
         tuple(int(v) for v in item.padded_hw),  # type: ignore[arg-type]
         {role: statistics.mean(v) for role, v in per_role.items()},
         statistics.mean(counts),
     )
+
+
+def _step_call(
+    served: _Served,
+    step: Any,
+    tensors: dict[str, Any],
+    info: Any,
+    core_inputs: dict[str, Any],
+    sessions: dict[str, Any],
+    folder: Path,
+) -> Callable[[], Any]:
+    """One run of ``step`` on this image's inputs, as served: a core in ONNX Runtime (exported into ``folder``
+    and its session kept in ``sessions`` on first use), any other step through the family's ``run_step``."""
+    import numpy as np
+
+    from detserve.runtime.onnxrt import cpu_session
+
+    args = [tensors[t.name] for t in step.inputs]
+    if step.kind == "core":
+        if step.role not in sessions:
+            sample = core_inputs[step.role]
+            path = _export(served.fam, served.model, served.spec, served.pre, step, sample, folder, served.single_stage)
+            sessions[step.role] = cpu_session(path, 1, False)
+        feed = {t.name: np.ascontiguousarray(a.numpy()) for t, a in zip(step.inputs, args, strict=True)}
+        return functools.partial(sessions[step.role].run, None, feed)
+    raw = {t.name: a for t, a in zip(step.inputs, args, strict=True) if t.name != "image_info"}
+    return functools.partial(served.fam.run_step, served.spec, step.role, raw, info, served.controls)
 
 
 def _export(fam: Any, model: Any, spec: Any, pre: Any, step: Any, sample: Sequence[Any], folder: Path, single: bool) -> Path:
