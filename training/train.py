@@ -16,7 +16,9 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +66,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("detserve/weights/demo_ssdlite320_shapes.pt"))
     ap.add_argument("--iterations", type=int, default=1800)
@@ -76,20 +78,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-every", type=int, default=300, help="val mAP every N iterations (0: only at the end)")
     ap.add_argument("--val-images", type=int, default=100)
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="final metrics on the first N images of val and test (default: the whole splits; fewer for a smoke run)",
+    )
+    return ap.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    train, val, test = SPLITS["train"], SPLITS["val"], SPLITS["test"]
-    if args.iterations * args.batch_size > train.num_images:
-        print(f"note: {args.iterations * args.batch_size} samples > {train.num_images} train images: the split repeats")
-    model = build_detector(DETECTOR, num_classes=NUM_CLASSES)
+
+@dataclass(frozen=True)
+class TrainingRun:
+    loss_curve: list[dict[str, float]]  # smoothed loss every 50 steps and at the last
+    val_curve: list[dict[str, float]]  # val metrics every --val-every steps
+    seconds: float
+
+
+def optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """AdamW with weight decay on the weights only (no decay on biases and norm parameters: ndim <= 1)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return params, torch.optim.AdamW(groups, lr=lr)
+
+
+def train(model: torch.nn.Module, args: argparse.Namespace) -> TrainingRun:
+    """``args.iterations`` steps of warm-up + cosine AdamW on the train split, drawn in order (it repeats past its end)."""
+    params, opt = optimizer(model, args.lr, args.weight_decay)
     curve, val_curve = [], []
     t0 = time.monotonic()
     running = None
@@ -97,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.iterations, args.lr, args.warmup)
-        images, targets = batch(train, step * args.batch_size, args.batch_size)
-        losses = model(images, targets)
-        loss = sum(losses.values())
+        images, targets = batch(SPLITS["train"], step * args.batch_size, args.batch_size)
+        loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        torch.nn.utils.clip_grad_norm_(params, 10.0)  # from scratch, the first steps' gradients are large
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 50 == 0 or step == args.iterations - 1:
@@ -110,23 +125,33 @@ def main(argv: list[str] | None = None) -> int:
             curve.append({"step": step, "loss": round(running, 4), "seconds": round(el, 1)})
             print(f"step {step:5d}  loss {running:.3f}  lr {opt.param_groups[0]['lr']:.2e}  {el / 60:.1f} min", flush=True)
         if args.val_every and step and step % args.val_every == 0:
-            m = evaluate(model, val, args.val_images)
+            m = evaluate(model, SPLITS["val"], args.val_images)
             val_curve.append({"step": step, **{k: round(v, 4) for k, v in m.items()}})
             print(f"  val@{step}: mAP {m['mAP']:.3f}  AP50 {m['AP50']:.3f}", flush=True)
-    train_seconds = time.monotonic() - t0
+    return TrainingRun(curve, val_curve, time.monotonic() - t0)
 
-    # Store fp16 (half the size); every metric below is measured on the weights as stored.
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}, args.out)
-    stored = build_detector(DETECTOR, num_classes=NUM_CLASSES, checkpoint=args.out)
-    metrics = {
-        "val": evaluate(stored, val),
-        "test_max_det_100": evaluate(stored, test, max_det=100),
-        "test_max_det_500": evaluate(stored, test, max_det=500),
+
+def save_fp16(model: torch.nn.Module, out: Path) -> torch.nn.Module:
+    """Store the weights as fp16 (half the size); returns the detector loaded from the file, as detserve loads it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}, out)
+    return build_detector(DETECTOR, num_classes=NUM_CLASSES, checkpoint=out)
+
+
+def final_metrics(stored: torch.nn.Module, n: int | None) -> dict[str, dict[str, float]]:
+    """Val and held-out test metrics of the weights as stored (test at both caps `detserve eval` reports)."""
+    return {
+        "val": evaluate(stored, SPLITS["val"], n),
+        "test_max_det_100": evaluate(stored, SPLITS["test"], n, max_det=100),
+        "test_max_det_500": evaluate(stored, SPLITS["test"], n, max_det=500),
     }
-    for k, m in metrics.items():
-        print(f"{k}: " + "  ".join(f"{n} {v:.4f}" for n, v in m.items()))
-    record = {
+
+
+def provenance(
+    args: argparse.Namespace, argv: list[str] | None, run: TrainingRun, metrics: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """The ``<out>.json`` record: what was trained, how, on what, where, and how well."""
+    return {
         "detector": DETECTOR,
         "num_classes": NUM_CLASSES,
         "classes": ["__background__", *CLASSES],
@@ -135,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dataset": {name: cfg.to_json() for name, cfg in SPLITS.items()},
         "train_images_seen": args.iterations * args.batch_size,
-        "train_seconds": round(train_seconds, 1),
-        "loss_curve": curve,
-        "val_curve": val_curve,
+        "train_seconds": round(run.seconds, 1),
+        "loss_curve": run.loss_curve,
+        "val_curve": run.val_curve,
         "metrics": {k: {n: round(v, 4) for n, v in m.items()} for k, m in metrics.items()},
         "environment": {
             "python": platform.python_version(),
@@ -149,8 +174,23 @@ def main(argv: list[str] | None = None) -> int:
         },
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)  # before the model is built: its initial weights come from this seed
+    torch.set_num_threads(args.threads)
+    if args.iterations * args.batch_size > SPLITS["train"].num_images:
+        print(f"note: {args.iterations * args.batch_size} samples > {SPLITS['train'].num_images} train images: the split repeats")
+    model = build_detector(DETECTOR, num_classes=NUM_CLASSES)
+    run = train(model, args)
+    # every metric below is measured on the weights as stored (fp16)
+    metrics = final_metrics(save_fp16(model, args.out), args.eval_images)
+    for k, m in metrics.items():
+        print(f"{k}: " + "  ".join(f"{n} {v:.4f}" for n, v in m.items()))
+    record = provenance(args, argv, run, metrics)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')} (trained {train_seconds / 60:.1f} min)")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')} (trained {run.seconds / 60:.1f} min)")
     return 0
 
 
