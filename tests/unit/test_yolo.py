@@ -68,7 +68,7 @@ def _run(model: Any, batch: list[np.ndarray], controls: list[RequestControls], c
         raw = torch.from_numpy(core(images.numpy()))
     dets = yolo.FAMILY.decode(
         spec,
-        {spec.output_name: raw},
+        {yolo.FAMILY.outputs(spec)[0].name: raw},
         items[0].padded_hw,
         torch.tensor([p.resized_hw for p in items]),
         torch.tensor([p.original_hw for p in items]),
@@ -161,7 +161,7 @@ def _onnx_session(model: Any, path: Path) -> Any:
     core = yolo.FAMILY.core(model, spec)
     size = pre.fixed_size
     assert size is not None
-    name = spec.output_name
+    name = yolo.FAMILY.outputs(spec)[0].name
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
@@ -215,7 +215,7 @@ def test_end2end_head_matches_ultralytics(photos: dict[str, np.ndarray]) -> None
     """YOLO26's one-to-one head (top-k in the graph, no NMS) decoded as ultralytics' predict(nms=False)."""
     model = _model("yolo26n", 320, end2end=True)
     spec = yolo.FAMILY.decode_spec(model, yolo.FAMILY.preprocess_spec(model))
-    assert spec.end2end and spec.output_name == "detections"
+    assert spec.end2end and [o.name for o in yolo.FAMILY.outputs(spec)] == ["detections"]
     names = list(photos)[:3]
     ours = _run(model, [photos[n] for n in names], [RequestControls(CONF, IOU, 100)] * len(names))
     for name, dets in zip(names, ours, strict=True):

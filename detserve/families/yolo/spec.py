@@ -72,10 +72,6 @@ class YoloDecodeSpec(Spec):
         check(self.max_wh > 0, f"max_wh must be > 0, got {self.max_wh}")
         check(not self.agnostic, "class-agnostic NMS is not supported (ultralytics' predict default is class-aware)")
 
-    @property
-    def output_name(self) -> str:
-        return "detections" if self.end2end else "predictions"
-
 
 def num_anchors(imgsz: int, strides: Sequence[int]) -> int:
     return sum((imgsz // s) ** 2 for s in strides)
