@@ -25,7 +25,7 @@ from detserve.specs import PreprocessSpec
 # where scale = max(1, max |torch|) of that output. Float32 kernel reordering errs in proportion to the
 # magnitudes the network computes with, not by a fixed amount: a trained-size FCOS (BatchNorm statistics
 # from images, logits up to ~1e1) differs by 4e-4 on logits near 0, which a fixed 1e-4 floor refused
-# while every detection matched (issue 21). A real conversion bug errs by a share of the scale itself.
+# while every detection matched. A real conversion bug errs by a share of the scale itself.
 FP32_ATOL = 1e-4
 FP32_RTOL = 1e-4
 OPSET = 17

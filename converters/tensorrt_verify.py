@@ -2,7 +2,8 @@
 
 Polygraphy runs both (``OnnxrtRunner`` on the CPU as the reference, ``TrtRunner`` on the GPU) on
 the same batches through ``Comparator.run``; those outputs are judged the way the ONNX Runtime check
-judges its own (issue 21), by the family's kind of core (``Family.core_selects``):
+judges its own (a fixed absolute tolerance refused real conversions whose detections all matched), by
+the family's kind of core (``Family.core_selects``):
 
 - fixed slots (every output position a fixed anchor / grid cell): per output, elementwise,
   ``|trt - ort| <= atol * max(1, max|ort|) + rtol * |ort|`` (``onnx_export.compare_outputs``: the

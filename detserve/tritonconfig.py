@@ -1,7 +1,7 @@
 """Triton ``config.pbtxt`` files generated from specs (protobuf messages, never string pasting).
 
-Tensor names are the ensemble contract of DESIGN.md: clients send ``IMAGE`` (encoded bytes) and
-read ``num_detections``, ``boxes``, ``scores``, ``labels`` whatever the detector family. The core's
+Tensor names are the ensemble's wire contract (docs/contract.md): clients send ``IMAGE`` (encoded
+bytes) and read ``num_detections``, ``boxes``, ``scores``, ``labels`` whatever the detector family. The core's
 raw tensors come from the family's declarations (detserve/families/base.py: name, dtype, dims).
 """
 

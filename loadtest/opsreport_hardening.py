@@ -1,4 +1,5 @@
-"""The ops report's rows for issue 10's attacks, each with traffic flowing (loadtest/opsreport.py).
+"""The ops report's rows for the attacks on the admin API and the gate (docs/hardening.md), each with
+traffic flowing (loadtest/opsreport.py).
 
 - the admin key searched for in every process's command line and environment;
 - every admin API called without the key and with a guessed one (gRPC and HTTP), including a

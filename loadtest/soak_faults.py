@@ -248,8 +248,9 @@ def idle_streams(svc: Service) -> Probes:
     )
 
 
-# cheap faults first, so that a short soak still sees every kind once; those that took the whole
-# service down before issue 20 last, so that the others are seen even then
+# cheap faults first, so that a short soak still sees every kind once; those that once took the whole
+# service down (a killed nginx master, deep-nesting JSON, a killed tritonserver: docs/hardening.md)
+# last, so that the others are seen even if one of them does again
 FAULTS: list[tuple[str, Fault]] = [
     ("malformed requests", malformed),
     ("oversized requests", oversized),

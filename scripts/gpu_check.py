@@ -316,7 +316,7 @@ def rtdetr_engines(run: Run) -> dict[str, Any]:
         build_engine(onnx_path, plan, pre, RTDETR_MAX_BATCH, opts)
         case: dict[str, Any] = {"grid_sample_nodes": grid_sample_nodes(onnx_path)}
         try:
-            # the build's own check: a top-k core is judged by its decoded detections (issue 21)
+            # the build's own check: a top-k core is judged by its decoded detections, not its raw slots
             case["verification"] = verify_engine(family, post, onnx_path, plan, items, "fp32", outputs)
             case["verdict"] = "accepted"
         except VerificationError as e:
@@ -327,7 +327,7 @@ def rtdetr_engines(run: Run) -> dict[str, Any]:
     return out
 
 
-# two-stage (issue 12): every core step an engine (FPN maps + proposals/boxes as inputs, RoIAlign through
+# two-stage detectors (R-CNN): every core step an engine (FPN maps + proposals/boxes as inputs, RoIAlign through
 # the parser's ROIAlign_TRT plugin), verified per output; Mask R-CNN at a reduced size to fit the budget
 RCNN_CASES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fasterrcnn_mobilenet_v3_large_320_fpn", {}),
