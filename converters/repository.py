@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converters.labels import write_labels
 from detserve.errors import SpecError
 from detserve.families import ModelSpec
 from detserve.pipeline import PREPROCESS, model_name, role_of
@@ -178,6 +179,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
     # every step but the preprocessing runs in the one python step model, except cores on Triton's own backends
     modules = {model_name(name, d.role): "step_model" for d in decls if d.kind == "python" or req.target == "python-onnxruntime"}
     _write_models(repo, name, req, configs, spec, record, modules)
+    write_labels(repo / name / str(req.version), record, spec)  # class names on an open path (converters/labels.py)
     if req.fused_out is not None:
         from converters.fused import fused_repository
 

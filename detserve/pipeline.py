@@ -17,6 +17,8 @@ IMAGE_INFO = "image_info"
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 # outputs a family may add after the detections (instance-mask families: masks [max_det, 28, 28])
 EXTRA_OUTPUTS = ("masks",)
+# the class names a build records in the ensemble's version directory (converters/labels.py; the gate serves it)
+LABELS_FILE = "labels.json"
 
 DEFAULT_ROLES: tuple[str, ...] = ("preprocess", "core", "postprocess")
 PREPROCESS, CORE, POSTPROCESS = DEFAULT_ROLES
