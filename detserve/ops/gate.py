@@ -162,6 +162,8 @@ class GateConfig:
     idle_timeout_s: int = DEFAULT_IDLE_TIMEOUT_S  # a body / stream that sends nothing this long is closed
     http_deadline_s: int = DEFAULT_HTTP_DEADLINE_S  # an HTTP request's deadline without detserve-timeout
     worker_connections: int = 8192
+    # the gate's helper (ops/health.py): per-model gRPC health and the class names; None: Triton's own health
+    helper_socket: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
@@ -227,9 +229,13 @@ def _grpc_server(cfg: GateConfig) -> str:
     svc = GRPC_SERVICE.replace(".", r"\.")
     unready = ""
     if cfg.unready:
-        unready = (
-            f"        location = /{GRPC_SERVICE}/ServerReady {{ return 503; }}\n"
-            "        location = /grpc.health.v1.Health/Check { return 503; }\n"
+        unready = f"        location = /{GRPC_SERVICE}/ServerReady {{ return 503; }}\n"
+        if cfg.helper_socket is None:  # the helper says which model is failing itself
+            unready += "        location = /grpc.health.v1.Health/Check { return 503; }\n"
+    if cfg.helper_socket is not None:  # exact locations: before the regex ones below
+        unready += "".join(
+            f"        location = {path} {{ grpc_pass grpc://unix:{cfg.helper_socket}; }}\n"
+            for path in ("/grpc.health.v1.Health/Check", "/detserve.v1.Labels/Get")
         )
     limit_mib = cfg.max_request_bytes / 2**20
     busy = f"more than {cfg.client_requests} calls at once from your address: the gate's per-client limit"
@@ -297,7 +303,7 @@ def _http_server(cfg: GateConfig) -> str:
         error_page 413 @too_large;
         error_page 429 @busy;
         if ($detserve_raw_path != $uri) {{ return 400 '{{"error":"request path must be sent in normalised form"}}'; }}
-{_json_refusals(cfg)}{unready}        location ~ ^/v2/(repository|systemsharedmemory|cudasharedmemory|trace|logging)(/|$) {{
+{_json_refusals(cfg)}{unready}{_labels_location(cfg)}        location ~ ^/v2/(repository|systemsharedmemory|cudasharedmemory|trace|logging)(/|$) {{
             if ($detserve_http_admin = 0) {{ return 403 '{denied}'; }}
             proxy_pass http://detserve_http;
         }}
@@ -313,6 +319,20 @@ def _http_server(cfg: GateConfig) -> str:
         location @busy {{ return 429 '{busy}'; }}
     }}
 """
+
+
+def _labels_location(cfg: GateConfig) -> str:
+    """``GET /v2/models/<name>[/versions/<v>]/labels``: the class names the helper published (ops/health.py)."""
+    if cfg.helper_socket is None:
+        return ""
+    missing = '{"error":"no class names for this model or version (rebuild it with this detserve)"}'
+    return (
+        f"        location ~ ^/v2/models/({_NAME})(/versions/([0-9]+))?/labels$ {{\n"
+        f"            root {cfg.helper_socket.parent}/labels;\n"
+        "            try_files /$1@$3.json @no_labels;\n"
+        "        }\n"
+        f"        location @no_labels {{ return 404 '{missing}'; }}\n"
+    )
 
 
 def _json_refusals(cfg: GateConfig) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from detserve.errors import ServerError
 from detserve.ops.gate import GateConfig, private_directory, upstream_in
+from detserve.ops.health import GateHelper
 from detserve.ops.nginx import Gate
 from detserve.ops.server import ServerOptions, TritonServer, free_port
 from detserve.ops.stubshm import new_prefix as new_shm_prefix
@@ -37,6 +38,7 @@ class ReplicaSet:
     replicas: int = 2
     servers: list[TritonServer] = field(default_factory=list)
     gate: Gate | None = None
+    helper: GateHelper | None = None
     workdir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -64,7 +66,18 @@ class ReplicaSet:
         o = self.options
         self.workdir = private_directory("detserve-gate-")
         upstreams = tuple(upstream_in(s.runtime) for s in self.servers if s.runtime is not None)
-        self.gate = Gate(GateConfig(self.workdir, o.host, o.grpc_port, o.http_port, upstreams, o.admin_key, o.max_request_bytes))
+        self.helper = GateHelper(
+            self.workdir / "helper.sock",
+            [s.internal_url for s in self.servers],
+            lambda: [s.failing for s in self.servers],
+            o.repository,
+        )
+        self.helper.start()
+        helper = self.helper.socket
+        cfg = GateConfig(
+            self.workdir, o.host, o.grpc_port, o.http_port, upstreams, o.admin_key, o.max_request_bytes, helper_socket=helper
+        )
+        self.gate = Gate(cfg)
         self.gate.start()
         for server in self.servers:  # stub deaths and tritonserver restarts: readiness of the whole set
             server.on_readiness = lambda _failing: self._publish_readiness()
@@ -91,6 +104,9 @@ class ReplicaSet:
         if self.gate is not None:
             self.gate.stop()
             self.gate = None
+        if self.helper is not None:
+            self.helper.stop()
+            self.helper = None
         for server in self.servers:
             server.stop()
         self.servers.clear()

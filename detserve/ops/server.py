@@ -26,6 +26,7 @@ from detserve.errors import DetserveError, ServerError
 from detserve.ops.drain import DrainReport, drain_ensembles
 from detserve.ops.embedded import server_environment
 from detserve.ops.gate import GateConfig, internal_grpc_url, private_directory, upstream_in
+from detserve.ops.health import GateHelper
 from detserve.ops.nginx import Gate
 from detserve.ops.privateshm import wrap as wrap_private_shm
 from detserve.ops.restarts import Backoff, Restart, describe_exit
@@ -51,6 +52,7 @@ class TritonServer:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.gate: Gate | None = None
+        self.helper: GateHelper | None = None  # per-model gRPC health and class names behind the gate
         self.runtime: Path | None = None
         self.last_drain: DrainReport | None = None
         self.watchdog: StubWatchdog | None = None
@@ -84,6 +86,10 @@ class TritonServer:
             self.runtime = private_directory()
             self._spawn()
             if opts.public:
+                self.helper = GateHelper(
+                    self.runtime / "helper.sock", [self.internal_url], lambda: [self.failing], opts.repository
+                )
+                self.helper.start()
                 self.gate = Gate(
                     GateConfig(
                         self.runtime,
@@ -93,6 +99,7 @@ class TritonServer:
                         (upstream_in(self.runtime),),
                         opts.admin_key,
                         opts.max_request_bytes,
+                        helper_socket=self.helper.socket,
                     )
                 )
                 self.gate.start()
@@ -257,9 +264,7 @@ class TritonServer:
         proc = self.process
         self._restart_at = None
         if proc is None:
-            if self.gate is not None:
-                self.gate.stop()
-                self.gate = None
+            self._stop_gate()
             if self.runtime is not None:
                 shutil.rmtree(self.runtime, ignore_errors=True)
                 self.runtime = None
@@ -269,9 +274,7 @@ class TritonServer:
         report = None
         if proc.poll() is None:
             report = self.drain()
-        if self.gate is not None:
-            self.gate.stop()
-            self.gate = None
+        self._stop_gate()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -287,6 +290,14 @@ class TritonServer:
             shutil.rmtree(self.runtime, ignore_errors=True)
             self.runtime = None
         return report
+
+    def _stop_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
+        if self.helper is not None:
+            self.helper.stop()
+            self.helper = None
 
     def drain(self) -> DrainReport:
         """Unload the ensembles, outermost first, and wait until Triton has (``drain.py``).
