@@ -207,6 +207,7 @@ def detect(
     from clients.bulk import expand_image_paths
     from clients.draw import draw_detections, prepare_directory
     from clients.grpc_client import DetectorClient
+    from clients.labels import label_names, name_of
 
     images = expand_image_paths(images)
     if draw is not None:
@@ -215,6 +216,7 @@ def detect(
     with DetectorClient(url, model) as client:
         client.check_ready()
         results = client.detect_many(blobs, score_threshold, iou_threshold, max_det)
+    names = label_names(url, model)  # the build's class names, from the gate (empty: class_<label>)
     failed = 0
     report: list[dict[str, Any]] = []
     for path, blob, res in zip(images, blobs, results, strict=True):
@@ -222,9 +224,10 @@ def detect(
             failed += 1
             report.append({"image": str(path), "error": res.message})
             continue
-        report.append({"image": str(path), "num_detections": len(res), **res.to_dict()})
+        classes = [name_of(names, int(label)) for label in res.labels]
+        report.append({"image": str(path), "num_detections": len(res), **res.to_dict(), "classes": classes})
         if draw is not None:
-            draw_detections(blob, res, draw / f"{path.stem}.png")
+            draw_detections(blob, res, draw / f"{path.stem}.png", names or None)
     _print_detections(report, as_json)
     if failed:
         raise typer.Exit(1)
@@ -239,8 +242,9 @@ def _print_detections(report: list[dict[str, Any]], as_json: bool) -> None:
             typer.secho(f"{item['image']}: error: {item['error']}", fg=typer.colors.RED, err=True)
             continue
         typer.echo(f"{item['image']}: {item['num_detections']} detections")
-        for box, score, label in list(zip(item["boxes"], item["scores"], item["labels"], strict=True))[:10]:
-            typer.echo(f"  label {label:>3}  score {score:.3f}  box {box}")
+        rows = zip(item["boxes"], item["scores"], item["labels"], item["classes"], strict=True)
+        for box, score, label, name in list(rows)[:10]:
+            typer.echo(f"  label {label:>3} {name:<16} score {score:.3f}  box {box}")
         if item["num_detections"] > 10:
             typer.echo(f"  ... {item['num_detections'] - 10} more")
 

@@ -108,7 +108,7 @@ def run_(
     from detserve.jobs.bulkrun import RunOptions, run_bulk
     from detserve.jobs.classes import class_names
 
-    names, source = class_names(model, classes, repository)
+    names, source = class_names(model, classes, repository, url)
     opts = RunOptions(
         images=images, model=model, results=out, url=url, max_in_flight=max_in_flight, retries=retries,
         score_threshold=score_threshold, max_det=max_det, class_names=names, class_source=source, progress=progress,

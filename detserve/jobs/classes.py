@@ -6,11 +6,14 @@ from what the user has instead, first match wins:
 1. ``--classes``: a comma-separated list or a file with one name per line; entry *i* names label *i*
    as the server returns it (torchvision: category ids, label 0 the background -- list it too;
    YOLO: class indices from 0).
-2. The repository the model was built into (``--repository``): the served version's ``spec.json``
+2. The repository the model was built into (``--repository``): the served version's labels document
+   (``<name>/<version>/labels.json``, converters/labels.py), else its ``spec.json``
    carries YOLO's ``class_names`` (read from the checkpoint at build time); for torchvision, the
    build record's checkpoint may have a provenance file beside it (``<checkpoint>.json`` with
    ``classes``, as the demo detector's weights do), used only when its sha256 matches the record.
-3. Otherwise ``class_<label>``: results still carry every label, and the names can be given later
+3. The server (``url``): the gate's labels document (``detserve.v1.Labels/Get``, clients/labels.py),
+   the same file, served on an open path.
+4. Otherwise ``class_<label>``: results still carry every label, and the names can be given later
    (``detserve prelabel --classes``).
 """
 
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from detserve.errors import DetserveError
-from detserve.pipeline import CORE, POSTPROCESS, model_name
+from detserve.pipeline import CORE, LABELS_FILE, POSTPROCESS, model_name
 
 
 def parse_classes(text: str) -> dict[int, str]:
@@ -40,7 +43,7 @@ def parse_classes(text: str) -> dict[int, str]:
     return dict(enumerate(names))
 
 
-def class_names(model: str, classes: str | None, repository: Path | None) -> tuple[dict[int, str], str]:
+def class_names(model: str, classes: str | None, repository: Path | None, url: str | None = None) -> tuple[dict[int, str], str]:
     """(names by label, where they came from)."""
     if classes is not None:
         return parse_classes(classes), "--classes"
@@ -48,6 +51,12 @@ def class_names(model: str, classes: str | None, repository: Path | None) -> tup
         found = names_from_repository(repository, model)
         if found is not None:
             return found
+    if url is not None:
+        from clients.labels import fetch_labels
+
+        document = fetch_labels(url, model)
+        if document and document.get("names"):
+            return dict(enumerate(str(n) for n in document["names"])), f"the server's labels document ({url})"
     return {}, "none (labels named class_<label>; give --classes or --repository)"
 
 
@@ -60,6 +69,9 @@ def names_from_repository(repository: Path, model: str) -> tuple[dict[int, str],
         raise
     except Exception as e:  # a folder that is not a repository (no config.pbtxt, ...): a user error
         raise DetserveError(f"cannot read model {model!r} from repository {repository}: {e}") from e
+    document = _read_json(repository / model / str(version) / LABELS_FILE)
+    if document and document.get("names"):
+        return dict(enumerate(str(n) for n in document["names"])), f"{model}/{version}/{LABELS_FILE}"
     spec = _read_json(repository / model_name(model, POSTPROCESS) / str(version) / "spec.json")
     names = ((spec or {}).get("postprocess") or {}).get("class_names")
     if names:
