@@ -39,6 +39,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 LABELS_GET = "/detserve.v1.Labels/Get"
 SERVER_SERVICES = ("", "inference.GRPCInferenceService")
 SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
+UNREACHABLE = -1  # a tritonserver that did not answer: it serves nothing, and cannot say what it holds
 Failing = Callable[[], Sequence[dict[str, str]]]  # per tritonserver: model -> why it cannot serve
 
 
@@ -171,9 +172,10 @@ class GateHelper:
                 return NOT_SERVING
             return SERVING if all(self._ask(url, lambda c: c.is_server_ready()) for url in self.triton_urls) else NOT_SERVING
         verdicts = [self._model_status(url, service, down) for url, down in zip(self.triton_urls, failing, strict=False)]
-        if not verdicts or all(v is None for v in verdicts):
+        answered = [v for v in verdicts if v != UNREACHABLE]
+        if answered and all(v is None for v in answered):  # replicas share one repository: a live one speaks for all
             return None
-        return SERVING if all(v == SERVING for v in verdicts) else NOT_SERVING
+        return SERVING if verdicts and all(v == SERVING for v in verdicts) else NOT_SERVING
 
     def _ask(self, url: str, question: Callable[[Any], Any]) -> Any:
         try:
@@ -184,10 +186,10 @@ class GateHelper:
 
     def _model_status(self, url: str, model: str, failing: dict[str, str]) -> int | None:
         if failing.get("tritonserver"):
-            return NOT_SERVING  # down: it cannot say whether it holds the model, and serves nothing
+            return UNREACHABLE  # down (restarting)
         index = self._ask(url, lambda c: c.get_model_repository_index(as_json=True))
         if index is None:
-            return NOT_SERVING
+            return UNREACHABLE
         if not any(m.get("name") == model for m in index.get("models", [])):
             return None
         if not self._ask(url, lambda c: c.is_model_ready(model)):
