@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.compare import CompareReport, compare_side, high_score_disagreements, position_check, write_report
+from loadtest.compare import write_report
+from loadtest.compare_report import CompareReport, compare_side, high_score_disagreements, position_check
 
 
 def _det(rows: list[tuple[float, float, float, float, float, int]]) -> dict[str, np.ndarray]:
@@ -80,7 +81,7 @@ def test_report_files_and_exit_condition(tmp_path: Path) -> None:
 def _raw(selects: bool, error: float, scale: float) -> dict[str, object]:
     """The raw-tensor line of one backend: a logits output of magnitude ``scale`` off by ``error`` near 0."""
     from converters.onnx_export import CoreVerification, compare_outputs
-    from loadtest.compare import raw_record
+    from loadtest.compare_report import raw_record
 
     ref = np.zeros((1, 30, 5), np.float32)
     ref[0, 0, 0] = scale
