@@ -47,7 +47,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detserve.errors import ServerError
-from detserve.ops.gate_rules import gate_user, json_cap_maps, key_maps, timeout_map
+from detserve.ops.gate_rules import (
+    HTTP_BODY_TIMEOUT_S,
+    error_maps,
+    gate_user,
+    grpc_infer_location,
+    http_error_rewrites,
+    json_cap_maps,
+    key_maps,
+    timeout_map,
+)
 
 GRPC_SERVICE = "inference.GRPCInferenceService"
 GRPC_OPEN = (
@@ -203,11 +212,11 @@ def _listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _client_limits(cfg: GateConfig) -> str:
+def _client_limits(cfg: GateConfig, body_timeout_s: int | None = None) -> str:
     """Per client address: concurrent requests (HTTP/2: each stream) and idle bodies/streams (finding 3)."""
     return (
         f"        limit_conn detserve_client {cfg.client_requests};\n"
-        f"        client_body_timeout {cfg.idle_timeout_s}s;\n"
+        f"        client_body_timeout {body_timeout_s or cfg.idle_timeout_s}s;\n"
         f"        client_header_timeout {cfg.idle_timeout_s}s;\n"
     )
 
@@ -259,7 +268,7 @@ def _grpc_server(cfg: GateConfig) -> str:
         error_page 429 = @busy;
         error_page 503 = @unready;
         if ($detserve_raw_path != $uri) {{ return 400; }}
-{unready}        location ~ ^/{svc}/({admin_re})$ {{
+{unready}{grpc_infer_location("grpc://detserve_grpc")}        location ~ ^/{svc}/({admin_re})$ {{
             if ($detserve_grpc_admin = 0) {{ return 403; }}
             grpc_pass grpc://detserve_grpc;
         }}
@@ -288,7 +297,7 @@ def _http_server(cfg: GateConfig) -> str:
     name, ver = _NAME, r"(/versions/[0-9]+)?"
     return f"""    server {{
         listen {_listen(cfg.host, cfg.http_port)};
-{_client_limits(cfg)}        client_max_body_size {cfg.max_request_bytes};
+{_client_limits(cfg, min(cfg.idle_timeout_s, HTTP_BODY_TIMEOUT_S))}        client_max_body_size {cfg.max_request_bytes};
         proxy_read_timeout {cfg.read_timeout_s}s;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
@@ -300,7 +309,7 @@ def _http_server(cfg: GateConfig) -> str:
         proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;
         proxy_next_upstream_tries {len(cfg.upstreams)};
         default_type application/json;
-        error_page 413 @too_large;
+{http_error_rewrites()}        error_page 413 @too_large;
         error_page 429 @busy;
         if ($detserve_raw_path != $uri) {{ return 400 '{{"error":"request path must be sent in normalised form"}}'; }}
 {_json_refusals(cfg)}{unready}{_labels_location(cfg)}        location ~ ^/v2/(repository|systemsharedmemory|cudasharedmemory|trace|logging)(/|$) {{
@@ -392,7 +401,7 @@ http {{
     limit_conn_status 429;
     limit_conn_log_level info;
 {key_maps(cfg.admin_key, {"detserve_grpc_admin": GRPC_KEY_HEADER, "detserve_http_admin": HTTP_KEY_HEADER})}\
-{json_cap_maps(cfg.max_json_bytes)}{timeout_map(cfg.http_deadline_s)}    upstream detserve_grpc {{
+{json_cap_maps(cfg.max_json_bytes)}{timeout_map(cfg.http_deadline_s)}{error_maps()}    upstream detserve_grpc {{
 {grpc_servers}        keepalive 128;
     }}
     upstream detserve_http {{

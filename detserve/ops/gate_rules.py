@@ -23,6 +23,10 @@ import re
 
 GATE_USER = "detserve-gate"  # created by scripts/setup.sh when run as root
 JSON_HEADER = "inference-header-content-length"
+# An HTTP body that stops arriving (shorter than its Content-Length, or a stalled upload) is refused with
+# 408 after this many seconds without a byte, not after idle_timeout_s (60 s): an HTTP client sends its
+# body in one go, while a gRPC stream may pause between messages and keeps idle_timeout_s (issue 24).
+HTTP_BODY_TIMEOUT_S = 10
 TIMEOUT_HEADER = "detserve-timeout"  # an HTTP client's own deadline, grpc-timeout format ("10S", "1500m")
 _TIMEOUT_UNITS = "HMSmun"  # as grpc-timeout: hours, minutes, seconds, milli-, micro-, nanoseconds
 
@@ -121,3 +125,91 @@ def gate_user() -> tuple[str, str] | None:
         log.warning("user %s does not exist: the gate's nginx workers run as root (run scripts/setup.sh as root)", GATE_USER)
         return None
     return entry.pw_name, grp.getgrgid(entry.pw_gid).gr_name
+
+
+# Errors that name the mistake (issue 24, part 3). Triton 2.51 answers a BYTES element whose 4-byte
+# little-endian length prefix is missing with "incomplete string data ... expecting string of length
+# 1196314761": the first 4 bytes of the image read as a length. Triton rejects it before any detserve
+# code runs, so the gate adds the explanation to Triton's message, and names the file format when the
+# "length" is the start of a known image signature. BMP ("BM" + two bytes of the file size) has no fixed
+# value and gets the general explanation only.
+BYTES_PREFIX_HINT = (
+    "BYTES elements are length-prefixed: each is a 4-byte little-endian byte count, then the bytes (docs/contract.md)"
+)
+_JPEG_MARKERS = [*range(0xE0, 0xF0), 0xDB, 0xFE, 0xC0, 0xC2, 0xC4]
+SIGNATURE_LENGTHS: tuple[tuple[str, int], ...] = (
+    ("PNG", int.from_bytes(b"\x89PNG", "little")),
+    ("GIF", int.from_bytes(b"GIF8", "little")),
+    ("WebP", int.from_bytes(b"RIFF", "little")),
+    ("TIFF", int.from_bytes(b"II*\x00", "little")),
+    ("TIFF", int.from_bytes(b"MM\x00*", "little")),
+    *(("JPEG", int.from_bytes(bytes([0xFF, 0xD8, 0xFF, m]), "little")) for m in _JPEG_MARKERS),
+)
+# JSON "data" of a BYTES input is taken as the bytes of the string, never base64-decoded: an image sent that
+# way reaches the decoder as base64 text, whose first characters name the format it encodes.
+BASE64_STARTS = (("PNG", "iVBOR"), ("JPEG", "/9j/"), ("GIF", "R0lGOD"), ("WebP", "UklGR"))
+BASE64_HINT = "JSON data of a BYTES input is not base64-decoded: send the file in the binary-data extension"
+JSON_PARSE_HINT = (
+    "with Inference-Header-Content-Length the JSON part is that many bytes at the start of the body: "
+    "the header must be the exact byte length of the JSON"
+)
+
+
+def signature_hint(fmt: str) -> str:
+    return f"these 4 bytes are the start of a {fmt} file, not a length: was the length prefix left out?"
+
+
+def error_maps() -> str:
+    """http-level maps: JSON error bodies labelled ``application/json``; ModelInfer's grpc-message with the hints.
+
+    Triton 2.51 labels the errors of an ensemble's steps ``text/plain`` although every HTTP error body it
+    writes is ``{"error": ...}``."""
+    formats = "".join(f'        "~expecting string of length {v} " " {signature_hint(f)}";\n' for f, v in SIGNATURE_LENGTHS)
+    var = "$upstream_http_grpc_message"
+    return f"""    map $upstream_http_content_type $detserve_content_type {{
+        default $upstream_http_content_type;
+        "~^text/plain" application/json;
+    }}
+    map {var} $detserve_grpc_format {{
+        default "";
+{formats}    }}
+    map {var} $detserve_grpc_message {{
+        default {var};
+        "~incomplete string (data|length indicator)" "{var} ({BYTES_PREFIX_HINT};$detserve_grpc_format)";
+    }}
+"""
+
+
+def http_error_rewrites() -> str:
+    """server-level directives of the HTTP gate: every Triton answer relabelled through ``error_maps`` and
+    the hints added to Triton's messages (``sub_filter``). The content type of an upstream answer is known
+    only once it arrives, so sub_filter looks at every type ('*'; our strings occur in error bodies only)."""
+    subs = [("incomplete string data", f"{BYTES_PREFIX_HINT}: incomplete string data")]
+    subs += [("incomplete string length indicator", f"{BYTES_PREFIX_HINT}: incomplete string length indicator")]
+    subs += [
+        (f"expecting string of length {v} ", f"expecting string of length {v} ({signature_hint(f)}) ")
+        for f, v in SIGNATURE_LENGTHS
+    ]
+    subs += [(f"starting b'{b}", f"base64 text of a {f} file? {BASE64_HINT}; starting b'{b}") for f, b in BASE64_STARTS]
+    subs += [("failed to parse the request JSON buffer", f"failed to parse the request JSON buffer ({JSON_PARSE_HINT})")]
+    return (
+        "        proxy_hide_header Content-Type;\n"
+        "        add_header Content-Type $detserve_content_type always;\n"
+        "        sub_filter_types *;\n"
+        "        sub_filter_once on;\n" + "".join(f'        sub_filter "{a}" "{b}";\n' for a, b in subs)
+    )
+
+
+def grpc_infer_location(upstream: str) -> str:
+    """An exact location for the unary ModelInfer whose grpc-message gets the hints of ``error_maps``.
+
+    Its errors are trailers-only responses (grpc-message among the headers), which ``add_header`` can
+    replace. Only there: ``grpc_hide_header`` also drops a grpc-message sent in trailers after a response
+    began (streams), and ``add_trailer`` turns a trailers-only answer into one gRPC clients reject."""
+    return (
+        "        location = /inference.GRPCInferenceService/ModelInfer {\n"
+        "            grpc_hide_header grpc-message;\n"
+        "            add_header grpc-message $detserve_grpc_message always;\n"
+        f"            grpc_pass {upstream};\n"
+        "        }\n"
+    )
