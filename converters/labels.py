@@ -1,6 +1,6 @@
 """The class names a build records beside its ensemble: ``<repository>/<name>/<version>/labels.json``.
 
-Why a file of its own (issue 24, part 2): the model config, where names could live, is an admin API;
+Why a file of its own: the model config, where names could live, is an admin API;
 the gate serves this document on open paths instead (HTTP ``GET /v2/models/<name>/labels``, gRPC
 ``detserve.v1.Labels/Get``, ``detserve/ops/health.py``), so any client names the labels it gets.
 

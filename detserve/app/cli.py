@@ -99,7 +99,7 @@ def build(
 
 
 def _check_weights(checkpoint: Path | None, random_weights: bool) -> None:
-    """No silent random weights (issue 24, part 6): a detector built without its weights serves
+    """No silent random weights: a detector built without its weights serves
     meaningless detections that look like real ones; only ``build.json`` said so before."""
     if checkpoint is not None:
         if random_weights:

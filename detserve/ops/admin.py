@@ -49,7 +49,7 @@ def validate_key(key: str, source: str = ENV_VAR) -> str:
 
 
 def _read_key_file(path: str, file_env: str) -> str:
-    """The key in ``path``; refused when group or others may read or write the file (issue 20, 7g)."""
+    """The key in ``path``; refused when group or others may read or write the file: a key others can read is no secret."""
     try:
         with open(path, encoding="utf-8") as f:
             mode = os.fstat(f.fileno()).st_mode  # of the file read, not of whatever the name points to later

@@ -115,7 +115,7 @@ def server_environment(embedded: bool = True) -> dict[str, str]:
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
     # torch's OpenMP workers in the python stubs busy-wait after every parallel region by default;
     # the stubs run side by side on few cores, so that spinning took the CPU the other stages needed
-    # (pre-processing with its 2 torch threads: 45 CPU ms per image instead of 6 on 2 cores, issue 16,
+    # (pre-processing with its 2 torch threads: 45 CPU ms per image instead of 6 on 2 cores,
     # docs/performance.md). Passive waiting sleeps at once. An operator's own value wins.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # onnxruntime's telemetry (device id + event database in $HOME, events queued for Microsoft's

@@ -1,6 +1,6 @@
 """The gate's helper: gRPC health per model and the class names, answered beside tritonserver.
 
-Why (issue 24, parts 2 and 4): Triton 2.51 answers ``grpc.health.v1.Health/Check`` SERVING for any
+Why: Triton 2.51 answers ``grpc.health.v1.Health/Check`` SERVING for any
 service name, so a probe with a mistyped service stays green and there is no per-model health; and
 the class names a build records (``labels.json``, ``converters/labels.py``) are nowhere on an open
 path (the model config is an admin API). nginx cannot read a protobuf body, so a small grpcio server

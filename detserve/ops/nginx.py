@@ -1,6 +1,6 @@
 """The gate's nginx process: started from a ``GateConfig`` (``gate.py``), reloaded on a change, stopped.
 
-nginx runs in a process group of its own (master and workers). Issue 20 (finding 4): a SIGKILLed
+nginx runs in a process group of its own (master and workers). Found in an attack test: a SIGKILLed
 master left its worker serving the ports with the old configuration (readiness no longer updated),
 every restart failed "Address already in use", and the worker outlived ``detserve serve``. So the
 whole group goes together -- on stop, and whenever the master is found dead -- and a restart waits

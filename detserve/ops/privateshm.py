@@ -3,7 +3,7 @@
 Every python stub exchanges its requests' tensors (clients' images) with tritonserver through a
 16 MiB region in /dev/shm. Boost creates those regions 0644 whatever the umask, and each stub's
 argv (readable by every local user) names its region: on a shared /dev/shm any local user could
-read any client's image, even after its request finished (issue 20, finding 2).
+read any client's image, even after its request finished.
 
 So tritonserver starts in a mount namespace of its own with a fresh tmpfs on /dev/shm (0700,
 owned by the server's user); its stubs inherit it. ``wrap`` turns tritonserver's command into

@@ -1,6 +1,6 @@
 """The base of detserve's private runtime and state directories, where no other user can pre-create it.
 
-Issue 20 (7a): the base used to be ``<tmp>/detserve-<uid>`` when XDG_RUNTIME_DIR was unset, and any
+Why: the base used to be ``<tmp>/detserve-<uid>`` when XDG_RUNTIME_DIR was unset, and any
 local user can create that name in the shared temporary directory first: root's server then refused
 to start. So root uses ``/run/detserve`` (/run is writable by root only); another user
 ``$XDG_RUNTIME_DIR/detserve`` (its own 0700 directory); only without either the temporary directory,

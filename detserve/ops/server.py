@@ -41,7 +41,7 @@ from detserve.runtime.backend.common import MAX_REQUEST_PIXELS_ENV
 __all__ = ["DrainReport", "ServerOptions", "TritonServer", "free_port", "running_server"]
 
 log = logging.getLogger(__name__)
-# start-up lines of a CPU-only host that say nothing about why tritonserver stopped (issue 20, 7g)
+# start-up lines of a CPU-only host that say nothing about why tritonserver stopped
 _HARMLESS = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM")
 
 

@@ -1,6 +1,6 @@
 """``detserve serve``: one server or N replicas behind the gate, kept running until stopped.
 
-The loop keeps every part alive (issue 20): a tritonserver that dies is restarted with backoff,
+The loop keeps every part alive: a tritonserver that dies is restarted with backoff,
 readiness false meanwhile, naming how it ended (``TritonServer.supervise``; with replicas the gate
 sends to the others); a gate whose nginx master dies has its whole process group killed and starts
 again on the same ports (``Gate.supervise``). Each event is printed with the signal or exit code.

@@ -9,7 +9,7 @@ in place, so the reload overrides the served config with one parameter changed
 (``detserve_stub_restart``): Triton loads fresh instances beside the dead ones and swaps them in
 once ready (~10 s here); clients retry the "not healthy" answers meanwhile.
 
-A frozen stub is handled the same way (issue 20, finding 6). A stub stopped by SIGSTOP (state ``T``,
+A frozen stub is handled the same way. A stub stopped by SIGSTOP (state ``T``,
 or ``t`` under a tracer) answers nothing: Triton failed every request on its instance with "not
 healthy" while the server's readiness stayed true. Seen stopped in two checks in a row, it is
 killed and its model reloaded like a dead stub, readiness false meanwhile. A stub that runs but
