@@ -36,6 +36,18 @@ if [ "$(id -u)" = 0 ] && ! id detserve-gate >/dev/null 2>&1; then
   useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin detserve-gate \
     || echo "warning: could not create the user detserve-gate; the gate's workers will run as root" >&2
 fi
+# Node.js and two npm packages run the gRPC example of docs/contract.md (tests/integration/test_contract.py).
+# Packages: pinned in scripts/node/package-lock.json, installed with `npm ci` into .node/ (gitignored; npm's
+# cache there too, install scripts off: nothing is written outside the checkout). Without node the test skips.
+if ! command -v node >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm) >/dev/null 2>&1 \
+    || echo "warning: could not install nodejs/npm: the Node example of docs/contract.md will be skipped" >&2
+fi
+if command -v npm >/dev/null 2>&1 && ! cmp -s scripts/node/package-lock.json .node/package-lock.json; then
+  mkdir -p .node && cp scripts/node/package.json scripts/node/package-lock.json .node/
+  (cd .node && npm_config_cache="$PWD/npm-cache" npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null) \
+    || { rm -f .node/package-lock.json; echo "warning: npm ci failed: the Node example of docs/contract.md will be skipped" >&2; }
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import torch, torchvision, onnxruntime, tritonclient, pytriton; print('detserve env ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
