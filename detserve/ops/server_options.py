@@ -18,6 +18,7 @@ from detserve.ops.stubshm import new_prefix as new_shm_prefix
 from detserve.ops.stubshm import prefix_args
 
 EXIT_TIMEOUT_S = 10
+SUMMARY_LATENCIES = "--metrics-config=summary_latencies=true"
 DRAIN_TIMEOUT_S = 30.0
 
 
@@ -91,6 +92,10 @@ class ServerOptions:
             *triton_listen_args(runtime),
             f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self.metrics_port}",
+            # p50/p90/p95/p99/p99.9 of each model's request, queue and compute times (nv_inference_*_summary_us,
+            # the p99 alert of docker/prometheus-rules.yml): measured cheap (docs/performance.md); an operator's
+            # --triton-arg=--metrics-config=summary_latencies=false comes later on the line and wins
+            SUMMARY_LATENCIES,
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--strict-readiness=true",
             "--model-control-mode=explicit",
