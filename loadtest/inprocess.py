@@ -19,8 +19,7 @@ image gives the server's answer bit for bit, not to within float noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 from detserve.errors import SpecError
 from detserve.families import ModelSpec
 from detserve.pipeline import CORE, model_name
+from detserve.runtime.chain import torch_threads as _torch_threads
 from detserve.specs import RequestControls
 
 CORE_INPUT = "images"  # the core's input tensor, as the server feeds it
@@ -219,51 +219,22 @@ class InProcessPipeline:
         return {k: v / max(len(blobs), 1) for k, v in sizes.items()}
 
     def _run_steps(self, items: list[Any], controls: list[RequestControls], time_steps: bool = True) -> dict[str, np.ndarray]:
-        """Every tensor of the declared chain for images of one padded size, batched as one request."""
+        """Every tensor of the declared chain for images of one padded size, batched as one request
+        (runtime/chain.py: the fused layout's stub runs the same chain)."""
         import torch
 
-        from detserve.families import family_of_spec
-        from detserve.runtime.outputs import stack_rows
+        from detserve.runtime.chain import StepChain
 
-        family = family_of_spec(self.spec.postprocess)
+        chain = StepChain(self.spec.postprocess, self.steps or [], self.sessions, self.torch_threads)
+        images = torch.stack([it.tensor for it in items]).numpy()
         info = np.stack([it.info() for it in items])
-        tensors: dict[str, np.ndarray] = {"images": torch.stack([it.tensor for it in items]).numpy(), "image_info": info}
-        for step in self.steps or []:
-            t0 = time.process_time()
-            if step.kind == "core":
-                feed = {t.name: np.ascontiguousarray(tensors[t.name]) for t in step.inputs}
-                outs = self.sessions[step.role].run([t.name for t in step.outputs], feed)
-                tensors.update({t.name: o for t, o in zip(step.outputs, outs, strict=True)})
-            else:
-                raw = {t.name: torch.from_numpy(tensors[t.name]) for t in step.inputs if t.name != "image_info"}
-                with _torch_threads(self.torch_threads.get(step.role)):
-                    rows = family.run_step(self.spec.postprocess, step.role, raw, torch.from_numpy(info), controls)
-                for t in step.outputs:
-                    tensors[t.name] = stack_rows([r[t.name] for r in rows]).astype(NUMPY_DTYPES[t.dtype], copy=False)
-            if time_steps:
-                self.stage_cpu_s[step.role] += time.process_time() - t0
-        return tensors
+        return chain.run(images, info, controls, self.stage_cpu_s if time_steps else None).tensors
 
     def _chain(
         self, padded_hw: tuple[int, int], items: list[Any], controls: list[RequestControls]
     ) -> list[dict[str, np.ndarray]]:
         """Multi-step: detections per image (and masks where the contract has them), as the client reads them."""
         return _detections(self._run_steps(items, controls), len(items))
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` for the block (None: left as it is), then restored."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _detections(tensors: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
@@ -280,10 +251,6 @@ def _detections(tensors: dict[str, np.ndarray], n: int) -> list[dict[str, np.nda
             det["masks"] = tensors["masks"][i, :k]
         out.append(det)
     return out
-
-
-# Triton data type names a step declares -> the numpy dtype the served step sends
-NUMPY_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "BOOL": np.bool_}
 
 
 def _declared_steps(spec: ModelSpec) -> list[Any] | None:
