@@ -154,8 +154,8 @@ def build_repository(req: BuildRequest) -> BuildResult:
     repo = req.repository.resolve()
     decls = list(family.steps(post))
     single = is_single_stage(decls)
-    if req.fused_out is not None and (not single or req.target == "tensorrt"):
-        raise SpecError("the fused CPU layout is for single-core models on onnxruntime (not multi-step or tensorrt)")
+    if req.fused_out is not None and req.target == "tensorrt":
+        raise SpecError("the fused CPU layout runs the cores in onnxruntime (not tensorrt)")
     if req.target == "tensorrt" and req.precision == "int8" and not single:
         raise SpecError(
             f"{family.name}: int8 needs calibration batches of every input of every core (FPN maps, proposals)",

@@ -3,6 +3,7 @@ controls, and a bad request failing alone inside a batch."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,6 @@ def test_build_writes_the_fused_layout_beside_the_ensemble(tmp_path: Path) -> No
     fused = read_config(tmp_path / "fused" / "tiny")
     assert fused.backend == "python" and fused.parameters["layout"].string_value == "fused"
     assert (tmp_path / "fused" / "tiny" / "1" / "model.onnx").is_file()
-    multi = BuildRequest("fasterrcnn_mobilenet_v3_large_320_fpn", tmp_path / "r2", num_classes=3, fused_out=tmp_path / "f2")
-    with pytest.raises(SpecError, match="fused CPU layout"):
-        build_repository(multi)
+    chain = json.loads(fused.parameters["chain"].string_value)  # a single-stage chain: one core, one torch step
+    assert set(chain["cores"]) == {"core"} and chain["cores"]["core"]["onnx_file"] == "model.onnx"
+    assert chain["torch_threads"] == {"postprocess": 1}
