@@ -93,9 +93,8 @@ class ServerOptions:
             f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self.metrics_port}",
             # p50/p90/p95/p99/p99.9 of each model's request, queue and compute times (nv_inference_*_summary_us,
-            # the p99 alert of docker/prometheus-rules.yml): measured cheap (docs/performance.md); an operator's
-            # --triton-arg=--metrics-config=summary_latencies=false comes later on the line and wins
-            SUMMARY_LATENCIES,
+            # the p99 alert of docker/prometheus-rules.yml): measured cheap (docs/performance.md)
+            *self._summary_latencies(),
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--strict-readiness=true",
             "--model-control-mode=explicit",
@@ -114,6 +113,13 @@ class ServerOptions:
             "--http-header-forward-pattern=^detserve-",
             *self.extra_args,
         ]
+
+    def _summary_latencies(self) -> list[str]:
+        """On unless the operator sets it (``--triton-arg=--metrics-config=summary_latencies=false``): with both
+        flags on the line, ours first, tritonserver kept the summaries on (checked), so ours must go."""
+        if any(arg.startswith(SUMMARY_LATENCIES.rsplit("=", 1)[0] + "=") for arg in self.extra_args):
+            return []
+        return [SUMMARY_LATENCIES]
 
     @property
     def metrics_address(self) -> str:
