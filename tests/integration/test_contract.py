@@ -3,7 +3,8 @@ and its detections must equal ``detserve detect --json``'s; every row of its err
 
 Examples are the fenced blocks of the doc preceded by ``<!-- contract-example: NAME [FILE] -->``: ``sh``
 blocks run in bash, ``python`` blocks in this interpreter, a block with FILE is written to that file (the
-Node script). ``<!-- contract-setup: npm -->`` marks what scripts/setup.sh does instead (checked against
+Node script); ``<!-- contract-output: NAME -->`` is a sample of what example NAME prints, checked against
+what it prints now. ``<!-- contract-setup: npm -->`` marks what scripts/setup.sh does instead (checked against
 scripts/node/package.json). A fenced block with neither marker fails the test: nothing in the doc is unrun.
 """
 
@@ -33,14 +34,14 @@ from detserve.ops.server import TritonServer
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "contract.md"
 NODE_MODULES = ROOT / ".node" / "node_modules"
-_MARKER = re.compile(r"<!-- contract-(example|setup): (\S+)(?: (\S+))? -->\n```(\w+)\n(.*?)```", re.S)
+_MARKER = re.compile(r"<!-- contract-(example|setup|output): (\S+)(?: (\S+))? -->\n```(\w+)\n(.*?)```", re.S)
 MODEL = "demo"
 CONTROLS = ["--score-threshold", "0.3", "--max-det", "10"]  # what the examples send
 
 
 @dataclass(frozen=True)
 class Block:
-    kind: str  # example | setup
+    kind: str  # example | setup | output (what the example of that name prints)
     name: str
     file: str | None
     lang: str
@@ -49,7 +50,9 @@ class Block:
 
 def doc_blocks() -> dict[str, Block]:
     text = DOC.read_text()
-    blocks = {m.group(2): Block(*m.groups()) for m in _MARKER.finditer(text)}
+    blocks = {
+        (m.group(2) if m.group(1) != "output" else m.group(2) + ":output"): Block(*m.groups()) for m in _MARKER.finditer(text)
+    }
     fences = len(re.findall(r"^```\w+\n", text, re.M))
     assert fences == len(blocks), f"{fences - len(blocks)} code block(s) of {DOC.name} have no contract-example marker"
     return blocks
@@ -58,7 +61,7 @@ def doc_blocks() -> dict[str, Block]:
 def test_every_block_is_marked_and_the_npm_line_is_what_setup_installs() -> None:
     blocks = doc_blocks()
     assert {b.name for b in blocks.values() if b.kind == "example"} >= {
-        "curl-binary", "curl-raw", "protoset", "node-script", "node-run", "python-grpc", "python-http",
+        "curl-binary", "curl-raw", "protoset", "node-script", "node-run", "python-grpc", "python-http", "labels-http",
     }  # fmt: skip
     pinned = json.loads((ROOT / "scripts" / "node" / "package.json").read_text())["dependencies"]
     assert sorted(re.findall(r"(@grpc/[a-z-]+)@([0-9.]+)", blocks["npm"].code)) == sorted(pinned.items())
@@ -171,6 +174,14 @@ def test_node_grpc_example_gives_detect_s_detections(
     _run(blocks["protoset"], workdir, env)
     _run(blocks["node-script"], workdir, env)
     _same(json.loads(_run(blocks["node-run"], workdir, env)), reference)
+
+
+def test_labels_example_prints_the_documented_names(contract_server: TritonServer, workdir: Path) -> None:
+    blocks = doc_blocks()
+    live = json.loads(_run(blocks["labels-http"], workdir, _env(contract_server)))
+    shown = json.loads(blocks["labels-http:output"].code)
+    assert (live["model"], live["names"]) == (shown["model"], shown["names"]) == (MODEL, shown["names"])
+    assert live["names"][1:] == ["circle", "square", "triangle", "star", "cross"]
 
 
 # ---- the error table, row by row -------------------------------------------------------------------
