@@ -6,7 +6,7 @@ Same model, same images, same machine, same closed-loop concurrency:
   (c) the Triton ensemble with dynamic batching;
   (d) the same without dynamic batching;
   (e) 4K images through system shared memory against plain gRPC;
-  (f) the fused CPU layout: pre + core + post in one python model (converters/fused.py).
+  (f) the fused CPU layout: the whole served chain in one python model (converters/fused.py).
 Served runs also record every process's CPU seconds (tritonserver, each stub, the gate, Locust)
 and memory (RSS/PSS/USS), so the load generator's share is accounted for (loadtest/procstats.py).
 Every figure is a ratio of numbers measured here, now (these machines are shared and noisy).
@@ -189,19 +189,15 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         "inprocess_openmp": omp,
     }
     results["inprocess"] = _inprocess(cfg, echo)
-    fused = cfg.fused and results["inprocess"]["steps"] is None
-    if cfg.fused and not fused:
-        results["fused_skipped"] = "the fused CPU layout is for single-core models (this one has several steps)"
-        echo(f"  (f) skipped: {results['fused_skipped']}")
     echo("(c) Triton ensemble, dynamic batching (+ sweep, + 4K shared memory)")
     results["triton"] = _served(cfg, cfg.repository, "triton-dynamic-batching", echo)
     echo("(d) Triton ensemble, no dynamic batching")
     plain_repo = without_dynamic_batching(cfg.repository, cfg.out_dir / "repo-no-batching", cfg.model)
     results["triton_no_batching"] = _served(cfg, plain_repo, "triton-no-batching", echo)
-    if fused:
+    if cfg.fused:
         from converters.fused import fused_repository
 
-        echo("(f) fused CPU layout (pre + core + post in one python model)")
+        echo("(f) fused CPU layout (the whole chain in one python model)")
         fused_repo = fused_repository(cfg.repository, cfg.out_dir / "repo-fused", cfg.model)
         results["fused"] = _served(cfg, fused_repo, "fused-cpu-layout", echo)
     echo("(b) Flask + eager PyTorch")

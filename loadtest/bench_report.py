@@ -159,7 +159,8 @@ def _hop_rows(r: dict[str, Any], key: str, roles: dict[str, Any]) -> list[tuple[
         stages.get("preprocess"),
     )
     if key == "fused":
-        rows.append(("fused stub (decode ... NMS, one process)", kb("detections"), ms(f"stub {model}"), sum(stages.values())))
+        last = ip["steps"][-1] if ip.get("steps") else "detections"  # what the stub sends: the last step's rows
+        rows.append(("fused stub (decode ... NMS, one process)", kb(last), ms(f"stub {model}"), sum(stages.values())))
     elif ip.get("steps"):  # a multi-step family: a row per composing model, as declared
         rows.append(preprocess)
         rows += [(f"{role} stub", kb(role), ms(f"stub {model}_{role}"), stages.get(role)) for role in ip["steps"]]
