@@ -52,7 +52,8 @@ EXEMPT = {
     "make test": "runs this suite: a test running it would recurse",
     # TensorRT needs a CUDA GPU: scripts/gpu_check.sh builds --target tensorrt there; on CPU machines
     # tests/unit/test_tensorrt.py runs the fp16 command and checks its refusal with a hint.
-    "detserve build ssdlite320_mobilenet_v3_large --target tensorrt --precision fp16": "needs a CUDA GPU and TensorRT",
+    "detserve build ssdlite320_mobilenet_v3_large --num-classes 6 --checkpoint detserve/weights/demo_ssdlite320_shapes.pt"
+    " --target tensorrt --precision fp16": "needs a CUDA GPU and TensorRT",
     "detserve build ... --target tensorrt --precision int8 --calibration-images photos/": "needs a CUDA GPU and TensorRT",
 }
 
