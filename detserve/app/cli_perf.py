@@ -88,7 +88,8 @@ def fuse(
     instances: Annotated[int, typer.Option(help="fused model instances (0: one per core)")] = 0,
     ort_threads: Annotated[int, typer.Option(help="onnxruntime threads per instance (0: cores / instances)")] = 0,
 ) -> None:
-    """The fused CPU layout of a built model: pre-processing + core + post-processing in one python model."""
+    """The fused CPU layout of a built model, any family: its whole served chain (pre-processing and every declared step)
+    in one python model. Not for a TensorRT build: the fused model runs the cores in onnxruntime."""
     from converters.fused import FusedOptions, fused_repository
 
     dst = fused_repository(repository, out, model, FusedOptions(instances=instances, intra_op_threads=ort_threads))
