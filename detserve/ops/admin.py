@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detserve.errors import ClientError, DetserveError
+from detserve.ops.gate_fleet import REPLICA_HEADER
 
 ENV_VAR = "DETSERVE_ADMIN_KEY"
 FILE_ENV = "DETSERVE_ADMIN_KEY_FILE"
@@ -88,14 +89,19 @@ class IndexEntry:
 
 
 class ModelAdmin:
-    """Load, unload and list models over gRPC, sending the admin key with every call."""
+    """Load, unload and list models over gRPC, sending the admin key with every call.
 
-    def __init__(self, url: str, key: str | None, timeout_s: float = 300.0) -> None:
+    ``replica``: the index of one tritonserver behind a ``--replicas N`` gate that every call goes to
+    (``ops/gate_fleet.py``; the gate honours it only with the key); None: whichever the gate picks.
+    """
+
+    def __init__(self, url: str, key: str | None, timeout_s: float = 300.0, replica: int | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self.url = url
         self.key = key
         self.timeout_s = timeout_s
+        self.replica = replica
         try:
             self._client = grpcclient.InferenceServerClient(url)
         except Exception as e:
@@ -103,7 +109,10 @@ class ModelAdmin:
 
     @property
     def headers(self) -> dict[str, str] | None:
-        return {GRPC_HEADER: self.key} if self.key else None
+        headers = {GRPC_HEADER: self.key} if self.key else {}
+        if self.replica is not None:
+            headers[REPLICA_HEADER] = str(self.replica)
+        return headers or None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -136,8 +145,12 @@ class ModelAdmin:
                 hint=f"set {FILE_ENV} (or {ENV_VAR}) to the key the server was started with",
             )
         if "UNAVAILABLE" in status:
-            return ClientError(f"no Triton server answers at {self.url}: {message}", hint="start one with `detserve serve`")
+            return ClientError(f"no Triton server answers at {self.where}: {message}", hint="start one with `detserve serve`")
         return AdminError(f"{what}: {message}")
+
+    @property
+    def where(self) -> str:
+        return self.url if self.replica is None else f"{self.url} (replica {self.replica})"
 
     def load_model(self, name: str, config: str | None = None) -> None:
         """Load (or reload) ``name``; ``config``: a JSON ModelConfig that overrides its config.pbtxt.
@@ -181,6 +194,9 @@ class ModelAdmin:
             return f"Triton could not read {name}/config.pbtxt or its directory"
         files = ", ".join(f"{m}/config.pbtxt" for m in [name, *steps])
         return f"Triton could not read one of {files} (an ensemble's load reads its steps' configs too)"
+
+    def is_model_ready(self, name: str, version: str = "") -> bool:
+        return bool(self._call(f"readiness of {name!r}", self._client.is_model_ready, name, version))
 
     def unload_model(self, name: str) -> None:
         self._call(f"unload {name!r}", self._client.unload_model, name)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detserve.errors import ServerError
+from detserve.ops.gate_fleet import FLEET_DESCRIBE, POOL, replica_checks, replica_map, replica_upstreams
 from detserve.ops.gate_rules import (
     HTTP_BODY_TIMEOUT_S,
     error_maps,
@@ -244,7 +245,7 @@ def _grpc_server(cfg: GateConfig) -> str:
     if cfg.helper_socket is not None:  # exact locations: before the regex ones below
         unready += "".join(
             f"        location = {path} {{ grpc_pass grpc://unix:{cfg.helper_socket}; }}\n"
-            for path in ("/grpc.health.v1.Health/Check", "/detserve.v1.Labels/Get")
+            for path in ("/grpc.health.v1.Health/Check", "/detserve.v1.Labels/Get", FLEET_DESCRIBE)
         )
     limit_mib = cfg.max_request_bytes / 2**20
     busy = f"more than {cfg.client_requests} calls at once from your address: the gate's per-client limit"
@@ -268,12 +269,12 @@ def _grpc_server(cfg: GateConfig) -> str:
         error_page 429 = @busy;
         error_page 503 = @unready;
         if ($detserve_raw_path != $uri) {{ return 400; }}
-{unready}{grpc_infer_location("grpc://detserve_grpc")}        location ~ ^/{svc}/({admin_re})$ {{
+{replica_checks(len(cfg.upstreams))}{unready}{grpc_infer_location(f"grpc://{POOL}")}        location ~ ^/{svc}/({admin_re})$ {{
             if ($detserve_grpc_admin = 0) {{ return 403; }}
-            grpc_pass grpc://detserve_grpc;
+            grpc_pass grpc://{POOL};
         }}
         location ~ ^/({svc}/({open_re})|grpc\\.health\\.v1\\.Health/Check)$ {{
-            grpc_pass grpc://detserve_grpc;
+            grpc_pass grpc://{POOL};
         }}
         location / {{ return 404; }}
 {_grpc_error("denied", GRPC_STATUS["denied"], admin_denied_message(cfg.admin_key is not None))}\
@@ -401,7 +402,8 @@ http {{
     limit_conn_status 429;
     limit_conn_log_level info;
 {key_maps(cfg.admin_key, {"detserve_grpc_admin": GRPC_KEY_HEADER, "detserve_http_admin": HTTP_KEY_HEADER})}\
-{json_cap_maps(cfg.max_json_bytes)}{timeout_map(cfg.http_deadline_s)}{error_maps()}    upstream detserve_grpc {{
+{json_cap_maps(cfg.max_json_bytes)}{timeout_map(cfg.http_deadline_s)}{error_maps()}\
+{replica_map(len(cfg.upstreams))}{replica_upstreams([u.grpc_socket for u in cfg.upstreams])}    upstream detserve_grpc {{
 {grpc_servers}        keepalive 128;
     }}
     upstream detserve_http {{

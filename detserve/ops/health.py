@@ -23,6 +23,7 @@ grpcio-health-checking dependency); the tests decode them with protobuf from the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from detserve.ops.gate_fleet import FLEET_DESCRIBE
 from detserve.pipeline import LABELS_FILE
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,16 @@ def publish_labels(repository: Path, labels_dir: Path) -> int:
 class GateHelper:
     """The grpcio server on ``socket`` (see the module docstring); ``triton_urls``: each tritonserver's socket."""
 
-    def __init__(self, socket: Path, triton_urls: Sequence[str], failing: Failing, repository: Path) -> None:
+    def __init__(
+        self,
+        socket: Path,
+        triton_urls: Sequence[str],
+        failing: Failing,
+        repository: Path,
+        metrics: Sequence[tuple[str, int]] = (),
+    ) -> None:
         self.socket = socket
+        self.metrics = list(metrics)  # per tritonserver: its metrics (address, port), for Fleet/Describe
         self.triton_urls = list(triton_urls)
         self.failing = failing
         self.repository = repository
@@ -132,6 +142,7 @@ class GateHelper:
         handlers = {
             HEALTH_CHECK.split("/")[1]: {"Check": self._check},
             LABELS_GET.split("/")[1]: {"Get": self._labels},
+            FLEET_DESCRIBE.split("/")[1]: {"Describe": self._describe},
         }
         self._server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="gate-helper"))
         for service, methods in handlers.items():
@@ -217,3 +228,8 @@ class GateHelper:
         if "/" in model or "/" in version or model.startswith(".") or not path.is_file():
             context.abort(grpc.StatusCode.NOT_FOUND, f"no class names for model {model!r} version {version or '(serving)'}")
         return encode_string(1, path.read_text())
+
+    def _describe(self, request: bytes, context: Any) -> bytes:
+        """``detserve.v1.Fleet/Describe`` (ops/gate_fleet.py): the replica count and each one's metrics endpoint."""
+        metrics = [{"address": address, "port": port} for address, port in self.metrics]
+        return encode_string(1, json.dumps({"replicas": len(self.triton_urls), "metrics": metrics}))

@@ -71,6 +71,7 @@ class ReplicaSet:
             [s.internal_url for s in self.servers],
             lambda: [s.failing for s in self.servers],
             o.repository,
+            metrics=[(s.options.metrics_address, s.options.metrics_port) for s in self.servers],
         )
         self.helper.start()
         helper = self.helper.socket

@@ -87,7 +87,11 @@ class TritonServer:
             self._spawn()
             if opts.public:
                 self.helper = GateHelper(
-                    self.runtime / "helper.sock", [self.internal_url], lambda: [self.failing], opts.repository
+                    self.runtime / "helper.sock",
+                    [self.internal_url],
+                    lambda: [self.failing],
+                    opts.repository,
+                    metrics=[(opts.metrics_address, opts.metrics_port)],
                 )
                 self.helper.start()
                 self.gate = Gate(
