@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from detserve.app.cli_base import URL, app, seconds, user_errors
+
+if TYPE_CHECKING:
+    from detserve.ops.status import ModelStatus
+    from detserve.ops.versions import Rollout
 
 models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
 app.add_typer(models_app, name="models")
@@ -19,16 +23,20 @@ def models_list(
     url: URL = "127.0.0.1:8001",
     repository: Annotated[Path | None, typer.Option(help="repository directory: adds each version's build record")] = None,
 ) -> None:
-    """Each model version and its state (repository index with the admin key, else readiness per model)."""
+    """Each model version and its state (with the admin key: each replica's repository index; else readiness per model)."""
     from detserve.ops.admin import admin_key
-    from detserve.ops.status import list_models
+    from detserve.ops.status import list_models, model_disagreements
 
     rows = list_models(url, admin_key(), repository)
     if not rows:
         typer.echo("no models")
+    where = None
     for row in rows:
+        if row.where != where and row.where:
+            typer.echo(f"{row.where}:")
+        where = row.where
         reason = f" ({row.reason})" if row.reason else ""
-        typer.echo(f"{row.name:<32} version {row.version or '-':<4} {row.state}{reason}")
+        typer.echo(f"{'  ' if where else ''}{row.name:<32} version {row.version or '-':<4} {row.state}{reason}")
         b = row.build
         if b is not None:
             verified = {True: "ok", False: "FAILED", None: "not run"}[b.verified]
@@ -36,13 +44,26 @@ def models_list(
                 f"    {b.detector}, weights {b.weights}, checkpoint sha256 {b.checkpoint_sha256 or '-'}, "
                 f"{b.precision}, verification {verified}, built {b.built_at}"
             )
+    _say_disagreements(model_disagreements(rows))
+
+
+def _say_disagreements(lines: list[str]) -> None:
+    if lines:
+        typer.secho("replicas disagree:\n" + "\n".join(f"  {line}" for line in lines), fg=typer.colors.YELLOW)
 
 
 def _admin_call(action: str, name: str, url: str) -> None:
-    from detserve.ops.admin import ModelAdmin, admin_key
+    """On every replica behind ``url`` (one after the other): a replica left out would serve something else."""
+    from detserve.ops.admin import admin_key
+    from detserve.ops.fleet import admins, targets
 
-    with ModelAdmin(url, admin_key()) as admin:
-        getattr(admin, f"{action}_model")(name)
+    key = admin_key()
+    fleet = targets(url, key)
+    with admins(fleet, key) as conns:
+        for target, admin in zip(fleet, conns, strict=True):
+            getattr(admin, f"{action}_model")(name)
+            if len(fleet) > 1:
+                typer.echo(f"{target.label}: {action}ed {name}")
 
 
 @models_app.command("load")
@@ -75,7 +96,14 @@ def promote(
     from detserve.ops.versions import promote as do_promote
 
     r = do_promote(url, admin_key(), repository, name, version, force, on_step=typer.echo)
+    _say_switch(r)
     typer.echo(f"{name}: serving version {r.new} (was {r.old}){' (forced)' if r.forced else ''}")
+
+
+def _say_switch(r: Rollout) -> None:
+    if len(r.served_before) > 1:
+        before = ", ".join(f"{label} {version}" for label, version in r.served_before)
+        typer.echo(f"{len(r.served_before)} replicas switched within {r.switch_window_s:.2f} s (were serving: {before})")
 
 
 @app.command()
@@ -90,6 +118,7 @@ def rollback(
     from detserve.ops.versions import rollback as do_rollback
 
     r = do_rollback(url, admin_key(), repository, name, on_step=typer.echo)
+    _say_switch(r)
     typer.echo(f"{name}: serving version {r.new} (was {r.old})")
 
 
@@ -97,26 +126,39 @@ def rollback(
 @user_errors
 def status(
     url: URL = "127.0.0.1:8001",
-    metrics_url: Annotated[str, typer.Option(help="Triton's Prometheus endpoint")] = "http://127.0.0.1:8002/metrics",
+    metrics_url: Annotated[
+        str | None, typer.Option(help="Triton's Prometheus endpoint (default: the one the server names)")
+    ] = None,
 ) -> None:
-    """Readiness of the server and each model, with Triton's counters per model since it loaded."""
+    """Readiness of the server (each replica, with the admin key) and each model, with Triton's counters per model since it loaded."""
+    from detserve.ops.admin import admin_key
     from detserve.ops.status import server_status
 
-    st = server_status(url, metrics_url)
-    typer.echo(f"server {st.url}: live {'yes' if st.live else 'no'}, ready {'yes' if st.ready else 'no'}")
-    if st.not_ready_reason:
-        typer.echo(f"  {st.not_ready_reason}")
+    fleet = server_status(url, metrics_url, admin_key())
+    for st in fleet.servers:
+        where = f" {st.where}" if st.where else ""
+        live, ready = ("yes" if x else "no" for x in (st.live, st.ready))
+        typer.echo(f"server {st.url}{where}: live {live}, ready {ready}, metrics {st.metrics_url or '-'}")
+        if st.not_ready_reason:
+            typer.echo(f"  {st.not_ready_reason}")
+        _status_table(st.models)
+        if st.metrics_error:
+            typer.echo(f"pending requests unavailable: {st.metrics_error}", err=True)
+    if fleet.note:
+        typer.echo(fleet.note)
+    _say_disagreements(fleet.disagreements)
+
+
+def _status_table(models: list[ModelStatus]) -> None:
     typer.echo(
         f"{'model':<32} {'ver':>3} {'ready':>5} {'ok':>8} {'failed':>7} {'queue ms':>9} {'compute ms':>10} {'batch':>6} {'pending':>7}"
     )
-    for m in st.models:
+    for m in models:
         pending = "-" if m.pending is None else str(m.pending)
         typer.echo(
             f"{m.name:<32} {m.version:>3} {'yes' if m.ready else 'no':>5} {m.requests:>8} {m.failures:>7} "
             f"{m.queue_ms:>9.2f} {m.compute_ms:>10.2f} {m.avg_batch_size:>6.2f} {pending:>7}"
         )
-    if st.metrics_error:
-        typer.echo(f"pending requests unavailable: {st.metrics_error}", err=True)
 
 
 @app.command("ops-report")

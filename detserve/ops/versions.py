@@ -15,29 +15,33 @@ Triton's explicit model control (admin key), in this order:
 3. each composing model is narrowed to ``specific { versions: [new] }``: Triton unloads ``old``
    once the requests that hold it are done.
 
-At every moment each request is served by one complete version. Every load sends the config as an
-override; after it succeeds the same config is written to the model's ``config.pbtxt`` so a reload
-or a restart serves what the server serves (an interrupted promote leaves a consistent repository:
-the ensemble pinned to a version its composing models serve). ``<repo>/<name>/rollout.json`` keeps
-the history; ``rollback`` promotes the version the last promote came from.
+At every moment each request is served by one complete version. The steps run on every server
+behind the URL (each replica of a ``--replicas N`` server, ``ops/fleet.py``), phase by phase:
+``ops/rollout.py``. Every load sends the config as an override; once a phase succeeded everywhere
+the same configs are written to the models' ``config.pbtxt`` (once), so a reload or a restart serves
+what the others serve (an interrupted promote leaves a consistent repository: the ensemble pinned
+to a version its composing models serve). ``<repo>/<name>/rollout.json`` keeps the history;
+``rollback`` promotes the version the last promote came from.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from detserve.errors import DetserveError
-from detserve.ops.admin import ENV_VAR, FILE_ENV, ModelAdmin
+from detserve.ops.admin import ENV_VAR, FILE_ENV
+from detserve.ops.fleet import Target, targets
+from detserve.ops.rollout import Models, run_rollout
+from detserve.ops.rollout import plan as rollout_plan
 from detserve.pipeline import CORE, model_name
-from detserve.tritonconfig import read_config, render
+from detserve.tritonconfig import read_config
 
 ROLES = ("preprocess", "core", "postprocess")
 HISTORY = "rollout.json"
@@ -54,6 +58,8 @@ class Rollout:
     new: int
     forced: bool
     at: str
+    served_before: tuple[tuple[str, int], ...] = ()  # per target (a replica, or the server): what it served
+    switch_window_s: float = 0.0  # first target switched to last (several targets)
 
     def to_dict(self) -> dict[str, Any]:
         return {"at": self.at, "from": self.old, "to": self.new, "forced": self.forced}
@@ -125,45 +131,15 @@ def _check_build_record(path: Path, model: str, version: int) -> None:
         )
 
 
-def _with_policy(config: mc.ModelConfig, versions: list[int]) -> mc.ModelConfig:
-    out = mc.ModelConfig()
-    out.CopyFrom(config)
-    out.ClearField("version_policy")
-    out.version_policy.specific.versions.extend(sorted(set(versions)))
-    return out
-
-
-def _with_pins(config: mc.ModelConfig, version: int) -> mc.ModelConfig:
-    out = mc.ModelConfig()
-    out.CopyFrom(config)
-    for step in out.ensemble_scheduling.step:
-        step.model_version = version
-    return out
-
-
-def _config_json(config: mc.ModelConfig) -> str:
-    return str(json_format.MessageToJson(config, preserving_proto_field_name=True))
-
-
-def _apply(admin: ModelAdmin, model_dir: Path, config: mc.ModelConfig) -> None:
-    """Load ``config`` as an override, then make it the model's config.pbtxt."""
-    admin.load_model(model_dir.name, config=_config_json(config))
-    (model_dir / "config.pbtxt").write_text(render(config))
+def models_of(repository: Path, name: str) -> Models:
+    ensemble_dir = _model_dir(repository, name)
+    dirs = [_model_dir(repository, m) for m in composing(name, repository)]
+    return Models(ensemble_dir, read_config(ensemble_dir), tuple((d, read_config(d)) for d in dirs))
 
 
 def plan(repository: Path, name: str, old: int, new: int) -> list[tuple[Path, mc.ModelConfig]]:
-    """The loads of a promote, in order (see the module docstring)."""
-    ensemble_dir = _model_dir(repository, name)
-    ensemble = read_config(ensemble_dir)
-    dirs = [_model_dir(repository, m) for m in composing(name, repository)]
-    configs = {d: read_config(d) for d in dirs}
-    steps: list[tuple[Path, mc.ModelConfig]] = []
-    if any(s.model_version != old for s in ensemble.ensemble_scheduling.step):
-        steps.append((ensemble_dir, _with_pins(ensemble, old)))
-    steps += [(d, _with_policy(configs[d], [old, new])) for d in dirs]
-    steps.append((ensemble_dir, _with_pins(ensemble, new)))
-    steps += [(d, _with_policy(configs[d], [new])) for d in dirs]
-    return steps
+    """The loads of a promote on one server, in order (phases: ``detserve.ops.rollout``)."""
+    return [(load.model_dir, load.config) for load in rollout_plan(models_of(repository, name), old, new)]
 
 
 def read_history(repository: Path, name: str) -> list[dict[str, Any]]:
@@ -202,29 +178,28 @@ def promote(
     *,
     _action: str = "promote",
     on_step: Callable[[str], None] | None = None,
+    fleet: Sequence[Target] | None = None,
 ) -> Rollout:
-    """Make the ensemble ``name`` serve ``version`` of its composing models, without dropping a request."""
+    """Make the ensemble ``name`` serve ``version`` on every server behind ``url`` (or on ``fleet``), without
+    dropping a request: the phases of ``detserve.ops.rollout``."""
     key = _require_key(key)
     repository = Path(repository).resolve()
     check_version(repository, name, version, force)
     old = serving_version(repository, name)
     rollout = Rollout(name, old, version, force, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    with ModelAdmin(url, key) as admin:
-        for model_dir, config in plan(repository, name, old, version):
-            if on_step is not None:
-                on_step(f"load {model_dir.name}: {_describe(config)}")
-            _apply(admin, model_dir, config)
+    done = run_rollout(fleet if fleet is not None else targets(url, key), key, models_of(repository, name), old, version, on_step)
     _record(repository, rollout, _action)
-    return rollout
+    return replace(rollout, served_before=done.served_before, switch_window_s=done.switch_window_s)
 
 
-def _describe(config: mc.ModelConfig) -> str:
-    if config.platform == "ensemble":
-        return "steps pinned to version " + ",".join(sorted({str(s.model_version) for s in config.ensemble_scheduling.step}))
-    return "versions " + ",".join(str(v) for v in config.version_policy.specific.versions)
-
-
-def rollback(url: str, key: str | None, repository: Path, name: str, on_step: Callable[[str], None] | None = None) -> Rollout:
+def rollback(
+    url: str,
+    key: str | None,
+    repository: Path,
+    name: str,
+    on_step: Callable[[str], None] | None = None,
+    fleet: Sequence[Target] | None = None,
+) -> Rollout:
     """Promote the version that the last promote (or rollback) of ``name`` came from."""
     repository = Path(repository).resolve()
     _model_dir(repository, name)
@@ -232,4 +207,4 @@ def rollback(url: str, key: str | None, repository: Path, name: str, on_step: Ca
     if not history:
         raise VersionError(f"no previous version of {name!r}: {repository / name / HISTORY} records no promote")
     previous = int(history[-1]["from"])
-    return promote(url, key, repository, name, previous, _action="rollback", on_step=on_step)
+    return promote(url, key, repository, name, previous, _action="rollback", on_step=on_step, fleet=fleet)

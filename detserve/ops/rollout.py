@@ -1,0 +1,208 @@
+"""The phased rollout of an ensemble's version over every server that serves it (``ops/fleet.py`` targets).
+
+Why phases: an admin call through a ``--replicas N`` gate reached one replica, so a promote left the
+others on the old version while the repository's files said the new one. The rollout now runs over a
+list of targets (the replicas behind one gate; later, several machines):
+
+1. **load beside**, on every target: the ensemble is pinned to the version that target serves (if it
+   was not: with ``-1``, "latest", a step would pick each composing model's newest version at request
+   time), then each composing model is loaded with ``specific { versions: [served, new] }``: ``served``
+   keeps serving, ``new`` loads beside it. If any target fails, every target is narrowed back to what it
+   served and the rollout stops: the old version serves everywhere;
+2. **switch**, one target at a time: the ensemble is loaded with its steps pinned to ``new``; from then
+   on every request that target receives runs on ``new`` end to end (one that began before holds the
+   old steps until it finishes). A failure here switches the switched targets back, then undoes 1;
+3. **narrow**, on every target: each composing model is loaded with ``[new]``; Triton unloads the old
+   version once the requests holding it are done.
+
+What each target serves is read from that target (its ensemble's pins), not assumed from the
+repository: a replica an earlier tool left behind is brought along instead of losing its version.
+
+The repository's files are written once per phase, after the phase succeeded on every target, with
+what every target then serves: after 1 the ensemble pinned to the old version and the composing models
+``[old, new]``, after 2 the ensemble pinned to ``new``, after 3 the composing models ``[new]``. A server
+that restarts mid-rollout therefore comes up serving the version the others serve at that phase
+(during phase 2 the old one, until the last target switched); after an abort the files say the old version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from detserve.errors import DetserveError
+from detserve.ops.admin import ModelAdmin
+from detserve.ops.fleet import Target, admins
+from detserve.tritonconfig import render
+
+Echo = Callable[[str], None]
+
+
+class RolloutError(DetserveError):
+    """A rollout that stopped; the message says what serves now."""
+
+
+@dataclass(frozen=True)
+class Models:
+    """An ensemble and its composing models as the repository holds them."""
+
+    ensemble_dir: Path
+    ensemble: mc.ModelConfig
+    steps: tuple[tuple[Path, mc.ModelConfig], ...]
+
+
+@dataclass(frozen=True)
+class Load:
+    phase: int  # 1 load beside, 2 switch, 3 narrow
+    model_dir: Path
+    config: mc.ModelConfig
+
+
+@dataclass(frozen=True)
+class FleetRollout:
+    """What a rollout did: what each target served before, and how long the targets' switches spanned."""
+
+    served_before: tuple[tuple[str, int], ...]  # (target label, version)
+    switch_window_s: float  # first switch started to last switch done (0 with one target: a single load)
+
+
+def with_policy(config: mc.ModelConfig, versions: Sequence[int]) -> mc.ModelConfig:
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    out.ClearField("version_policy")
+    out.version_policy.specific.versions.extend(sorted(set(versions)))
+    return out
+
+
+def with_pins(config: mc.ModelConfig, version: int) -> mc.ModelConfig:
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    for step in out.ensemble_scheduling.step:
+        step.model_version = version
+    return out
+
+
+def describe(config: mc.ModelConfig) -> str:
+    if config.platform == "ensemble":
+        return "steps pinned to version " + ",".join(sorted({str(s.model_version) for s in config.ensemble_scheduling.step}))
+    return "versions " + ",".join(str(v) for v in config.version_policy.specific.versions)
+
+
+def plan(models: Models, served: int, new: int, pinned: bool | None = None) -> list[Load]:
+    """The loads on one target that serves ``served`` (``pinned``: its ensemble is pinned to it; None: as the files say)."""
+    if pinned is None:
+        pinned = all(s.model_version == served for s in models.ensemble.ensemble_scheduling.step)
+    loads = [] if pinned else [Load(1, models.ensemble_dir, with_pins(models.ensemble, served))]
+    loads += [Load(1, d, with_policy(c, [served, new])) for d, c in models.steps]
+    loads.append(Load(2, models.ensemble_dir, with_pins(models.ensemble, new)))
+    loads += [Load(3, d, with_policy(c, [new])) for d, c in models.steps]
+    return loads
+
+
+def served_on(admin: ModelAdmin, models: Models, fallback: int) -> tuple[int, bool]:
+    """(version, pinned): what the target's loaded ensemble runs, read from the target itself."""
+    try:
+        config = admin.model_config(models.ensemble_dir.name)
+        pins = {int(s.get("model_version", -1)) for s in config.get("ensemble_scheduling", {}).get("step", [])}
+        if len(pins) == 1 and min(pins) > 0:
+            return min(pins), True
+        core = admin.model_config(models.steps[-1][0].name) if models.steps else {}
+        loaded = [int(v) for v in core.get("version_policy", {}).get("specific", {}).get("versions", [])]
+        return (max(loaded) if loaded else fallback), False
+    except DetserveError:  # not loaded there: the repository's version is what it should serve
+        return fallback, False
+
+
+def _load(admin: ModelAdmin, load: Load) -> None:
+    admin.load_model(load.model_dir.name, config=json_format.MessageToJson(load.config, preserving_proto_field_name=True))
+
+
+def _write(loads: Sequence[Load]) -> None:
+    for load in loads:
+        (load.model_dir / "config.pbtxt").write_text(render(load.config))
+
+
+def run_rollout(
+    fleet: Sequence[Target], key: str, models: Models, old: int, new: int, on_step: Echo | None = None
+) -> FleetRollout:
+    """The three phases over ``fleet`` (see the module docstring); raises RolloutError after undoing."""
+    echo = on_step or (lambda _: None)
+    files = plan(models, old, new)  # what the repository says at each phase boundary
+    with admins(fleet, key) as conns:
+        state = [served_on(a, models, old) for a in conns]
+        loads = [plan(models, served, new, pinned) for served, pinned in state]
+        many = len(conns) > 1
+        done: list[list[Load]] = [[] for _ in conns]
+        window = 0.0
+        try:
+            for phase in (1, 2):
+                t0 = time.monotonic()
+                for t, admin, target_loads, applied in zip(fleet, conns, loads, done, strict=True):
+                    for load in (x for x in target_loads if x.phase == phase):
+                        echo(f"{t.label + ': ' if many else ''}load {load.model_dir.name}: {describe(load.config)}")
+                        _load(admin, load)
+                        applied.append(load)
+                if phase == 2:
+                    window = time.monotonic() - t0
+                _write([x for x in files if x.phase == phase])
+        except DetserveError as e:
+            _undo(fleet, conns, models, state, done, echo)
+            _write([x for x in plan(models, old, old) if x.phase == 1])
+            raise RolloutError(
+                f"rollout of {models.ensemble_dir.name} to version {new} stopped: {e.message}; "
+                f"every target was switched back to the version it served ({_served_text(fleet, state)})",
+                hint=e.hint,
+            ) from e
+        _narrow(fleet, conns, loads, echo, many)
+    _write([x for x in files if x.phase == 3])
+    return FleetRollout(tuple((t.label, s) for t, (s, _) in zip(fleet, state, strict=True)), window if many else 0.0)
+
+
+def _narrow(fleet: Sequence[Target], conns: Sequence[ModelAdmin], loads: Sequence[list[Load]], echo: Echo, many: bool) -> None:
+    """Phase 3: the new version serves everywhere already; a target that cannot unload the old one keeps both."""
+    failed = []
+    for t, admin, target_loads in zip(fleet, conns, loads, strict=True):
+        for load in (x for x in target_loads if x.phase == 3):
+            echo(f"{t.label + ': ' if many else ''}load {load.model_dir.name}: {describe(load.config)}")
+            try:
+                _load(admin, load)
+            except DetserveError as e:
+                failed.append(f"{t.label}: {e.message}")
+    if failed:
+        raise RolloutError(
+            "the new version serves on every target, but the old one could not be unloaded on: " + "; ".join(failed),
+            hint="`detserve models list` shows each replica's versions; promote again to narrow them",
+        )
+
+
+def _undo(
+    fleet: Sequence[Target],
+    conns: Sequence[ModelAdmin],
+    models: Models,
+    state: Sequence[tuple[int, bool]],
+    done: Sequence[list[Load]],
+    echo: Echo,
+) -> None:
+    """Every target back on the version it served: switched ensembles first, then the composing models narrowed."""
+    for t, admin, (served, _), applied in zip(fleet, conns, state, done, strict=True):
+        if not applied:
+            continue
+        undo = [x for x in plan(models, served, served, pinned=True) if x.phase in (2, 3)]
+        if not any(x.phase == 2 for x in applied):
+            undo = [x for x in undo if x.phase == 3]
+        for load in undo:
+            echo(f"abort: {t.label}: load {load.model_dir.name}: {describe(load.config)}")
+            try:
+                _load(admin, load)
+            except DetserveError as e:  # a target that is down comes back from the repository's files
+                echo(f"abort: {t.label}: {e.message}")
+                break
+
+
+def _served_text(fleet: Sequence[Target], state: Sequence[tuple[int, bool]]) -> str:
+    return ", ".join(f"{t.label}: {served}" for t, (served, _) in zip(fleet, state, strict=True))
