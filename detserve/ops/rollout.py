@@ -111,8 +111,8 @@ def served_on(admin: ModelAdmin, models: Models, fallback: int) -> tuple[int, bo
         pins = {int(s.get("model_version", -1)) for s in config.get("ensemble_scheduling", {}).get("step", [])}
         if len(pins) == 1 and min(pins) > 0:
             return min(pins), True
-        core = admin.model_config(models.steps[-1][0].name) if models.steps else {}
-        loaded = [int(v) for v in core.get("version_policy", {}).get("specific", {}).get("versions", [])]
+        step = admin.model_config(models.steps[0][0].name) if models.steps else {}  # the steps share one policy
+        loaded = [int(v) for v in step.get("version_policy", {}).get("specific", {}).get("versions", [])]
         return (max(loaded) if loaded else fallback), False
     except DetserveError:  # not loaded there: the repository's version is what it should serve
         return fallback, False
