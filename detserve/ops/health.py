@@ -14,7 +14,8 @@ a name Triton's repository does not hold is ``NOT_FOUND``. Triton itself is aske
 
 Labels: ``detserve.v1.Labels/Get`` (``clients/labels.proto``) returns the same JSON document as the
 gate's HTTP ``GET /v2/models/<name>[/versions/<v>]/labels``; unversioned, the version the repository
-serves. HTTP is served by nginx from copies written here at start (``publish_labels``).
+serves. HTTP is served by nginx from copies written here (``publish_labels``) at start and every
+``LABELS_REFRESH_S`` after, so a version built or promoted while serving names its classes too.
 
 The messages are two or three fields, so they are encoded here by hand (no generated code, no
 grpcio-health-checking dependency); the tests decode them with protobuf from the official schema.
@@ -26,7 +27,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 LABELS_GET = "/detserve.v1.Labels/Get"
 SERVER_SERVICES = ("", "inference.GRPCInferenceService")
+LABELS_REFRESH_S = 2.0  # how soon a build or promote while serving shows its class names on the open paths
 SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
 UNREACHABLE = -1  # a tritonserver that did not answer: it serves nothing, and cannot say what it holds
 Failing = Callable[[], Sequence[dict[str, str]]]  # per tritonserver: model -> why it cannot serve
@@ -94,26 +96,42 @@ def encode_string(field: int, text: str) -> bytes:
 
 def publish_labels(repository: Path, labels_dir: Path) -> int:
     """Copy every built version's labels document to ``labels_dir`` as ``<model>@<version>.json``, and the
-    serving version's as ``<model>@.json`` (what nginx serves); returns how many models have one."""
+    serving version's as ``<model>@.json`` (what nginx serves); copies of documents gone from the
+    repository are removed. Returns how many models have one. Run again after a build or a promote, a
+    reader sees the old document or the new one, never half of one (each copy replaces atomically)."""
     from detserve.ops.versions import serving_version
 
     labels_dir.mkdir(exist_ok=True)
     os.chmod(labels_dir, 0o750)  # the gate's workers read it through the runtime directory's group
-    models = 0
+    wanted: dict[str, Path] = {}
     for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
         versions = {int(v.parent.name): v for v in model_dir.glob(f"*/{LABELS_FILE}") if v.parent.name.isdigit()}
         if not versions:
             continue
-        models += 1
-        for version, path in versions.items():
-            shutil.copyfile(path, labels_dir / f"{model_dir.name}@{version}.json")
+        wanted.update({f"{model_dir.name}@{version}.json": path for version, path in versions.items()})
         try:
             serving = serving_version(repository, model_dir.name)
         except Exception:  # a half-written model: Triton will not serve it either; the latest build speaks
             serving = max(versions)
         if serving in versions:
-            shutil.copyfile(versions[serving], labels_dir / f"{model_dir.name}@.json")
-    return models
+            wanted[f"{model_dir.name}@.json"] = versions[serving]
+    for name, source in wanted.items():
+        _replace_if_changed(source, labels_dir / name)
+    for stale in labels_dir.glob("*.json"):
+        if stale.name not in wanted:
+            stale.unlink(missing_ok=True)
+    return len({name.split("@")[0] for name in wanted})
+
+
+def _replace_if_changed(source: Path, target: Path) -> None:
+    data = source.read_bytes()
+    with contextlib.suppress(OSError):
+        if target.read_bytes() == data:
+            return
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)  # class names are no secret; the gate's workers read it as "others" behind the 0750 directory
+    os.replace(tmp, target)
 
 
 class GateHelper:
@@ -134,6 +152,8 @@ class GateHelper:
         self.repository = repository
         self._server: Any = None
         self._clients: dict[str, Any] = {}
+        self._stopped = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def start(self) -> None:
         import grpc
@@ -157,8 +177,23 @@ class GateHelper:
         self._server.add_insecure_port(f"unix:{self.socket}")
         self._server.start()
         os.chmod(self.socket, 0o660)  # the gate's workers connect through the runtime directory's group
+        self._stopped.clear()
+        self._refresher = threading.Thread(target=self._refresh_labels, name="gate-helper-labels", daemon=True)
+        self._refresher.start()
+
+    def _refresh_labels(self) -> None:
+        """A version built or promoted while serving: its names on the open paths within LABELS_REFRESH_S."""
+        while not self._stopped.wait(LABELS_REFRESH_S):
+            try:
+                publish_labels(self.repository, self.socket.parent / "labels")
+            except OSError as exc:  # a repository being rewritten: the next round reads it whole
+                log.debug("labels refresh: %s", exc)
 
     def stop(self) -> None:
+        self._stopped.set()
+        if self._refresher is not None:
+            self._refresher.join(5.0)
+            self._refresher = None
         if self._server is not None:
             self._server.stop(grace=1.0).wait(5.0)
             self._server = None

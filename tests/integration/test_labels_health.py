@@ -126,6 +126,30 @@ def test_class_names_on_open_paths_http_and_grpc(served: TritonServer) -> None:
     assert fetch_labels(url, "nope") is None
 
 
+def test_names_of_a_version_built_while_serving_appear_and_go(served: TritonServer, built: tuple[Path, str]) -> None:
+    """A version built (or promoted) after ``serve`` started: its labels document reaches the open paths
+    within the helper's refresh, over HTTP (nginx's copy) and gRPC; a removed one is gone again."""
+    port, url, repo = served.options.http_port, served.options.grpc_url, built[0]
+    version_dir = repo / "tiny" / "9"  # labels only: Triton (explicit model control) never looks at it
+    version_dir.mkdir()
+    try:
+        document = {"model": "tiny", "version": 9, "names": ["bg", "later"], "source": "test", "weights": "test"}
+        (version_dir / "labels.json").write_text(json.dumps(document))
+        deadline = time.monotonic() + 30
+        while http_get(port, "/v2/models/tiny/versions/9/labels")[0] != 200:
+            assert time.monotonic() < deadline, "a version's names did not reach the gate while serving"
+            time.sleep(0.5)
+        assert http_get(port, "/v2/models/tiny/versions/9/labels")[1]["names"] == ["bg", "later"]
+        assert fetch_labels(url, "tiny", "9") == document
+    finally:
+        (version_dir / "labels.json").unlink(missing_ok=True)
+        version_dir.rmdir()
+    deadline = time.monotonic() + 30
+    while http_get(port, "/v2/models/tiny/versions/9/labels")[0] != 404:
+        assert time.monotonic() < deadline, "a removed version's names stayed on the gate"
+        time.sleep(0.5)
+
+
 @pytest.mark.documents("detserve detect photo.jpg --model m --draw out/")
 def test_detect_text_json_and_draw_name_the_classes(served: TritonServer, images: list[Path], tmp_path: Path) -> None:
     url = served.options.grpc_url
