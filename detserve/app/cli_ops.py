@@ -10,8 +10,15 @@ import typer
 from detserve.app.cli_base import URL, app, seconds, user_errors
 
 if TYPE_CHECKING:
-    from detserve.ops.status import ModelStatus
+    from detserve.ops.fleet import Target
+    from detserve.ops.status import ModelStatus, ServerStatus
     from detserve.ops.versions import Rollout
+
+# several machines (ops/endpoints.py); the help says both syntaxes
+ENDPOINTS_HELP = "several servers instead of --url: HOST:PORT,HOST:PORT (gRPC), or @FILE with one HOST:PORT a line (# comments)"
+DISCOVER_HELP = "several servers instead of --url: every A/AAAA address of NAME (a Kubernetes headless Service), at PORT"
+Endpoints = Annotated[str | None, typer.Option(help=ENDPOINTS_HELP, metavar="H:P,H:P|@FILE")]
+Discover = Annotated[str | None, typer.Option(help=DISCOVER_HELP, metavar="NAME:PORT")]
 
 models_app = typer.Typer(no_args_is_help=True, help="List, load and unload the models of a running server.")
 app.add_typer(models_app, name="models")
@@ -22,12 +29,16 @@ app.add_typer(models_app, name="models")
 def models_list(
     url: URL = "127.0.0.1:8001",
     repository: Annotated[Path | None, typer.Option(help="repository directory: adds each version's build record")] = None,
+    endpoints: Endpoints = None,
+    discover: Discover = None,
 ) -> None:
     """Each model version and its state (with the admin key: each replica's repository index; else readiness per model)."""
     from detserve.ops.admin import admin_key
+    from detserve.ops.endpoints import endpoint_urls, models_at
     from detserve.ops.status import list_models, model_disagreements
 
-    rows = list_models(url, admin_key(), repository)
+    urls = endpoint_urls(endpoints, discover)
+    rows = list_models(url, admin_key(), repository) if urls is None else models_at(urls, admin_key(), repository)
     if not rows:
         typer.echo("no models")
     where = None
@@ -45,6 +56,14 @@ def models_list(
                 f"{b.precision}, verification {verified}, built {b.built_at}"
             )
     _say_disagreements(model_disagreements(rows))
+
+
+def _fleet(endpoints: str | None, discover: str | None, key: str | None) -> list[Target] | None:
+    """The targets of --endpoints/--discover (every replica of every endpoint), or None: --url."""
+    from detserve.ops.endpoints import endpoint_urls, fleet_of
+
+    urls = endpoint_urls(endpoints, discover)
+    return None if urls is None else fleet_of(urls, key)
 
 
 def _say_disagreements(lines: list[str]) -> None:
@@ -90,12 +109,21 @@ def promote(
     force: Annotated[bool, typer.Option(help="serve it even though its build record says verification failed")] = False,
     repository: Annotated[Path, typer.Option(help="the server's model repository")] = Path("model_repository"),
     url: URL = "127.0.0.1:8001",
+    endpoints: Endpoints = None,
+    discover: Discover = None,
 ) -> None:
-    """Switch a running ensemble to another version without dropping a request; needs DETSERVE_ADMIN_KEY."""
+    """Switch a running ensemble to another version without dropping a request; needs DETSERVE_ADMIN_KEY.
+
+    With --endpoints/--discover: on every replica of every endpoint, in phases (load beside everywhere,
+    switch one at a time, narrow everywhere); an endpoint that fails before the switch stops it with the
+    old version serving everywhere (exit 1, naming it).
+    """
     from detserve.ops.admin import admin_key
     from detserve.ops.versions import promote as do_promote
 
-    r = do_promote(url, admin_key(), repository, name, version, force, on_step=typer.echo)
+    key = admin_key()
+    fleet = _fleet(endpoints, discover, key)
+    r = do_promote(url, key, repository, name, version, force, on_step=typer.echo, fleet=fleet)
     _say_switch(r)
     typer.echo(f"{name}: serving version {r.new} (was {r.old}){' (forced)' if r.forced else ''}")
 
@@ -103,7 +131,8 @@ def promote(
 def _say_switch(r: Rollout) -> None:
     if len(r.served_before) > 1:
         before = ", ".join(f"{label} {version}" for label, version in r.served_before)
-        typer.echo(f"{len(r.served_before)} replicas switched within {r.switch_window_s:.2f} s (were serving: {before})")
+        what = "servers" if any(":" in label for label, _ in r.served_before) else "replicas"  # endpoints' labels: H:P
+        typer.echo(f"{len(r.served_before)} {what} switched within {r.switch_window_s:.2f} s (were serving: {before})")
 
 
 @app.command()
@@ -112,12 +141,15 @@ def rollback(
     name: Annotated[str, typer.Argument(help="ensemble name")],
     repository: Annotated[Path, typer.Option(help="the server's model repository")] = Path("model_repository"),
     url: URL = "127.0.0.1:8001",
+    endpoints: Endpoints = None,
+    discover: Discover = None,
 ) -> None:
-    """Serve the version the last promote came from (rollout.json); needs DETSERVE_ADMIN_KEY."""
+    """Serve the version the last promote came from (rollout.json); needs DETSERVE_ADMIN_KEY (--endpoints: as promote)."""
     from detserve.ops.admin import admin_key
     from detserve.ops.versions import rollback as do_rollback
 
-    r = do_rollback(url, admin_key(), repository, name, on_step=typer.echo)
+    key = admin_key()
+    r = do_rollback(url, key, repository, name, on_step=typer.echo, fleet=_fleet(endpoints, discover, key))
     _say_switch(r)
     typer.echo(f"{name}: serving version {r.new} (was {r.old})")
 
@@ -129,13 +161,39 @@ def status(
     metrics_url: Annotated[
         str | None, typer.Option(help="Triton's Prometheus endpoint (default: the one the server names)")
     ] = None,
+    endpoints: Endpoints = None,
+    discover: Discover = None,
 ) -> None:
-    """Readiness of the server (each replica, with the admin key) and each model, with Triton's counters per model since it loaded."""
+    """Readiness of the server (each replica, with the admin key) and each model, with Triton's counters per model since it loaded.
+
+    With --endpoints/--discover: every endpoint (exit 1 if one does not answer).
+    """
     from detserve.ops.admin import admin_key
+    from detserve.ops.endpoints import endpoint_urls, status_at
     from detserve.ops.status import server_status
 
-    fleet = server_status(url, metrics_url, admin_key())
-    for st in fleet.servers:
+    urls = endpoint_urls(endpoints, discover)
+    if urls is None:
+        fleet = server_status(url, metrics_url, admin_key())
+        _server_tables(fleet.servers)
+        if fleet.note:
+            typer.echo(fleet.note)
+        _say_disagreements(fleet.disagreements)
+        return
+    found = status_at(urls, admin_key())
+    for f in found.answered:
+        _server_tables(f.servers)
+        if f.note:
+            typer.echo(f.note)
+    for line in found.unreachable:
+        typer.secho(f"server {line}", fg=typer.colors.RED, err=True)
+    _say_disagreements(found.disagreements)
+    if found.unreachable:
+        raise typer.Exit(1)
+
+
+def _server_tables(servers: list[ServerStatus]) -> None:
+    for st in servers:
         where = f" {st.where}" if st.where else ""
         live, ready = ("yes" if x else "no" for x in (st.live, st.ready))
         typer.echo(f"server {st.url}{where}: live {live}, ready {ready}, metrics {st.metrics_url or '-'}")
@@ -144,9 +202,6 @@ def status(
         _status_table(st.models)
         if st.metrics_error:
             typer.echo(f"pending requests unavailable: {st.metrics_error}", err=True)
-    if fleet.note:
-        typer.echo(fleet.note)
-    _say_disagreements(fleet.disagreements)
 
 
 def _status_table(models: list[ModelStatus]) -> None:

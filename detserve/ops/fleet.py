@@ -6,8 +6,9 @@ replicas it has and where each one's metrics are, then addresses each replica in
 ``detserve-replica`` header, which the gate honours only with the admin key (``ops/gate_fleet.py``).
 Nothing about the replica count is configured on the client.
 
-A ``Target`` is one server an operation must reach; a later list of endpoints (several machines) is a
-list of targets too, and the phased rollout (``ops/versions.py``) runs over any such list.
+A ``Target`` is one server an operation must reach; the endpoints of several machines
+(``ops/endpoints.py``) expand into one list of targets, and the phased rollout (``ops/rollout.py``)
+runs over any such list.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class Target:
 
     url: str
     replica: int | None = None
+    named: bool = False  # one of several endpoints (``ops/endpoints.py``): its label names the endpoint too
 
     @property
     def label(self) -> str:
-        return self.url if self.replica is None else f"replica {self.replica}"
+        if self.replica is None:
+            return self.url
+        return f"{self.url} replica {self.replica}" if self.named else f"replica {self.replica}"
 
 
 @dataclass(frozen=True)

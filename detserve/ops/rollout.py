@@ -2,7 +2,7 @@
 
 Why phases: an admin call through a ``--replicas N`` gate reached one replica, so a promote left the
 others on the old version while the repository's files said the new one. The rollout now runs over a
-list of targets (the replicas behind one gate; later, several machines):
+list of targets (the replicas behind one gate, and those of every endpoint: ``ops/endpoints.py``):
 
 1. **load beside**, on every target: the ensemble is pinned to the version that target serves (if it
    was not: with ``-1``, "latest", a step would pick each composing model's newest version at request
@@ -18,11 +18,19 @@ list of targets (the replicas behind one gate; later, several machines):
 What each target serves is read from that target (its ensemble's pins), not assumed from the
 repository: a replica an earlier tool left behind is brought along instead of losing its version.
 
-The repository's files are written once per phase, after the phase succeeded on every target, with
-what every target then serves: after 1 the ensemble pinned to the old version and the composing models
-``[old, new]``, after 2 the ensemble pinned to ``new``, after 3 the composing models ``[new]``. A server
-that restarts mid-rollout therefore comes up serving the version the others serve at that phase
-(during phase 2 the old one, until the last target switched); after an abort the files say the old version.
+The repository's files are written once per phase, with what the targets then serve, so that at every
+moment they name a version some target serves and whose composing models every target holds: a server
+(a replica, or one machine of several sharing the repository) that restarts mid-rollout comes up on a
+version the others serve. After 1 succeeded everywhere: the ensemble pinned to the old version and the
+composing models ``[old, new]``; in 2, as soon as the first target switched: the ensemble pinned to
+``new`` (written after the last switch instead, there was an instant with every target on ``new`` and the
+files on ``old``: a rollout interrupted then left them so); after 3 succeeded everywhere: the composing
+models ``[new]``. On an abort the files are set back to the old version *before* the targets are undone,
+so a target the undo cannot reach (down) comes back on the old version.
+
+The switch window (first switch started to last switch done) is reported: phase 2 reloads only each
+target's ensemble (a config over models already loaded, no weights), one after the other, so it spans
+about one ensemble load per target; meanwhile each request is still served by one complete version.
 """
 
 from __future__ import annotations
@@ -132,35 +140,54 @@ def run_rollout(
 ) -> FleetRollout:
     """The three phases over ``fleet`` (see the module docstring); raises RolloutError after undoing."""
     echo = on_step or (lambda _: None)
-    files = plan(models, old, new)  # what the repository says at each phase boundary
     with admins(fleet, key) as conns:
         state = [served_on(a, models, old) for a in conns]
         loads = [plan(models, served, new, pinned) for served, pinned in state]
-        many = len(conns) > 1
         done: list[list[Load]] = [[] for _ in conns]
-        window = 0.0
+        at: list[Target] = []  # the target being changed, for the message
         try:
-            for phase in (1, 2):
-                t0 = time.monotonic()
-                for t, admin, target_loads, applied in zip(fleet, conns, loads, done, strict=True):
-                    for load in (x for x in target_loads if x.phase == phase):
-                        echo(f"{t.label + ': ' if many else ''}load {load.model_dir.name}: {describe(load.config)}")
-                        _load(admin, load)
-                        applied.append(load)
-                if phase == 2:
-                    window = time.monotonic() - t0
-                _write([x for x in files if x.phase == phase])
+            window = _load_and_switch(fleet, conns, loads, done, plan(models, old, new), echo, at)
         except DetserveError as e:
+            # the files first: from here on a server that restarts (or one the undo cannot reach) serves ``old``
+            _write([x for x in plan(models, old, old, pinned=False) if x.phase == 1])
             _undo(fleet, conns, models, state, done, echo)
-            _write([x for x in plan(models, old, old) if x.phase == 1])
             raise RolloutError(
-                f"rollout of {models.ensemble_dir.name} to version {new} stopped: {e.message}; "
+                f"rollout of {models.ensemble_dir.name} to version {new} stopped on {at[-1].label}: {e.message}; "
                 f"every target was switched back to the version it served ({_served_text(fleet, state)})",
                 hint=e.hint,
             ) from e
-        _narrow(fleet, conns, loads, echo, many)
-    _write([x for x in files if x.phase == 3])
-    return FleetRollout(tuple((t.label, s) for t, (s, _) in zip(fleet, state, strict=True)), window if many else 0.0)
+        _narrow(fleet, conns, loads, echo, len(conns) > 1)
+    _write([x for x in plan(models, old, new) if x.phase == 3])
+    return FleetRollout(tuple((t.label, s) for t, (s, _) in zip(fleet, state, strict=True)), window if len(fleet) > 1 else 0.0)
+
+
+def _load_and_switch(
+    fleet: Sequence[Target],
+    conns: Sequence[ModelAdmin],
+    loads: Sequence[list[Load]],
+    done: Sequence[list[Load]],
+    files: Sequence[Load],
+    echo: Echo,
+    at: list[Target],
+) -> float:
+    """Phases 1 and 2; returns the switch window. The files follow (module docstring): phase 1's once it
+    succeeded everywhere; the ensemble's new pin as soon as the first target serves ``new``, so that at every
+    moment the files name a version some target serves (the last switch done, all serve ``new``)."""
+    window = 0.0
+    for phase in (1, 2):
+        t0 = time.monotonic()
+        for i, (t, admin, target_loads, applied) in enumerate(zip(fleet, conns, loads, done, strict=True)):
+            at.append(t)
+            for load in (x for x in target_loads if x.phase == phase):
+                echo(f"{t.label + ': ' if len(fleet) > 1 else ''}load {load.model_dir.name}: {describe(load.config)}")
+                _load(admin, load)
+                applied.append(load)
+            if phase == 2 and i == 0:
+                _write([x for x in files if x.phase == 2])
+        if phase == 1:
+            _write([x for x in files if x.phase == 1])
+        window = time.monotonic() - t0
+    return window
 
 
 def _narrow(fleet: Sequence[Target], conns: Sequence[ModelAdmin], loads: Sequence[list[Load]], echo: Echo, many: bool) -> None:
@@ -206,3 +233,45 @@ def _undo(
 
 def _served_text(fleet: Sequence[Target], state: Sequence[tuple[int, bool]]) -> str:
     return ", ".join(f"{t.label}: {served}" for t, (served, _) in zip(fleet, state, strict=True))
+
+
+def run_stage(fleet: Sequence[Target], key: str, models: Models, old: int, new: int, on_step: Echo | None = None) -> FleetRollout:
+    """Phases 1 and 2 on ``fleet`` only (a canary's targets, ``ops/canary.py``); phase 3 is left out, so the old
+    version stays loaded beside the new one there and ``unstage`` switches back without loading weights.
+    The files get phase 1 only (the ensemble pinned to ``old``, the composing models ``[old, new]``): a server
+    that restarts meanwhile, canary or not, serves ``old``, what the rest serve. A failure undoes it."""
+    echo = on_step or (lambda _: None)
+    with admins(fleet, key) as conns:
+        state = [served_on(a, models, old) for a in conns]
+        done: list[list[Load]] = [[] for _ in conns]
+        t0 = time.monotonic()
+        try:
+            for t, admin, (served, pinned), applied in zip(fleet, conns, state, done, strict=True):
+                for load in (x for x in plan(models, served, new, pinned) if x.phase in (1, 2)):
+                    echo(f"canary {t.label}: load {load.model_dir.name}: {describe(load.config)}")
+                    _load(admin, load)
+                    applied.append(load)
+        except DetserveError as e:
+            _undo(fleet, conns, models, state, done, echo)
+            raise RolloutError(f"canary of {models.ensemble_dir.name} version {new} stopped: {e.message}", hint=e.hint) from e
+    _write([x for x in plan(models, old, new) if x.phase == 1])
+    return FleetRollout(tuple((t.label, s) for t, (s, _) in zip(fleet, state, strict=True)), time.monotonic() - t0)
+
+
+def unstage(fleet: Sequence[Target], key: str, models: Models, old: int, on_step: Echo | None = None) -> list[str]:
+    """Undo ``run_stage``: each target's ensemble pinned to ``old`` again, then its composing models narrowed to
+    ``[old]``; the files say ``[old]``. Returns the targets that could not be reached (they come back from the files)."""
+    echo = on_step or (lambda _: None)
+    loads = [x for x in plan(models, old, old, pinned=True) if x.phase in (2, 3)]
+    failed = []
+    with admins(fleet, key) as conns:
+        for t, admin in zip(fleet, conns, strict=True):
+            for load in loads:
+                echo(f"canary rollback {t.label}: load {load.model_dir.name}: {describe(load.config)}")
+                try:
+                    _load(admin, load)
+                except DetserveError as e:
+                    failed.append(f"{t.label}: {e.message}")
+                    break
+    _write([x for x in loads if x.phase == 3])
+    return failed
