@@ -111,6 +111,12 @@ def promote(
     url: URL = "127.0.0.1:8001",
     endpoints: Endpoints = None,
     discover: Discover = None,
+    canary: Annotated[int, typer.Option(help="switch this many replicas/endpoints first; the rest only if not worse")] = 0,
+    watch: Annotated[str, typer.Option(help="with --canary: how long to compare (e.g. 5m)")] = "5m",
+    max_failure_increase: Annotated[float, typer.Option(help="canary: failure ratio above the rest's, absolute")] = 0.01,
+    max_p99_ratio: Annotated[float, typer.Option(help="canary: p99 per request up to this times the rest's ...")] = 1.5,
+    p99_slack_ms: Annotated[float, typer.Option(help="... plus this")] = 50.0,
+    max_detections_drop: Annotated[float, typer.Option(help="canary: mean detections per probe image down by this share")] = 0.5,
 ) -> None:
     """Switch a running ensemble to another version without dropping a request; needs DETSERVE_ADMIN_KEY.
 
@@ -123,6 +129,14 @@ def promote(
 
     key = admin_key()
     fleet = _fleet(endpoints, discover, key)
+    if canary:  # K targets first, then a verdict from their metrics and a probe set (ops/canary.py)
+        from detserve.ops.canary import Thresholds, run_canary
+
+        limits = Thresholds(max_failure_increase, max_p99_ratio, p99_slack_ms, max_detections_drop)
+        c = run_canary(url, key, repository, name, version, canary, seconds(watch), limits, force, typer.echo, fleet)
+        _say_switch(c.rollout)
+        typer.echo(f"{name}: serving version {version} (was {c.rollout.old}); the canary was not worse")
+        return
     r = do_promote(url, key, repository, name, version, force, on_step=typer.echo, fleet=fleet)
     _say_switch(r)
     typer.echo(f"{name}: serving version {r.new} (was {r.old}){' (forced)' if r.forced else ''}")
