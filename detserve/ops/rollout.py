@@ -43,7 +43,7 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from detserve.errors import DetserveError
+from detserve.errors import ClientError, DetserveError
 from detserve.ops.admin import ModelAdmin
 from detserve.ops.fleet import Target, admins
 from detserve.tritonconfig import render
@@ -150,12 +150,11 @@ def run_rollout(
         except DetserveError as e:
             # the files first: from here on a server that restarts (or one the undo cannot reach) serves ``old``
             _write([x for x in plan(models, old, old, pinned=False) if x.phase == 1])
-            _undo(fleet, conns, models, state, done, echo)
-            raise RolloutError(
-                f"rollout of {models.ensemble_dir.name} to version {new} stopped on {at[-1].label}: {e.message}; "
-                f"every target was switched back to the version it served ({_served_text(fleet, state)})",
-                hint=e.hint,
-            ) from e
+            lost = _undo(fleet, conns, models, state, done, echo)
+            if isinstance(e, ClientError):  # it did not answer (down), rather than refused the load
+                lost = [at[-1].label, *lost]
+            text = f"rollout of {models.ensemble_dir.name} to version {new} stopped on {at[-1].label}: {e.message}; "
+            raise RolloutError(text + _after_abort(old, fleet, state, lost), hint=e.hint) from e
         _narrow(fleet, conns, loads, echo, len(conns) > 1)
     _write([x for x in plan(models, old, new) if x.phase == 3])
     return FleetRollout(tuple((t.label, s) for t, (s, _) in zip(fleet, state, strict=True)), window if len(fleet) > 1 else 0.0)
@@ -214,8 +213,10 @@ def _undo(
     state: Sequence[tuple[int, bool]],
     done: Sequence[list[Load]],
     echo: Echo,
-) -> None:
-    """Every target back on the version it served: switched ensembles first, then the composing models narrowed."""
+) -> list[str]:
+    """Every target back on the version it served: switched ensembles first, then the composing models narrowed.
+    Returns the labels of those that did not answer (they come back from the repository's files)."""
+    lost = []
     for t, admin, (served, _), applied in zip(fleet, conns, state, done, strict=True):
         if not applied:
             continue
@@ -228,7 +229,19 @@ def _undo(
                 _load(admin, load)
             except DetserveError as e:  # a target that is down comes back from the repository's files
                 echo(f"abort: {t.label}: {e.message}")
+                lost.append(t.label)
                 break
+    return lost
+
+
+def _after_abort(old: int, fleet: Sequence[Target], state: Sequence[tuple[int, bool]], lost: Sequence[str]) -> str:
+    """What serves after an abort, and what a server that did not answer serves when it is back."""
+    back = [(t, s) for t, s in zip(fleet, state, strict=True) if t.label not in lost]
+    text = "back on the version each served: " + _served_text([t for t, _ in back], [s for _, s in back]) if back else ""
+    if not lost:
+        return text
+    unreached = ", ".join(dict.fromkeys(lost))
+    return f"{text}{'; ' if text else ''}the repository's files say version {old}, which {unreached} serves once it answers again"
 
 
 def _served_text(fleet: Sequence[Target], state: Sequence[tuple[int, bool]]) -> str:

@@ -163,6 +163,10 @@ def test_an_endpoint_down_in_phase_1_leaves_the_old_version_everywhere(tmp_path:
     with pytest.raises(DetserveError) as e:
         run()
     assert "stopped on h3:8001" in e.value.message and "no Triton server answers at h3:8001" in e.value.message
+    assert e.value.message.endswith(
+        "back on the version each served: h1:8001: 1, h2:8001: 1; "
+        "the repository's files say version 1, which h3:8001 serves once it answers again"
+    )
     for s in servers[:2]:
         assert s.serves() == 1
         assert all(s.loaded[step]["version_policy"]["specific"]["versions"] in (["1"], [1]) for step in STEPS), s.loaded
@@ -186,8 +190,9 @@ def test_a_switch_that_fails_on_the_second_endpoint_sets_files_back_first(
         real_load(self, name, config)
 
     monkeypatch.setattr(Admin, "load_model", failing_switch)
-    with pytest.raises(DetserveError, match="stopped on h2:8001: load 'm' failed: planted"):
+    with pytest.raises(DetserveError, match="stopped on h2:8001: load 'm' failed: planted") as e:
         run()
+    assert e.value.message.endswith("back on the version each served: h1:8001: 1, h2:8001: 1, h3:8001: 1")
     assert [s.serves() for s in servers] == [1, 1, 1]
     assert files_state(repo) == (1, ((1,),) * 3)
     # h1 had switched: the files followed it, then were set back before the undo (checked at each of its loads)
