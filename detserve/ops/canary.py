@@ -5,8 +5,9 @@ are switched first (``rollout.run_stage``: phases 1 and 2 there, the old version
 the files still saying the old version); the rest keep the old version. Over the window the canary is
 compared with the rest on:
 
-- **failure ratio** of the ensemble's requests: ``nv_inference_request_failure / (success + failure)``,
-  the increase of each target's own counters over the window (its metrics endpoint, as the server names it);
+- **failure ratio** of the ensemble's requests: failed / received, the increase of each target's own
+  counters over the window (its metrics endpoint, as the server names it); failed = what the ensemble's
+  first step received minus the ensemble's successes (``canary_metrics.parse_sample`` says why);
 - **p99 per request** of the ensemble: ``nv_inference_request_summary_us{quantile="0.99"}`` read at the
   end of the window. The ensemble's request time is its queue + compute (every step) on the server, which is
   what the brief asks for as one quantile; a sum of the steps' p99s would overstate it. Triton's summaries
@@ -148,9 +149,12 @@ def _window(side: Side, label: str, start: Sample | str, end: Sample | str) -> N
     if isinstance(start, str) or isinstance(end, str):
         side.notes.append(f"{label}: metrics unavailable ({start if isinstance(start, str) else end})")
         return
-    reset = end.success < start.success or end.failure < start.failure
-    base = Sample(0.0, 0.0, 0.0, None) if reset else start
-    ok, failed = end.success - base.success, end.failure - base.failure
+    # failed = what the first step received that the ensemble did not answer (see Sample.received)
+    got = (start.received, end.received) if start.received is not None and end.received is not None else None
+    reset = end.success < start.success or end.failure < start.failure or (got is not None and got[1] < got[0])
+    base = Sample(0.0, 0.0, 0.0, None, 0.0) if reset else start
+    ok = end.success - base.success
+    failed = end.failure - base.failure if got is None else max(0.0, got[1] - (0.0 if reset else got[0]) - ok)
     side.requests += int(ok + failed)
     side.failures += int(failed)
     if ok + failed > 0:
@@ -187,7 +191,7 @@ def _probe(target: Target, key: str, model: str, images: Sequence[bytes], side: 
 
 
 def watch(
-    canary: Sequence[Target], rest: Sequence[Target], key: str, model: str, window_s: float, echo: Echo
+    canary: Sequence[Target], rest: Sequence[Target], key: str, model: str, entry: str, window_s: float, echo: Echo
 ) -> tuple[Side, Side]:
     """Probe both sides in rounds for ``window_s`` and read each target's metrics at both ends."""
     from detserve.samples import sample_files
@@ -197,7 +201,7 @@ def watch(
     urls = {t: u for _, ts in groups for t, u in zip(ts, metrics_urls(ts), strict=True)}
     for t in urls:  # warm-up, outside the window: a version's first answers are cold (measured: ~1.1 s vs ~0.07 s)
         _probe(t, key, model, images, Side("warm-up"))
-    start: dict[Target, Sample | str] = {t: read_sample(urls[t], model) for t in urls}
+    start: dict[Target, Sample | str] = {t: read_sample(urls[t], model, entry) for t in urls}
     sides = {name: Side(name) for name, _ in groups}
     deadline = time.monotonic() + window_s
     rounds = 0
@@ -214,7 +218,7 @@ def watch(
     echo(f"canary: watched {window_s:g} s, {rounds} probe round(s) of {len(images)} images per target")
     for name, ts in groups:
         for t in ts:
-            _window(sides[name], t.label, start[t], read_sample(urls[t], model))
+            _window(sides[name], t.label, start[t], read_sample(urls[t], model, entry))
     if window_s < SUMMARY_AGE_S:  # the summaries still hold the cold warm-up answers: compare the window's means
         for side in sides.values():
             side.p99_ms = None
@@ -261,7 +265,7 @@ def run_canary(
     echo(thresholds.describe())
     run_stage(fleet[:count], key, models, old, version, echo)
     try:
-        verdict = judge(*watch(fleet[:count], fleet[count:], key, name, window_s, echo), thresholds)
+        verdict = judge(*watch(fleet[:count], fleet[count:], key, name, models.steps[0][0].name, window_s, echo), thresholds)
     except BaseException:  # interrupted (Ctrl-C) or unexpected: the canary must not stay switched
         unstage(fleet[:count], key, models, old, echo)
         raise

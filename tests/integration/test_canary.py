@@ -1,14 +1,16 @@
 """A canary promote on a real ``--replicas 2`` server decides by itself (issue 23, parts 3 and 4c).
 
 One replica set on an ssdlite repository with version 1 (spread-init seed 0), a good version 2 (seed 1)
-and a broken version 3: the same network with every foreground class logit pushed to -30, so it answers
-fast and never fails, but with no detections. ``promote --canary 1 --watch 10s`` switches replica 0,
+a broken version 3: the same network with every foreground class logit pushed to -30, so it answers
+fast and never fails, but with no detections; and a broken version 4: version 1 whose core fails every
+other request. ``promote --canary 1 --watch 10s`` switches replica 0,
 compares it with replica 1 and either switches it back (exit 1, the table) or promotes replica 1 too.
 Each replica's version is checked on its own socket, never through the balancer.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,39 @@ def canary_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             max_image_pixels=20_000_000,
         )
     )  # fmt: skip
+    failing_copy(repo, 1, 4)
     return repo
+
+
+FAILING_CORE = """import triton_python_backend_utils as pb_utils
+
+{base}
+
+
+class TritonPythonModel(_Base):  # a broken version for test_canary: every other request fails
+    calls = 0
+
+    def execute(self, requests):
+        out = []
+        for response in super().execute(requests):
+            TritonPythonModel.calls += 1
+            failed = pb_utils.InferenceResponse(error=pb_utils.TritonError("broken test version: every other request fails"))
+            out.append(failed if TritonPythonModel.calls % 2 else response)
+        return out
+"""
+
+
+def failing_copy(repo: Path, source: int, version: int) -> None:
+    """Version ``version``: ``source`` copied (build records included), its core failing every other request."""
+    import shutil
+
+    from detserve.ops.versions import composing
+
+    for model in composing("ssdlite", repo):
+        shutil.copytree(repo / model / str(source), repo / model / str(version))
+    core = repo / "ssdlite_core" / str(version) / "model.py"
+    base = next(line for line in core.read_text().splitlines() if line.startswith("from detserve.runtime"))
+    core.write_text(FAILING_CORE.format(base=base.replace("import TritonPythonModel", "import TritonPythonModel as _Base")))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +132,19 @@ def test_a_canary_that_answers_nothing_is_switched_back(fleet: ReplicaSet, canar
     core = (canary_repo / "ssdlite_core" / "config.pbtxt").read_text()
     assert "versions: 1\n" in core and "versions: 3" not in core, core  # version 3 unloaded by the files too
     assert read_history(canary_repo, "ssdlite") == history  # no promote recorded
+
+
+def test_a_canary_that_fails_a_share_of_requests_is_switched_back(
+    fleet: ReplicaSet, canary_repo: Path, samples: dict[str, bytes]
+) -> None:
+    versions = Versions(canary_repo, samples["astronaut.jpg"])
+    code, out = promote(fleet.grpc_url, canary_repo, 4)
+    assert code == 1, out
+    assert "worse: failure ratio" in out and "probe request(s) failed on the canary" in out, out
+    canary_row = next(line.split() for line in out.splitlines() if re.match(r"canary\s+\d", line))
+    assert canary_row[2] == canary_row[-1], out  # failed requests (metrics) = failed probe answers: each counted once
+    assert per_replica(fleet, versions) == [{1: 8}, {1: 8}], out
+    assert serving_version(canary_repo, "ssdlite") == 1
 
 
 def test_a_good_canary_goes_through(fleet: ReplicaSet, canary_repo: Path, samples: dict[str, bytes]) -> None:

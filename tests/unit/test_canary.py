@@ -22,8 +22,34 @@ nv_inference_request_summary_us{model="ssdlite_core",version="2",quantile="0.99"
 def test_metrics_of_one_model_are_summed_over_reasons_and_versions() -> None:
     s = parse_sample(METRICS, "ssdlite")
     assert s == Sample(success=40, failure=3, request_us=4_300_000, p99_us=180_000)
+    assert parse_sample(METRICS, "ssdlite", entry="ssdlite_core").received == 40
     assert parse_sample(METRICS.replace('"0.99"} 180000', '"0.99"} NaN'), "ssdlite").p99_us is None
     assert parse_sample(METRICS, "other") == Sample(0, 0, 0, None)
+
+
+# measured on Triton 2.51: 6 requests, the core failing every other one (tests/integration/test_canary.py's version 4)
+ENSEMBLE_FAILURES = """\
+nv_inference_request_success{model="ssdlite",version="1"} 3
+nv_inference_request_failure{model="ssdlite",reason="OTHER",version="1"} 6
+nv_inference_request_failure{model="ssdlite",reason="BACKEND",version="1"} 0
+nv_inference_request_success{model="ssdlite_preprocess",version="4"} 6
+nv_inference_request_failure{model="ssdlite_preprocess",reason="OTHER",version="4"} 0
+nv_inference_request_success{model="ssdlite_core",version="4"} 6
+"""
+
+
+def test_failed_ensemble_requests_are_what_its_first_step_received_minus_its_successes() -> None:
+    assert parse_sample(ENSEMBLE_FAILURES, "ssdlite").failure == 6  # Triton's counter: each failure twice
+    end = parse_sample(ENSEMBLE_FAILURES, "ssdlite", entry="ssdlite_preprocess")
+    assert end.received == 6
+    side = Side("canary")
+    _window(side, "replica 0", Sample(0, 0, 0, None, 0), end)
+    assert (side.requests, side.failures) == (6, 3)
+    # the step was reloaded before the window (its counters restarted) while the ensemble's kept counting:
+    # the window's increases still give the failures (before: 0, clipped from a negative difference)
+    side = Side("canary")
+    _window(side, "replica 0", Sample(40, 0, 0, None, 5), Sample(48, 0, 0, None, 20))
+    assert (side.requests, side.failures) == (15, 7)
 
 
 def test_window_takes_the_increase_and_a_reset_counts_from_zero() -> None:
