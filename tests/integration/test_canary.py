@@ -147,6 +147,7 @@ def test_a_canary_that_fails_a_share_of_requests_is_switched_back(
     assert serving_version(canary_repo, "ssdlite") == 1
 
 
+@pytest.mark.documents("detserve promote M --version V --canary K --watch W --repository R --url U")
 def test_a_good_canary_goes_through(fleet: ReplicaSet, canary_repo: Path, samples: dict[str, bytes]) -> None:
     versions = Versions(canary_repo, samples["astronaut.jpg"])
     code, out = promote(fleet.grpc_url, canary_repo, 2)

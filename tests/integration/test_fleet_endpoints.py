@@ -76,6 +76,11 @@ def cli(*args: str, ok: bool = True) -> str:
     return result.output
 
 
+@pytest.mark.documents(
+    "detserve promote M --version V --repository R --endpoints E",
+    "detserve rollback M --repository R --endpoints E",
+    "detserve status --endpoints E",
+)
 def test_promote_and_rollback_switch_every_endpoint(endpoints: list[Serve], shared_repo: Path, versions: Versions) -> None:
     urls, repo = ",".join(s.grpc_url for s in endpoints), str(shared_repo)
     assert per_endpoint(endpoints, versions) == [{1: PROBES}] * 3
@@ -97,6 +102,7 @@ def test_promote_and_rollback_switch_every_endpoint(endpoints: list[Serve], shar
     assert serving_version(shared_repo, "ssdlite") == 1
 
 
+@pytest.mark.documents("detserve status --discover D", "detserve models list --discover D")
 def test_discover_localhost_reaches_the_endpoint(endpoints: list[Serve]) -> None:
     """``localhost`` resolves to 127.0.0.1 here (the unit test covers a name with several records)."""
     port = endpoints[0].grpc_port
