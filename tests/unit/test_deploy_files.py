@@ -232,3 +232,139 @@ def test_compose() -> None:
     assert "triton:8001" in services["locust"]["command"]
     scrape = _load_yaml(ROOT / "docker" / "prometheus.yml")[0]["scrape_configs"]
     assert ["triton:8002"] in [t["targets"] for job in scrape for t in job["static_configs"]]
+
+
+# --- rollouts on Kubernetes: the shared repository, discovery, the promote Job -------------------
+
+PLACEHOLDERS = {"MODEL": "ssdlite", "VERSION": "2", "CANARY": "1"}
+
+
+def _claims(pod_spec: dict) -> dict[str, str]:
+    """volume name -> PersistentVolumeClaim name."""
+    return {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec["volumes"] if "persistentVolumeClaim" in v}
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def _promote_args(values: dict[str, str]) -> tuple[list[str], dict]:
+    """The promote container's arguments with the placeholders replaced as the runbook's sed does, and the container."""
+    job = _k8s("Job", "detserve-promote")
+    container = next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "promote")
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for name, value in values.items():
+        env = {k: v.replace(f"@{name}@", value) for k, v in env.items()}
+    # the kubelet expands $(VAR) in args from the container's env
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]], container
+
+
+def _parse_promote(args: list[str]) -> dict:
+    """What the real CLI makes of the arguments (option parsing and types; nothing runs)."""
+    import typer
+
+    from detserve.app.cli import app
+
+    assert args[0] == "promote"
+    command = typer.main.get_command(app).commands["promote"]  # type: ignore[attr-defined]
+    return dict(command.make_context("promote", list(args[1:])).params)
+
+
+def test_the_promote_job_discovers_every_ready_pod_and_writes_the_shared_repository() -> None:
+    job = _k8s("Job", "detserve-promote")
+    assert job["spec"]["backoffLimit"] == 0  # a rejected canary is not staged again by a retry
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    args, container = _promote_args(PLACEHOLDERS)
+    assert container["command"] == ["detserve"]
+    assert container["image"] == next(c for c in _k8s("Deployment")["spec"]["template"]["spec"]["containers"])["image"]
+    params = _parse_promote(args)
+    assert (params["name"], params["version"], params["canary"], params["watch"]) == ("ssdlite", 2, 1, "5m")
+
+    # --discover names the headless Service at its gRPC port; it lists ready pods of the Deployment only
+    host, port = params["discover"].rsplit(":", 1)
+    headless = _k8s("Service", host)
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
+    assert {"name": "grpc", "port": int(port)}.items() <= headless["spec"]["ports"][0].items()
+    deployment = _k8s("Deployment")["spec"]["template"]
+    assert _selects(headless["spec"]["selector"], deployment["metadata"]["labels"])
+    # ... and not the Job's own pod, nor would the PDB count it
+    for selector in (headless["spec"]["selector"], _k8s("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]):
+        assert not _selects(selector, job["spec"]["template"]["metadata"]["labels"])
+
+    # --repository is the Deployment's volume: the same ReadWriteMany claim, read-write here, read-only in pods
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(params["repository"]))
+    assert not mount.get("readOnly", False)
+    claim = _claims(pod)[mount["name"]]
+    served = _claims(deployment["spec"])
+    assert list(served.values()) == [claim]
+    triton = next(c for c in deployment["spec"]["containers"] if c["name"] == "triton")
+    assert next(m for m in triton["volumeMounts"] if m["name"] in served)["readOnly"] is True
+    assert "ReadWriteMany" in _k8s("PersistentVolumeClaim", claim)["spec"]["accessModes"]
+
+
+def test_the_promote_job_reads_the_admin_key_from_the_secret_as_a_0600_file(tmp_path: Path) -> None:
+    job = _k8s("Job", "detserve-promote")
+    pod = job["spec"]["template"]["spec"]
+    _, container = _promote_args(PLACEHOLDERS)
+    env = {e["name"]: e for e in container["env"]}
+    assert "DETSERVE_ADMIN_KEY" not in env and not any("valueFrom" in e for e in env.values())
+    key_file = Path(env["DETSERVE_ADMIN_KEY_FILE"]["value"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    key_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(key_file.parent))
+    assert volumes[key_mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+    # the init step copies the Secret's key there with mode 0600 (a Secret volume under fsGroup is 0440)
+    (init,) = pod["initContainers"]
+    assert init["command"][:3] == ["install", "-m", "0600"] and init["command"][-1] == str(key_file)
+    source = Path(init["command"][-2])
+    secret_mount = next(m for m in init["volumeMounts"] if m["mountPath"] == str(source.parent))
+    secret_volume = volumes[secret_mount["name"]]["secret"]
+    (item,) = secret_volume["items"]
+    assert item["path"] == source.name
+    template = _k8s("Secret", secret_volume["secretName"])  # the same Secret and key the pods read
+    assert item["key"] in template["stringData"]
+    triton = next(c for c in _k8s("Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "triton")
+    pods_ref = next(e for e in triton["env"] if e["name"] == "DETSERVE_ADMIN_KEY")["valueFrom"]["secretKeyRef"]
+    assert (pods_ref["name"], pods_ref["key"]) == (secret_volume["secretName"], item["key"])
+
+    # why the copy: detserve refuses the Secret volume's 0440 and reads the copy's 0600
+    from detserve.ops.admin import AdminKeyError, admin_key
+
+    path = tmp_path / "admin-key"
+    path.write_text(KEY + "\n")
+    env_for = {"DETSERVE_ADMIN_KEY": "", "DETSERVE_ADMIN_KEY_FILE": str(path)}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env_for.items():
+            mp.setenv(name, value)
+        path.chmod(0o440)
+        with pytest.raises(AdminKeyError, match="readable or writable by group"):
+            admin_key()
+        path.chmod(0o600)
+        assert admin_key() == KEY
+
+
+@pytest.mark.parametrize("left", ["VERSION", "CANARY"])
+def test_a_placeholder_left_in_the_promote_job_is_refused_before_anything_runs(left: str) -> None:
+    import typer
+
+    args, _ = _promote_args({k: v for k, v in PLACEHOLDERS.items() if k != left})
+    with pytest.raises(typer.BadParameter, match="integer"):
+        _parse_promote(args)
+
+
+def test_the_seed_job_fills_the_pods_repository_with_the_only_cloud_role() -> None:
+    job = _k8s("Job", "detserve-seed-repository")
+    pod = job["spec"]["template"]["spec"]
+    (seed,) = pod["containers"]
+    served = _claims(_k8s("Deployment")["spec"]["template"]["spec"])
+    mount = next(m for m in seed["volumeMounts"] if m["mountPath"] == "/models")
+    assert _claims(pod)[mount["name"]] in served.values() and not mount.get("readOnly", False)
+    assert "MODEL_REPOSITORY_URI" in _k8s("ConfigMap", "detserve-config")["data"]
+    role = "eks.amazonaws.com/role-arn"
+    assert role in _k8s("ServiceAccount", pod["serviceAccountName"])["metadata"]["annotations"]
+    # the serving pods and the promote Job hold no cloud credentials
+    for sa in {_k8s("Deployment")["spec"]["template"]["spec"]["serviceAccountName"], "detserve"}:
+        assert role not in _k8s("ServiceAccount", sa)["metadata"].get("annotations", {})
+    assert _k8s("Job", "detserve-promote")["spec"]["template"]["spec"]["serviceAccountName"] == "detserve"
