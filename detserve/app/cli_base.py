@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -40,3 +41,10 @@ def seconds(text: str) -> float:
 
 
 URL = Annotated[str, typer.Option(help="gRPC HOST:PORT")]
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM handled as Ctrl-C. In a container the command is PID 1, for which the kernel ignores a
+    signal without a handler: ``kubectl delete job`` would leave a promote running until SIGKILL,
+    skipping the undo that Ctrl-C runs (a canary switched back, an aborted rollout narrowed back)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

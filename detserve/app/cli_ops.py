@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from detserve.app.cli_base import URL, app, seconds, user_errors
+from detserve.app.cli_base import URL, app, seconds, terminate_as_interrupt, user_errors
 
 if TYPE_CHECKING:
     from detserve.ops.fleet import Target
@@ -127,6 +127,7 @@ def promote(
     from detserve.ops.admin import admin_key
     from detserve.ops.versions import promote as do_promote
 
+    terminate_as_interrupt()
     key = admin_key()
     fleet = _fleet(endpoints, discover, key)
     if canary:  # K targets first, then a verdict from their metrics and a probe set (ops/canary.py)
@@ -162,6 +163,7 @@ def rollback(
     from detserve.ops.admin import admin_key
     from detserve.ops.versions import rollback as do_rollback
 
+    terminate_as_interrupt()
     key = admin_key()
     r = do_rollback(url, key, repository, name, on_step=typer.echo, fleet=_fleet(endpoints, discover, key))
     _say_switch(r)

@@ -35,6 +35,7 @@ about one ensemble load per target; meanwhile each request is still served by on
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -132,7 +133,18 @@ def _load(admin: ModelAdmin, load: Load) -> None:
 
 def _write(loads: Sequence[Load]) -> None:
     for load in loads:
-        (load.model_dir / "config.pbtxt").write_text(render(load.config))
+        replace_file(load.model_dir / "config.pbtxt", render(load.config))
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all at once: a server starting meanwhile (another pod on a shared
+    volume) reads the old file or the new one, never half of one (write beside it, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_rollout(

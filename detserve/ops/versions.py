@@ -38,7 +38,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from detserve.errors import DetserveError
 from detserve.ops.admin import ENV_VAR, FILE_ENV
 from detserve.ops.fleet import Target, targets
-from detserve.ops.rollout import Models, run_rollout
+from detserve.ops.rollout import Models, replace_file, run_rollout
 from detserve.ops.rollout import plan as rollout_plan
 from detserve.pipeline import CORE, model_name
 from detserve.tritonconfig import read_config
@@ -155,7 +155,7 @@ def read_history(repository: Path, name: str) -> list[dict[str, Any]]:
 def _record(repository: Path, rollout: Rollout, action: str) -> None:
     history = [*read_history(repository, rollout.name), {**rollout.to_dict(), "action": action}]
     path = repository / rollout.name / HISTORY
-    path.write_text(json.dumps({"serving": rollout.new, "history": history}, indent=2) + "\n")
+    replace_file(path, json.dumps({"serving": rollout.new, "history": history}, indent=2) + "\n")
 
 
 def _require_key(key: str | None) -> str:
