@@ -52,7 +52,7 @@ for value in "$exit_timeout" "$shm_bytes" "$shm_growth" "$max_request" "${DETSER
   fi
 done
 if [[ "$repository" == *://* ]]; then
-  echo "detserve: DETSERVE_MODEL_REPOSITORY must be a local directory (copy a bucket in first, as deploy/k8s's init container does)" >&2
+  echo "detserve: DETSERVE_MODEL_REPOSITORY must be a local directory (copy a bucket in first, as deploy/k8s/jobs/seed-repository.yaml does onto the shared volume)" >&2
   exit 64
 fi
 
