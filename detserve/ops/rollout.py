@@ -159,14 +159,17 @@ def run_rollout(
         at: list[Target] = []  # the target being changed, for the message
         try:
             window = _load_and_switch(fleet, conns, loads, done, plan(models, old, new), echo, at)
-        except DetserveError as e:
+        except (DetserveError, KeyboardInterrupt) as e:  # an interrupt (Ctrl-C, SIGTERM of a Job) undoes as a failure does
             # the files first: from here on a server that restarts (or one the undo cannot reach) serves ``old``
             _write([x for x in plan(models, old, old, pinned=False) if x.phase == 1])
             lost = _undo(fleet, conns, models, state, done, echo)
+            where = at[-1].label if at else fleet[0].label
             if isinstance(e, ClientError):  # it did not answer (down), rather than refused the load
-                lost = [at[-1].label, *lost]
-            text = f"rollout of {models.ensemble_dir.name} to version {new} stopped on {at[-1].label}: {e.message}; "
-            raise RolloutError(text + _after_abort(old, fleet, state, lost), hint=e.hint) from e
+                lost = [where, *lost]
+            why = e.message if isinstance(e, DetserveError) else "interrupted (Ctrl-C or SIGTERM)"
+            text = f"rollout of {models.ensemble_dir.name} to version {new} stopped on {where}: {why}; "
+            hint = e.hint if isinstance(e, DetserveError) else None
+            raise RolloutError(text + _after_abort(old, fleet, state, lost), hint=hint) from e
         _narrow(fleet, conns, loads, echo, len(conns) > 1)
     _write([x for x in plan(models, old, new) if x.phase == 3])
     return FleetRollout(tuple((t.label, s) for t, (s, _) in zip(fleet, state, strict=True)), window if len(fleet) > 1 else 0.0)

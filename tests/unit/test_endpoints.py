@@ -197,3 +197,25 @@ def test_a_switch_that_fails_on_the_second_endpoint_sets_files_back_first(
     assert files_state(repo) == (1, ((1,),) * 3)
     # h1 had switched: the files followed it, then were set back before the undo (checked at each of its loads)
     assert seen == [(1, ((1,),) * 3), (1, ((1, 2),) * 3), (2, ((1, 2),) * 3), (1, ((1,),) * 3)]
+
+
+def test_an_interrupt_during_the_switches_undoes_like_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C, or SIGTERM when promote runs as a Kubernetes Job (handled as Ctrl-C): every target back on
+    the old version, the files set back first, the message says it was interrupted."""
+    repo = _repository(tmp_path)
+    servers = [Server(repo) for _ in range(3)]
+    _, run = _rollout(repo, servers, monkeypatch)
+    real_load = Admin.load_model
+
+    def interrupted_switch(self: Admin, name: str, config: str) -> None:
+        pins = {int(x["model_version"]) for x in json.loads(config).get("ensemble_scheduling", {}).get("step", [])}
+        if self.server is servers[2] and name == "m" and pins == {2}:
+            raise KeyboardInterrupt
+        real_load(self, name, config)
+
+    monkeypatch.setattr(Admin, "load_model", interrupted_switch)
+    with pytest.raises(DetserveError, match="stopped on h3:8001: interrupted") as e:
+        run()
+    assert e.value.message.endswith("back on the version each served: h1:8001: 1, h2:8001: 1, h3:8001: 1")
+    assert [s.serves() for s in servers] == [1, 1, 1]
+    assert files_state(repo) == (1, ((1,),) * 3)
