@@ -69,21 +69,47 @@ def _one_canvas(items: list[Preprocessed]) -> None:
         )
 
 
+def step_device(args: dict[str, Any]) -> torch.device | None:
+    """The config parameter ``device`` (written by ``detserve build --device gpu``): ``"cuda"`` -> this
+    instance's GPU (a KIND_GPU instance group), where the IMAGE pre-processing runs and its tensor stays
+    (runtime/gpu_preprocess.py). Absent or ``"cpu"`` (repositories built before): None, today's path."""
+    if config_parameter(args, "device", "cpu") != "cuda":
+        return None
+    return torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
         apply_torch_threads(args)
         self.spec = preprocess_spec(args)  # the build's, with the server's pixel budget if it sets one
         self.per_image = config_parameter(args, CANVAS_PARAMETER, "") == PER_IMAGE
+        self.device = step_device(args)
 
     def _handle(self, request: Any) -> Any:
         # checked per request, just before its decode: the last of a batch of large images may
         # wait seconds behind the others, and its client may be gone by then (backend/common.py)
         check_wanted(request, request_parameters(request))
+        encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+        if self.device is not None and encoded is not None and pb_utils.get_input_tensor_by_name(request, "FRAMES") is None:
+            return self._on_device([bytes(b) for b in encoded.as_numpy().reshape(-1)], self.device)
         tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         blobs = [bytes(b) for b in tensor.as_numpy().reshape(-1)]
         images, info = preprocess_images(blobs, self.spec, self.per_image)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images), pb_utils.Tensor("image_info", info)])
+
+    def _on_device(self, blobs: list[bytes], device: torch.device) -> Any:
+        """Decoded and pre-processed on ``device``; the tensor handed on through DLPack, no host copy."""
+        import torch.utils.dlpack
+
+        from detserve.runtime.gpu_preprocess import preprocess_on, stack_on
+
+        items = preprocess_on(blobs, self.spec, device)
+        if not self.per_image:
+            _one_canvas(items)
+        images, info = stack_on(items, self.spec)
+        tensor = pb_utils.Tensor.from_dlpack("images", torch.utils.dlpack.to_dlpack(images))
+        return pb_utils.InferenceResponse(output_tensors=[tensor, pb_utils.Tensor("image_info", info)])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return respond_each(pb_utils, requests, self._handle)
