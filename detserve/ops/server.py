@@ -28,6 +28,7 @@ from detserve.ops.embedded import server_environment
 from detserve.ops.gate import GateConfig, internal_grpc_url, private_directory, upstream_in
 from detserve.ops.health import GateHelper
 from detserve.ops.nginx import Gate
+from detserve.ops.plans import check_plans, serving_tensorrt
 from detserve.ops.privateshm import wrap as wrap_private_shm
 from detserve.ops.restarts import Backoff, Restart, describe_exit
 from detserve.ops.server_options import EXIT_TIMEOUT_S, ServerOptions, check_port, free_port
@@ -83,6 +84,8 @@ class TritonServer:
         for host, port, what in ports:
             check_port(host, port, what)
         try:
+            # engines Triton could not deserialise: refused here, naming both TensorRT versions (ops/plans.py)
+            check_plans(opts.repository, None if opts.tritonserver is None else serving_tensorrt(opts.backend_directory))
             self.runtime = private_directory()
             self._spawn()
             if opts.public:
