@@ -1,0 +1,135 @@
+"""Which decoded frame goes to the server next, with nothing growing without bound.
+
+Live sources: a reader keeps only the newest decoded frame (:class:`LatestSlot`); the sender takes it
+when it has a free slot, and every frame overwritten before that is dropped and counted. A camera
+faster than the server therefore costs a constant amount of memory and the answer is always about
+the newest picture. Files: every frame in order (:class:`OrderedSlot`, a small bounded queue the
+reader blocks on), optionally sampled to ``--max-fps`` by source timestamp (:class:`FpsSampler`).
+In-flight requests are bounded per stream and overall (:class:`Slots`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded picture. ``captured`` is the wall clock when decoding finished (epoch seconds),
+    ``captured_mono`` the same instant on the monotonic clock (latencies are measured on it)."""
+
+    stream: str
+    index: int  # position in the source, from 0; sampled/dropped frames leave gaps
+    pts_s: float | None  # the source's own timestamp, seconds
+    captured: float
+    captured_mono: float
+    rgb: Any = field(repr=False)  # numpy uint8 [H, W, 3]
+
+
+END = None  # what ``take`` returns once a source has ended and everything it gave was taken
+
+
+class LatestSlot:
+    """Holds only the newest frame; a frame replaced before it was taken counts as dropped."""
+
+    def __init__(self) -> None:
+        self._frame: Frame | None = None
+        self._ended = False
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.dropped += 1  # stale: a newer picture exists, the old one is never sent
+            self._frame = frame
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def take(self, timeout_s: float) -> Frame | bool | None:
+        """The newest frame; False when none came within ``timeout_s``; END (None) when ended."""
+        with self._cond:
+            if self._frame is None and not self._ended:
+                self._cond.wait(timeout_s)
+            frame, self._frame = self._frame, None
+            if frame is not None:
+                return frame
+            return END if self._ended else False
+
+
+class OrderedSlot:
+    """Every frame in order through a queue of ``depth`` frames; the reader waits when it is full."""
+
+    def __init__(self, depth: int, stopped: Callable[[], bool]) -> None:
+        self._queue: queue.Queue[Frame | None] = queue.Queue(maxsize=max(1, depth))
+        self._stopped = stopped
+        self.dropped = 0  # a file drops nothing; kept for one interface
+
+    def put(self, frame: Frame) -> None:
+        while not self._stopped():
+            try:
+                self._queue.put(frame, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def end(self) -> None:
+        # the end marker must not be lost behind a full queue, nor block a stopped stream forever
+        while True:
+            try:
+                self._queue.put(END, timeout=0.2)
+                return
+            except queue.Full:
+                if self._stopped():
+                    return
+
+    def take(self, timeout_s: float) -> Frame | bool | None:
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return END if self._stopped() else False
+
+
+class FpsSampler:
+    """Keeps a file's frames at most ``max_fps`` per second of source time (None/0: every frame)."""
+
+    def __init__(self, max_fps: float | None) -> None:
+        self.period = 1.0 / max_fps if max_fps else 0.0
+        self._next: float | None = None
+
+    def keep(self, pts_s: float | None, index: int, rate: float | None) -> bool:
+        if not self.period:
+            return True
+        t = pts_s if pts_s is not None else index / (rate or 25.0)
+        if self._next is not None and t + 1e-9 < self._next:
+            return False
+        # the next due time follows the schedule, not this frame, so the average rate is max_fps exactly
+        self._next = t + self.period if self._next is None else max(self._next + self.period, t)
+        return True
+
+
+class Slots:
+    """Bounded in-flight requests: ``per_stream`` for each stream and ``total`` over all of them."""
+
+    def __init__(self, total: int) -> None:
+        self.total = threading.BoundedSemaphore(max(1, total))
+
+    def acquire(self, stream: threading.BoundedSemaphore, timeout_s: float) -> bool:
+        if not stream.acquire(timeout=timeout_s):
+            return False
+        if not self.total.acquire(timeout=timeout_s):
+            stream.release()
+            return False
+        return True
+
+    def release(self, stream: threading.BoundedSemaphore) -> None:
+        self.total.release()
+        stream.release()
