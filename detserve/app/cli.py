@@ -274,7 +274,7 @@ def demo(
 
 
 # the other command modules register their commands on ``app`` when imported
-from detserve.app import cli_jobs, cli_ops, cli_perf  # noqa: E402, F401
+from detserve.app import cli_jobs, cli_ops, cli_perf, cli_stream  # noqa: E402, F401
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("detserve.families",),
     ("detserve.runtime",),
     ("detserve.tritonconfig",),
-    ("detserve.ops", "detserve.verification", "detserve.jobs"),
+    ("detserve.ops", "detserve.verification", "detserve.jobs", "detserve.video"),
     ("converters", "loadtest", "training"),
     ("detserve.app",),
 )
