@@ -48,6 +48,12 @@ if command -v npm >/dev/null 2>&1 && ! cmp -s scripts/node/package-lock.json .no
   (cd .node && npm_config_cache="$PWD/npm-cache" npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null) \
     || { rm -f .node/package-lock.json; echo "warning: npm ci failed: the Node example of docs/contract.md will be skipped" >&2; }
 fi
+# Debian's chromium: the live view of `detserve stream` is tested in a real headless browser
+# (tests/integration/test_stream.py). Playwright/Puppeteer browser downloads are not used. Without it the test skips.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
+    || echo "warning: could not install chromium: the live-view browser test will be skipped" >&2
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import torch, torchvision, onnxruntime, tritonclient, pytriton; print('detserve env ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
