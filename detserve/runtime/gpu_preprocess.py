@@ -170,8 +170,9 @@ def _upload(p: Preprocessed, device: torch.device) -> Preprocessed:
 
 
 def stack_on(items: Sequence[Preprocessed], spec: PreprocessSpec) -> tuple[torch.Tensor, np.ndarray]:
-    """Images -> ([n, 3, H, W] float32 on their device, contiguous for DLPack; [n, 6] int32 image_info
-    on the host), each image on its own canvas at the top left, as preprocess_model.preprocess_images."""
+    """Images -> ([n, 3, H, W] float32 on their device, contiguous and computed, ready for DLPack; [n, 6]
+    int32 image_info on the host), each image on its own canvas at the top left, as
+    preprocess_model.preprocess_images."""
     h = max(p.padded_hw[0] for p in items)
     w = max(p.padded_hw[1] for p in items)
     device = items[0].tensor.device
@@ -180,4 +181,8 @@ def stack_on(items: Sequence[Preprocessed], spec: PreprocessSpec) -> tuple[torch
     for i, p in enumerate(items):
         batch[i, :, : p.padded_hw[0], : p.padded_hw[1]].copy_(p.tensor)
         info[i] = (*p.original_hw, *p.resized_hw, *p.padded_hw)
+    if batch.is_cuda:
+        # the legacy DLPack capsule (torch.utils.dlpack.to_dlpack) carries no stream: the python backend
+        # and the next step read the memory on their own streams, so torch's queued kernels must be done
+        torch.cuda.current_stream(batch.device).synchronize()
     return batch, info
