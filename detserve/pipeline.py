@@ -12,6 +12,8 @@ from __future__ import annotations
 # the ensemble contract's tensor names (DESIGN: clients send IMAGE, read the detections) and the
 # preprocessing step's outputs, said once for the config writer, the stubs and the clients
 IMAGE = "IMAGE"
+# the second way in (issue 25): raw uint8 RGB pixels, [N, H, W, 3], for video frames; same pre-processing
+FRAMES = "FRAMES"
 CORE_INPUT = "images"
 IMAGE_INFO = "image_info"
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")

@@ -19,6 +19,7 @@ from detserve.errors import SpecError
 from detserve.pipeline import (  # the tensor names live in the foundation; re-exported here
     CORE_INPUT,
     EXTRA_OUTPUTS,
+    FRAMES,
     IMAGE,
     IMAGE_INFO,
     OUTPUTS,
@@ -116,10 +117,17 @@ def _dtype(name: str) -> int:
     return int(value)
 
 
+def _public_inputs(container: Any) -> None:
+    """The ways in: ``IMAGE`` (encoded files) or ``FRAMES`` (raw uint8 RGB pixels, [H, W, 3] per image),
+    each optional since a request carries one of them; the pre-processing refuses neither or both."""
+    container.add(name=IMAGE, data_type=mc.TYPE_STRING, dims=[1], optional=True)
+    container.add(name=FRAMES, data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True)
+
+
 def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> mc.ModelConfig:
     config = mc.ModelConfig(name=model_name(name, PREPROCESS), backend="python")
     _batched(config, opts, opts.preprocess_instances)
-    _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
+    _public_inputs(config.input)
     _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     _tensor(config.output, IMAGE_INFO, mc.TYPE_INT32, [6])
     config.parameters["preprocess_spec"].string_value = pre.to_json()
@@ -217,20 +225,23 @@ def _add_detection_outputs(config: mc.ModelConfig) -> None:
 def ensemble_config(name: str, steps: Sequence[mc.ModelConfig], opts: ServingOptions, version: int = -1) -> mc.ModelConfig:
     """The steps in order, wired by tensor name; every step pins a version (-1 = latest, never unset).
 
-    The ensemble's ``IMAGE`` feeds whichever step takes it; a tensor one step outputs and a later
+    The ensemble's ``IMAGE`` (and ``FRAMES``, where the first step declares it) feeds whichever step takes it; a tensor one step outputs and a later
     step inputs travels as ``_<name>``; the last step's detection outputs are the ensemble's. Any
     number of steps (python / core / python / core / python for two-stage families).
     """
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch_size)
-    _tensor(config.input, IMAGE, mc.TYPE_STRING, [1])
+    # the first step's public inputs, as it declares them: FRAMES only where its pre-processing reads it
+    ways_in = [t for t in steps[0].input if t.name in (IMAGE, FRAMES)] if steps else []
+    for tensor in ways_in or [mc.ModelInput(name=IMAGE, data_type=mc.TYPE_STRING, dims=[1])]:
+        config.input.add().CopyFrom(tensor)
     _add_detection_outputs(config)
-    produced: set[str] = {IMAGE}
+    produced: set[str] = {t.name for t in config.input}
     for i, step_config in enumerate(steps):
         step = config.ensemble_scheduling.step.add(model_name=step_config.name, model_version=version)
         for tensor in step_config.input:
             if tensor.name not in produced:
                 raise SpecError(f"step {step_config.name} needs {tensor.name!r}, which no earlier step gives")
-            step.input_map[tensor.name] = tensor.name if tensor.name == IMAGE else f"_{tensor.name}"
+            step.input_map[tensor.name] = tensor.name if tensor.name in (IMAGE, FRAMES) else f"_{tensor.name}"
         last = i == len(steps) - 1
         for tensor in step_config.output:
             public = last and (tensor.name in OUTPUTS or tensor.name in EXTRA_OUTPUTS)

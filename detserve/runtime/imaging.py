@@ -179,3 +179,16 @@ def _grey16_to_rgb(values: np.ndarray) -> np.ndarray:
     """
     grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def check_frame_pixels(n: int, height: int, width: int, max_pixels: int, max_request_pixels: int) -> None:
+    """Raw frames (``FRAMES``, [n, height, width, 3]) against the same limits as encoded images' headers:
+    each frame within ``max_pixels``, all together within the per-request budget."""
+    if height * width > max_pixels:
+        raise ImageError(f"frame of {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", hint=_SIZE_HINT)
+    if n * height * width > max_request_pixels:
+        raise ImageError(
+            f"request holds {n * height * width} pixels in its {n} frame(s), over the per-request budget of "
+            f"{max_request_pixels} pixels (max_request_pixels); nothing was pre-processed",
+            hint=_BUDGET_HINT,
+        )

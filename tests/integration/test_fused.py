@@ -35,7 +35,7 @@ def test_fused_config_comes_from_the_built_ensemble(repository: Path, tmp_path: 
     pre = read_config(repository / model_name(SHAPES, PREPROCESS))
     ensemble = read_config(repository / SHAPES)
     assert config.name == SHAPES and config.backend == "python"
-    assert [t.name for t in config.input] == ["IMAGE"]
+    assert [t.name for t in config.input] == ["IMAGE", "FRAMES"]
     assert [t.name for t in config.output] == [t.name for t in ensemble.output]
     assert config.dynamic_batching == pre.dynamic_batching and config.max_batch_size == pre.max_batch_size
     assert config.instance_group[0].count == 2 and config.parameters["intra_op_threads"].string_value == "1"

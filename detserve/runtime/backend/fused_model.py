@@ -3,7 +3,7 @@
 An option for CPU-only deployments (docs/performance.md): the ensemble's python stubs become one,
 so the preprocessed tensor and every step's outputs never leave the process — no copy into and
 out of Triton's shared memory between steps, no ensemble bookkeeping, one ``execute`` per batch
-instead of one per step. It serves the same contract as the ensemble (``IMAGE`` in;
+instead of one per step. It serves the same contract as the ensemble (``IMAGE`` or ``FRAMES`` in;
 ``num_detections``, ``boxes``, ``scores``, ``labels`` out, and ``masks`` where the ensemble has
 them) under the ensemble's name, with the same per-request controls, errors and abandoned-request
 checks; the steps' code is the ensemble's own: the pre-processing, then the family's declared
@@ -27,7 +27,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from detserve.families import decode_spec_from_json, family_of_spec
-from detserve.pipeline import CORE, IMAGE
+from detserve.pipeline import CORE
 from detserve.runtime.backend.common import (
     apply_torch_threads,
     check_wanted,
@@ -39,7 +39,7 @@ from detserve.runtime.backend.common import (
     run_per_image,
     tune_stub_malloc,
 )
-from detserve.runtime.backend.preprocess_model import preprocess_images
+from detserve.runtime.backend.preprocess_model import preprocess_request, request_inputs
 from detserve.runtime.canvas import canvas_of, crop_to_canvases
 from detserve.runtime.chain import StepChain
 from detserve.runtime.onnxrt import cpu_session
@@ -53,8 +53,7 @@ class _Request:
         params = request_parameters(request)
         check_wanted(request, params)
         self.controls = RequestControls.from_parameters(params, post)
-        blobs = [bytes(b) for b in pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)]
-        images, self.info = preprocess_images(blobs, pre, per_image=True)
+        images, self.info = preprocess_request(*request_inputs(request), pre, per_image=True)
         self.images = crop_to_canvases(images, self.info)
         self.n = int(self.info.shape[0])
 

@@ -1,4 +1,5 @@
-"""Preprocess step: encoded image bytes -> normalised, padded tensor + image_info, per the stored spec."""
+"""Preprocess step: encoded image bytes (``IMAGE``) or raw RGB pixels (``FRAMES``) -> normalised, padded
+tensor + image_info, per the stored spec."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from detserve.errors import ImageError, RequestError
+from detserve.pipeline import FRAMES, IMAGE
 from detserve.runtime.backend.common import (
     apply_torch_threads,
     check_wanted,
@@ -19,7 +21,7 @@ from detserve.runtime.backend.common import (
     tune_stub_malloc,
 )
 from detserve.runtime.canvas import CANVAS_PARAMETER, PER_IMAGE
-from detserve.runtime.imaging import load_image, open_request_images
+from detserve.runtime.imaging import check_frame_pixels, load_image, open_request_images
 from detserve.runtime.preprocess import Preprocessed, preprocess
 from detserve.specs import PreprocessSpec
 
@@ -43,6 +45,44 @@ def preprocess_images(blobs: list[bytes], spec: PreprocessSpec, per_image: bool 
         except ImageError as e:
             where = f"image {i + 1} of {len(blobs)}: " if len(blobs) > 1 else ""
             raise ImageError(where + e.message, hint=e.hint) from e
+    return _assemble(items, spec, per_image)
+
+
+def preprocess_frames(frames: np.ndarray, spec: PreprocessSpec, per_image: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``FRAMES`` of one request, uint8 [n, H, W, 3] RGB -> what :func:`preprocess_images` gives for the same
+    pixels sent as lossless files: the same :func:`preprocess` call on the same array, so the tensors are
+    bit-identical (tests/unit/test_frames.py); the pixel budgets are checked from the shape first."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        raise RequestError(f"FRAMES must be uint8 [N, H, W, 3] RGB pixels, got {frames.dtype} {list(frames.shape)}")
+    n, h, w = (int(v) for v in frames.shape[:3])
+    if n == 0 or h == 0 or w == 0:
+        raise ImageError(f"FRAMES holds no pixels (shape {list(frames.shape)})")
+    check_frame_pixels(n, h, w, spec.max_image_pixels, spec.max_request_pixels)
+    # a copy: Triton's input buffer is read-only and torch refuses to share one (as load_image copies)
+    return _assemble([preprocess(np.array(f), spec) for f in frames], spec, per_image)
+
+
+def preprocess_request(
+    image: np.ndarray | None, frames: np.ndarray | None, spec: PreprocessSpec, per_image: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One request's ``IMAGE`` or ``FRAMES`` input (both optional in the config, exactly one given)."""
+    if image is not None and frames is not None:
+        raise RequestError(
+            "the request carries both IMAGE and FRAMES; an image comes either as encoded bytes (IMAGE) or as raw "
+            "pixels (FRAMES), never both in one request",
+            hint="send the encoded images and the raw frames in separate requests",
+        )
+    if frames is not None:
+        return preprocess_frames(frames, spec, per_image)
+    if image is None:
+        raise RequestError(
+            "the request carries no image: send IMAGE (encoded files, BYTES [N, 1]) or FRAMES (uint8 RGB [N, H, W, 3])"
+        )
+    return preprocess_images([bytes(b) for b in image.reshape(-1)], spec, per_image)
+
+
+def _assemble(items: list[Preprocessed], spec: PreprocessSpec, per_image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images -> one request's ([n, 3, H, W], [n, 6] image_info), each on its own canvas."""
     if not per_image:
         _one_canvas(items)
     h = max(p.padded_hw[0] for p in items)
@@ -69,6 +109,13 @@ def _one_canvas(items: list[Preprocessed]) -> None:
         )
 
 
+def request_inputs(request: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A request's ``IMAGE`` and ``FRAMES`` arrays, None where absent (a repository built before FRAMES has no such input)."""
+    tensors = (pb_utils.get_input_tensor_by_name(request, n) for n in (IMAGE, FRAMES))
+    image, frames = (t.as_numpy() if t is not None else None for t in tensors)
+    return image, frames
+
+
 def step_device(args: dict[str, Any]) -> torch.device | None:
     """The config parameter ``device`` (written by ``detserve build --device gpu``): ``"cuda"`` -> this
     instance's GPU (a KIND_GPU instance group), where the IMAGE pre-processing runs and its tensor stays
@@ -93,9 +140,7 @@ class TritonPythonModel:
         encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         if self.device is not None and encoded is not None and pb_utils.get_input_tensor_by_name(request, "FRAMES") is None:
             return self._on_device([bytes(b) for b in encoded.as_numpy().reshape(-1)], self.device)
-        tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
-        blobs = [bytes(b) for b in tensor.as_numpy().reshape(-1)]
-        images, info = preprocess_images(blobs, self.spec, self.per_image)
+        images, info = preprocess_request(*request_inputs(request), self.spec, self.per_image)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images), pb_utils.Tensor("image_info", info)])
 
     def _on_device(self, blobs: list[bytes], device: torch.device) -> Any:
