@@ -54,6 +54,14 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
     || echo "warning: could not install chromium: the live-view browser test will be skipped" >&2
 fi
+# GStreamer's RTSP server for the system python3: the real RTSP camera of the stream tests (tests/rtsp_server.py).
+# Without it those tests skip.
+if ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gir1.2-gst-rtsp-server-1.0 \
+    python3-gst-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad) >/dev/null 2>&1 \
+    || echo "warning: could not install GStreamer's RTSP server: the RTSP stream tests will be skipped" >&2
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -c "import torch, torchvision, onnxruntime, tritonclient, pytriton; print('detserve env ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"

@@ -11,6 +11,7 @@ import pytest
 from detserve.app.demo import DEMO_DETECTOR, DEMO_WEIGHTS
 from detserve.ops.server import TritonServer
 from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS, SHORT_NAMES, make_checkpoint
+from tests.rtsp_server import corrupt_shapes_video, fast_shapes_video, rtsp_camera, shapes_video  # noqa: F401 - fixtures
 from training.synthetic import NUM_CLASSES as SHAPES_CLASSES
 
 HERE = Path(__file__).resolve().parent
