@@ -1,9 +1,10 @@
 """Raw frames through a real Triton (issue 25 part 3): the ensemble's second input ``FRAMES``.
 
 The same pixels sent as ``FRAMES`` (uint8 [N, H, W, 3]) and as lossless PNG files through ``IMAGE``
-give the core the same tensor, bit for bit, on every served pre-processing (each parity detector's
-and the trained demo detector's: torchvision and fixed resize modes), and the ensemble the same
-detections; a request with both inputs or neither is refused with a clear message. Slow: a
+give the core the same tensor, bit for bit, through the served pre-processing (the trained demo
+detector's fixed resize and FCOS's torchvision resize; every mode without a server in
+tests/unit/test_frames.py), and the ensemble the same detections; a request with both inputs or
+neither is refused with a clear message. Slow: a
 repository built before FRAMES existed still serves IMAGE, and the fused layout takes FRAMES.
 """
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from tests.integration.conftest import SHAPES
 
-SERVED = (SHAPES, "ssdlite", "ssd300", "retinanet", "fcos")
+SERVED = (SHAPES, "fcos")  # fixed and torchvision resizing; every mode: tests/unit/test_frames.py
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 
 
