@@ -10,7 +10,8 @@
 # wheels scripts/gpu_wheels.sh fetched here into .device-wheels/ travel with the tree (device call:
 # carry [".device-wheels"]) and are installed with --no-deps into a private folder. The python-backend
 # stubs run Python isolated (PYTHONPATH ignored; detserve/ops/embedded.py), so that folder and this
-# checkout also go into a .pth of the machine's own site-packages: the machine is bare and given back.
+# checkout also go into a .pth of the machine's own site-packages (the machine is bare and given back),
+# which also puts numpy 1.26 first for the stubs alone: Triton 2.51's stub cannot read numpy 2 arrays.
 #
 # Usage:
 #   scripts/gpu_serve_check.sh [OUT_DIR]             on the GPU machine (default $OUT, else out/gpu_serve_check)
@@ -35,13 +36,24 @@ if [ ${#dry[@]} -eq 0 ]; then
         exit 2
     fi
     site="$(mktemp -d /tmp/detserve-site.XXXXXX)"
+    stubsite="$(mktemp -d /tmp/detserve-stub-site.XXXXXX)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .device-wheels/*.whl || exit 2
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$stubsite" .device-wheels/stubs/*.whl \
+        || exit 2
+    # the stub links the machine's libpython3.12 (detserve/ops/embedded.py puts LIBDIR first)
+    libdir="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')"
+    stub="$site/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub"
+    if LD_LIBRARY_PATH="$libdir:$site/nvidia_pytriton.libs" ldd "$stub" | grep 'not found' >"$OUT_DIR/setup.txt"; then
+        echo "the python-backend stub misses libraries here ($OUT_DIR/setup.txt):"; cat "$OUT_DIR/setup.txt"; exit 2
+    fi
     # tritonclient's generated gRPC code refuses an older grpcio than it was generated with
     if ! PYTHONPATH="$site" "$PY" -c 'import tritonclient.grpc' 2>"$OUT_DIR/setup.txt"; then
         echo "tritonclient does not import here ($OUT_DIR/setup.txt):"; tail -n 3 "$OUT_DIR/setup.txt"; exit 2
     fi
     sitepackages="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
-    printf '%s\n%s\n' "$PWD" "$site" >"$sitepackages/detserve-device-check.pth" || exit 2
+    # the stubs (sys.prefix: detserve's stub prefix) get numpy 1.26 first; this process keeps the machine's numpy 2
+    printf '%s\n%s\nimport sys; sys.path.insert(0, "%s") if "stub-prefix" in sys.prefix else None\n' \
+        "$PWD" "$site" "$stubsite" >"$sitepackages/detserve-device-check.pth" || exit 2
     export PYTHONPATH="$site:$PWD"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
