@@ -20,6 +20,7 @@ upload its result: equal to the CPU by construction, with no GPU work but the co
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -139,8 +140,7 @@ def preprocess_tensor(hwc: torch.Tensor, spec: PreprocessSpec) -> Preprocessed:
     """uint8 [H, W, 3] RGB on any device -> :class:`Preprocessed` on that device (see the module docstring)."""
     original_hw = (int(hwc.shape[0]), int(hwc.shape[1]))
     if spec.resize_mode not in TORCH_MODES:  # OpenCV's (or another library's) reference: the CPU path
-        cpu = preprocess(hwc.cpu().numpy(), spec)
-        return Preprocessed(cpu.tensor.to(hwc.device), cpu.original_hw, cpu.resized_hw)
+        return _upload(preprocess(hwc.cpu().numpy(), spec), hwc.device)
     chw = hwc.permute(2, 0, 1)
     if spec.resize_mode == "transformers":
         resized = _resize_transformers(chw, spec)
@@ -166,7 +166,7 @@ def preprocess_on(blobs: Sequence[bytes], spec: PreprocessSpec, device: str | to
 
 
 def _upload(p: Preprocessed, device: torch.device) -> Preprocessed:
-    return Preprocessed(p.tensor.to(device), p.original_hw, p.resized_hw)
+    return dataclasses.replace(p, tensor=p.tensor.to(device))  # whatever else a mode records, kept
 
 
 def stack_on(items: Sequence[Preprocessed], spec: PreprocessSpec) -> tuple[torch.Tensor, np.ndarray]:
