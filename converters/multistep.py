@@ -115,6 +115,58 @@ def verify_step(module: Any, step: StepDecl, onnx_path: Path, samples: Sequence[
     )
 
 
+def chain_samples(
+    family: Family, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl]
+) -> dict[str, list[list[Any]]]:
+    """Per core role, the inputs it gets when the sample photographs run through the chain in-process."""
+    defaults = RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)
+    samples: dict[str, list[list[Any]]] = {}
+    for images, info in verification_inputs(pre):
+        _, inputs = run_chain(family, model, spec, images, info, [defaults] * int(images.shape[0]))
+        for role, args in inputs.items():
+            samples.setdefault(role, []).append(args)
+    for step in steps:
+        if step.kind == "core" and step.role not in samples:
+            raise SpecError(f"core step {step.role!r} got no inputs from the sample photographs")
+    return samples
+
+
+def trace_sample(samples: Sequence[Sequence[Any]]) -> Sequence[Any]:
+    """The sample an export traces: a batch of two where there is one (a batch of one can specialise the batch)."""
+    return next((s for s in samples if s[0].shape[0] == 2), samples[0])
+
+
+def build_torch_cores(
+    family: Family, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl], version_dir: Any, verify: bool
+) -> dict[str, Any]:
+    """The python-torch target: every core step saved as a torch artifact (converters/torch_export.py) in
+    ``version_dir(role)``, verified against eager on the inputs the chain gives it; per role the
+    artifact's record and the verification."""
+    from converters.onnx_export import require_ok
+    from converters.torch_export import backend_label, export_artifact, verify_artifact
+    from detserve.runtime.torchcore import load_core
+
+    samples = chain_samples(family, model, spec, pre, steps)
+    out: dict[str, Any] = {}
+    for step in steps:
+        if step.kind != "core":
+            continue
+        module = family.step_module(model, spec, step.role)
+        record = export_artifact(
+            module, step.inputs, trace_sample(samples[step.role]), version_dir(step.role), pre.fixed_input_hw
+        )
+        result = None
+        if verify:
+            artifact = load_core(version_dir(step.role) / record["file"])
+            result = verify_artifact(
+                module, artifact, step.inputs, step.outputs, samples[step.role], backend_label(record, step.role)
+            )
+            require_ok(result)
+            result = result.to_dict()
+        out[step.role] = {"artifact": record, "verification": result}
+    return out
+
+
 def build_cores(
     family: Family, model: Any, spec: Any, pre: PreprocessSpec, steps: Sequence[StepDecl], version_dir: Any, verify: bool
 ) -> dict[str, Any]:
@@ -122,20 +174,13 @@ def build_cores(
     the verification and the sample inputs (the chain's on the sample photographs)."""
     from converters.onnx_export import require_ok
 
-    defaults = RequestControls(spec.score_thresh, spec.nms_thresh, spec.detections_per_img)
-    samples: dict[str, list[list[Any]]] = {}
-    for images, info in verification_inputs(pre):
-        _, inputs = run_chain(family, model, spec, images, info, [defaults] * int(images.shape[0]))
-        for role, args in inputs.items():
-            samples.setdefault(role, []).append(args)
+    samples = chain_samples(family, model, spec, pre, steps)
     checks: dict[str, Any] = {}
     for step in steps:
         if step.kind != "core":
             continue
-        if step.role not in samples:
-            raise SpecError(f"core step {step.role!r} got no inputs from the sample photographs")
         module = family.step_module(model, spec, step.role)
-        trace = next((s for s in samples[step.role] if s[0].shape[0] == 2), samples[step.role][0])
+        trace = trace_sample(samples[step.role])
         path = export_step(module, step, trace, version_dir(step.role) / "model.onnx")
         result = None
         if verify:

@@ -154,8 +154,6 @@ def build_repository(req: BuildRequest) -> BuildResult:
     repo = req.repository.resolve()
     decls = list(family.steps(post))
     single = is_single_stage(decls)
-    if req.fused_out is not None and req.target == "tensorrt":
-        raise SpecError("the fused CPU layout runs the cores in onnxruntime (not tensorrt)")
     if req.target == "tensorrt" and req.precision == "int8" and not single:
         raise SpecError(
             f"{family.name}: int8 needs calibration batches of every input of every core (FPN maps, proposals)",
@@ -171,13 +169,19 @@ def build_repository(req: BuildRequest) -> BuildResult:
     def version_dir(role: str) -> Path:
         return repo / model_name(name, role) / str(req.version)
 
-    export = _build_single_core if single else _build_step_cores
-    checks, extra = export(req, repo, family, model, spec, decls, version_dir)
+    if req.target == "python-torch":
+        checks, extra = _build_torch_cores(req, family, model, spec, decls, version_dir)
+        _name_artifacts(configs, name, extra["torch_core"])
+    else:
+        export = _build_single_core if single else _build_step_cores
+        checks, extra = export(req, repo, family, model, spec, decls, version_dir)
     checks["ok"] = all(c is None or c["ok"] for c in list(checks.values()))
-    record = {**_record(req, name, family.name, num_classes, version_dir("core") / "model.onnx", checks), **extra}
+    onnx_path = None if req.target == "python-torch" else version_dir("core") / "model.onnx"
+    record = {**_record(req, name, family.name, num_classes, onnx_path, checks), **extra}
     record["steps"] = [model_name(name, d.role) for d in decls]
     # every step but the preprocessing runs in the one python step model, except cores on Triton's own backends
-    modules = {model_name(name, d.role): "step_model" for d in decls if d.kind == "python" or req.target == "python-onnxruntime"}
+    stub_cores = req.target in ("python-onnxruntime", "python-torch")
+    modules = {model_name(name, d.role): "step_model" for d in decls if d.kind == "python" or stub_cores}
     _write_models(repo, name, req, configs, spec, record, modules)
     write_labels(repo / name / str(req.version), record, spec)  # class names on an open path (converters/labels.py)
     if req.fused_out is not None:
@@ -232,6 +236,57 @@ def _build_step_cores(
     return checks, extra
 
 
+def _build_torch_cores(
+    req: BuildRequest, family: Any, model: Any, spec: ModelSpec, decls: list[Any], version_dir: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The python-torch target (converters/torch_export.py): every core step a torch artifact, verified
+    against eager per tensor -- by detections where a single core selects its slots. No ONNX is written:
+    this target is the one for cores ONNX cannot hold."""
+    from converters.multistep import build_torch_cores
+    from detserve.families.base import is_single_stage
+
+    pre, post = spec.preprocess, spec.postprocess
+    if not is_single_stage(decls):
+        cores = build_torch_cores(family, model, post, pre, decls, version_dir, req.verify)
+        return {r: c["verification"] for r, c in cores.items()}, {"torch_core": {r: c["artifact"] for r, c in cores.items()}}
+    from converters.torch_export import backend_label, export_artifact, verify_artifact
+    from detserve.runtime.torchcore import load_core
+
+    core = family.step_module(model, post, "core")
+    batches = _verification_batches(pre)
+    artifact = export_artifact(core, decls[0].inputs, (batches[-1],), version_dir("core"), pre.fixed_input_hw)
+    check = None
+    if req.verify:
+        loaded = load_core(version_dir("core") / artifact["file"])
+        tensors = verify_artifact(
+            core, loaded, decls[0].inputs, decls[0].outputs, [(b,) for b in batches], backend_label(artifact)
+        )
+        check = _judge(family, post, core, tensors, loaded, artifact, pre)
+    return {"core": check}, {"torch_core": {"core": artifact}}
+
+
+def _judge(family: Any, post: Any, core: Any, tensors: Any, loaded: Any, artifact: dict[str, Any], pre: PreprocessSpec) -> Any:
+    """The torch core's verdict as the ONNX core's (_verify_core): per tensor, or by detections where it selects."""
+    from converters.onnx_export import require_ok
+    from converters.torch_export import artifact_runner, backend_label
+    from converters.verify_detections import require_detections_ok, verify_detections
+
+    if not family.core_selects(post):
+        require_ok(tensors)
+        return tensors.to_dict()
+    run = artifact_runner(loaded, [o.name for o in family.outputs(post)])
+    detections = verify_detections(family, post, core, run, backend_label(artifact), _verification_items(pre))
+    require_detections_ok(detections)
+    return {**tensors.to_dict(), "ok": detections.ok, "tensors_ok": tensors.ok, "judged_by": "detections",
+            "detections": detections.to_dict()}  # fmt: skip
+
+
+def _name_artifacts(configs: dict[str, Any], name: str, artifacts: dict[str, dict[str, Any]]) -> None:
+    """Each torch core's config names the file its export produced (``model.ts`` where torch.export fell back)."""
+    for role, artifact in artifacts.items():
+        configs[model_name(name, role)].parameters["torch_file"].string_value = artifact["file"]
+
+
 def _checkpoint_kind(checkpoint: Path | str | None) -> str | None:
     """What ``checkpoint_sha256`` hashed: a file, or a folder (names and contents, detserve.hashing)."""
     if checkpoint is None:
@@ -240,7 +295,7 @@ def _checkpoint_kind(checkpoint: Path | str | None) -> str | None:
 
 
 def _record(
-    req: BuildRequest, name: str, family: str, num_classes: int, onnx_path: Path, checks: dict[str, Any]
+    req: BuildRequest, name: str, family: str, num_classes: int, onnx_path: Path | None, checks: dict[str, Any]
 ) -> dict[str, Any]:
     from detserve.hashing import checkpoint_sha256, file_sha256
 
@@ -260,8 +315,8 @@ def _record(
         "spread_init_seed": req.spread_init_seed,
         "target": req.target,
         "precision": req.precision,
-        "onnx_opset": 17,
-        "onnx_sha256": file_sha256(onnx_path),
+        "onnx_opset": 17 if onnx_path is not None else None,
+        "onnx_sha256": file_sha256(onnx_path) if onnx_path is not None else None,
         "tools": tool_versions(),
         "verification": checks,
         "options": dataclasses.asdict(req.options),
@@ -323,11 +378,21 @@ def _check_target_options(req: BuildRequest) -> None:
 
     if req.target not in TARGETS:
         raise SpecError(f"unknown target {req.target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
+    if req.fused_out is not None and req.target in ("tensorrt", "python-torch"):
+        raise SpecError(f"the fused CPU layout runs the cores in onnxruntime (not {req.target})")
+    if req.options.device == "gpu" and req.target != "python-torch":
+        raise SpecError(
+            f"--device gpu needs --target python-torch, not {req.target}",
+            hint="--target tensorrt runs its core on the GPU already; --postprocess-on-gpu moves its post-processing there",
+        )
     if req.target != "tensorrt":
         if req.precision != "fp32" or req.calibration_images is not None:
             raise SpecError(f"--precision/--calibration-images apply to --target tensorrt, not {req.target}")
         if req.options.postprocess_on_gpu:
-            raise SpecError("post-processing on the GPU needs --target tensorrt (its raw outputs are on the GPU)")
+            raise SpecError(
+                "post-processing on the GPU needs --target tensorrt (its raw outputs are on the GPU)",
+                hint="with --target python-torch, --device gpu runs every step on the GPU",
+            )
         return
     from converters.tensorrt_build import check_precision_supported, validate_precision
     from converters.tensorrt_env import import_tensorrt, require_cuda_gpu

@@ -32,8 +32,12 @@ from detserve.specs import PreprocessSpec
 if TYPE_CHECKING:
     from detserve.families.base import StepDecl
 
-Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt"]
-TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt")
+Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt", "python-torch"]
+TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt", "python-torch")
+# cores run inside detserve's python step model (not Triton's own backends): they crop per-image canvases
+STUB_TARGETS = ("python-onnxruntime", "python-torch")
+TORCH_FILE = "model.pt2"  # the python-torch core's artifact (converters/torch_export.py; model.ts where it fell back)
+DEVICES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,15 @@ class ServingOptions:
     # post-processing without a device-to-host copy and decode/NMS run on the GPU. Off by default;
     # only meaningful with the tensorrt target (the build refuses it otherwise).
     postprocess_on_gpu: bool = False
+    # "gpu" (python-torch target only, checked by the build): pre-processing, the torch core and the
+    # single-stage post-processing get KIND_GPU instances and parameter device "cuda"; each step
+    # hands its tensors on through DLPack, no host copy between steps (steps that read counts on the
+    # CPU, R-CNN's, stay there and get their inputs copied by Triton).
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise SpecError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.max_batch_size < 1:
             raise SpecError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_size < 0 or self.queue_timeout_ms < 0:
@@ -126,7 +137,9 @@ def _public_inputs(container: Any) -> None:
 
 def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> mc.ModelConfig:
     config = mc.ModelConfig(name=model_name(name, PREPROCESS), backend="python")
-    _batched(config, opts, opts.preprocess_instances)
+    _batched(config, opts, opts.preprocess_instances, gpu=opts.device == "gpu")
+    if opts.device == "gpu":  # runtime/backend/preprocess_model.py decodes/resizes there
+        config.parameters["device"].string_value = "cuda"
     _public_inputs(config.input)
     _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     _tensor(config.output, IMAGE_INFO, mc.TYPE_INT32, [6])
@@ -152,7 +165,10 @@ def step_config(
     step (``parameters: step``) with the decode spec. The last step's instances are the
     post-processing ones; the steps between get one each. A step that may take GPU inputs
     (``StepDecl.gpu_inputs``: a single-stage post-processing) runs on the GPU with
-    ``ServingOptions.postprocess_on_gpu``.
+    ``ServingOptions.postprocess_on_gpu``. On python-torch the core is a torch artifact
+    (``torch_file``) run by the python step model with the ONNX core's thread count; with
+    ``ServingOptions.device`` "gpu" (python-torch only) the core and the GPU-capable steps run on the
+    GPU (KIND_GPU, ``device: cuda``, inputs left on the GPU).
     """
     if target not in TARGETS:
         raise SpecError(f"unknown target {target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
@@ -164,16 +180,26 @@ def step_config(
         config.platform, config.default_model_filename = "tensorrt_plan", "model.plan"
     else:
         config.backend = "python"
+    on_gpu = opts.device == "gpu"
+    if on_gpu and target != "python-torch":
+        raise SpecError(f"device gpu needs the python-torch target, not {target}")
     if step.kind == "core":
         if target == "python-onnxruntime":
             config.parameters["onnx_file"].string_value = "model.onnx"
             config.parameters["intra_op_threads"].string_value = str(opts.ort_intra_op_threads)
             config.parameters["allow_spinning"].string_value = "1" if opts.ort_allow_spinning else "0"
-        _batched(config, opts, opts.core_instances, gpu=target == "tensorrt")
+        elif target == "python-torch":  # the ONNX core's thread setting, for torch (runtime/torchcore.py)
+            config.parameters["torch_file"].string_value = TORCH_FILE
+            config.parameters["torch_threads"].string_value = str(opts.ort_intra_op_threads)
+        _batched(config, opts, opts.core_instances, gpu=target == "tensorrt" or on_gpu)
+        if on_gpu:
+            _on_device(config)
     else:
-        gpu = opts.postprocess_on_gpu and step.gpu_inputs
+        gpu = (opts.postprocess_on_gpu or on_gpu) and step.gpu_inputs
         _batched(config, opts, opts.postprocess_instances if last else 1, gpu=gpu)
-        if gpu:  # the python backend copies every input to the CPU unless told not to
+        if gpu and on_gpu:
+            _on_device(config)
+        elif gpu:  # the python backend copies every input to the CPU unless told not to
             config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
         config.parameters["postprocess_spec"].string_value = decode_spec.to_json()
         config.parameters["step"].string_value = step.role
@@ -186,6 +212,13 @@ def step_config(
     return config
 
 
+def _on_device(config: mc.ModelConfig) -> None:
+    """A python step that runs on the GPU: inputs left where the previous step put them (the python
+    backend copies every input to the CPU unless told not to), and ``device`` for the step model."""
+    config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
+    config.parameters["device"].string_value = "cuda"
+
+
 def own_canvases(steps: Sequence[mc.ModelConfig], target: str) -> None:
     """Every image of a request on its own canvas (runtime/canvas.py), where the cores can crop.
 
@@ -196,7 +229,7 @@ def own_canvases(steps: Sequence[mc.ModelConfig], target: str) -> None:
     cores (onnxruntime, TensorRT backends) run a request's tensor whole: their pre-processing
     keeps one canvas per request and refuses images that would need two.
     """
-    if target != "python-onnxruntime":
+    if target not in STUB_TARGETS:
         return
     steps[0].parameters[CANVAS_PARAMETER].string_value = PER_IMAGE
     sized: dict[str, int] = {}  # a core output with an image-sized dim -> its rank
@@ -205,7 +238,7 @@ def own_canvases(steps: Sequence[mc.ModelConfig], target: str) -> None:
         for name in names:
             if name in sized:  # optional: a step called directly (a debugging client) crops nothing
                 config.input.add(name=shape_name(name), data_type=mc.TYPE_INT32, dims=[sized[name]], optional=True)
-        if "onnx_file" not in config.parameters:
+        if "onnx_file" not in config.parameters and "torch_file" not in config.parameters:
             continue
         if CORE_INPUT in names and IMAGE_INFO not in names:
             config.input.add(name=IMAGE_INFO, data_type=mc.TYPE_INT32, dims=[6], optional=True)

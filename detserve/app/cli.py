@@ -42,7 +42,10 @@ def build(
         ),
     ] = None,
     version: Annotated[int, typer.Option(help="version directory to write")] = 1,
-    target: Annotated[str, typer.Option(help="python-onnxruntime | onnxruntime | tensorrt")] = "python-onnxruntime",
+    target: Annotated[
+        str, typer.Option(help="python-onnxruntime | onnxruntime | tensorrt | python-torch (torch.export core run by torch)")
+    ] = "python-onnxruntime",
+    device: Annotated[str, typer.Option(help="cpu | gpu: python-torch only, every step on the GPU (KIND_GPU)")] = "cpu",
     kw: Annotated[list[str], typer.Option(help="model keyword KEY=VALUE (repeatable), e.g. min_size=320")] = [],  # noqa: B006
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching limit")] = 8,
     max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images before decoding")] = None,
@@ -83,7 +86,7 @@ def build(
         version=version,
         target=target,
         model_kwargs=parse_model_kwargs(kw),
-        options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu),
+        options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu, device=device),
         max_image_pixels=max_image_pixels,
         max_request_pixels=max_request_pixels,
         verify=verify,
@@ -125,6 +128,8 @@ def _print_verification(record: dict[str, Any]) -> None:
             continue
         # the engine: "tensorrt"; a multi-step family's engines: "tensorrt_<core step>"
         pair = f"tensorrt {record['precision']} vs onnxruntime" if role.startswith("tensorrt") else "onnxruntime vs PyTorch"
+        if (artifact := record.get("torch_core", {}).get(role)) is not None:  # --target python-torch
+            pair = f"torch {artifact['file']} vs eager"
         info = " (information: judged by detections)" if core.get("judged_by") == "detections" else ""
         for out in core["outputs"]:
             typer.echo(f"  verified {out['name']}: max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e} ({pair}){info}")

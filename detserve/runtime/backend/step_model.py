@@ -3,7 +3,9 @@
 The config says which kind of step (tritonconfig.step_config): ``onnx_file`` set -> a core on a
 server without the ONNX Runtime backend: onnxruntime inside the stub runs the exported core on
 every declared input (one, the pre-processed ``images``, or several: a two-stage family's FPN maps
-and proposals). Otherwise a torch step: the family named by the stored decode spec
+and proposals). ``torch_file`` set -> the python-torch target's core: the saved torch artifact run
+by torch (runtime/torchcore.py), on the CPU or, with ``device`` "cuda", on the GPU where its inputs
+stay and its outputs are handed on through DLPack. Otherwise a torch step: the family named by the stored decode spec
 (``postprocess_spec``) runs its step ``step`` (``Family.run_step``: a single-stage family's
 ``postprocess`` = decode + NMS + fixed-size padding; R-CNN's proposals, detections, ...) with the
 request's controls (request parameters pass through the ensemble to every step).
@@ -116,6 +118,87 @@ class OnnxCore:
         return run_per_image(pb_utils, parsed, lambda r, j: r.key(j), self._run, self._respond, responses)
 
 
+class _DeviceCoreRequest:
+    """One request of a torch core: its inputs per image, where Triton put them (GPU inputs stay there)."""
+
+    def __init__(self, request: Any, feeds: list[str], names: list[str]) -> None:
+        given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in names}
+        arrays = {n: _array(t) for n, t in given.items() if t is not None}  # companions are optional
+        small = {n: _host(arrays[n]) for n in arrays if n == IMAGE_INFO or is_shape_name(n)}  # a few ints, read here
+        per_input = {}
+        for n in feeds:
+            if n == IMAGES and IMAGE_INFO in small:
+                per_input[n] = crop_to_canvases(arrays[n], small[IMAGE_INFO])
+            else:
+                per_input[n] = unpack(arrays[n], small.get(shape_name(n)), n)
+        self.n = int(arrays[feeds[0]].shape[0])
+        self.images = [{n: per_input[n][j] for n in feeds} for j in range(self.n)]
+
+    def key(self, j: int) -> tuple[Any, ...]:
+        return tuple(tuple(a.shape) for a in self.images[j].values())
+
+
+class TorchCore:
+    """The python-torch target's core (runtime/torchcore.py): the saved torch artifact on ``device``
+    (config parameter; "cuda": inputs and outputs stay on the GPU, handed on through DLPack)."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from detserve.runtime.torchcore import load_core
+
+        apply_torch_threads(args)  # the ONNX core's intra_op_threads, for torch
+        config = json.loads(args["model_config"])
+        self.device = config_parameter(args, "device", "cpu")
+        path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "torch_file")
+        self.module = load_core(path, self.device)
+        self.names = [i["name"] for i in config["input"]]
+        self.feeds = [n for n in self.names if n != IMAGE_INFO and not is_shape_name(n)]
+        declared = [o["name"] for o in config["output"]]
+        self.outputs = [n for n in declared if not is_shape_name(n)]
+        self.companions = {n for n in self.outputs if shape_name(n) in declared}
+        self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+
+    def _run(self, members: list[tuple[_DeviceCoreRequest, int]]) -> list[dict[str, Any]]:
+        import torch
+
+        from detserve.runtime.torchcore import run_core
+
+        feed = [_stack([r.images[j][n] for r, j in members]).to(self.device) for n in self.feeds]
+        outs = run_core(self.module, feed, self.device)
+        rows = [{n: o[k] for n, o in zip(self.outputs, outs, strict=True)} for k in range(len(members))]
+        if self.device == "cpu":  # the CPU path answers numpy, as the ONNX core does
+            return [{n: t.numpy() for n, t in r.items()} for r in rows]
+        torch.cuda.current_stream().synchronize()  # the next step reads these through DLPack
+        return rows
+
+    def _respond(self, _: _DeviceCoreRequest, rows: list[dict[str, Any]]) -> Any:
+        import torch.utils.dlpack
+
+        from detserve.runtime.torchcore import pack_tensors, torch_dtype
+
+        tensors = []
+        for n in self.outputs:
+            if self.device == "cpu":
+                batch, shapes = pack([r[n] for r in rows])
+                tensors.append(pb_utils.Tensor(n, batch.astype(self.dtypes[n], copy=False)))
+            else:
+                gpu, shapes = pack_tensors([r[n] for r in rows])
+                gpu = gpu.to(torch_dtype(self.dtypes[n])).contiguous()
+                tensors.append(pb_utils.Tensor.from_dlpack(n, torch.utils.dlpack.to_dlpack(gpu)))
+            if n in self.companions:
+                tensors.append(pb_utils.Tensor(shape_name(n), shapes))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        parsed = _parse_all(requests, lambda r: _DeviceCoreRequest(r, self.feeds, self.names), responses)
+        return run_per_image(pb_utils, parsed, lambda r, j: r.key(j), self._run, self._respond, responses)
+
+
+def _host(value: Any) -> np.ndarray:
+    """A small input (image_info, shape companions) as numpy, wherever it arrived."""
+    return value if isinstance(value, np.ndarray) else value.cpu().numpy()
+
+
 def _array(tensor: Any) -> Any:
     """A CPU input as numpy; a GPU input as a CUDA torch tensor sharing its memory (DLPack, no copy)."""
     if tensor.is_cpu():
@@ -174,12 +257,16 @@ class TorchStep:
         self.family = family_of_spec(self.spec)
         # repositories built before every step said its role: their only torch step was the post-processing
         self.role = config_parameter(args, "step", "postprocess")
+        # "cuda" (ServingOptions.device): inputs that came on the CPU move to the GPU too
+        self.device = config_parameter(args, "device", "cpu")
 
     def _run(self, members: list[tuple[_TorchRequest, int]]) -> list[dict[str, np.ndarray]]:
         import torch
 
         first = members[0][0].images[members[0][1]]
         raw = {n: _stack([r.images[j][n] for r, j in members]) for n in first}
+        if self.device != "cpu":
+            raw = {n: t.to(self.device) for n, t in raw.items()}
         info = torch.from_numpy(np.stack([r.info[j] for r, j in members]))
         controls = [r.controls for r, _ in members]
         return list(self.family.run_step(self.spec, self.role, raw, info, controls))
@@ -197,8 +284,14 @@ class TorchStep:
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         tune_stub_malloc()
-        onnx_file = json.loads(args["model_config"]).get("parameters", {}).get("onnx_file", {}).get("string_value")
-        self.step: OnnxCore | TorchStep = OnnxCore(args) if onnx_file else TorchStep(args)
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.step: OnnxCore | TorchCore | TorchStep
+        if "onnx_file" in params:
+            self.step = OnnxCore(args)
+        elif "torch_file" in params:
+            self.step = TorchCore(args)
+        else:
+            self.step = TorchStep(args)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return self.step.execute(requests)
