@@ -6,7 +6,9 @@ Same model, same images, same machine, same closed-loop concurrency:
   (c) the Triton ensemble with dynamic batching;
   (d) the same without dynamic batching;
   (e) 4K images through system shared memory against plain gRPC;
-  (f) the fused CPU layout: the whole served chain in one python model (converters/fused.py).
+  (f) the fused CPU layout: the whole served chain in one python model (converters/fused.py);
+  (g) with ``torch_core``: the ensemble again with its cores on the python-torch target (torch.export
+      run by torch in the python step model) against (c)'s ONNX Runtime cores, same options.
 Served runs also record every process's CPU seconds (tritonserver, each stub, the gate, Locust)
 and memory (RSS/PSS/USS), so the load generator's share is accounted for (loadtest/procstats.py).
 Every figure is a ratio of numbers measured here, now (these machines are shared and noisy).
@@ -42,6 +44,7 @@ class BenchConfig:
     inprocess_seconds: float = 5.0
     shm_requests: int = 10
     fused: bool = True  # (f): also serve the fused CPU layout
+    torch_core: bool = False  # (g): also build and serve the model with its cores on the python-torch target
     flask: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Flask service
 
 
@@ -200,6 +203,12 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         echo("(f) fused CPU layout (the whole chain in one python model)")
         fused_repo = fused_repository(cfg.repository, cfg.out_dir / "repo-fused", cfg.model)
         results["fused"] = _served(cfg, fused_repo, "fused-cpu-layout", echo)
+    if cfg.torch_core:
+        from loadtest.bench_model import torch_core_repository
+
+        echo("(g) Triton ensemble, torch core (python-torch target: building it)")
+        torch_repo = torch_core_repository(cfg.repository, cfg.out_dir / "repo-torch-core", cfg.model)
+        results["torch_core"] = _served(cfg, torch_repo, "torch-core", echo)
     echo("(b) Flask + eager PyTorch")
     results["flask"] = _flask(cfg, echo)
     results["ratios"] = ratios(results)

@@ -83,6 +83,10 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         if limit and r["fused"].get("cpu"):
             share = r["fused"]["cpu"]["locust_share"]
             out[FUSED_TARGET_RATIO] = fused["throughput_rps"] / max(limit * (1.0 - share), 1e-9)
+    if "torch_core" in r:  # (g): the same ensemble, torch cores instead of ONNX Runtime's
+        torch_core = r["torch_core"]["report"]
+        out[TORCH_CORE_RATIO] = torch_core["throughput_rps"] / max(served["throughput_rps"], 1e-9)
+        out[TORCH_CORE_P50_RATIO] = torch_core["latency_ms"].get("p50", 0.0) / max(served["latency_ms"].get("p50", 0.0), 1e-9)
     cpu = r["triton"].get("cpu")
     limit_per_cpu = float(r["inprocess"].get("best_images_per_cpu_s", 0.0))
     if cpu and limit:
@@ -114,6 +118,8 @@ FLASK_PER_CPU_RATIO = "served / Flask, per CPU-second (load generator excluded)"
 FUSED_RATIO = "fused CPU layout / ensemble (throughput)"
 FUSED_TARGET_RATIO = "fused / in-process limit on the CPU the load generator leaves"
 FUSED_PER_CPU_RATIO = "fused / in-process limit, per CPU-second (load generator excluded)"
+TORCH_CORE_RATIO = "torch core / ONNX Runtime core (throughput)"
+TORCH_CORE_P50_RATIO = "torch core / ONNX Runtime core (p50 latency)"
 # (ratio, comparison, target) of issue 16, part 4
 TARGETS = (
     (TARGET_RATIO, ">=", 0.8),

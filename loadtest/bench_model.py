@@ -43,6 +43,33 @@ def ensure_model(repository: Path, model: str, echo: Callable[[str], None]) -> N
     build_repository(demo_build_request(repository, model))
 
 
+def torch_core_repository(repository: Path, dst: Path, model: str) -> Path:
+    """``model`` built again into ``dst`` with the same weights and serving options, its cores on the
+    python-torch target (torch.export run by torch instead of ONNX Runtime): bench's row (g)."""
+    import dataclasses
+
+    from converters.repository import BuildRequest, build_repository
+    from detserve.tritonconfig import ServingOptions
+
+    kwargs = flask_kwargs_from_build(repository, model)
+    record = _core_record(repository, model)
+    options = ServingOptions(**{**record.get("options", {}), "device": "cpu"})
+    req = BuildRequest(
+        detector=kwargs["detector"], repository=dst, name=model, num_classes=kwargs["num_classes"],
+        checkpoint=kwargs["checkpoint"], model_kwargs=kwargs["model_kwargs"] or {},
+        spread_init_seed=kwargs["spread_init_seed"], target="python-torch", options=options,
+    )  # fmt: skip
+    build_repository(dataclasses.replace(req, verify=True))
+    return dst
+
+
+def _core_record(repository: Path, model: str) -> dict[str, Any]:
+    from loadtest.inprocess import latest_version
+
+    core = repository / model_name(model, CORE)
+    return json.loads((core / str(latest_version(core)) / "build.json").read_text())  # type: ignore[no-any-return]
+
+
 def flask_kwargs_from_build(repository: Path, model: str) -> dict[str, Any]:
     """The Flask baseline must hold the same weights as the served model: read how it was built."""
     from loadtest.inprocess import latest_version

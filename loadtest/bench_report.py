@@ -32,6 +32,11 @@ def render_bench(r: dict[str, Any]) -> str:
         *([row("(f) fused CPU layout (one python model)", r["fused"]["report"], r["fused"].get("cpu"))] if "fused" in r else []),
         *(["", f"(f) not run: {r['fused_skipped']}."] if r.get("fused_skipped") else []),
         *(
+            [row("(g) Triton ensemble, torch core (python-torch)", r["torch_core"]["report"], r["torch_core"].get("cpu"))]
+            if "torch_core" in r
+            else []
+        ),
+        *(
             ["", "Composing models after preprocessing: " + " -> ".join(r["inprocess"]["steps"]) + "."]
             if r["inprocess"].get("steps")
             else []

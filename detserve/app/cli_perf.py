@@ -52,12 +52,17 @@ def bench(
     users: Annotated[int, typer.Option(help="concurrent users for every served/Flask run")] = 16,
     duration: Annotated[str, typer.Option(help="length of each run")] = "20s",
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench"),
+    torch_core: Annotated[
+        bool, typer.Option(help="also serve the model with torch cores (python-torch) beside ONNX Runtime's, ratio printed")
+    ] = False,
 ) -> None:
     """Served ensemble vs in-process limit, Flask + eager PyTorch, no dynamic batching and the fused CPU layout;
     prints the ratios with the load generator's CPU accounted for, CPU per process and hop, memory per process."""
     from loadtest.bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(repository=repository, model=model, out_dir=out, users=users, duration_s=seconds(duration))
+    cfg = BenchConfig(
+        repository=repository, model=model, out_dir=out, users=users, duration_s=seconds(duration), torch_core=torch_core
+    )
     run_bench(cfg, typer.echo)
     typer.echo((out / "bench.md").read_text())
 
