@@ -171,7 +171,6 @@ def build_repository(req: BuildRequest) -> BuildResult:
 
     if req.target == "python-torch":
         checks, extra = _build_torch_cores(req, family, model, spec, decls, version_dir)
-        _name_artifacts(configs, name, extra["torch_core"])
     else:
         export = _build_single_core if single else _build_step_cores
         checks, extra = export(req, repo, family, model, spec, decls, version_dir)
@@ -279,12 +278,6 @@ def _judge(family: Any, post: Any, core: Any, tensors: Any, loaded: Any, artifac
     require_detections_ok(detections)
     return {**tensors.to_dict(), "ok": detections.ok, "tensors_ok": tensors.ok, "judged_by": "detections",
             "detections": detections.to_dict()}  # fmt: skip
-
-
-def _name_artifacts(configs: dict[str, Any], name: str, artifacts: dict[str, dict[str, Any]]) -> None:
-    """Each torch core's config names the file its export produced (``model.ts`` where torch.export fell back)."""
-    for role, artifact in artifacts.items():
-        configs[model_name(name, role)].parameters["torch_file"].string_value = artifact["file"]
 
 
 def _checkpoint_kind(checkpoint: Path | str | None) -> str | None:

@@ -36,7 +36,9 @@ Target = Literal["python-onnxruntime", "onnxruntime", "tensorrt", "python-torch"
 TARGETS: tuple[str, ...] = ("python-onnxruntime", "onnxruntime", "tensorrt", "python-torch")
 # cores run inside detserve's python step model (not Triton's own backends): they crop per-image canvases
 STUB_TARGETS = ("python-onnxruntime", "python-torch")
-TORCH_FILE = "model.pt2"  # the python-torch core's artifact (converters/torch_export.py; model.ts where it fell back)
+# the python-torch core's artifact (converters/torch_export.py); the step model loads the model.ts beside
+# it where torch.export fell back (runtime/torchcore.artifact_in: the config is shared by every version)
+TORCH_FILE = "model.pt2"
 DEVICES = ("cpu", "gpu")
 
 

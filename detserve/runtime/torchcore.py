@@ -21,6 +21,19 @@ EXPORTED, TRACED = ".pt2", ".ts"
 DEVICES = ("cpu", "cuda")
 
 
+def artifact_in(version_dir: Path, name: str) -> Path:
+    """The core artifact of a version directory: ``name`` (the config's ``torch_file``, model.pt2), or
+    the trace beside it where torch.export fell back for this detector. The config is shared by
+    every version of the model, so it cannot name a file only one version's build chose."""
+    path = version_dir / name
+    if path.is_file():
+        return path
+    others = [p for p in (path.with_suffix(EXPORTED), path.with_suffix(TRACED)) if p.is_file()]
+    if not others:
+        raise SpecError(f"no torch core artifact {path} (nor {path.with_suffix(TRACED).name}) in {version_dir}")
+    return others[0]
+
+
 def load_core(path: Path, device: str = "cpu") -> Callable[..., Any]:
     """The saved core at ``path`` as a callable on ``device`` (eval, weights there)."""
     import torch

@@ -20,7 +20,7 @@ import torch
 from converters.torch_export import dynamic_shapes, export_artifact, verify_artifact
 from detserve.errors import SpecError
 from detserve.families.base import IMAGES, TensorDecl, single_stage_steps
-from detserve.runtime.torchcore import load_core, pack_tensors, run_core
+from detserve.runtime.torchcore import artifact_in, load_core, pack_tensors, run_core
 from detserve.tritonconfig import ServingOptions, ensemble_config, own_canvases, parse, preprocess_config, render, step_config
 from tests.unit.test_tritonconfig import FCOS_OUT, FCOS_POST, FCOS_PRE, SSD_OUT, SSD_POST, SSD_PRE
 
@@ -67,7 +67,11 @@ def test_where_export_fails_a_trace_stands_in_and_the_record_says_why(tmp_path: 
     assert record["format"] == "torchscript-trace" and record["file"] == "model.ts"
     assert record["fallback_reason"] and not (tmp_path / "model.pt2").exists()
     x = torch.rand(1, 3, 64, 64)
-    assert torch.equal(run_core(load_core(tmp_path / "model.ts"), [x])[0], run_core(_DataDependent().eval(), [x])[0])
+    found = artifact_in(tmp_path, "model.pt2")  # the config's name; the version directory holds the trace
+    assert found == tmp_path / "model.ts"
+    assert torch.equal(run_core(load_core(found), [x])[0], run_core(_DataDependent().eval(), [x])[0])
+    with pytest.raises(SpecError, match="no torch core artifact"):
+        artifact_in(tmp_path / "empty", "model.pt2")
 
 
 def test_a_declared_fixed_size_stays_fixed_and_bad_artifacts_are_refused(tmp_path: Path) -> None:

@@ -143,13 +143,13 @@ class TorchCore:
     (config parameter; "cuda": inputs and outputs stay on the GPU, handed on through DLPack)."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from detserve.runtime.torchcore import load_core
+        from detserve.runtime.torchcore import artifact_in, load_core
 
         apply_torch_threads(args)  # the ONNX core's intra_op_threads, for torch
         config = json.loads(args["model_config"])
         self.device = config_parameter(args, "device", "cpu")
-        path = Path(args["model_repository"]) / args["model_version"] / config_parameter(args, "torch_file")
-        self.module = load_core(path, self.device)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.module = load_core(artifact_in(version_dir, config_parameter(args, "torch_file")), self.device)
         self.names = [i["name"] for i in config["input"]]
         self.feeds = [n for n in self.names if n != IMAGE_INFO and not is_shape_name(n)]
         declared = [o["name"] for o in config["output"]]
