@@ -363,7 +363,13 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _started(repo: Path, log: Path) -> Any:
+# GPU tensors between the stubs and Triton travel through its CUDA memory pool (64 MiB by default): one
+# 64-user step of images + raw core outputs in flight can exceed it, and the python backend then copies
+# through the host instead (a slower path than the one measured here should be)
+GPU_ARGS = ["--cuda-memory-pool-byte-size=0:1073741824"]
+
+
+def _started(repo: Path, log: Path, gpu: bool) -> Any:
     """The embedded server without a gate (its private gRPC socket); a second try if the first lost its
     free metrics port to another process during a slow start (seen on the shared CPU machine)."""
     from detserve.errors import ServerError
@@ -371,7 +377,7 @@ def _started(repo: Path, log: Path) -> Any:
 
     pytriton_binary_only()
     for attempt in (1, 2):
-        ctx = running_server(repo, public=False, log_file=log)
+        ctx = running_server(repo, public=False, log_file=log, extra_args=GPU_ARGS if gpu else [])
         try:
             return ctx, ctx.__enter__()
         except ServerError as e:
@@ -385,7 +391,7 @@ def serve_and_measure(
 ) -> dict[str, Any]:
     from clients.grpc_client import DetectorClient
 
-    ctx, server = _started(out / "repo", out / "tritonserver.log")
+    ctx, server = _started(out / "repo", out / "tritonserver.log", device != "cpu")
     try:
         eager = Eager(out / "repo", device)
         client = DetectorClient(server.internal_url, NAME)
