@@ -83,11 +83,11 @@ def decode_on(blobs: Sequence[bytes], spec: PreprocessSpec, device: torch.device
     if jpegs:
         try:
             decoded = _decode_jpegs([blobs[i] for i in jpegs], device)
-        except RuntimeError as e:  # torchvision says truncated/corrupt; find which image on the CPU path
-            for i in jpegs:
-                _load(opened, blobs, i)  # raises the CPU path's ImageError for the bad one
-            raise ImageError(f"cannot decode JPEG pixel data: {e}") from e
-        for i, chw in zip(jpegs, decoded, strict=True):
+        except RuntimeError:
+            # a corrupt file (Pillow below refuses it with the CPU path's message, naming it) or one the
+            # device's decoder cannot take (Pillow decodes it; the request is served as on the CPU)
+            decoded = []
+        for i, chw in zip(jpegs, decoded, strict=False):
             out[i] = chw.permute(1, 2, 0).contiguous()
     for i in range(len(opened)):
         if out[i] is None:
@@ -151,7 +151,7 @@ def preprocess_tensor(hwc: torch.Tensor, spec: PreprocessSpec) -> Preprocessed:
 
 def preprocess_on(blobs: Sequence[bytes], spec: PreprocessSpec, device: str | torch.device) -> list[Preprocessed]:
     """Several encoded images of one request -> one :class:`Preprocessed` each, tensors on ``device``."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type != "cpu" and spec.resize_mode not in TORCH_MODES:
         # nothing to gain on the device: decode, letterbox and scale on the CPU, then upload
         return [_upload(p, dev) for p in preprocess_on(blobs, spec, "cpu")]

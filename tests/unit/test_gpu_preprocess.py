@@ -90,6 +90,16 @@ def test_bad_images_fail_like_the_cpu_path(blobs: dict[str, bytes]) -> None:
     truncated = blobs["astronaut.jpg"][:5000]
     with pytest.raises(ImageError, match=r"image 2 of 2: cannot decode JPEG pixel data \(5000 bytes\).*truncated"):
         preprocess_on([blobs["rocket.jpg"], truncated], spec, "cpu")
+    # a JPEG the device's decoder refuses but Pillow decodes (nvJPEG lacks some JPEG features): served as on the CPU
+    import detserve.runtime.gpu_preprocess as gp
+
+    def refuse(*_: Any) -> None:
+        raise RuntimeError("unsupported JPEG process")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gp, "_decode_jpegs", refuse)
+        (ours,) = preprocess_on([blobs["rocket.jpg"]], spec, "cpu")
+    assert torch.equal(ours.tensor, preprocess(decode_image(blobs["rocket.jpg"], 10**9), spec).tensor)
     small = PreprocessSpec(min_size=200, max_size=333, max_request_pixels=300_000)  # 2 x 512x512 declared
     with pytest.raises(ImageError, match=r"over the per-request budget.*nothing was decoded"):
         preprocess_on([blobs["astronaut.jpg"], blobs["astronaut.jpg"]], small, "cpu")
