@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -60,6 +61,10 @@ def stream(
     )  # fmt: skip
     specs = parse_sources(source)
     terminate_as_interrupt()
+    # Ctrl-C (SIGINT) is how a run ends and writes its report, even where it was started in the background of a
+    # script (`detserve stream ... &`): the shell sets SIGINT to ignored there, and Python then never raises
+    # KeyboardInterrupt — `kill -INT` would do nothing and the run would never end.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     session = Session(opts)
     if session.view is not None:
         typer.echo(f"live view: {session.view.url}  metrics: {session.view.url}metrics", err=True)
