@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from detserve.errors import SpecError
 
-ResizeMode = Literal["torchvision", "fixed", "ultralytics", "transformers"]
+ResizeMode = Literal["torchvision", "fixed", "ultralytics", "transformers", "mmdet_center"]
 ColorOrder = Literal["RGB", "BGR"]
 
 T = TypeVar("T")
@@ -90,6 +90,12 @@ class PreprocessSpec(Spec):
         ``shortest_edge``/``longest_edge`` arithmetic); then ``x * (1 / pixel_max)``, or, when
         ``image_mean``/``image_std`` are not 0/1, the processor's fused normalisation
         ``(x - mean * pixel_max) / (std * pixel_max)``. No padding (``size_divisible`` 1).
+      - ``mmdet_center``: mmdet's ``RandomCenterCropPad`` in test mode (CenterNet, CornerNet): no
+        resize; the image pasted centred (at ``canvas // 2 - size // 2``; an odd side equal to its
+        canvas loses its last pixel row/column, as in mmdet) on a canvas of
+        ``(side | (size_divisible - 1)) + center_pad_add`` filled with ``center_pad_fill`` (raw pixel
+        values, the core's channel order), then normalised as a whole (``pixel_max`` 1: mmdet's float
+        pixels); ``max_size`` is the largest canvas side accepted, ``min_size`` only sizes the trace.
     The order matches torchvision: scale to 0..1, normalise, resize, pad (bottom/right) to a
     multiple of ``size_divisible``. ``pad_value`` is in normalised units, like torchvision's 0
     (for ``ultralytics``: 114 / 255, the uint8 fill ``round(pad_value * pixel_max)``).
@@ -114,6 +120,8 @@ class PreprocessSpec(Spec):
     # an 8K (33 M) and 3 x 4K, 5 x 12-M phone photos; a request at the budget took 9 s here, where
     # 8 x 40 M took ~40 s. Overridden when serving by DETSERVE_MAX_REQUEST_PIXELS (serve --max-request-pixels).
     max_request_pixels: int = 64_000_000
+    center_pad_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)  # mmdet_center only
+    center_pad_add: int = 0  # mmdet_center only: RandomCenterCropPad's test_pad_add_pix
 
     def __post_init__(self) -> None:
         check(
@@ -123,7 +131,9 @@ class PreprocessSpec(Spec):
         check(self.color_order in get_args(ColorOrder), f"color_order must be RGB or BGR, got {self.color_order!r}")
         check(self.grey == "replicate", f"grey must be 'replicate', got {self.grey!r}")
         check(self.interpolation == "bilinear", f"interpolation must be 'bilinear', got {self.interpolation!r}")
-        if self.resize_mode == "torchvision" or (self.resize_mode == "transformers" and self.fixed_size is None):
+        if self.resize_mode in ("torchvision", "mmdet_center") or (
+            self.resize_mode == "transformers" and self.fixed_size is None
+        ):
             check(0 < self.min_size <= self.max_size, f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
         else:
             check(
@@ -133,6 +143,11 @@ class PreprocessSpec(Spec):
         check(self.size_divisible >= 1, f"size_divisible must be >= 1, got {self.size_divisible}")
         if self.resize_mode == "ultralytics":
             self._check_ultralytics()
+        if self.resize_mode == "mmdet_center":
+            check(
+                self.size_divisible & (self.size_divisible - 1) == 0 and self.center_pad_add >= 0,
+                f"resize_mode 'mmdet_center' ors the sides with size_divisible - 1: a power of two, got {self.size_divisible}",
+            )
         if self.resize_mode == "transformers":
             check(
                 self.size_divisible == 1,
@@ -157,6 +172,12 @@ class PreprocessSpec(Spec):
             f"resize_mode 'ultralytics' pads uint8 pixels: pad_value * pixel_max must be an integer in 0..255, got {fill}",
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.resize_mode != "mmdet_center":  # every other model's stored spec (configs, hashes) stays as it was
+            del out["center_pad_fill"], out["center_pad_add"]
+        return out
+
     @property
     def fixed_input_hw(self) -> tuple[int, int] | None:
         """The core's spatial input size when every image gets the same one, else None."""
@@ -176,6 +197,8 @@ class PreprocessSpec(Spec):
 
     def padded_hw(self, resized_hw: tuple[int, int]) -> tuple[int, int]:
         d = self.size_divisible
+        if self.resize_mode == "mmdet_center":  # RandomCenterCropPad's ('logical_or', d - 1) test padding
+            return ((resized_hw[0] | (d - 1)) + self.center_pad_add, (resized_hw[1] | (d - 1)) + self.center_pad_add)
         return (math.ceil(resized_hw[0] / d) * d, math.ceil(resized_hw[1] / d) * d)
 
 

@@ -63,5 +63,22 @@ if ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')"
     || echo "warning: could not install GStreamer's RTSP server: the RTSP stream tests will be skipped" >&2
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
+# mmdet family (detserve/families/mmdet/, docs/families-mmdet.md): the three OpenMMLab packages without their
+# declared dependencies -- mmengine and mmcv-lite require opencv-python, a second cv2 over opencv-python-headless
+# whose releases need numpy 2; the rest they need is the "mmdet" extra, installed above through dev.
+.venv/bin/python -m pip install -q --no-deps -c scripts/constraints.txt mmengine==0.10.7 mmcv-lite==2.1.0 mmdet==3.3.0
+# mmcv's CPU soft-NMS, the reference side of CornerNet's post-processing (mmcv-lite has no compiled ops): its own
+# nms.cpp from the mmcv 2.1.0 sdist (sha256 checked before use), compiled alone into detserve's cache (~30 s).
+if ! .venv/bin/python -c "from detserve.families.mmdet.zoo import softnms_available as a; raise SystemExit(not a())"; then
+  mmcv_tmp=$(mktemp -d)
+  if curl -sSfL -o "$mmcv_tmp/mmcv-2.1.0.tar.gz" \
+    https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e75f965335be6b7bb6557ae9faf8051e9a012cadd/mmcv-2.1.0.tar.gz \
+    && PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m detserve.families.mmdet.zoo "$mmcv_tmp/mmcv-2.1.0.tar.gz" >/dev/null 2>&1; then
+    :
+  else
+    echo "warning: could not build mmcv's soft-NMS (needs curl, a C++ compiler, ninja): CornerNet's reference tests will skip" >&2
+  fi
+  rm -rf "$mmcv_tmp"
+fi
 .venv/bin/python -c "import torch, torchvision, onnxruntime, tritonclient, pytriton; print('detserve env ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"

@@ -41,6 +41,7 @@ _REGISTRY: dict[str, str] = {
     "yolo": "detserve.families.yolo",
     "detr": "detserve.families.detr",
     "rcnn": "detserve.families.rcnn",
+    "mmdet": "detserve.families.mmdet",
 }
 
 

@@ -6,7 +6,8 @@ pad), so the served tensor equals ``model.transform``'s bit for bit — a test c
 For ``"ultralytics"`` it repeats ultralytics' ``LetterBox`` with the same OpenCV calls on the uint8
 pixels (tests/unit/test_yolo.py checks difference 0 against ultralytics' predictor). For
 ``"transformers"`` it repeats a Hugging Face image processor's torchvision backend with the same
-torchvision calls (tests/unit/test_detr.py checks difference 0 against the processor).
+torchvision calls (tests/unit/test_detr.py checks difference 0 against the processor). For
+``"mmdet_center"`` it repeats mmdet's centred test padding and data preprocessor (tests/unit/test_mmdet.py).
 """
 
 from __future__ import annotations
@@ -152,6 +153,27 @@ def resize_transformers(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     return tvF.normalize(t.to(torch.float32), mean, std, inplace=False)
 
 
+def center_pad(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """mmdet's ``RandomCenterCropPad`` test mode + ``DetDataPreprocessor`` (no resize): the float pixels pasted
+    at ``canvas // 2 - size // 2`` on a canvas filled with ``center_pad_fill``, then ``(x - mean) / std``."""
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    ph, pw = spec.padded_hw((h, w))
+    if max(ph, pw) > spec.max_size:
+        from detserve.errors import ImageError
+
+        raise ImageError(
+            f"image {w}x{h} needs a {pw}x{ph} canvas, over this model's largest side {spec.max_size}",
+            hint=f"send images whose sides are below {spec.max_size - spec.size_divisible} pixels",
+        )
+    canvas = torch.tensor(spec.center_pad_fill, dtype=torch.float32)[:, None, None].repeat(1, ph, pw)
+    top, left = ph // 2 - h // 2, pw // 2 - w // 2
+    # the crop around the centre keeps side // 2 + canvas // 2 pixels at most: an odd side equal to its
+    # canvas (CornerNet: h | 127 == h) loses its last row/column in mmdet, so here too
+    rows, cols = min(h, h // 2 + ph // 2), min(w, w // 2 + pw // 2)
+    canvas[:, top : top + rows, left : left + cols] = to_float(rgb[:rows, :cols], spec)
+    return normalize(canvas, spec)
+
+
 def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
     """Decoded RGB pixels -> padded, normalised tensor, in torchvision's order (or ultralytics')."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -164,6 +186,9 @@ def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> Preprocessed:
             original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
             resized_hw=resized_hw,
         )
+    if spec.resize_mode == "mmdet_center":
+        hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        return Preprocessed(tensor=center_pad(rgb, spec), original_hw=hw, resized_hw=hw)
     if spec.resize_mode == "transformers":
         resized = resize_transformers(rgb, spec)
         return Preprocessed(

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ROOT / "detserve" / "families"
 PACKAGES = sorted({type(families.family(n)).__module__.split(".")[2] for n in families.names()})
 FILES = ("__init__.py", "spec.py", "decode.py", "models.py")
-ZOOS = {"ultralytics", "transformers", "huggingface_hub"}
+ZOOS = {"ultralytics", "transformers", "huggingface_hub", "mmdet", "mmcv", "mmengine"}
 
 
 def _imports(path: Path) -> list[str]:
@@ -37,7 +37,7 @@ def _imports(path: Path) -> list[str]:
 
 
 def test_the_registry_names_one_package_per_family() -> None:
-    assert PACKAGES == ["detr", "rcnn", "torchvision", "yolo"]
+    assert PACKAGES == ["detr", "mmdet", "rcnn", "torchvision", "yolo"]
     for name in PACKAGES:
         assert sorted(p.name for p in (FAMILIES / name).glob("*.py") if p.name in FILES) == sorted(FILES), name
     assert not [p.name for p in FAMILIES.glob("*.py") if p.stem not in ("__init__", "base", "spread")], (

@@ -52,6 +52,9 @@ ZOOS: dict[str, tuple[str, ...]] = {
     "ultralytics": ("detserve.families.yolo.models",),
     "transformers": ("detserve.families.detr.models", "detserve.families.detr.configs"),
     "huggingface_hub": ("detserve.families.detr.models",),
+    "mmdet": ("detserve.families.mmdet.models",),
+    "mmcv": ("detserve.families.mmdet.models", "detserve.families.mmdet.zoo"),
+    "mmengine": ("detserve.families.mmdet.models",),
 }
 
 
