@@ -70,6 +70,9 @@ def build(
         bool,
         typer.Option(help="build without --checkpoint: untrained random weights (tests, smoke checks; detections meaningless)"),
     ] = False,
+    config: Annotated[
+        Path | None, typer.Option(help="mmdet: the model's config file (mmdet's own .py), with the detector 'mmdet'")
+    ] = None,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
     _check_weights(checkpoint, random_weights)
@@ -85,7 +88,7 @@ def build(
         checkpoint=checkpoint,
         version=version,
         target=target,
-        model_kwargs=parse_model_kwargs(kw),
+        model_kwargs={**parse_model_kwargs(kw), **({"config": str(config)} if config is not None else {})},
         options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu, device=device),
         max_image_pixels=max_image_pixels,
         max_request_pixels=max_request_pixels,

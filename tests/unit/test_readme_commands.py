@@ -38,6 +38,7 @@ PREFIXES = ("detserve ", "make ", "bash ", "python -m detserve")
 # Paths that issue 21 (part 5) names and that --help documents outside the fenced blocks.
 ISSUE_PATHS = (
     "detserve build hf --checkpoint DIR",
+    "detserve build mmdet --config CONFIG.py --checkpoint model.pth",  # issue 27
     "detserve build yolo --checkpoint best.pt",
     "detserve build fasterrcnn_mobilenet_v3_large_320_fpn --checkpoint ck.pt",
     "detserve build maskrcnn_resnet50_fpn --checkpoint ck.pt",
