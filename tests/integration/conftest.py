@@ -25,6 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 SHAPES = "shapes"  # the trained demo detector (detserve/weights), for eval and compare
+TWO_VERSIONS_DETECTOR = "ssdlite320_mobilenet_v3_large"  # the rollout, fleet and canary tests' model
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +74,39 @@ def demo_copy(demo_built: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
 
     def copy(name: str) -> Path:
         return Path(shutil.copytree(demo_built, tmp_path_factory.mktemp(name) / "repo"))
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def two_versions_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ssdlite versions 1 and 2 (different seeded heads: answers tell the versions apart), built once per session."""
+    from converters.repository import BuildRequest, build_repository
+
+    repo = tmp_path_factory.mktemp("two_versions_built")
+    kwargs, _ = PARITY_DETECTORS[TWO_VERSIONS_DETECTOR]
+    for version in (1, 2):
+        build_repository(
+            BuildRequest(
+                detector=TWO_VERSIONS_DETECTOR,
+                repository=repo,
+                name="ssdlite",
+                num_classes=NUM_CLASSES,
+                version=version,
+                model_kwargs=kwargs,
+                max_image_pixels=20_000_000,
+                spread_init_seed=version - 1,
+            )
+        )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def two_versions_copy(two_versions_built: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A fresh copy of the two-version repository per call: rollouts rewrite its configs and version folders."""
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(two_versions_built, tmp_path_factory.mktemp(name) / "repo"))
 
     return copy
 

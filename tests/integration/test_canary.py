@@ -11,7 +11,7 @@ Each replica's version is checked on its own socket, never through the balancer.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from detserve.ops.server import ServerOptions, free_port
 from detserve.ops.versions import read_history, serving_version
 from tests.detector_fixtures import NUM_CLASSES
 from tests.host_checks import needs_nginx
-from tests.integration.test_fleet import DETECTOR, KEY, Versions, build_two_versions, per_replica
+from tests.integration.conftest import TWO_VERSIONS_DETECTOR as DETECTOR
+from tests.integration.test_fleet import KEY, Versions, per_replica
 
 pytestmark = [pytest.mark.slow, needs_nginx]  # each test watches a window and rolls out: ~1 min each
 WATCH = "10s"
@@ -52,10 +53,10 @@ def dead_checkpoint(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def canary_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def canary_repo(tmp_path_factory: pytest.TempPathFactory, two_versions_copy: Callable[[str], Path]) -> Path:
     from converters.repository import BuildRequest, build_repository
 
-    repo = build_two_versions(tmp_path_factory.mktemp("canary_repo"))
+    repo = two_versions_copy("canary_repo")
     dead = dead_checkpoint(tmp_path_factory.mktemp("dead"))
     build_repository(
         BuildRequest(

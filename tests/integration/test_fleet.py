@@ -9,7 +9,7 @@ its own private socket (the test runs as the server's user), never through the b
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +21,15 @@ from detserve.app.cli import app
 from detserve.ops.replicas import ReplicaSet
 from detserve.ops.server import ServerOptions, free_port
 from detserve.ops.versions import serving_version
-from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS
 from tests.host_checks import needs_nginx
 
 KEY = "test-fleet-key-0123456789abcdef"
-DETECTOR = "ssdlite320_mobilenet_v3_large"
 REQUESTS = 30  # per check: with 2 replicas balanced round-robin, a replica left behind answers ~half
 
 
-def build_two_versions(repo: Path) -> Path:
-    from converters.repository import BuildRequest, build_repository
-
-    kwargs, _ = PARITY_DETECTORS[DETECTOR]
-    for version in (1, 2):
-        build_repository(
-            BuildRequest(
-                detector=DETECTOR,
-                repository=repo,
-                name="ssdlite",
-                num_classes=NUM_CLASSES,
-                version=version,
-                model_kwargs=kwargs,
-                max_image_pixels=20_000_000,
-                spread_init_seed=version - 1,
-            )
-        )
-    return repo
-
-
 @pytest.fixture(scope="module")
-def fleet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_two_versions(tmp_path_factory.mktemp("fleet_repo"))
+def fleet_repo(two_versions_copy: Callable[[str], Path]) -> Path:
+    return two_versions_copy("fleet_repo")
 
 
 @pytest.fixture(scope="module")

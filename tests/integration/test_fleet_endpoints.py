@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from detserve.app.cli import app
 from detserve.ops.versions import serving_version
 from tests.host_checks import needs_nginx
-from tests.integration.test_fleet import Versions, build_two_versions
+from tests.integration.test_fleet import Versions
 from tests.integration.test_lifecycle import KEY, Serve, _processes, start_serve
 
 pytestmark = [pytest.mark.slow, needs_nginx]  # three servers (~1 min to start on the 2-core CI machine)
@@ -36,8 +36,8 @@ ENV = {"DETSERVE_ADMIN_KEY": KEY, "DETSERVE_ADMIN_KEY_FILE": ""}
 
 
 @pytest.fixture(scope="module")
-def shared_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_two_versions(tmp_path_factory.mktemp("shared_repo"))
+def shared_repo(two_versions_copy: Callable[[str], Path]) -> Path:
+    return two_versions_copy("shared_repo")
 
 
 def _stop(s: Serve) -> None:

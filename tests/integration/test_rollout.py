@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +19,14 @@ import pytest
 
 from detserve.ops.server import TritonServer, running_server
 from detserve.ops.versions import VersionError, promote, rollback, serving_version
-from tests.detector_fixtures import NUM_CLASSES, PARITY_DETECTORS
 
 KEY = "test-rollout-key-0123456789abcdef"
-DETECTOR = "ssdlite320_mobilenet_v3_large"
 ROLES = ("", "_preprocess", "_core", "_postprocess")
 
 
 @pytest.fixture(scope="module")
-def rollout_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from converters.repository import BuildRequest, build_repository
-
-    repo = tmp_path_factory.mktemp("rollout_repo")
-    kwargs, _ = PARITY_DETECTORS[DETECTOR]
-    for version in (1, 2):
-        build_repository(
-            BuildRequest(
-                detector=DETECTOR,
-                repository=repo,
-                name="ssdlite",
-                num_classes=NUM_CLASSES,
-                version=version,
-                model_kwargs=kwargs,
-                max_image_pixels=20_000_000,
-                spread_init_seed=version - 1,
-            )
-        )
-    return repo
+def rollout_repo(two_versions_copy: Callable[[str], Path]) -> Path:
+    return two_versions_copy("rollout_repo")
 
 
 @pytest.fixture(scope="module")
