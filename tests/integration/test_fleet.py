@@ -23,6 +23,11 @@ from detserve.ops.server import ServerOptions, free_port
 from detserve.ops.versions import serving_version
 from tests.host_checks import needs_nginx
 
+# The fast suite's share of this path: test_replicas.py (a replica set serving under load, one replica
+# killed) and test_rollout.py (promote/rollback on one server); starting two replicas and rolling them
+# both costs ~2.5 min of the fast suite's 20-minute budget, so every fleet test is in the slow set.
+pytestmark = pytest.mark.slow
+
 KEY = "test-fleet-key-0123456789abcdef"
 REQUESTS = 30  # per check: with 2 replicas balanced round-robin, a replica left behind answers ~half
 
@@ -147,7 +152,7 @@ def test_a_replica_is_addressed_only_with_the_key(fleet: ReplicaSet) -> None:
         client.close()
 
 
-@pytest.mark.slow  # ~40 s: a promote on one replica and a rollback on both
+# ~40 s: a promote on one replica and a rollback on both
 @needs_nginx
 def test_a_replica_left_behind_is_brought_along(fleet: ReplicaSet, fleet_repo: Path, samples: dict[str, bytes]) -> None:
     """The issue's outage: a promote that reached one replica (as through the balancer before) left the other on
@@ -207,7 +212,6 @@ class Probe:
         return counts
 
 
-@pytest.mark.slow
 @needs_nginx
 def test_promote_and_rollback_under_locust_load(
     fleet: ReplicaSet, fleet_repo: Path, samples: dict[str, bytes], tmp_path: Path
