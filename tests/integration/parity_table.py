@@ -124,24 +124,24 @@ _RCNN = Row(
 )  # fmt: skip
 _RCNN_STEPS = ("preprocess", "core", "proposals", "roi_core")
 _BOXES = ("num_detections", "boxes", "scores", "labels")
-
 # mmdet (CenterNet, CornerNet): every detection mmdet returns (no threshold of its own), the top max_per_img
 _MMDET = Row(
     "", "", "mmdet", num_classes=None, controls={"score_threshold": 0.0, "max_det": 100}, min_reference_total=20,
     invariance_controls={"score_threshold": 0.05}, multi_controls={"score_threshold": 0.05},
 )  # fmt: skip
+
 ROWS: tuple[Row, ...] = (
     *(_torchvision(d) for d in PARITY_DETECTORS),
     replace(_YOLO, name="y8", detector="yolov8n", checks=CORE_CHECKS | {COMPARE_CLI, EVAL}, compare_images=5,
             eval=EvalCheck(6, 100, labels_are_indices=True)),
     replace(_YOLO, name="y11", detector="yolo11n"),
-    replace(_DETR, name="rtdetr", detector="rtdetr_tiny"),
     # slow: the build alone (export + verification) takes ~45 s here, the fast suite's whole allowance for issue 27
     replace(_MMDET, name="cn18", detector="centernet_r18", slow=True),
     # CornerNet's seeded pairs score low (1 of 50 >= 0.05 on the photos): every detection is compared
     replace(_MMDET, name="cntiny", detector="cornernet_tiny", tolerance=Tolerance(score_floor=0.0), slow=True),
     replace(_MMDET, name="cn104", detector="cornernet_hg104", tolerance=Tolerance(score_floor=0.0),
             checks=frozenset({DETECTIONS}), slow=True),
+    replace(_DETR, name="rtdetr", detector="rtdetr_tiny"),
     replace(_DETR, name="detr", detector="detr_tiny", checks=CORE_CHECKS | {COMPARE_CLI}, compare_images=2),
     replace(_RCNN, name="frcnn", detector="fasterrcnn_mobilenet_v3_large_320_fpn", multi_report="fasterrcnn",
             steps=(*_RCNN_STEPS, "postprocess"), outputs=_BOXES),
@@ -257,26 +257,11 @@ def preprocessor(row: Row, model: Any) -> Any:
         return processor
     if row.library == "ultralytics":
         return _ultralytics_preprocessor(row, model)
+    if row.library == "mmdet":
+        return _mmdet_preprocessor(model)
     raise KeyError(row.library)
 
 
-def _ultralytics_preprocessor(row: Row, model: Any) -> Any:
-    """What ultralytics' predictor feeds the model, read from the file on disk as it reads it."""
-    from detserve.families.yolo.models import ultralytics_env
-
-    ultralytics_env()
-    from ultralytics.models.yolo.detect import DetectionPredictor
-    from ultralytics.utils.patches import imread
-
-    imgsz = row.model_kwargs["imgsz"]
-    predictor = DetectionPredictor(overrides={"imgsz": imgsz, "rect": False, "device": "cpu", "verbose": False})
-    predictor.setup_model(model, verbose=False)
-    predictor.imgsz = (imgsz, imgsz)
-    if row.library == "mmdet":
-        return _mmdet_preprocessor(model)
-
-    def preprocess(rgb: np.ndarray, path: Path) -> tuple[np.ndarray, Any]:
-        return predictor.preprocess([imread(str(path))])[0].numpy(), None
 def _mmdet_preprocessor(model: Any) -> Any:
     """mmdet's test pipeline (the image as BGR, as mmdet reads files) and the model's data preprocessor."""
     from mmdet.apis.inference import get_test_pipeline_cfg
@@ -294,6 +279,21 @@ def _mmdet_preprocessor(model: Any) -> Any:
     return preprocess
 
 
+def _ultralytics_preprocessor(row: Row, model: Any) -> Any:
+    """What ultralytics' predictor feeds the model, read from the file on disk as it reads it."""
+    from detserve.families.yolo.models import ultralytics_env
+
+    ultralytics_env()
+    from ultralytics.models.yolo.detect import DetectionPredictor
+    from ultralytics.utils.patches import imread
+
+    imgsz = row.model_kwargs["imgsz"]
+    predictor = DetectionPredictor(overrides={"imgsz": imgsz, "rect": False, "device": "cpu", "verbose": False})
+    predictor.setup_model(model, verbose=False)
+    predictor.imgsz = (imgsz, imgsz)
+
+    def preprocess(rgb: np.ndarray, path: Path) -> tuple[np.ndarray, Any]:
+        return predictor.preprocess([imread(str(path))])[0].numpy(), None
 
     return preprocess
 
