@@ -87,6 +87,7 @@ class Row:
     compare_images: int = 0  # ``detserve compare`` CLI on this many photos
     eval: EvalCheck | None = None
     slow: bool = False
+    target: str = "python-onnxruntime"  # the build's --target (python-torch: the cores as torch artifacts)
 
     @property
     def requires(self) -> str | None:
@@ -153,6 +154,13 @@ ROWS: tuple[Row, ...] = (
     replace(_DETR, name="rtdetr2", detector="rtdetr_v2_tiny", checks=frozenset({DETECTIONS, EVAL}), eval=EvalCheck(4, 30),
             slow=True),
     replace(_DETR, name="dfine", detector="dfine_tiny", checks=frozenset({DETECTIONS}), slow=True),
+    # the python-torch target (cores as torch.export artifacts run by torch; RT-DETR's a TorchScript trace),
+    # slow: the demo detector's served check is tests/integration/test_torch_core.py
+    replace(_DETR, name="rtdetr_torch", detector="rtdetr_tiny", checks=frozenset({DETECTIONS, BATCH, MULTI_IMAGE}),
+            target="python-torch", slow=True),
+    replace(_RCNN, name="frcnn_torch", detector="fasterrcnn_mobilenet_v3_large_320_fpn", multi_report="fasterrcnn_torch",
+            steps=(*_RCNN_STEPS, "postprocess"), outputs=_BOXES, checks=CORE_CHECKS - {PREPROCESSING},
+            target="python-torch", slow=True),
 )  # fmt: skip
 BY_NAME = {r.name: r for r in ROWS}
 

@@ -86,7 +86,7 @@ def _built_and_loaded(server: TritonServer, repository: Path, row: Row) -> Itera
     try:
         request = BuildRequest(
             detector=row.detector, repository=repository, name=row.name, num_classes=row.num_classes,
-            spread_init_seed=0, model_kwargs=dict(row.model_kwargs),
+            spread_init_seed=0, model_kwargs=dict(row.model_kwargs), target=row.target,
         )  # fmt: skip
         try:
             build_repository(request)
