@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per transport (cancels the machine's drift)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    from detserve.app.demo import DEMO_NAME, demo_build_request
+    from loadtest.bench_model import DEMO_NAME, demo_build_request
     from detserve.ops.server import running_server
     from training.moving_shapes import MovingShapes, VideoConfig
 
