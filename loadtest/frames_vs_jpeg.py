@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per transport (cancels the machine's drift)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    from loadtest.bench_model import DEMO_NAME, demo_build_request
     from detserve.ops.server import running_server
+    from loadtest.bench_model import DEMO_NAME, demo_build_request
     from training.moving_shapes import MovingShapes, VideoConfig
 
     if not (args.repository / DEMO_NAME / "config.pbtxt").is_file():
