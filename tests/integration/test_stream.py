@@ -70,6 +70,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"pan": write_video(d / "pan.mp4"), "still": write_video(d / "still.mp4", 12, still=True)}
 
 
+@pytest.mark.documents("detserve stream a=V b=V --model M --url U --quiet --jsonl F --video-out D --out O --score-threshold 0.3")
 def test_two_files_every_frame_once_in_order_jsonl_mp4_report(grpc_url: str, videos: dict[str, Path], tmp_path: Path) -> None:
     """THE fast end-to-end test, on the session's shared server (its ``shapes`` model is the trained demo
     detector): two files at once; every frame answered once, in order, with the documented JSONL fields;
@@ -207,6 +208,7 @@ def _stable(path: Path, stream: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.documents("detserve stream --model demo --url U --control C --jsonl F --view-port 0 --score-threshold 0.3 --out O")
 def test_live_view_in_headless_chromium(
     demo_server: TritonServer, videos: dict[str, Path], tmp_path: Path, running: Callable[..., Running]
 ) -> None:
@@ -283,6 +285,7 @@ def test_a_live_source_faster_than_the_server_newest_frame_first(
 
 
 @pytest.mark.slow
+@pytest.mark.documents("detserve stream V --model demo --url U --quiet --transport raw --jsonl F --out O")
 def test_raw_transport_or_a_clear_error_naming_frames(demo_server: TritonServer, videos: dict[str, Path], tmp_path: Path) -> None:
     """``--transport raw`` sends uint8 RGB through the ensemble's FRAMES input; a repository without it is
     refused up front with its name (not one failure per frame)."""
@@ -309,6 +312,9 @@ def test_raw_transport_or_a_clear_error_naming_frames(demo_server: TritonServer,
 
 
 @pytest.mark.slow
+@pytest.mark.documents(
+    "detserve stream V --model demo --url U --quiet --track --score-threshold 0.5 --jsonl F --video-out D --out O"
+)
 def test_track_ids_persist_across_frames(demo_server: TritonServer, videos: dict[str, Path], tmp_path: Path) -> None:
     """``--track``: every frame's detections carry the stream's tracker ids (E24's detserve/video/tracking.py);
     the panning picture keeps its shapes, so the same ids come back frame after frame."""
