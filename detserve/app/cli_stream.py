@@ -31,7 +31,12 @@ def stream(
     jsonl: Annotated[Path | None, typer.Option(help="write one JSON line per frame here")] = None,
     video_out: Annotated[Path | None, typer.Option(help="write an annotated MP4 per stream into this folder")] = None,
     view_port: Annotated[int | None, typer.Option(help="live view + /metrics on 127.0.0.1:PORT (0: any free port)")] = None,
-    transport: Annotated[str, typer.Option(help="jpeg (IMAGE input) | raw (FRAMES input, uint8 RGB)")] = "jpeg",
+    transport: Annotated[
+        str,
+        typer.Option(
+            help="auto (raw to a server on this host that has FRAMES, else jpeg) | jpeg (IMAGE input) | raw (FRAMES input, uint8 RGB)"
+        ),
+    ] = "auto",
     control: Annotated[
         Path | None, typer.Option(help="file of [ID=]SOURCE lines, re-read when it changes: add/remove streams")
     ] = None,
@@ -100,7 +105,14 @@ def _report(session: Session, out: Path) -> None:
 
     stats = session.all_stats()
     o = session.opts
-    doc = build(stats, o.model, o.url, o.transport, time.monotonic() - session.started, session.outputs.sender.bytes_sent)
+    doc = build(
+        stats,
+        o.model,
+        o.url,
+        session.outputs.sender.transport,
+        time.monotonic() - session.started,
+        session.outputs.sender.bytes_sent,
+    )
     files = write_report(doc, stats, out)
     typer.echo(files["md"].read_text())
     typer.echo(f"report: {', '.join(str(p) for p in files.values())}")

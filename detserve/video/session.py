@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class SessionOptions:
     url: str
     model: str
-    transport: str = "jpeg"
+    transport: str = "auto"  # sender.py: raw to this host, jpeg elsewhere
     max_fps: float | None = None
     track: bool = False
     jsonl: Path | None = None

@@ -149,3 +149,14 @@ def test_video_sink_writes_a_readable_mp4_with_every_frame(tmp_path: Path) -> No
     with av.open(str(tmp_path / "s.mp4")) as c:
         frames = list(c.decode(video=0))
     assert len(frames) == 12 and (frames[0].width, frames[0].height) == (64, 48)
+
+
+def test_auto_transport_sends_raw_only_to_this_host() -> None:
+    """The default transport: raw frames where they cost no network (loopback, localhost, a unix socket), JPEG to
+    any other address (raw is ~23x the bytes of a JPEG frame)."""
+    from detserve.video.sender import on_this_host
+
+    for url in ("127.0.0.1:8001", "localhost:8001", "[::1]:8001", "unix:/run/detserve/x/grpc.sock", "127.0.0.2:9"):
+        assert on_this_host(url), url
+    for url in ("10.0.0.5:8001", "triton.example.com:8001", "[2001:db8::1]:8001", "0.0.0.0:8001"):
+        assert not on_this_host(url), url
