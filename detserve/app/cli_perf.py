@@ -1,4 +1,4 @@
-"""``detserve`` commands that measure: loadtest, bench, tune, fuse, stages."""
+"""``detserve`` commands that measure: loadtest, bench, bench-stream, tune, fuse, stages."""
 
 from __future__ import annotations
 
@@ -65,6 +65,33 @@ def bench(
     )
     run_bench(cfg, typer.echo)
     typer.echo((out / "bench.md").read_text())
+
+
+# the stream counts are written as `--streams 1 2 4`: click options take one value, so the counts after the first
+# arrive as extra arguments
+@app.command("bench-stream", context_settings={"allow_extra_args": True})
+@user_errors
+def bench_stream(
+    ctx: typer.Context,
+    repository: Annotated[Path, typer.Option(help="repository holding the demo detector (built there if missing)")] = Path(
+        "out/bench-stream/model_repository"
+    ),
+    streams: Annotated[list[int], typer.Option(help="stream counts, one run each: --streams 1 2 4 8 16")] = [1, 2, 4, 8, 16],  # noqa: B006
+    seconds: Annotated[float, typer.Option(help="measured seconds per run")] = 30.0,
+    transport: Annotated[str, typer.Option(help="jpeg | raw (the stream client's --transport)")] = "jpeg",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("out/bench-stream"),
+) -> None:
+    """N live 25 FPS 640x480 streams through `detserve stream` beside the single-image capacity, same server:
+    per-stream and total FPS, drops, latency p50/p99, average batch, CPU per frame, the issue's targets."""
+    from loadtest.bench_stream import run_bench_stream
+
+    try:
+        counts = [*streams, *(int(v) for v in ctx.args)]
+    except ValueError as e:
+        raise DetserveError(f"--streams takes stream counts, got extra arguments {ctx.args}") from e
+    if not counts or min(counts) < 1:
+        raise DetserveError(f"--streams must be positive counts, got {counts}")
+    typer.echo(run_bench_stream(repository, counts, seconds, out, typer.echo, transport))
 
 
 @app.command()
