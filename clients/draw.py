@@ -10,7 +10,8 @@ from typing import Any
 from clients.grpc_client import Detections
 from detserve.errors import ClientError
 
-_PALETTE = [
+# one colour per class, by label; detserve stream's annotated videos use the same (detserve/video/sinks.py)
+PALETTE = [
     (230, 25, 75),
     (60, 180, 75),
     (255, 225, 25),
@@ -33,7 +34,7 @@ def draw_detections(image: bytes, detections: Detections, out_path: Path, class_
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 300))
     for box, score, label in zip(detections.boxes, detections.scores, detections.labels, strict=True):
-        colour = _PALETTE[int(label) % len(_PALETTE)]
+        colour = PALETTE[int(label) % len(PALETTE)]
         name = class_names[int(label)] if class_names and 0 <= int(label) < len(class_names) else str(int(label))
         x1, y1, x2, y2 = (float(v) for v in box)
         pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
@@ -58,7 +59,7 @@ def _overlay_masks(canvas: Any, detections: Detections, alpha: float = 0.45) -> 
     hw = (pixels.shape[0], pixels.shape[1])
     for mask, box, label in zip(detections.masks, detections.boxes, detections.labels, strict=True):
         inside = paste_masks(mask[None], box[None], hw, threshold=0.5)[0]  # one at a time: K full-size masks add up
-        colour = np.array(_PALETTE[int(label) % len(_PALETTE)], dtype=np.float32)
+        colour = np.array(PALETTE[int(label) % len(PALETTE)], dtype=np.float32)
         pixels[inside] = (1 - alpha) * pixels[inside] + alpha * colour
     return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 

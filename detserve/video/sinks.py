@@ -15,21 +15,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from clients.draw import PALETTE  # a frame drawn here looks like `detserve detect --draw`
 from clients.grpc_client import Detections
 from clients.labels import name_of
 from detserve.errors import ClientError
-
-# the colours of clients/draw.py, in the same order: a frame drawn here looks like `detserve detect --draw`
-PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-]
 
 
 def annotate(rgb: np.ndarray, det: Detections, names: list[str], tracks: list[int] | None = None) -> np.ndarray:
