@@ -137,7 +137,8 @@ ROWS: tuple[Row, ...] = (
             eval=EvalCheck(6, 100, labels_are_indices=True)),
     replace(_YOLO, name="y11", detector="yolo11n"),
     # slow: the build alone (export + verification) takes ~45 s here, the fast suite's whole allowance for issue 27
-    replace(_MMDET, name="cn18", detector="centernet_r18", slow=True),
+    replace(_MMDET, name="cn18", detector="centernet_r18", checks=CORE_CHECKS | {EVAL}, eval=EvalCheck(6, 100, labels_are_indices=True),
+            slow=True),
     # CornerNet's seeded pairs score low (1 of 50 >= 0.05 on the photos): every detection is compared
     replace(_MMDET, name="cntiny", detector="cornernet_tiny", tolerance=Tolerance(score_floor=0.0), slow=True),
     replace(_MMDET, name="cn104", detector="cornernet_hg104", tolerance=Tolerance(score_floor=0.0),
