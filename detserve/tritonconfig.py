@@ -85,6 +85,10 @@ class ServingOptions:
     # hands its tensors on through DLPack, no host copy between steps (steps that read counts on the
     # CPU, R-CNN's, stay there and get their inputs copied by Triton).
     device: str = "cpu"
+    # The ensemble's second way in, FRAMES (raw uint8 RGB, for video). Off: IMAGE is the only input, which
+    # Triton's HTTP raw-body shortcut (Inference-Header-Content-Length: 0, the body is the file) needs --
+    # Triton deduces the input only for a model with one (docs/contract.md).
+    frames_input: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -130,11 +134,12 @@ def _dtype(name: str) -> int:
     return int(value)
 
 
-def _public_inputs(container: Any) -> None:
+def _public_inputs(container: Any, frames: bool = True) -> None:
     """The ways in: ``IMAGE`` (encoded files) or ``FRAMES`` (raw uint8 RGB pixels, [H, W, 3] per image),
     each optional since a request carries one of them; the pre-processing refuses neither or both."""
     container.add(name=IMAGE, data_type=mc.TYPE_STRING, dims=[1], optional=True)
-    container.add(name=FRAMES, data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True)
+    if frames:
+        container.add(name=FRAMES, data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True)
 
 
 def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> mc.ModelConfig:
@@ -142,7 +147,7 @@ def preprocess_config(name: str, pre: PreprocessSpec, opts: ServingOptions) -> m
     _batched(config, opts, opts.preprocess_instances, gpu=opts.device == "gpu")
     if opts.device == "gpu":  # runtime/backend/preprocess_model.py decodes/resizes there
         config.parameters["device"].string_value = "cuda"
-    _public_inputs(config.input)
+    _public_inputs(config.input, opts.frames_input)
     _tensor(config.output, CORE_INPUT, mc.TYPE_FP32, _core_dims(pre))
     _tensor(config.output, IMAGE_INFO, mc.TYPE_INT32, [6])
     config.parameters["preprocess_spec"].string_value = pre.to_json()

@@ -46,6 +46,9 @@ def build(
         str, typer.Option(help="python-onnxruntime | onnxruntime | tensorrt | python-torch (torch.export core run by torch)")
     ] = "python-onnxruntime",
     device: Annotated[str, typer.Option(help="cpu | gpu: python-torch only, every step on the GPU (KIND_GPU)")] = "cpu",
+    frames_input: Annotated[
+        bool, typer.Option(help="the FRAMES input (raw pixels, for video); off: IMAGE alone, as the HTTP raw-body shortcut needs")
+    ] = True,
     kw: Annotated[list[str], typer.Option(help="model keyword KEY=VALUE (repeatable), e.g. min_size=320")] = [],  # noqa: B006
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching limit")] = 8,
     max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images before decoding")] = None,
@@ -89,7 +92,9 @@ def build(
         version=version,
         target=target,
         model_kwargs={**parse_model_kwargs(kw), **({"config": str(config)} if config is not None else {})},
-        options=ServingOptions(max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu, device=device),
+        options=ServingOptions(
+            max_batch_size=max_batch_size, postprocess_on_gpu=postprocess_on_gpu, device=device, frames_input=frames_input
+        ),
         max_image_pixels=max_image_pixels,
         max_request_pixels=max_request_pixels,
         verify=verify,

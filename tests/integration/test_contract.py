@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,19 @@ def test_every_block_is_marked_and_the_npm_line_is_what_setup_installs() -> None
 
 
 @pytest.fixture(scope="module")
-def contract_server(demo_copy: Callable[[str], Path]) -> Iterator[TritonServer]:
+def contract_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The demo detector built as the raw-body shortcut needs it: IMAGE its only input (`--no-frames-input`;
+    Triton deduces a raw body's input only for a model with one)."""
+    from dataclasses import replace
+
+    from converters.repository import build_repository
+    from detserve.app.demo import demo_build_request
     from detserve.ops.server import running_server
 
-    with running_server(demo_copy("contract")) as srv:
+    repo = tmp_path_factory.mktemp("contract_repo")
+    request = demo_build_request(repo)
+    build_repository(replace(request, options=replace(request.options, frames_input=False)))
+    with running_server(repo) as srv:
         yield srv
 
 

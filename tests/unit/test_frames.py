@@ -92,3 +92,14 @@ def test_frames_are_held_to_the_pixel_limits_before_any_work(backend: Any) -> No
         backend.preprocess_frames(np.zeros((1, 0, 4, 3), np.uint8), spec)
     with pytest.raises(RequestError, match=r"uint8 \[N, H, W, 3\]"):
         backend.preprocess_frames(np.zeros((1, 4, 4, 4), np.uint8), spec)
+
+
+def test_frames_input_can_be_left_out_for_the_raw_body_shortcut() -> None:
+    """`detserve build --no-frames-input`: IMAGE is the pre-processing's and so the ensemble's only input, which
+    Triton's HTTP raw-body shortcut needs (it deduces the input only for a one-input model); FRAMES by default."""
+    from detserve.tritonconfig import ServingOptions, preprocess_config
+
+    pre = PreprocessSpec(resize_mode="fixed", fixed_size=(96, 128), size_divisible=1)
+    for frames, names in ((True, ["IMAGE", "FRAMES"]), (False, ["IMAGE"])):
+        # the ensemble exposes what its first step declares (tests/integration/test_contract.py serves it)
+        assert [t.name for t in preprocess_config("m", pre, ServingOptions(frames_input=frames)).input] == names
