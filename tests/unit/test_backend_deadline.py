@@ -147,7 +147,9 @@ def test_late_request_is_dropped_before_its_headers_are_read(monkeypatch: pytest
     from tests.bad_images import bomb_png
 
     blobs = np.array([[bomb_png(6000, 6000)]] * 8, dtype=np.object_)
-    pb = SimpleNamespace(**vars(PB_UTILS), get_input_tensor_by_name=lambda r, n: SimpleNamespace(as_numpy=lambda: blobs))
+    pb = SimpleNamespace(
+        **vars(PB_UTILS), get_input_tensor_by_name=lambda r, n: SimpleNamespace(as_numpy=lambda: blobs) if n == "IMAGE" else None
+    )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     monkeypatch.delitem(sys.modules, "detserve.runtime.backend.preprocess_model", raising=False)
     import detserve.runtime.backend.preprocess_model as preprocess_model
