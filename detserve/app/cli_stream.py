@@ -27,6 +27,13 @@ def stream(
     max_fps: Annotated[
         float | None, typer.Option(help="files: at most this many frames per second of video (default: every frame)")
     ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            help="play files as live cameras: at their real-time pace, newest frame first (stale ones dropped), "
+            "looped until Ctrl-C"
+        ),
+    ] = False,
     track: Annotated[bool, typer.Option(help="persistent track ids per stream")] = False,
     jsonl: Annotated[Path | None, typer.Option(help="write one JSON line per frame here")] = None,
     video_out: Annotated[Path | None, typer.Option(help="write an annotated MP4 per stream into this folder")] = None,
@@ -58,13 +65,17 @@ def stream(
         raise DetserveError("--model is required", hint="the ensemble name, e.g. --model demo")
     if not source and control is None:
         raise DetserveError("no source", hint="give SOURCE arguments, or --control FILE")
+    if live and max_fps is not None:
+        raise DetserveError(
+            "--max-fps samples files read in order; --live plays them as cameras", hint="drop one of the two options"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     opts = SessionOptions(
-        url=url, model=model, transport=transport, max_fps=max_fps, track=track, jsonl=jsonl, video_out=video_out,
+        url=url, model=model, transport=transport, max_fps=max_fps, live_files=live, track=track, jsonl=jsonl, video_out=video_out,
         view_port=view_port, control=control, in_flight_per_stream=in_flight, in_flight_total=in_flight_total,
         stall_s=stall, score_threshold=score_threshold,
     )  # fmt: skip
-    specs = parse_sources(source)
+    specs = parse_sources(source, realtime=live)
     terminate_as_interrupt()
     # Ctrl-C (SIGINT) is how a run ends and writes its report, even where it was started in the background of a
     # script (`detserve stream ... &`): the shell sets SIGINT to ignored there, and Python then never raises

@@ -39,6 +39,7 @@ class SessionOptions:
     model: str
     transport: str = "auto"  # sender.py: raw to this host, jpeg elsewhere
     max_fps: float | None = None
+    live_files: bool = False  # files (control-file lines too) played as cameras: real-time pace, looped, newest first
     track: bool = False
     jsonl: Path | None = None
     video_out: Path | None = None
@@ -162,7 +163,7 @@ class Session:
         wanted: dict[str, SourceSpec] = {}
         for line in lines:
             try:
-                spec = parse_sources([line], set(wanted))[0]
+                spec = parse_sources([line], set(wanted), self.opts.live_files)[0]
             except DetserveError as e:
                 log.error("control file line %r ignored: %s", line, e.message)
                 continue

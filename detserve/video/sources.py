@@ -1,11 +1,16 @@
 """Video sources decoded with PyAV (FFmpeg inside the wheel; no system FFmpeg): files, ``rtsp://``,
 ``http(s)://`` (HLS playlists, MJPEG streams) and V4L2 devices (``/dev/video*``).
 
-One reader thread per stream decodes to RGB and hands frames to the stream's policy slot. A live
+One reader thread per stream decodes and hands the decoder's frames to the stream's policy slot (the
+RGB conversion waits until the sender takes a frame: see policy.Frame). A live
 source that fails or ends is reopened with exponential backoff (logged, counted); a live source that
 stops sending is caught by the frame-age watchdog (FFmpeg's read timeout interrupts the blocked
 read, the stall is counted and the source reopened). A file ends cleanly after its last frame. A
 packet that does not decode (a corrupt segment) is counted and skipped; the stream goes on.
+
+A file given with ``realtime`` (``detserve stream FILE --live``) is played as a camera would send it: each
+frame released at its own timestamp's pace, newest frame first, from the start again at its end, until
+stopped -- to rehearse a camera, and the live source of ``detserve bench-stream``.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ class SourceSpec:
     stream: str
     url: str
     kind: str  # file | rtsp | http | v4l2 | lavfi | live (any other network URL)
+    realtime: bool = False  # a file played as a live camera: at its real-time pace, looped, newest frame first
 
     @property
     def live(self) -> bool:
-        return self.kind != "file"
+        return self.kind != "file" or self.realtime
 
 
 def _kind(url: str) -> str:
@@ -62,8 +68,9 @@ def _default_id(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:64] or "stream"
 
 
-def parse_sources(texts: list[str], taken: set[str] | None = None) -> list[SourceSpec]:
-    """``[ID=]SOURCE`` each; the default id is the file/URL stem, made unique with ``-2``, ``-3``..."""
+def parse_sources(texts: list[str], taken: set[str] | None = None, realtime: bool = False) -> list[SourceSpec]:
+    """``[ID=]SOURCE`` each; the default id is the file/URL stem, made unique with ``-2``, ``-3``...
+    ``realtime``: files are played as live cameras (other sources are live anyway)."""
     used = set(taken or ())
     specs = []
     for text in texts:
@@ -81,7 +88,7 @@ def parse_sources(texts: list[str], taken: set[str] | None = None) -> list[Sourc
         elif stream in used:
             raise DetserveError(f"stream id {stream!r} is used twice", hint="give each source its own ID=SOURCE")
         used.add(stream)
-        specs.append(SourceSpec(stream, url, kind))
+        specs.append(SourceSpec(stream, url, kind, realtime and kind == "file"))
     return specs
 
 
@@ -108,6 +115,35 @@ def _open(spec: SourceSpec, opts: ReaderOptions) -> Any:
         raise DetserveError(f"stream {spec.stream}: cannot open {spec.url}: {e}") from e
 
 
+class Pacer:
+    """A file's frames at their real-time pace, by timestamp, as a camera sends them; each pass of a looped
+    file continues the clock one frame period after the previous pass's last frame."""
+
+    def __init__(self) -> None:
+        self._origin: float | None = None  # monotonic time of source time 0
+        self._offset = 0.0  # source time at which this pass started
+        self._first: float | None = None  # this pass's first timestamp
+        self._next = 0.0  # source time just after the last frame released
+        self._count = 0
+
+    def due(self, pts_s: float | None, rate: float | None) -> float:
+        """The monotonic time at which this frame is released."""
+        period = 1.0 / (rate or 25.0)
+        pts = pts_s if pts_s is not None else self._count * period
+        self._count += 1
+        if self._first is None:
+            self._first = pts
+        t = self._offset + pts - self._first
+        if self._origin is None:
+            self._origin = time.monotonic() - t
+        self._next = t + period
+        return self._origin + t
+
+    def rewind(self) -> None:
+        """The file starts again: its first frame follows the last one by one frame period."""
+        self._offset, self._first, self._count = self._next, None, 0
+
+
 class Reader(threading.Thread):
     """Decodes one source into its slot until it ends (file) or ``stop()`` is called."""
 
@@ -129,7 +165,9 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            if self.spec.live:
+            if self.spec.realtime:
+                self._run_replay()
+            elif self.spec.live:
                 self._run_live()
             else:
                 self._decode(_open(self.spec, self.opts), FpsSampler(self.opts.max_fps))
@@ -165,12 +203,29 @@ class Reader(threading.Thread):
             self._halt.wait(wait)
             wait = min(wait * 2, self.opts.backoff_max_s)
 
-    def _decode(self, container: Any, sampler: FpsSampler) -> None:
+    def _run_replay(self) -> None:
+        """A file as a camera: paced by its timestamps, from the start again at its end, until stopped."""
+        pacer = Pacer()
+        while not self._halt.is_set():
+            before = self._index
+            self._decode(_open(self.spec, self.opts), FpsSampler(None), pacer)
+            if self._index == before:
+                raise DetserveError(f"stream {self.spec.stream}: {self.spec.url} has no frame to play")
+            pacer.rewind()
+
+    def _decode(self, container: Any, sampler: FpsSampler, pacer: Pacer | None = None) -> None:
         import av
 
         with container:
             video = container.streams.video[0]
-            video.thread_type = "AUTO"
+            if self.spec.live:
+                # one decoding thread per live source: FFmpeg's default (frame threads, one per core + 1) gives
+                # each source 3 threads on 2 cores -- 48 for 16 cameras -- and holds frames back (a frame leaves
+                # the decoder only when the next thread-count - 1 packets arrived: +80 ms at 25 FPS); the sources
+                # themselves are the parallelism
+                video.codec_context.thread_count = 1
+            else:
+                video.thread_type = "AUTO"  # a file is read as fast as it is answered: frame threads add throughput
             self.rate = float(video.average_rate) if video.average_rate else self.rate
             for packet in container.demux(video):
                 if self._halt.is_set():
@@ -182,16 +237,27 @@ class Reader(threading.Thread):
                     log.warning("stream %s: decode error (%s); skipped", self.spec.stream, e)
                     continue
                 for vf in frames:
+                    if pacer is not None and not self._wait(pacer.due(_pts(vf), self.rate)):
+                        return
                     self._deliver(vf, sampler)
+
+    def _wait(self, due_mono: float) -> bool:
+        """Until ``due_mono`` (at once when late: a camera's frames queued meanwhile arrive together); False when stopped."""
+        delay = due_mono - time.monotonic()
+        return not (self._halt.wait(delay) if delay > 0 else self._halt.is_set())
 
     def _deliver(self, vf: Any, sampler: FpsSampler) -> None:
         index = self._index
         self._index += 1
-        pts_s = float(vf.time) if vf.time is not None else None
+        pts_s = _pts(vf)
         self.stats.on_read()
         if not sampler.keep(pts_s, index, self.rate):
             self.stats.sampled_out += 1
             return
-        rgb = vf.to_ndarray(format="rgb24")
-        self.size = (rgb.shape[1], rgb.shape[0])
-        self.slot.put(Frame(self.spec.stream, index, pts_s, time.time(), time.monotonic(), rgb))
+        self.size = (vf.width, vf.height)
+        # the decoder's frame as it is: converted to RGB only if the sender takes it (policy.Frame)
+        self.slot.put(Frame(self.spec.stream, index, pts_s, time.time(), time.monotonic(), vf))
+
+
+def _pts(vf: Any) -> float | None:
+    return float(vf.time) if vf.time is not None else None

@@ -97,7 +97,7 @@ class Stream:
                         break
                     continue
                 assert isinstance(item, Frame)
-                self._send(seq, item)
+                self._send(seq, item.converted())  # only a frame that is sent pays its RGB conversion
                 seq += 1
         finally:
             self._answers.put(seq)  # how many answers the output thread is to wait for

@@ -376,3 +376,31 @@ def test_max_fps_samples_a_file_by_source_time(demo_server: TritonServer, videos
                    "--max-fps", "5", "--jsonl", str(tmp_path / "f.jsonl"), "--out", str(tmp_path / "report"))  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert [x["frame"] for x in read_jsonl(tmp_path / "f.jsonl")] == list(range(0, FRAMES, 5))  # 25 fps -> 5 fps
+
+
+# documented in docs/video.md once /work/briefs/doc-V25.md is merged; its declaration goes with that merge:
+# @pytest.mark.documents("detserve stream cam=V --live --model M --url U --quiet --jsonl F --out O")
+@pytest.mark.slow
+def test_a_file_played_live_like_a_camera(
+    demo_server: TritonServer, videos: dict[str, Path], tmp_path: Path, running: Callable[..., Running]
+) -> None:
+    """``--live``: the 12-frame file (0.48 s at 25 FPS) is played as a camera -- at its own pace, looped until
+    stopped, newest frame first -- so a recorded clip rehearses a camera; the answers say the same as the file's."""
+    jsonl = tmp_path / "f.jsonl"
+    r = running(f"cam={videos['still']}", "--live", "--model", "demo", "--url", demo_server.options.grpc_url,
+                "--jsonl", str(jsonl), "--out", str(tmp_path / "report"))  # fmt: skip
+    wait_for(lambda: len(lines_of(jsonl, "cam")) >= 40, 90, "answers from the looped file")
+    r.stop()
+    lines = lines_of(jsonl, "cam")
+    frames = [x["frame"] for x in lines]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames) and frames[-1] >= 12  # looped, in order
+    report = json.loads((tmp_path / "report" / "stream.json").read_text())["streams"][0]
+    assert report["live"] and report["reconnects"] == 0 and report["failed"] == 0
+    # paced: a decoder alone reads this file hundreds of times a second; a camera sends 25 frames a second
+    # (the average includes the start-up and stop, so it is below 25, never above)
+    assert report["source_fps_avg"] < 27, report
+    # each pass decodes the same pictures: a frame's answer is the answer of the same picture in any other pass
+    by_picture: dict[int, set[tuple]] = {}
+    for x in lines:
+        by_picture.setdefault(x["frame"] % 12, set()).add(tuple(sorted(d["class"] for d in x["detections"])))
+    assert all(len(pictures) == 1 and next(iter(pictures)) for pictures in by_picture.values()), by_picture
