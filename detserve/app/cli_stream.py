@@ -48,7 +48,10 @@ def stream(
         Path | None, typer.Option(help="file of [ID=]SOURCE lines, re-read when it changes: add/remove streams")
     ] = None,
     in_flight: Annotated[int, typer.Option(help="requests in flight per stream")] = 2,
-    in_flight_total: Annotated[int, typer.Option(help="requests in flight over all streams")] = 16,
+    in_flight_total: Annotated[
+        int | None,
+        typer.Option(help="requests in flight over all streams (default: the model's max batch size, at least 2)"),
+    ] = None,
     stall: Annotated[
         float, typer.Option(help="seconds without a frame before a live source counts as stalled and is reopened")
     ] = 5.0,
