@@ -8,7 +8,8 @@ Same model, same images, same machine, same closed-loop concurrency:
   (e) 4K images through system shared memory against plain gRPC;
   (f) the fused CPU layout: the whole served chain in one python model (converters/fused.py);
   (g) with ``torch_core``: the ensemble again with its cores on the python-torch target (torch.export
-      run by torch in the python step model) against (c)'s ONNX Runtime cores, same options.
+      run by torch in the python step model) against (c)'s ONNX Runtime cores, same options;
+  (h) with ``peers``: Ray Serve, LitServe and BentoML serving (a)'s pipeline over HTTP (loadtest/peers).
 Served runs also record every process's CPU seconds (tritonserver, each stub, the gate, Locust)
 and memory (RSS/PSS/USS), so the load generator's share is accounted for (loadtest/procstats.py).
 Every figure is a ratio of numbers measured here, now (these machines are shared and noisy).
@@ -45,6 +46,9 @@ class BenchConfig:
     shm_requests: int = 10
     fused: bool = True  # (f): also serve the fused CPU layout
     torch_core: bool = False  # (g): also build and serve the model with its cores on the python-torch target
+    peers: bool = False  # (h): Ray Serve, LitServe, BentoML serving the same pipeline (loadtest/peers)
+    peer_sweep: tuple[tuple[int, float], ...] = ()  # (max batch size, wait ms) per setting; () = loadtest/peers' default
+    peer_sweep_s: float = 10.0  # each setting's run
     flask: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Flask service
 
 
@@ -143,6 +147,16 @@ def _flask(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     return {"report": report.to_dict(), "cpu": cpu_accounting(sampler.series, read_locust_cpu(lt.out_dir), report)}
 
 
+def _peers(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from loadtest.peers.measure import PeerBenchConfig, run_peers
+
+    echo("(h) peers: Ray Serve, LitServe, BentoML serving the same pipeline (sweep, then the best setting)")
+    pc = PeerBenchConfig(cfg.repository, cfg.model, cfg.out_dir, cfg.users, cfg.duration_s, cfg.peer_sweep_s)
+    return run_peers(replace(pc, sweep=cfg.peer_sweep) if cfg.peer_sweep else pc, echo)
+
+
 def _inprocess(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     import os
 
@@ -211,8 +225,14 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         results["torch_core"] = _served(cfg, torch_repo, "torch-core", echo)
     echo("(b) Flask + eager PyTorch")
     results["flask"] = _flask(cfg, echo)
+    if cfg.peers:
+        results["peers"] = _peers(cfg, echo)
     results["ratios"] = ratios(results)
     results["targets"] = targets(results)
+    if cfg.peers:
+        from loadtest.peers.report import peer_targets
+
+        results["peer_targets"] = peer_targets(results)
     (cfg.out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     (cfg.out_dir / "bench.md").write_text(render_bench(results))
     return results

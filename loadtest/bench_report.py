@@ -55,6 +55,10 @@ def render_bench(r: dict[str, Any]) -> str:
             f"- 4K image via {t['mode']}: mean {t['mean_ms']:.0f} ms, p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms"
         )
     lines += _targets_section(r) + _cpu_section(r) + _hop_section(r) + _memory_section(r)
+    if r.get("peers"):
+        from loadtest.peers.report import peers_section
+
+        lines += peers_section(r)
     lines += ["", "## Machine", "", *[f"- {k}: {v}" for k, v in r["fingerprint"].items()], ""]
     return "\n".join(lines)
 

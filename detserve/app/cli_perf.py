@@ -55,14 +55,18 @@ def bench(
     torch_core: Annotated[
         bool, typer.Option(help="also serve the model with torch cores (python-torch) beside ONNX Runtime's, ratio printed")
     ] = False,
+    peers: Annotated[
+        bool, typer.Option(help="also Ray Serve, LitServe and BentoML on the same pipeline (extra 'peers'; adds minutes)")
+    ] = False,
 ) -> None:
     """Served ensemble vs in-process limit, Flask + eager PyTorch, no dynamic batching and the fused CPU layout;
     prints the ratios with the load generator's CPU accounted for, CPU per process and hop, memory per process."""
     from loadtest.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
-        repository=repository, model=model, out_dir=out, users=users, duration_s=seconds(duration), torch_core=torch_core
-    )
+        repository=repository, model=model, out_dir=out, users=users, duration_s=seconds(duration), torch_core=torch_core,
+        peers=peers,
+    )  # fmt: skip
     run_bench(cfg, typer.echo)
     typer.echo((out / "bench.md").read_text())
 
