@@ -184,7 +184,8 @@ def test_each_image_of_a_multi_image_request_answers_as_alone(served: Served, sa
     canvas (not the largest of the request), through every step of a multi-step chain; SSD, YOLO and
     RT-DETR resize all to one size. Each answers what it answers alone."""
     row = served.row
-    assert_each_image_answered_alone(served.url, row.name, mixed_size_images(samples), row.report, **row.multi_controls)
+    images = mixed_size_images(image_set(row.multi_images, samples))
+    assert_each_image_answered_alone(served.url, row.name, images, row.report, **row.multi_controls)
 
 
 # --------------------------------------------------------------------------- where the row says so
