@@ -49,9 +49,8 @@ def stream(
     ] = None,
     in_flight: Annotated[int, typer.Option(help="requests in flight per stream")] = 2,
     in_flight_total: Annotated[
-        int | None,
-        typer.Option(help="requests in flight over all streams (default: the model's max batch size, at least 2)"),
-    ] = None,
+        int, typer.Option(help="requests in flight over all streams (8: one batch of a default detserve build)")
+    ] = 8,
     stall: Annotated[
         float, typer.Option(help="seconds without a frame before a live source counts as stalled and is reopened")
     ] = 5.0,

@@ -69,7 +69,6 @@ class Sender:
         self.url, self.model, self.transport, self.timeout_s = url, model, transport, timeout_s
         self.params = request_parameters(score_threshold, None, max_det) or None
         self.bytes_sent = 0
-        self.max_batch = 0  # the model's max_batch_size, read by check() (0: no batching, or not known)
         try:
             self._client = grpcclient.InferenceServerClient(url)
         except Exception as e:
@@ -80,7 +79,6 @@ class Sender:
         try:
             ready = self._client.is_model_ready(self.model)
             inputs = [i.name for i in self._client.get_model_metadata(self.model).inputs] if ready else []
-            self.max_batch = int(self._client.get_model_config(self.model).config.max_batch_size) if ready else 0
         except Exception as e:
             raise ClientError(f"no Triton server answers at {self.url}: {e}", hint="start one with `detserve serve`") from e
         if not ready:

@@ -33,6 +33,14 @@ from detserve.video.stream import Outputs, Stream
 log = logging.getLogger(__name__)
 
 
+# Requests in flight over all streams by default: one full batch of what `detserve build` makes (max_batch_size
+# 8; the server's own config is an admin API, closed to this client). More only wait in Triton's queue: the
+# throughput stays and every answer is about an older frame (latency = in flight / frames per second, Little's
+# law). Measured, demo, 8 cameras on 2 cores, same run: 16 in flight (2 a stream) 13.0 frames/s at p99 1839 ms,
+# 8 (1 a stream) 20.0 frames/s at p99 1092 ms.
+IN_FLIGHT_TOTAL = 8
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     url: str
@@ -46,20 +54,10 @@ class SessionOptions:
     view_port: int | None = None  # 0: any free port
     control: Path | None = None
     in_flight_per_stream: int = 2
-    in_flight_total: int | None = None  # None: in_flight_default(the model's max batch size)
+    in_flight_total: int = IN_FLIGHT_TOTAL
     stall_s: float = 5.0
     timeout_s: float = 30.0
     score_threshold: float | None = None
-
-
-def in_flight_default(max_batch: int) -> int:
-    """Requests in flight over all streams when the user does not say: one full batch of the model.
-
-    More than the server batches at once only wait in its queue: throughput stays, and each answer is about an
-    older frame (latency grows with requests in flight, Little's law). Measured with the demo (max batch 8) and
-    8 cameras on 2 cores, same run: 16 in flight (2 a stream) gave 13.0 frames/s at p99 1839 ms, 8 (1 a stream)
-    20.0 frames/s at p99 1092 ms. A model without batching (0) keeps the former bound, 16: it may have several instances."""
-    return max(2, max_batch) if max_batch > 0 else 16
 
 
 def tracker_factory() -> Callable[[], Any]:
@@ -100,7 +98,7 @@ class Session:
         if opts.control is not None:
             check_control_file(opts.control)
         self.outputs = Outputs(
-            sender, Slots(opts.in_flight_total or in_flight_default(sender.max_batch)), label_names(opts.url, opts.model),
+            sender, Slots(opts.in_flight_total), label_names(opts.url, opts.model),
             JsonlSink(opts.jsonl) if opts.jsonl else None, opts.video_out, opts.view_port is not None, factory,
         )  # fmt: skip
         self.reader_opts = ReaderOptions(stall_s=opts.stall_s, max_fps=opts.max_fps)

@@ -79,9 +79,8 @@ def test_a_file_played_live_is_paced_looped_and_converted_only_when_taken(clip: 
     assert reader.size == (64, 48)
 
 
-def test_in_flight_default_is_one_batch_of_the_model() -> None:
-    from detserve.video.session import in_flight_default
+def test_in_flight_total_default_is_one_batch_of_a_default_build() -> None:
+    from detserve.tritonconfig import ServingOptions
+    from detserve.video.session import IN_FLIGHT_TOTAL, SessionOptions
 
-    assert in_flight_default(8) == 8  # the demo: one full batch in flight over all streams
-    assert in_flight_default(1) == 2  # a request being answered and the next one ready
-    assert in_flight_default(0) == 16  # no batching: the former bound (the model may have several instances)
+    assert SessionOptions("u", "m").in_flight_total == IN_FLIGHT_TOTAL == ServingOptions().max_batch_size
