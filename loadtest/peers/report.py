@@ -26,9 +26,12 @@ def peer_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     peer = r["peers"][best]
     ours, theirs = per_cpu(served["cpu"]), per_cpu(peer["cpu"])
     p99, peer_p99 = served["report"]["latency_ms"].get("p99", 0.0), peer["report"]["latency_ms"].get("p99", 0.0)
+    # no server beats the pipeline in process: the limit over the peer bounds the first ratio (measured)
+    limit = float(r.get("inprocess", {}).get("best_images_per_cpu_s", 0.0))
+    bound = f"; the in-process limit itself: {limit:.1f} per CPU-s = {limit / max(theirs, 1e-9):.2f}x {best}" if limit else ""
     return [
         {"ratio": f"served / {best}, per server CPU-second", "value": ours / max(theirs, 1e-9), "target": f">= {PER_CPU_TARGET:.2f}",
-         "met": ours >= PER_CPU_TARGET * theirs, "detail": f"{ours:.1f} vs {theirs:.1f} req per CPU-s"},
+         "met": ours >= PER_CPU_TARGET * theirs, "detail": f"{ours:.1f} vs {theirs:.1f} req per CPU-s{bound}"},
         {"ratio": f"served p99 / {best} p99", "value": p99 / max(peer_p99, 1e-9), "target": "<= 1.00",
          "met": p99 <= peer_p99, "detail": f"{p99:.0f} ms vs {peer_p99:.0f} ms"},
     ]  # fmt: skip

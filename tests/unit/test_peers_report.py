@@ -40,7 +40,10 @@ def _results() -> dict[str, Any]:
     triton["memory"] = [{"uss_mb": 600.0}, {"uss_mb": 400.0}]
     return {
         "config": {"users": 16},
-        "inprocess": {"stage_cpu_ms_per_image": {"preprocess": 5.0, "core": 20.0, "postprocess": 2.0}},
+        "inprocess": {
+            "stage_cpu_ms_per_image": {"preprocess": 5.0, "core": 20.0, "postprocess": 2.0},
+            "best_images_per_cpu_s": 37.0,
+        },
         "triton": triton,  # 400 requests / 12 CPU-s = 33.3 per CPU-s
         "peers": {
             "ray": _peer("ray", 30.0, 15.0, 600.0),  # 20 per CPU-s
@@ -66,7 +69,10 @@ def test_the_section_prints_every_server_sweep_and_cpu_split() -> None:
     assert "| LitServe (batching) | 2 x 1 thread(s), batch 8, wait 5 ms | 35.0 | 25.0 |" in text
     assert "BentoML (adaptive batching) | 2 x 1 thread(s), batch 8, adaptive wait" in text
     assert "| bentoml | 8 | adaptive |" in text and "| ray | 8 | 5 |" in text
-    assert "| served / litserve, per server CPU-second | 1.33 | >= 1.20 | yes |" in text
+    assert (
+        "| served / litserve, per server CPU-second | 1.33 | >= 1.20 | yes | 33.3 vs 25.0 req per CPU-s; the in-process limit itself: 37.0 per CPU-s = 1.48x litserve |"
+        in text
+    )
     assert "- ray: server 50.0 ms = worker 50.0; Locust 3.3 ms" in text
     assert "same model work in process: 27.0 ms" in text
     assert peers_section({**r, "peers": {}}) == []
