@@ -1,8 +1,9 @@
 """`detserve build mmdet --config CONFIG.py --checkpoint model.pth` as a user types it: built, served, compared.
 
-The config is a user's file on top of mmdet's own CenterNet config; the checkpoint an mmdet-style
-``{"meta": ..., "state_dict": ...}`` file (loaded ``weights_only``). Served through the unchanged
-client contract and compared with mmdet's own ``inference_detector`` by ``detserve compare``.
+The config is a user's file on top of mmdet's own CenterNet or CornerNet config (the CornerNet one
+shrunk as a user would: one small hourglass); the checkpoint an mmdet-style ``{"meta": ...,
+"state_dict": ...}`` file (loaded ``weights_only``). Served through the unchanged client contract
+and compared with mmdet's own ``inference_detector`` by ``detserve compare``.
 """
 
 from __future__ import annotations
@@ -27,17 +28,37 @@ def _detserve(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[s
     return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+# (named test configuration whose seeded weights make the checkpoint, mmdet's config, the user's overrides,
+#  the first raw output the build verifies)
+CASES = {
+    "centernet": ("centernet_r18", "centernet/centernet_r18_8xb16-crop512-140e_coco.py", {}, "center_heatmap"),
+    "cornernet": (
+        "cornernet_tiny",
+        "cornernet/cornernet_hourglass104_8xb6-210e-mstest_coco.py",
+        {"backbone": {"downsample_times": 2, "num_stacks": 1, "stage_channels": [32, 32, 48], "stage_blocks": [1, 1, 1],
+                      "feat_channel": 32},
+         "bbox_head": {"in_channels": 32, "num_feat_levels": 1}},
+        "tl_heat",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.documents("detserve build mmdet --config CONFIG.py --checkpoint model.pth --repository R --name N")
-def test_build_mmdet_from_a_config_and_checkpoint_serves_and_compares(tmp_path: Path, samples: dict[str, bytes]) -> None:
+def test_build_mmdet_from_a_config_and_checkpoint_serves_and_compares(
+    case: str, tmp_path: Path, samples: dict[str, bytes]
+) -> None:
     import mmdet
     import torch
 
     from detserve.families import family
 
-    base = Path(mmdet.__file__).parent / ".mim" / "configs" / "centernet" / "centernet_r18_8xb16-crop512-140e_coco.py"
-    config = tmp_path / "my_centernet.py"
-    config.write_text(f"_base_ = [{str(base)!r}]\nmodel = dict(bbox_head=dict(num_classes=3))\n")
-    model = family("mmdet").build("centernet_r18", 3, None, {}, 0)  # seeded: scores spread over 0..1
+    detector, base_config, overrides, first_output = CASES[case]
+    base = Path(mmdet.__file__).parent / ".mim" / "configs" / base_config
+    config = tmp_path / f"my_{case}.py"
+    model_cfg = {**overrides, "bbox_head": {**overrides.get("bbox_head", {}), "num_classes": 3}}
+    config.write_text(f"_base_ = [{str(base)!r}]\nmodel = {model_cfg!r}\n")
+    model = family("mmdet").build(detector, 3, None, {}, 0)  # seeded: scores spread over 0..1
     ckpt = tmp_path / "model.pth"
     torch.save({"meta": {"dataset_meta": {"classes": ("cat", "dog", "cup")}}, "state_dict": model.state_dict()}, ckpt)
 
@@ -46,7 +67,7 @@ def test_build_mmdet_from_a_config_and_checkpoint_serves_and_compares(tmp_path: 
         "build", "mmdet", "--config", str(config), "--checkpoint", str(ckpt), "--repository", str(repo), "--name", "mycn"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "verified center_heatmap" in proc.stdout
+    assert f"verified {first_output}" in proc.stdout
     images = tmp_path / "images"
     images.mkdir()
     for name in ("astronaut.jpg", "camera.png", "coffee.jpg"):
