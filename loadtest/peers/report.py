@@ -43,10 +43,12 @@ def _uss(rows: list[dict[str, Any]] | None) -> str:
 
 def _row(name: str, setting: str, run: dict[str, Any], uss: tuple[str, str], processes: str) -> str:
     rep, lat = run["report"], run["report"]["latency_ms"]
-    pcs = f"{per_cpu(run['cpu']):.1f}" if run.get("cpu") else ""
+    cpu = run.get("cpu")
+    pcs = f"{per_cpu(cpu):.1f}" if cpu else ""
+    others = f"{100 * cpu.get('others_share', 0.0):.0f}%" if cpu else ""  # a shared machine: raw req/s compare badly
     return (
         f"| {name} | {setting} | {rep['throughput_rps']:.1f} | {pcs} | {lat.get('p50', 0):.0f} | {lat.get('p99', 0):.0f} | "
-        f"{uss[0]} | {uss[1]} | {processes} | {rep['failures']} |"
+        f"{uss[0]} | {uss[1]} | {processes} | {others} | {rep['failures']} |"
     )
 
 
@@ -60,7 +62,7 @@ def peers_section(r: dict[str, Any]) -> list[str]:
         f"Same images, {r['config']['users']} closed-loop users, the Flask baseline's Locust user over HTTP for the "
         "peers; req per server CPU-s counts every process of the server (a peer's whole process tree), not Locust's.",
         "", "| server | setting | req/s | req per server CPU-s | p50 ms | p99 ms | USS MB at start | USS MB after load "
-        "| processes | failures |", "|---|---|---|---|---|---|---|---|---|---|",
+        "| processes | other processes' CPU | failures |", "|---|---|---|---|---|---|---|---|---|---|---|",
         _row("(c) Triton ensemble", "dynamic batching", served, (_uss(served.get("memory")),
              _uss(served.get("memory_after_load"))), str(len(served.get("memory") or []))),
     ]  # fmt: skip

@@ -19,7 +19,7 @@ def _run(rps: float, server_cpu_s: float, p99: float, roles: dict[str, float]) -
     return {
         "report": {"throughput_rps": rps, "latency_ms": {"p50": p99 / 2, "p99": p99}, "failures": 0, "requests": ok},
         "cpu": {
-            "ok_requests": ok, "server_cpu_s": server_cpu_s,
+            "ok_requests": ok, "server_cpu_s": server_cpu_s, "others_share": 0.25,
             "roles": {k: {"cpu_s": v, "ms_per_request": 1000 * v / ok} for k, v in roles.items()},
         },
     }  # fmt: skip
@@ -65,7 +65,7 @@ def test_the_section_prints_every_server_sweep_and_cpu_split() -> None:
     r = _results()
     r["peer_targets"] = peer_targets(r)
     text = "\n".join(peers_section(r))
-    assert "| (c) Triton ensemble | dynamic batching | 40.0 | 33.3 | 250 | 500 | 1000 |" in text
+    assert "| (c) Triton ensemble | dynamic batching | 40.0 | 33.3 | 250 | 500 | 1000 |  | 2 | 25% | 0 |" in text
     assert "| LitServe (batching) | 2 x 1 thread(s), batch 8, wait 5 ms | 35.0 | 25.0 |" in text
     assert "BentoML (adaptive batching) | 2 x 1 thread(s), batch 8, adaptive wait" in text
     assert "| bentoml | 8 | adaptive |" in text and "| ray | 8 | 5 |" in text
