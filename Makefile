@@ -13,7 +13,7 @@ demo: setup
 	$(PY) -m detserve.app.cli demo
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=40 tests
 
 test-all: setup
 	$(PY) -m pytest -q tests
