@@ -100,3 +100,17 @@ def test_peer_refuses_a_bad_image_alone(peer: Any, samples: dict[str, bytes]) ->
         bad_answer, good_answer = list(pool.map(peer.detect, [b"not an image", good]))
     assert bad_answer[0] == 400 and b"not a decodable image" in bad_answer[1], bad_answer
     assert good_answer[0] == 200, good_answer
+
+
+def test_the_launcher_turns_telemetry_off_and_keeps_ray_s_token_private(tmp_path: Path) -> None:
+    """No usage reports, no files in the home folder, Ray's cluster token in a 0600 file and not in the environment."""
+    import stat
+
+    from loadtest.peers.service import peer_environment
+
+    env = peer_environment(PeerConfig("ray", "/r", "demo", 1), tmp_path)
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["BENTOML_DO_NOT_TRACK"] == "True"
+    assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert token.parent == tmp_path and stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+    assert Path(env["BENTOML_HOME"]).parent == tmp_path
