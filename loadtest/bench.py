@@ -196,6 +196,10 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     # server_environment) so both sides wait the same way; it only takes effect before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     omp = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "torch_loaded_before": "torch" in sys.modules}
+    if cfg.peers:  # before minutes of other runs are spent on a bench that cannot finish
+        from loadtest.peers.measure import check_installed
+
+        check_installed()
     ensure_model(cfg.repository, cfg.model, echo)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     echo("(a) in-process limit")

@@ -21,7 +21,12 @@ from loadtest.peers.common import PEERS, PeerConfig
 
 # (max batch size, batch wait ms): with two replicas and 16 users a replica holds about 8 requests
 DEFAULT_SWEEP: tuple[tuple[int, float], ...] = ((4, 5.0), (8, 5.0), (8, 20.0))
-PEER_ROLE = "peer "  # the prefix of every peer process's CPU role
+PEER_ROLE = "peer "
+PACKAGES = {
+    "ray": "ray",
+    "litserve": "litserve",
+    "bentoml": "bentoml",
+}  # what each peer imports  # the prefix of every peer process's CPU role
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,20 @@ def cpu_split(cores: int | None = None) -> tuple[int, int]:
     return n, 1
 
 
+def check_installed(peers: tuple[str, ...] = PEERS) -> None:
+    """A clear error when a peer's package is missing (the optional extra ``peers``)."""
+    import importlib.util
+
+    from detserve.errors import DetserveError
+
+    missing = [p for p in peers if importlib.util.find_spec(PACKAGES[p]) is None]
+    if missing:
+        raise DetserveError(f"not installed: {', '.join(missing)}", hint='pip install -e ".[peers]" -c scripts/constraints.txt')
+
+
 def run_peers(cfg: PeerBenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     """Every peer's sweep and best run (see the module docstring), keyed by peer."""
+    check_installed(cfg.peers)
     out: dict[str, Any] = {}
     for peer in cfg.peers:
         out[peer] = run_peer(cfg, peer, echo)

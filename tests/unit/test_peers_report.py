@@ -94,3 +94,12 @@ def test_peer_config_refuses_what_no_peer_can_run() -> None:
         PeerConfig("ray", "/r", "demo", 1, max_batch_size=0)
     cfg = PeerConfig("ray", "/r", "demo", 1)
     assert PeerConfig(**json.loads(cfg.to_json())) == cfg
+
+
+def test_a_missing_peer_is_named_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest.peers import measure
+
+    monkeypatch.setitem(measure.PACKAGES, "ray", "no_such_package_p25")
+    with pytest.raises(DetserveError, match="not installed: ray") as e:
+        measure.check_installed()
+    assert "[peers]" in (e.value.hint or "")
