@@ -209,6 +209,8 @@ class Reader(threading.Thread):
         while not self._halt.is_set():
             before = self._index
             self._decode(_open(self.spec, self.opts), FpsSampler(None), pacer)
+            if self._halt.is_set():
+                return  # stopped inside the pass (it may have had no frame yet): not an empty file
             if self._index == before:
                 raise DetserveError(f"stream {self.spec.stream}: {self.spec.url} has no frame to play")
             pacer.rewind()

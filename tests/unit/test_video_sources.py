@@ -84,3 +84,21 @@ def test_in_flight_total_default_is_one_batch_of_a_default_build() -> None:
     from detserve.video.session import IN_FLIGHT_TOTAL, SessionOptions
 
     assert SessionOptions("u", "m").in_flight_total == IN_FLIGHT_TOTAL == ServingOptions().max_batch_size
+
+
+def test_a_played_file_stopped_as_a_pass_starts_is_not_an_error(clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C/SIGTERM landing while the file is reopened for its next pass: the pass ends with no frame, which
+    must read as stopped, not as an empty file (seen: bench-stream's 8-stream run exited 1, 'has no frame')."""
+    from detserve.video import sources
+
+    (spec,) = parse_sources([f"cam={clip}"], realtime=True)
+    reader = Reader(spec, LatestSlot(), StreamStats(spec.stream, spec.url, True), ReaderOptions())
+    real_open = sources._open
+
+    def open_then_stop(*args: object) -> object:
+        reader.stop()  # the signal arrives while the container opens
+        return real_open(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "_open", open_then_stop)
+    reader.run()  # in this thread: returns once stopped
+    assert reader.error is None
