@@ -1,5 +1,6 @@
 """`detserve bench-stream` end to end with tiny durations (slow): one and two live streams on the demo detector,
-the single-image capacity beside them, every column of the table filled (issue 25 part 8)."""
+the single-image capacity and the single-image p99 at each N's load beside them, every column of the table filled
+(issue 25 part 8)."""
 
 from __future__ import annotations
 
@@ -28,4 +29,7 @@ def test_bench_stream_measures_each_stream_count(demo_copy: Callable[[str], Path
         assert len(row["per_stream_fps"]) == row["streams"] and min(row["per_stream_fps"]) > 0
         assert row["total_fps"] > 0 and row["avg_batch"] >= 1.0 and row["failed"] == 0
         assert row["latency_p99_ms"] >= row["latency_p50_ms"] > 0
+        # the p99 target's reference: single images with as many users as streams, in the same run
+        assert row["single"]["users"] == row["streams"] and row["single"]["latency_p99_ms"] > 0
+    assert "H.264 CRF 23" in results["source"] and "--live" in results["source"]
     assert "| 2 |" in (out / "bench_stream.md").read_text()
