@@ -35,6 +35,7 @@ from detserve.runtime.backend.common import (
     detections_response,
     error_response,
     preprocess_spec,
+    release_free_heap,
     request_parameters,
     run_per_image,
     tune_stub_malloc,
@@ -93,6 +94,7 @@ class TritonPythonModel:
         steps = family_of_spec(self.post).steps(self.post)  # what the ensemble's steps ran, in order
         self.chain = StepChain(self.post, steps, sessions, threads)
         self.outputs = [o["name"] for o in json.loads(args["model_config"])["output"]]
+        release_free_heap()  # the ONNX files' parse buffers (backend/common.py)
 
     def _run_group(self, members: list[tuple[_Request, int]]) -> list[dict[str, np.ndarray]]:
         images = np.stack([r.images[j] for r, j in members])

@@ -41,6 +41,7 @@ from detserve.runtime.backend.common import (
     apply_torch_threads,
     config_parameter,
     error_response,
+    release_free_heap,
     run_per_image,
     tune_stub_malloc,
 )
@@ -292,6 +293,7 @@ class TritonPythonModel:
             self.step = TorchCore(args)
         else:
             self.step = TorchStep(args)
+        release_free_heap()
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return self.step.execute(requests)
