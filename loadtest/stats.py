@@ -232,3 +232,13 @@ def _server_version(grpc_url: str) -> str:
         with contextlib.suppress(Exception):
             client.close()
     return f"{meta.get('name', 'triton')} {meta.get('version', 'unknown')}"
+
+
+def busy_share(split: PhaseSplit, window_s: float, instances: int) -> float:
+    """How much of ``window_s`` a model's instances spent executing (0..1 per instance, averaged).
+
+    Triton charges every request of a batch the batch's whole compute time, so the time the
+    instances were busy is the per-request compute time times the executions, not the requests."""
+    if window_s <= 0 or instances < 1 or not split.requests:
+        return 0.0
+    return split.compute_ms / 1000.0 * split.executions / (window_s * instances)

@@ -1,4 +1,4 @@
-"""``detserve`` commands that measure: loadtest, bench, bench-stream, tune, fuse, stages."""
+"""``detserve`` commands that measure: loadtest, bench, bench-stream, tune, memory, fuse, stages."""
 
 from __future__ import annotations
 
@@ -108,11 +108,35 @@ def tune(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/tune"),
     ort_threads: Annotated[bool, typer.Option(help="only onnxruntime's thread counts (1..cores) against as built")] = False,
     apply: Annotated[bool, typer.Option(help="write the fastest variant into the repository's configs")] = False,
+    limit: Annotated[bool, typer.Option(help="measure the in-process limit first; each variant against it")] = False,
+    profile: Annotated[str, typer.Option(help="also per-step queue/compute at these user counts, e.g. 1,2,4,8,16,32")] = "",
 ) -> None:
     """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
     from loadtest.tune import tune_and_report
 
-    typer.echo(tune_and_report(repository, model, out, users, seconds(duration), typer.echo, ort_threads, apply))
+    levels = tuple(int(n) for n in profile.split(",") if n.strip())
+    typer.echo(tune_and_report(repository, model, out, users, seconds(duration), typer.echo, ort_threads, apply, limit, levels))
+
+
+@app.command()
+@user_errors
+def memory(
+    repository: Annotated[Path, typer.Option(help="repository holding the built ensembles")],
+    model: Annotated[list[str], typer.Option(help="ensemble name (repeatable; served 1, 2, 4 ... at a time, in order)")],
+    fused: Annotated[Path | None, typer.Option(help="repository holding their fused layouts (build --fused-out)")] = None,
+    share_preprocessing: Annotated[bool, typer.Option(help="also with one pre-processing model per spec")] = False,
+    variant: Annotated[str, typer.Option(help="a `detserve tune` variant applied to the composing models")] = "",
+    users: Annotated[int, typer.Option(help="concurrent users of each model's load run")] = 8,
+    duration: Annotated[str, typer.Option(help="length of each model's load run")] = "10s",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("out/memory"),
+) -> None:
+    """USS of the server (tritonserver + every python stub) with 1, 2, 4 ... models loaded, at rest and under load."""
+    from loadtest.memory import memory_and_report
+
+    table = memory_and_report(
+        repository, model, out, typer.echo, fused, share_preprocessing, users, seconds(duration), variant or None
+    )
+    typer.echo(table)
 
 
 @app.command()

@@ -1,0 +1,42 @@
+"""``detserve memory`` and ``detserve tune --limit --profile`` as typed (slow): each runs end to end on
+the demo detector and writes what it says (docs/performance.md has the measured figures)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_documented_commands import detserve, ok
+
+pytestmark = pytest.mark.slow
+
+
+# when docs/performance.md documents it (doc-M25): @pytest.mark.documents(
+#     "detserve memory --repository R --model demo --users 2 --duration 3s --out O")
+def test_memory_table_of_the_served_model(demo_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    out = tmp_path / "memory"
+    args = ("--repository", str(demo_copy("memory")), "--model", "demo", "--users", "2", "--duration", "3s")
+    text = ok(detserve("memory", *args, "--out", str(out), timeout=900))
+    assert (out / "memory.md").read_text().strip() in text
+    (row,) = json.loads((out / "memory.json").read_text())
+    stubs = {role: v for role, v in row["rest"].items() if role.startswith("stub ")}
+    # the built defaults: one pre-processing, one core and two post-processing instances, each its own stub
+    assert {r: int(v["processes"]) for r, v in stubs.items()} == {
+        "stub demo_preprocess": 1,
+        "stub demo_core": 1,
+        "stub demo_postprocess": 2,
+    }
+    assert all(v["uss_mb"] > 0 for v in row["load"].values()) and row["throughput_rps"]["demo"] > 0
+
+
+# when docs/performance.md documents it (doc-M25): @pytest.mark.documents(
+#     "detserve tune --repository R --model demo --users 2 --duration 3s --out O --ort-threads --limit --profile 1,2")
+def test_tune_with_the_limit_and_the_step_profile(demo_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    args = ("--repository", str(demo_copy("tune_profile")), "--model", "demo", "--users", "2", "--duration", "3s")
+    text = ok(detserve("tune", *args, "--out", str(out), "--ort-threads", "--limit", "--profile", "1,2", timeout=1500))
+    assert "core: queue / compute ms, batch, busy %" in text and "in-process limit:" in text
+    assert (out / "tuning.md").read_text().strip() in text
