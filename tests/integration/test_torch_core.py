@@ -1,7 +1,10 @@
 """The python-torch target on a real server: the trained demo detector built with ``--target python-torch``
 (its core a torch.export artifact run by torch in the python step model), served and matched against
 eager PyTorch; requests batched together and a bad one failing alone. The other families' served
-checks are rows of the parity table with ``target="python-torch"`` (slow)."""
+checks are rows of the parity table with ``target="python-torch"`` (slow).
+
+Slow too (~75 s: its own build and server): the fast suite is at its 20-minute budget and the python-torch
+target's export, configs and trace fallback stay fast in tests/unit/test_torch_target.py."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from detserve.verification.matching import check_parity
 from tests.detector_fixtures import detection_arrays
 
 NAME = "demo_torch"
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
