@@ -378,8 +378,7 @@ def test_max_fps_samples_a_file_by_source_time(demo_server: TritonServer, videos
     assert [x["frame"] for x in read_jsonl(tmp_path / "f.jsonl")] == list(range(0, FRAMES, 5))  # 25 fps -> 5 fps
 
 
-# documented in docs/video.md once /work/briefs/doc-V25.md is merged; its declaration goes with that merge:
-# @pytest.mark.documents("detserve stream cam=V --live --model M --url U --quiet --jsonl F --out O")
+@pytest.mark.documents("detserve stream cam=V --live --model M --url U --quiet --jsonl F --out O")
 @pytest.mark.slow
 def test_a_file_played_live_like_a_camera(
     demo_server: TritonServer, videos: dict[str, Path], tmp_path: Path, running: Callable[..., Running]
