@@ -14,8 +14,7 @@ from tests.integration.test_documented_commands import detserve, ok
 pytestmark = pytest.mark.slow
 
 
-# when docs/performance.md documents it (doc-M25): @pytest.mark.documents(
-#     "detserve memory --repository R --model demo --users 2 --duration 3s --out O")
+@pytest.mark.documents("detserve memory --repository R --model demo --users 2 --duration 3s --out O")
 def test_memory_table_of_the_served_model(demo_copy: Callable[[str], Path], tmp_path: Path) -> None:
     out = tmp_path / "memory"
     args = ("--repository", str(demo_copy("memory")), "--model", "demo", "--users", "2", "--duration", "3s")
@@ -32,8 +31,9 @@ def test_memory_table_of_the_served_model(demo_copy: Callable[[str], Path], tmp_
     assert all(v["uss_mb"] > 0 for v in row["load"].values()) and row["throughput_rps"]["demo"] > 0
 
 
-# when docs/performance.md documents it (doc-M25): @pytest.mark.documents(
-#     "detserve tune --repository R --model demo --users 2 --duration 3s --out O --ort-threads --limit --profile 1,2")
+@pytest.mark.documents(
+    "detserve tune --repository R --model demo --users 2 --duration 3s --out O --ort-threads --limit --profile 1,2"
+)
 def test_tune_with_the_limit_and_the_step_profile(demo_copy: Callable[[str], Path], tmp_path: Path) -> None:
     out = tmp_path / "tune"
     args = ("--repository", str(demo_copy("tune_profile")), "--model", "demo", "--users", "2", "--duration", "3s")
