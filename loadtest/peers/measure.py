@@ -21,12 +21,8 @@ from loadtest.peers.common import PEERS, PeerConfig
 
 # (max batch size, batch wait ms): with two replicas and 16 users a replica holds about 8 requests
 DEFAULT_SWEEP: tuple[tuple[int, float], ...] = ((4, 5.0), (8, 5.0), (8, 20.0))
-PEER_ROLE = "peer "
-PACKAGES = {
-    "ray": "ray",
-    "litserve": "litserve",
-    "bentoml": "bentoml",
-}  # what each peer imports  # the prefix of every peer process's CPU role
+PEER_ROLE = "peer "  # the prefix of every peer process's CPU role
+PACKAGES = {"ray": "ray", "litserve": "litserve", "bentoml": "bentoml"}  # what each peer imports (tests replace one)
 
 
 @dataclass(frozen=True)
