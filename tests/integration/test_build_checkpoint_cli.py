@@ -17,9 +17,11 @@ import pytest
 from detserve.hashing import folder_sha256
 from detserve.ops.server import running_server
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("transformers") is None, reason="the DETR family needs the 'transformers' extra"
-)
+# slow (CI budget: 36 s): the DETR family's served parity stays in the fast set (tests/integration/parity_table.py)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="the DETR family needs the 'transformers' extra"),
+]
 
 
 def _detserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
