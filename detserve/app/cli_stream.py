@@ -49,7 +49,10 @@ def stream(
     ] = None,
     in_flight: Annotated[int, typer.Option(help="requests in flight per stream")] = 2,
     in_flight_total: Annotated[
-        int, typer.Option(help="requests in flight over all streams (8: one batch of a default detserve build)")
+        int,
+        typer.Option(
+            help="requests in flight over all streams, at most one per stream + 1 spare (8: one batch of a default detserve build)"
+        ),
     ] = 8,
     stall: Annotated[
         float, typer.Option(help="seconds without a frame before a live source counts as stalled and is reopened")

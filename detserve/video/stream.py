@@ -83,6 +83,7 @@ class Stream:
 
     def _pump_loop(self) -> None:
         seq = 0
+        self.out.slots.join()  # counts toward the spare requests in flight (policy.Slots)
         try:
             while True:
                 if not self.out.slots.acquire(self._sem, 0.2):
@@ -100,6 +101,7 @@ class Stream:
                 self._send(seq, item.converted())  # only a frame that is sent pays its RGB conversion
                 seq += 1
         finally:
+            self.out.slots.leave()
             self._answers.put(seq)  # how many answers the output thread is to wait for
 
     def _send(self, seq: int, frame: Frame) -> None:

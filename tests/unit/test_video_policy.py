@@ -70,12 +70,31 @@ def test_fps_sampler_keeps_the_asked_rate_by_source_time() -> None:
 def test_slots_bound_each_stream_and_the_total() -> None:
     slots = Slots(3)
     a, b = threading.BoundedSemaphore(2), threading.BoundedSemaphore(2)
+    slots.join(), slots.join()  # two streams: the limit is min(3, 2 streams + the spare ones)
     assert slots.acquire(a, 0.01) and slots.acquire(a, 0.01)
     assert not slots.acquire(a, 0.01)  # the stream's own bound
     assert slots.acquire(b, 0.01)
     assert not slots.acquire(b, 0.01)  # the total bound; b's own slot is given back
     slots.release(a)
     assert slots.acquire(b, 0.01)
+
+
+def test_slots_one_request_per_stream_plus_the_spare_ones() -> None:
+    """4 cameras, 2 each allowed, 8 over all: 6 in flight (one each + 2 spare), not 8; at 1-2 cameras
+    every stream keeps its 2; a stream that leaves gives its share back."""
+    slots = Slots(8, spare=2)
+    sems = [threading.BoundedSemaphore(2) for _ in range(4)]
+    for _ in sems:
+        slots.join()
+    got = sum(slots.acquire(s, 0.01) for s in sems for _ in range(2))
+    assert got == 6 and slots.in_use == 6
+    one = Slots(8, spare=2)
+    one.join()
+    s = threading.BoundedSemaphore(2)
+    assert one.acquire(s, 0.01) and one.acquire(s, 0.01) and not one.acquire(s, 0.01)
+    slots.leave(), slots.leave()  # two streams ended: limit 4, and 6 are still in flight
+    slots.release(sems[0])
+    assert not slots.acquire(sems[0], 0.01)
 
 
 def test_latency_quantiles_within_two_percent_in_fixed_memory() -> None:
