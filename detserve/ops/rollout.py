@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -58,11 +58,28 @@ class RolloutError(DetserveError):
 
 @dataclass(frozen=True)
 class Models:
-    """An ensemble and its composing models as the repository holds them."""
+    """An ensemble and the composing models it owns, as the repository holds them.
+
+    A step it shares (``build --share-preprocessing``: another ensemble's pre-processing model) is in
+    ``fixed``, not ``steps``: a rollout of this ensemble never loads it and its pin never moves, since
+    its versions are the owner's numbers, not this ensemble's. ``keep``: per owned step, the versions
+    other ensembles pin; every load of that step keeps them, so no rollout unloads them from under them."""
 
     ensemble_dir: Path
     ensemble: mc.ModelConfig
     steps: tuple[tuple[Path, mc.ModelConfig], ...]
+    fixed: frozenset[str] = frozenset()
+    keep: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def policy(self, model_dir: Path, config: mc.ModelConfig, versions: Sequence[int]) -> mc.ModelConfig:
+        return with_policy(config, [*versions, *self.keep.get(model_dir.name, ())])
+
+    def pins(self, version: int) -> mc.ModelConfig:
+        return with_pins(self.ensemble, version, self.fixed)
+
+    def own_pins(self, steps: Sequence[tuple[str, int]]) -> set[int]:
+        """The versions the ensemble's own steps pin, of (step model, version) pairs."""
+        return {v for m, v in steps if m not in self.fixed}
 
 
 @dataclass(frozen=True)
@@ -88,11 +105,13 @@ def with_policy(config: mc.ModelConfig, versions: Sequence[int]) -> mc.ModelConf
     return out
 
 
-def with_pins(config: mc.ModelConfig, version: int) -> mc.ModelConfig:
+def with_pins(config: mc.ModelConfig, version: int, fixed: frozenset[str] = frozenset()) -> mc.ModelConfig:
+    """The ensemble with its steps pinned to ``version``, but those in ``fixed`` (shared steps keep their pin)."""
     out = mc.ModelConfig()
     out.CopyFrom(config)
     for step in out.ensemble_scheduling.step:
-        step.model_version = version
+        if step.model_name not in fixed:
+            step.model_version = version
     return out
 
 
@@ -105,11 +124,11 @@ def describe(config: mc.ModelConfig) -> str:
 def plan(models: Models, served: int, new: int, pinned: bool | None = None) -> list[Load]:
     """The loads on one target that serves ``served`` (``pinned``: its ensemble is pinned to it; None: as the files say)."""
     if pinned is None:
-        pinned = all(s.model_version == served for s in models.ensemble.ensemble_scheduling.step)
-    loads = [] if pinned else [Load(1, models.ensemble_dir, with_pins(models.ensemble, served))]
-    loads += [Load(1, d, with_policy(c, [served, new])) for d, c in models.steps]
-    loads.append(Load(2, models.ensemble_dir, with_pins(models.ensemble, new)))
-    loads += [Load(3, d, with_policy(c, [new])) for d, c in models.steps]
+        pinned = models.own_pins([(s.model_name, s.model_version) for s in models.ensemble.ensemble_scheduling.step]) == {served}
+    loads = [] if pinned else [Load(1, models.ensemble_dir, models.pins(served))]
+    loads += [Load(1, d, models.policy(d, c, [served, new])) for d, c in models.steps]
+    loads.append(Load(2, models.ensemble_dir, models.pins(new)))
+    loads += [Load(3, d, models.policy(d, c, [new])) for d, c in models.steps]
     return loads
 
 
@@ -117,7 +136,8 @@ def served_on(admin: ModelAdmin, models: Models, fallback: int) -> tuple[int, bo
     """(version, pinned): what the target's loaded ensemble runs, read from the target itself."""
     try:
         config = admin.model_config(models.ensemble_dir.name)
-        pins = {int(s.get("model_version", -1)) for s in config.get("ensemble_scheduling", {}).get("step", [])}
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        pins = models.own_pins([(s.get("model_name", ""), int(s.get("model_version", -1))) for s in steps])
         if len(pins) == 1 and min(pins) > 0:
             return min(pins), True
         step = admin.model_config(models.steps[0][0].name) if models.steps else {}  # the steps share one policy

@@ -40,7 +40,7 @@ from detserve.ops.admin import ENV_VAR, FILE_ENV
 from detserve.ops.fleet import Target, targets
 from detserve.ops.rollout import Models, replace_file, run_rollout
 from detserve.ops.rollout import plan as rollout_plan
-from detserve.pipeline import CORE, model_name
+from detserve.pipeline import CORE, model_name, role_of
 from detserve.tritonconfig import read_config
 
 ROLES = ("preprocess", "core", "postprocess")
@@ -76,6 +76,24 @@ def composing(name: str, repository: Path | None = None) -> list[str]:
     return [f"{name}_{role}" for role in ROLES]
 
 
+def step_pins(repository: Path, model: str) -> dict[str, int]:
+    """Every ensemble of ``repository`` that runs ``model`` as a step -> the version it pins (-1: latest).
+    More than one where ensembles share a step (``build --share-preprocessing``)."""
+    users = {}
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        if "ensemble" not in config.read_text():  # cheap: most models are no ensemble
+            continue
+        for step in read_config(config.parent).ensemble_scheduling.step:
+            if step.model_name == model:
+                users[config.parent.name] = int(step.model_version)
+    return users
+
+
+def shared_steps(repository: Path, name: str) -> set[str]:
+    """The steps of ``name`` that another ensemble owns (their names are not ``<name>_<role>``)."""
+    return {m for m in composing(name, repository) if role_of(m, name) is None}
+
+
 def _model_dir(repository: Path, model: str) -> Path:
     path = repository / model
     if not (path / "config.pbtxt").is_file():
@@ -90,7 +108,8 @@ def versions_of(model_dir: Path) -> list[int]:
 def serving_version(repository: Path, name: str) -> int:
     """The version the repository says ``name`` serves: the ensemble's pin, else the composing models' policy."""
     ensemble = read_config(_model_dir(repository, name))
-    pins = {s.model_version for s in ensemble.ensemble_scheduling.step}
+    # a shared step's pin is its owner's version, not this ensemble's (build --share-preprocessing)
+    pins = {s.model_version for s in ensemble.ensemble_scheduling.step if role_of(s.model_name, name) is not None}
     if len(pins) == 1 and min(pins) > 0:
         return int(min(pins))
     core_dir = _model_dir(repository, model_name(name, CORE))
@@ -104,17 +123,30 @@ def serving_version(repository: Path, name: str) -> int:
 
 
 def check_version(repository: Path, name: str, version: int, force: bool) -> None:
-    """Every composing model has ``version``; its build records say verification passed (unless forced)."""
-    _model_dir(repository, name)
+    """Every composing model has ``version`` (a shared step: the version the ensemble pins); its build
+    records say verification passed (unless forced)."""
+    ensemble = read_config(_model_dir(repository, name))
+    fixed = {s.model_name: int(s.model_version) for s in ensemble.ensemble_scheduling.step if role_of(s.model_name, name) is None}
     for model in composing(name, repository):
         model_dir = _model_dir(repository, model)
-        if not (model_dir / str(version)).is_dir():
+        if model in fixed:
+            _check_shared(repository, name, model, fixed[model])
+        elif not (model_dir / str(version)).is_dir():
             raise VersionError(
                 f"{model} has no version {version} (has {versions_of(model_dir)})",
                 hint=f"build it with `detserve build ... --name {name} --version {version}`",
             )
         if not force:
-            _check_build_record(model_dir / str(version) / "build.json", model, version)
+            mine = fixed.get(model, version)
+            _check_build_record(model_dir / str(mine) / "build.json", model, mine)
+
+
+def _check_shared(repository: Path, name: str, model: str, pin: int) -> None:
+    if pin < 1 or not (repository / model / str(pin)).is_dir():
+        raise VersionError(
+            f"{name} shares {model} pinned to version {pin}, which {repository / model} does not hold",
+            hint=f"rebuild {name} with `detserve build ... --name {name} --share-preprocessing`",
+        )
 
 
 def _check_build_record(path: Path, model: str, version: int) -> None:
@@ -132,9 +164,13 @@ def _check_build_record(path: Path, model: str, version: int) -> None:
 
 
 def models_of(repository: Path, name: str) -> Models:
+    """The ensemble, the steps it owns, the steps it shares (fixed), and what other ensembles pin of its own steps."""
     ensemble_dir = _model_dir(repository, name)
-    dirs = [_model_dir(repository, m) for m in composing(name, repository)]
-    return Models(ensemble_dir, read_config(ensemble_dir), tuple((d, read_config(d)) for d in dirs))
+    fixed = shared_steps(repository, name)
+    dirs = [_model_dir(repository, m) for m in composing(name, repository) if m not in fixed]
+    keep = {d.name: tuple(v for e, v in step_pins(repository, d.name).items() if e != name and v > 0) for d in dirs}
+    steps = tuple((d, read_config(d)) for d in dirs)
+    return Models(ensemble_dir, read_config(ensemble_dir), steps, frozenset(fixed), {m: k for m, k in keep.items() if k})
 
 
 def plan(repository: Path, name: str, old: int, new: int) -> list[tuple[Path, mc.ModelConfig]]:
