@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.labels import write_labels
+from converters.shared_preprocess import share
 from detserve.errors import SpecError
 from detserve.families import ModelSpec
 from detserve.pipeline import PREPROCESS, model_name, role_of
@@ -60,6 +61,9 @@ class BuildRequest:
     precision: str = "fp32"
     calibration_images: Path | None = None
     timing_cache: Path | None = None
+    # point the ensemble at another ensemble's pre-processing model whose config equals this one's (its stub
+    # imports torch: ~285-415 MB USS each) instead of writing <name>_preprocess (converters/shared_preprocess.py)
+    share_preprocessing: bool = False
 
     @property
     def model_name(self) -> str:
@@ -164,6 +168,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
     steps += [step_config(name, d, req.target, post, req.options, last=i == last, pre=pre) for i, d in enumerate(decls)]
     own_canvases(steps, req.target)
     configs = {c.name: c for c in [*steps, ensemble_config(name, steps, req.options)]}
+    shared = share(repo, configs, name, req.share_preprocessing, fused=req.fused_out is not None)
     configs = {n: keep_serving_state(repo / n, c, req.version) for n, c in configs.items()}
 
     def version_dir(role: str) -> Path:
@@ -178,6 +183,7 @@ def build_repository(req: BuildRequest) -> BuildResult:
     onnx_path = None if req.target == "python-torch" else version_dir("core") / "model.onnx"
     record = {**_record(req, name, family.name, num_classes, onnx_path, checks), **extra}
     record["steps"] = [model_name(name, d.role) for d in decls]
+    record["shared_preprocessing"] = shared  # {model, version} of another ensemble's, or None: its own
     # every step but the preprocessing runs in the one python step model, except cores on Triton's own backends
     stub_cores = req.target in ("python-onnxruntime", "python-torch")
     modules = {model_name(name, d.role): "step_model" for d in decls if d.kind == "python" or stub_cores}

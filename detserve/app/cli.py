@@ -76,6 +76,13 @@ def build(
     config: Annotated[
         Path | None, typer.Option(help="mmdet: the model's config file (mmdet's own .py), with the detector 'mmdet'")
     ] = None,
+    share_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            help="run another ensemble's pre-processing model when its config equals this one's (one torch stub "
+            "fewer); else build its own"
+        ),
+    ] = False,
 ) -> None:
     """Convert a detector and write its Triton models (preprocess, core, postprocess, ensemble)."""
     _check_weights(checkpoint, random_weights)
@@ -102,10 +109,13 @@ def build(
         precision=precision,
         calibration_images=calibration_images,
         fused_out=fused_out,
+        share_preprocessing=share_preprocessing,
     )
     started = time.monotonic()
     result = build_repository(req)
     typer.echo(f"built {result.name} version {result.version} in {result.repository} ({time.monotonic() - started:.1f} s)")
+    if shared := result.record.get("shared_preprocessing"):
+        typer.echo(f"its pre-processing step is {shared['model']} version {shared['version']} (shared)")
     _print_verification(result.record)
 
 
