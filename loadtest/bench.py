@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detserve.ops.versions import composing
 from loadtest.bench_figures import cpu_accounting, ratios, targets
 from loadtest.bench_model import ensure_model, flask_kwargs_from_build
 from loadtest.bench_report import render_bench
@@ -207,6 +208,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None]) -> dict[str, Any]:
         "fingerprint": fingerprint(),
         "config": {"users": cfg.users, "duration_s": cfg.duration_s},
         "model": cfg.model,
+        "preprocess_step": composing(cfg.model, cfg.repository)[0],  # shared (build --share-preprocessing) or its own
         "inprocess_openmp": omp,
     }
     results["inprocess"] = _inprocess(cfg, echo)

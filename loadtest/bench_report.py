@@ -164,7 +164,7 @@ def _hop_rows(r: dict[str, Any], key: str, roles: dict[str, Any]) -> list[tuple[
     preprocess = (
         "preprocess stub (decode, resize, normalise)",
         kb("preprocessed"),
-        ms(f"stub {model}_preprocess"),
+        ms(f"stub {r.get('preprocess_step') or model + '_preprocess'}"),  # shared or its own (bench.py records it)
         stages.get("preprocess"),
     )
     if key == "fused":

@@ -77,14 +77,16 @@ def run_one(server: Any, model: str, transport: str, streams: int, seconds: floa
 
     import tritonclient.grpc as grpcclient
 
+    from detserve.ops.versions import composing
     from loadtest.procstats import CpuSampler
 
     url = server.options.grpc_url
+    pre = composing(model, server.options.repository)[0]  # the ensemble's first step: shared or its own
     out: dict[str, list] = {"bytes": [], "encode_ms": [], "latency_ms": []}
     stop = threading.Event()
     threads = [threading.Thread(target=_stream, args=(url, model, transport, frames, stop, out)) for _ in range(streams)]
     with grpcclient.InferenceServerClient(url) as admin, CpuSampler(server.process.pid) as cpu:
-        n0, ns0 = _compute_ns(admin, f"{model}_preprocess")
+        n0, ns0 = _compute_ns(admin, pre)
         me0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.time()
         for t in threads:
@@ -95,7 +97,7 @@ def run_one(server: Any, model: str, transport: str, streams: int, seconds: floa
             t.join()
         t1 = time.time()
         me1 = resource.getrusage(resource.RUSAGE_SELF)
-        n1, ns1 = _compute_ns(admin, f"{model}_preprocess")
+        n1, ns1 = _compute_ns(admin, pre)
     frames_done = len(out["latency_ms"])
     server_cpu = sum(cpu.series.window(t0, t1).values())
     client_cpu = (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime)

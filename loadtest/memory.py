@@ -69,46 +69,29 @@ def subset_repository(src: Path, dst: Path, models: Sequence[str]) -> Path:
 
 
 def share_preprocessing(repository: Path, models: Sequence[str]) -> dict[str, str]:
-    """Point each ensemble whose pre-processing config equals an earlier one's (all but the name) at
-    that earlier model and drop its own: one pre-processing stub per spec instead of one per model.
+    """Each ensemble of ``models`` (in order) pointed at an earlier one's pre-processing model where their
+    configs are equal, its own removed: what ``detserve build --share-preprocessing`` builds, done here to the
+    copy of a repository built without it (converters/shared_preprocess.py: the same rule, the same pin).
+    A repository built with the option is measured as it is. Returns {dropped model: the one used instead}."""
+    from converters.shared_preprocess import reshare
 
-    A candidate measured by ``run_memory`` (``detserve memory --share-preprocessing``), not a build
-    option: the rest of detserve (rollouts, ``tune``) still expects ``<model>_preprocess``. Returns
-    {dropped model: the one used instead}."""
-    from detserve.tritonconfig import read_config, render
-
-    seen: dict[str, str] = {}
     shared = {}
-    for model in models:
-        steps = read_config(repository / model).ensemble_scheduling.step
-        if not steps:
-            continue
-        own = steps[0].model_name
-        config = read_config(repository / own)
-        config.name = ""
-        key = render(config)
-        if key not in seen:
-            seen[key] = own
-            continue
-        ensemble = read_config(repository / model)
-        ensemble.ensemble_scheduling.step[0].model_name = seen[key]
-        path = repository / model / "config.pbtxt"
-        path.unlink()  # a hard link to the source repository's file: never write through it
-        path.write_text(render(ensemble))
-        shutil.rmtree(repository / own)
-        shared[own] = seen[key]
+    for i, model in enumerate(models):
+        done = reshare(repository, model, owners=models[:i])
+        if done is not None:
+            shared[f"{model}_preprocess"] = done["model"]
     return shared
 
 
 def edit_composing(repository: Path, models: Sequence[str], mutate: Any) -> None:
     """Apply a ``tune`` variant's mutation (role, ModelConfig) to the composing models of ``models``."""
-    from detserve.ops.versions import composing
     from detserve.tritonconfig import read_config, render
+    from loadtest.tune import step_roles
 
     for model in models:
-        for step in composing(model, repository):
+        for step, role in step_roles(model, repository).items():
             config = read_config(repository / step)
-            mutate(step.removeprefix(f"{model}_"), config)
+            mutate(role, config)
             path = repository / step / "config.pbtxt"
             path.unlink()  # a hard link to the source repository's file: never write through it
             path.write_text(render(config))

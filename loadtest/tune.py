@@ -19,18 +19,24 @@ Mutation = Callable[[str, Any], None]  # (role, ModelConfig) -> edits in place; 
 ROLES = ("preprocess", "core", "postprocess")
 
 
+def step_roles(model: str, repository: Path) -> dict[str, str]:
+    """The ensemble's composing models -> role, read from its config: ``<model>_<role>``, and the first
+    step is the pre-processing also where it is another ensemble's (``build --share-preprocessing``)."""
+    from detserve.ops.versions import composing
+    from detserve.pipeline import PREPROCESS, role_of
+
+    return {s: role_of(s, model) or (PREPROCESS if i == 0 else s) for i, s in enumerate(composing(model, repository))}
+
+
 def variant_repository(src: Path, dst: Path, model: str, mutate: Mutation) -> Path:
     """Copy ``model``'s ensemble and composing models to ``dst`` and edit each composing config.
 
     The composing models are the ensemble's steps as its config lists them: a multi-step family
-    (two-stage R-CNN) has more than the default three (role: the step's name after ``<model>_``)."""
-    from detserve.ops.versions import composing
-
+    (two-stage R-CNN) has more than the default three (role: ``step_roles``)."""
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src / model, dst / model)
-    for step in composing(model, src):
-        role = step.removeprefix(f"{model}_")
+    for step, role in step_roles(model, src).items():
         shutil.copytree(src / step, dst / step)
         path = dst / step / "config.pbtxt"
         config = parse(path.read_text())
@@ -146,8 +152,10 @@ def apply_variant(repository: Path, model: str, variant: Variant) -> list[Path]:
     """Edit ``model``'s composing configs in ``repository`` in place the way ``variant`` does (a server
     serving it picks the change up when the models are loaded again). Returns the configs changed."""
     changed = []
-    for role in ROLES:
-        path = repository / f"{model}_{role}" / "config.pbtxt"
+    for step, role in step_roles(model, repository).items():
+        if role not in ROLES:
+            continue
+        path = repository / step / "config.pbtxt"
         before = path.read_text()
         config = parse(before)
         variant.mutate(role, config)
@@ -329,19 +337,19 @@ def step_profile(
     per composing model Triton's queue and compute time per request, its mean batch and how busy its
     instances were (stats.busy_share), beside the machine's idle share and the throughput."""
     from detserve.ops.server import running_server
-    from detserve.ops.versions import composing
     from detserve.tritonconfig import read_config
     from loadtest.bench_figures import per_cpu_s
     from loadtest.stats import busy_share
 
-    instances = {s: sum(g.count for g in read_config(repository / s).instance_group) or 1 for s in composing(model, repository)}
+    roles = step_roles(model, repository)
+    instances = {s: sum(g.count for g in read_config(repository / s).instance_group) or 1 for s in roles}
     rows = []
     with running_server(repository) as server:
         for n in users:
             echo(f"  {n} users")
             report, cpu = measured_load(server.options.grpc_url, model, out_dir / f"profile-{n}", n, duration_s)
             steps = {
-                name.removeprefix(f"{model}_"): {
+                roles[name]: {
                     "queue_ms": s.queue_ms,
                     "compute_ms": s.compute_ms,
                     "batch": s.avg_batch_size,
