@@ -265,7 +265,7 @@ def run_canary(
     echo(thresholds.describe())
     run_stage(fleet[:count], key, models, old, version, echo)
     try:
-        verdict = judge(*watch(fleet[:count], fleet[count:], key, name, models.steps[0][0].name, window_s, echo), thresholds)
+        verdict = judge(*watch(fleet[:count], fleet[count:], key, name, models.entry, window_s, echo), thresholds)
     except BaseException:  # interrupted (Ctrl-C) or unexpected: the canary must not stay switched
         unstage(fleet[:count], key, models, old, echo)
         raise

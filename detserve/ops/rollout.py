@@ -77,6 +77,13 @@ class Models:
     def pins(self, version: int) -> mc.ModelConfig:
         return with_pins(self.ensemble, version, self.fixed)
 
+    @property
+    def entry(self) -> str:
+        """The first step whose request counters are this ensemble's alone (a canary's failure count): a
+        shared pre-processing model also counts its other ensembles' requests, so the step after it."""
+        alone = [d.name for d, _ in self.steps if d.name not in self.keep]
+        return alone[0] if alone else self.steps[0][0].name
+
     def own_pins(self, steps: Sequence[tuple[str, int]]) -> set[int]:
         """The versions the ensemble's own steps pin, of (step model, version) pairs."""
         return {v for m, v in steps if m not in self.fixed}

@@ -102,6 +102,8 @@ def test_promoting_the_owner_keeps_the_version_the_sharer_pins(repo: Path) -> No
     forward = [(x.model_dir.name, list(x.config.version_policy.specific.versions)) for x in plan(models_of(repo, "a"), 1, 2)]
     assert ("a_preprocess", [1, 2]) in forward and forward[-3] == ("a_preprocess", [1, 2])  # narrowed, 1 kept
     assert ("a_core", [2]) in forward  # its own steps narrow as before
+    # a canary counts failures from its first step's requests: not from a_preprocess, which b's requests reach too
+    assert models_of(repo, "a").entry == "a_core" and models_of(repo, "b").entry == "b_core"
     _pin(repo, "a", 2)
     back = [(x.model_dir.name, list(x.config.version_policy.specific.versions)) for x in plan(models_of(repo, "a"), 2, 1)]
     assert back[-3] == ("a_preprocess", [1])
