@@ -31,6 +31,7 @@ config without a ``step`` parameter is the ``postprocess`` step.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,22 +64,28 @@ def _parse_all(requests: list[Any], parse: Any, responses: list[Any]) -> dict[in
 
 
 class _CoreRequest:
-    """One request of a core: its inputs, one dict of arrays per image (each on its own canvas / in its own shape)."""
+    """One request of a core: its inputs, one dict of arrays per image (each on its own canvas / in its own
+    shape). ``array`` reads a Triton tensor (numpy for onnxruntime; for a torch core a tensor left where Triton
+    put it, GPU inputs on the GPU); ``host`` brings the few small ints (image info, shapes) to the host."""
 
-    def __init__(self, request: Any, feeds: list[str], names: list[str]) -> None:
+    def __init__(
+        self, request: Any, feeds: list[str], names: list[str],
+        array: Callable[[Any], Any] = lambda t: t.as_numpy(), host: Callable[[Any], Any] = lambda a: a,
+    ) -> None:  # fmt: skip
         given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in names}
-        arrays = {n: t.as_numpy() for n, t in given.items() if t is not None}  # companions are optional
+        arrays = {n: array(t) for n, t in given.items() if t is not None}  # companions are optional
+        small = {n: host(arrays[n]) for n in arrays if n == IMAGE_INFO or is_shape_name(n)}
         per_input = {}
         for n in feeds:
-            if n == IMAGES and IMAGE_INFO in arrays:
-                per_input[n] = crop_to_canvases(arrays[n], arrays[IMAGE_INFO])
+            if n == IMAGES and IMAGE_INFO in small:
+                per_input[n] = crop_to_canvases(arrays[n], small[IMAGE_INFO])
             else:
-                per_input[n] = unpack(arrays[n], arrays.get(shape_name(n)), n)
+                per_input[n] = unpack(arrays[n], small.get(shape_name(n)), n)
         self.n = int(arrays[feeds[0]].shape[0])
         self.images = [{n: per_input[n][j] for n in feeds} for j in range(self.n)]
 
     def key(self, j: int) -> tuple[Any, ...]:
-        return tuple(a.shape for a in self.images[j].values())
+        return tuple(tuple(a.shape) for a in self.images[j].values())
 
 
 class OnnxCore:
@@ -119,26 +126,6 @@ class OnnxCore:
         return run_per_image(pb_utils, parsed, lambda r, j: r.key(j), self._run, self._respond, responses)
 
 
-class _DeviceCoreRequest:
-    """One request of a torch core: its inputs per image, where Triton put them (GPU inputs stay there)."""
-
-    def __init__(self, request: Any, feeds: list[str], names: list[str]) -> None:
-        given = {n: pb_utils.get_input_tensor_by_name(request, n) for n in names}
-        arrays = {n: _array(t) for n, t in given.items() if t is not None}  # companions are optional
-        small = {n: _host(arrays[n]) for n in arrays if n == IMAGE_INFO or is_shape_name(n)}  # a few ints, read here
-        per_input = {}
-        for n in feeds:
-            if n == IMAGES and IMAGE_INFO in small:
-                per_input[n] = crop_to_canvases(arrays[n], small[IMAGE_INFO])
-            else:
-                per_input[n] = unpack(arrays[n], small.get(shape_name(n)), n)
-        self.n = int(arrays[feeds[0]].shape[0])
-        self.images = [{n: per_input[n][j] for n in feeds} for j in range(self.n)]
-
-    def key(self, j: int) -> tuple[Any, ...]:
-        return tuple(tuple(a.shape) for a in self.images[j].values())
-
-
 class TorchCore:
     """The python-torch target's core (runtime/torchcore.py): the saved torch artifact on ``device``
     (config parameter; "cuda": inputs and outputs stay on the GPU, handed on through DLPack)."""
@@ -158,7 +145,7 @@ class TorchCore:
         self.companions = {n for n in self.outputs if shape_name(n) in declared}
         self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
-    def _run(self, members: list[tuple[_DeviceCoreRequest, int]]) -> list[dict[str, Any]]:
+    def _run(self, members: list[tuple[_CoreRequest, int]]) -> list[dict[str, Any]]:
         import torch
 
         from detserve.runtime.torchcore import run_core
@@ -171,7 +158,7 @@ class TorchCore:
         torch.cuda.current_stream().synchronize()  # the next step reads these through DLPack
         return rows
 
-    def _respond(self, _: _DeviceCoreRequest, rows: list[dict[str, Any]]) -> Any:
+    def _respond(self, _: _CoreRequest, rows: list[dict[str, Any]]) -> Any:
         import torch.utils.dlpack
 
         from detserve.runtime.torchcore import pack_tensors, torch_dtype
@@ -191,7 +178,7 @@ class TorchCore:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        parsed = _parse_all(requests, lambda r: _DeviceCoreRequest(r, self.feeds, self.names), responses)
+        parsed = _parse_all(requests, lambda r: _CoreRequest(r, self.feeds, self.names, _array, _host), responses)
         return run_per_image(pb_utils, parsed, lambda r, j: r.key(j), self._run, self._respond, responses)
 
 
