@@ -30,7 +30,14 @@ import torch
 
 from detserve.errors import ImageError
 from detserve.runtime.imaging import load_image, open_request_images
-from detserve.runtime.preprocess import Preprocessed, normalize, pad, preprocess, resize, shortest_longest_edge
+from detserve.runtime.preprocess import (
+    Preprocessed,
+    normalize,
+    pad,
+    preprocess,
+    resize,
+    resize_transformers_chw,
+)
 from detserve.specs import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -111,31 +118,6 @@ def _to_float(chw: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return chw.to(torch.float32).div(spec.pixel_max)
 
 
-def _resize_transformers(chw: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """preprocess.resize_transformers on a uint8 [3, H, W] tensor: the same torchvision calls."""
-    from torchvision.transforms.v2 import functional as tvF
-
-    if spec.color_order == "BGR":
-        chw = chw.flip(0)
-    t = chw.contiguous()
-    if spec.fixed_size is not None:
-        size = (int(spec.fixed_size[0]), int(spec.fixed_size[1]))
-    else:
-        size = shortest_longest_edge((int(t.shape[-2]), int(t.shape[-1])), spec.min_size, spec.max_size)
-    if min(size) < 1:
-        raise ImageError(
-            f"image {t.shape[-1]}x{t.shape[-2]} has too extreme an aspect ratio: resized its short side would have 0 pixels",
-            hint=f"send images whose long side is at most about {spec.max_size} times the short side",
-        )
-    t = tvF.resize(t[None], list(size), interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)[0]
-    rescale = 1.0 / spec.pixel_max
-    if tuple(spec.image_mean) == (0.0, 0.0, 0.0) and tuple(spec.image_std) == (1.0, 1.0, 1.0):
-        return t * rescale
-    mean = torch.tensor(spec.image_mean) * (1.0 / rescale)
-    std = torch.tensor(spec.image_std) * (1.0 / rescale)
-    return tvF.normalize(t.to(torch.float32), mean.tolist(), std.tolist(), inplace=False)
-
-
 def preprocess_tensor(hwc: torch.Tensor, spec: PreprocessSpec) -> Preprocessed:
     """uint8 [H, W, 3] RGB on any device -> :class:`Preprocessed` on that device (see the module docstring)."""
     original_hw = (int(hwc.shape[0]), int(hwc.shape[1]))
@@ -143,7 +125,7 @@ def preprocess_tensor(hwc: torch.Tensor, spec: PreprocessSpec) -> Preprocessed:
         return _upload(preprocess(hwc.cpu().numpy(), spec), hwc.device)
     chw = hwc.permute(2, 0, 1)
     if spec.resize_mode == "transformers":
-        resized = _resize_transformers(chw, spec)
+        resized = resize_transformers_chw(chw, spec)
         return Preprocessed(resized, original_hw, (int(resized.shape[-2]), int(resized.shape[-1])))
     resized = resize(normalize(_to_float(chw, spec), spec), spec)
     return Preprocessed(pad(resized, spec), original_hw, (int(resized.shape[-2]), int(resized.shape[-1])))

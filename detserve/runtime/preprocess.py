@@ -127,9 +127,13 @@ def resize_transformers(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     antialias), then ``rescale_and_normalize``: ``x * rescale_factor`` without normalisation, or
     its fused form ``tvF.normalize(x.float(), mean * (1 / rescale_factor), std * (1 / rescale_factor))``.
     """
+    return resize_transformers_chw(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), spec)
+
+
+def resize_transformers_chw(t: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """``resize_transformers`` on a uint8 [3, H, W] tensor on any device (also runtime/gpu_preprocess.py)."""
     from torchvision.transforms.v2 import functional as tvF
 
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
     if spec.color_order == "BGR":
         t = t.flip(0)
     t = t.contiguous()
@@ -150,7 +154,7 @@ def resize_transformers(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
         return t * rescale
     mean = torch.tensor(spec.image_mean) * (1.0 / rescale)
     std = torch.tensor(spec.image_std) * (1.0 / rescale)
-    return tvF.normalize(t.to(torch.float32), mean, std, inplace=False)
+    return tvF.normalize(t.to(torch.float32), mean.tolist(), std.tolist(), inplace=False)  # lists: any device
 
 
 def center_pad(rgb: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
