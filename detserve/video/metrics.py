@@ -72,6 +72,7 @@ class StreamStats:
     stream: str
     source: str
     live: bool = False
+    stall_s: float = 0.0  # this stream's own stall limit where its source needs more than --stall (HLS segments)
     read: int = 0  # frames decoded
     sampled_out: int = 0  # frames skipped by --max-fps (not drops: asked for)
     sent: int = 0

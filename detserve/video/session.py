@@ -146,7 +146,7 @@ class Session:
             if s.state in ("running", "stalled"):
                 s.sample_timeline()
                 age = s.frame_age_s()
-                stalled = age is not None and age > self.opts.stall_s and s.live
+                stalled = age is not None and age > max(self.opts.stall_s, s.stall_s) and s.live
                 if stalled and s.state == "running":
                     s.stalls += 1
                     log.warning("stream %s: no frame for %.1f s (stalled)", s.stream, age)

@@ -8,6 +8,12 @@ stops sending is caught by the frame-age watchdog (FFmpeg's read timeout interru
 read, the stall is counted and the source reopened). A file ends cleanly after its last frame. A
 packet that does not decode (a corrupt segment) is counted and skipped; the stream goes on.
 
+HLS (an ``http(s)://`` URL whose path ends ``.m3u8``/``.m3u``): the playlist is fetched once when the source
+is parsed. A VOD playlist (``#EXT-X-ENDLIST``; a master playlist: its first variant's) is a recording, read as a
+file: every frame once, in order, then it ends. A live one is a camera: newest frame first; a reopened playlist
+still lists segments already read (FFmpeg starts 3 segments before its end), whose frames are skipped by timestamp
+rather than sent again; a live playlist that ends (``#EXT-X-ENDLIST`` appears) ends the stream.
+
 A file given with ``realtime`` (``detserve stream FILE --live``) is played as a camera would send it: each
 frame released at its own timestamp's pace, newest frame first, from the start again at its end, until
 stopped -- to rehearse a camera, and the live source of ``detserve bench-stream``.
@@ -19,11 +25,13 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from detserve.errors import DetserveError
+from detserve.video.hls import ReplayFilter, SegmentPacer, read_playlist
 from detserve.video.metrics import StreamStats
 from detserve.video.policy import FpsSampler, Frame, LatestSlot, OrderedSlot
 
@@ -39,19 +47,22 @@ class SourceSpec:
 
     stream: str
     url: str
-    kind: str  # file | rtsp | http | v4l2 | lavfi | live (any other network URL)
+    kind: str  # file | rtsp | hls | http | v4l2 | lavfi | live (any other network URL)
     realtime: bool = False  # a file played as a live camera: at its real-time pace, looped, newest frame first
+    vod: bool = False  # an HLS recording (its playlist has #EXT-X-ENDLIST): read as a file
+    quiet_s: float = 0.0  # a live HLS playlist's longest wait between frames while all is well (hls.Playlist)
 
     @property
     def live(self) -> bool:
-        return self.kind != "file" or self.realtime
+        return (self.kind != "file" and not self.vod) or self.realtime
 
 
 def _kind(url: str) -> str:
     if url.startswith(("rtsp://", "rtsps://")):
         return "rtsp"
     if url.startswith(("http://", "https://")):
-        return "http"
+        path = urllib.parse.urlsplit(url).path.lower()
+        return "hls" if path.endswith((".m3u8", ".m3u")) else "http"
     if url.startswith(LIVE_SCHEMES):
         return "live"
     if url.startswith("/dev/video"):
@@ -88,7 +99,9 @@ def parse_sources(texts: list[str], taken: set[str] | None = None, realtime: boo
         elif stream in used:
             raise DetserveError(f"stream id {stream!r} is used twice", hint="give each source its own ID=SOURCE")
         used.add(stream)
-        specs.append(SourceSpec(stream, url, kind, realtime and kind == "file"))
+        playlist = read_playlist(url) if kind == "hls" else None
+        vod, quiet = (playlist.vod, playlist.quiet_s) if playlist else (False, 0.0)
+        specs.append(SourceSpec(stream, url, kind, realtime and kind == "file", vod, 0.0 if vod else quiet))
     return specs
 
 
@@ -107,8 +120,10 @@ def _open(spec: SourceSpec, opts: ReaderOptions) -> Any:
     options = {"rtsp_transport": "tcp"} if spec.kind == "rtsp" else {}
     fmt = {"v4l2": "v4l2", "lavfi": "lavfi"}.get(spec.kind)
     url = spec.url.removeprefix("lavfi:")
-    # (open, read) timeouts: FFmpeg's interrupt callback ends a read blocked longer than stall_s
-    timeout = None if spec.kind == "file" else (opts.open_timeout_s, opts.stall_s)
+    # (open, read) timeouts: FFmpeg's interrupt callback ends a read blocked longer than stall_s -- or than a live
+    # playlist's segments take to come (2 target durations + 1 s: a timeout below it reopened the playlist after
+    # every segment; seen with 4 s segments and --stall 2: 4 reconnects in 20 s, frames 7.9 s apart)
+    timeout = None if spec.kind == "file" else (opts.open_timeout_s, max(opts.stall_s, spec.quiet_s))
     try:
         return av.open(url, format=fmt, options=options, timeout=timeout)
     except av.error.FFmpegError as e:
@@ -155,6 +170,17 @@ class Reader(threading.Thread):
         self.rate: float | None = None  # the source's nominal frame rate, where it says
         self.size: tuple[int, int] | None = None  # (width, height)
         self._index = 0
+        self._replay = ReplayFilter()
+        self._segment_pacer = SegmentPacer()
+        self._playlist_ended = False  # the last container read was an HLS playlist with #EXT-X-ENDLIST
+        self._ends_at: float | None = None  # that playlist's last timestamp, s
+        self._last_pts: float | None = None
+        if spec.live and spec.quiet_s > opts.stall_s:
+            stats.stall_s = spec.quiet_s  # the watchdog's limit for this stream (session.tick)
+            log.warning(
+                "stream %s: a live playlist's frames come a segment at a time, up to %.0f s apart: stalled after "
+                "that long without a frame (not --stall %g)", spec.stream, spec.quiet_s, opts.stall_s,
+            )  # fmt: skip
 
     def stop(self) -> None:
         self._halt.set()
@@ -170,7 +196,7 @@ class Reader(threading.Thread):
             elif self.spec.live:
                 self._run_live()
             else:
-                self._decode(_open(self.spec, self.opts), FpsSampler(self.opts.max_fps))
+                self._read_once()
         except DetserveError as e:
             self.error = e
             log.error("%s", e.message)
@@ -184,6 +210,9 @@ class Reader(threading.Thread):
             before = self.stats.read
             try:
                 self._decode(_open(self.spec, self.opts), FpsSampler(None))
+                if self._playlist_ended:
+                    log.warning("stream %s: the live playlist ended (#EXT-X-ENDLIST)", self.spec.stream)
+                    return  # a broadcast that ended, not a drop: reopened, it would be read again from its start
                 reason = "ended"
             except DetserveError as e:
                 if first:
@@ -203,6 +232,27 @@ class Reader(threading.Thread):
             self._halt.wait(wait)
             wait = min(wait * 2, self.opts.backoff_max_s)
 
+    def _read_once(self) -> None:
+        """A file, or an HLS recording: every frame once, in order. A recording over the network can fail mid-way:
+        the stream then ends as failed, with FFmpeg's reason, not with a thread's traceback."""
+        import av
+
+        try:
+            self._decode(_open(self.spec, self.opts), FpsSampler(self.opts.max_fps))
+        except (av.error.FFmpegError, OSError) as e:
+            raise DetserveError(f"stream {self.spec.stream}: reading {self.spec.url} failed: {e}") from e
+        end, last = self._ends_at, self._last_pts
+        # FFmpeg skips a segment it cannot fetch and ends at the playlist's end all the same: a recording whose
+        # origin went away mid-way "ended" quietly (seen: 75 frames of 250); its last frame tells. The last frame
+        # starts one frame before the end; 0.5 s more for an audio track that outlasts the video (segments are
+        # longer: a lost one is seen)
+        if end is not None and not self._halt.is_set() and (last is None or last < end - 0.5 - 1.0 / (self.rate or 25)):
+            raise DetserveError(
+                f"stream {self.spec.stream}: {self.spec.url} ended at {last or 0:.1f} s of its {end:.1f} s: "
+                "its last segments could not be read",
+                hint="is the origin up? (FFmpeg skips a segment it cannot fetch)",
+            )
+
     def _run_replay(self) -> None:
         """A file as a camera: paced by its timestamps, from the start again at its end, until stopped."""
         pacer = Pacer()
@@ -215,7 +265,7 @@ class Reader(threading.Thread):
                 raise DetserveError(f"stream {self.spec.stream}: {self.spec.url} has no frame to play")
             pacer.rewind()
 
-    def _decode(self, container: Any, sampler: FpsSampler, pacer: Pacer | None = None) -> None:
+    def _decode(self, container: Any, sampler: FpsSampler, pacer: Pacer | SegmentPacer | None = None) -> None:
         import av
 
         with container:
@@ -229,6 +279,14 @@ class Reader(threading.Thread):
             else:
                 video.thread_type = "AUTO"  # a file is read as fast as it is answered: frame threads add throughput
             self.rate = float(video.average_rate) if video.average_rate else self.rate
+            # an HLS playlist (whatever its URL says): whether it ends, and on a live one, frames read before
+            hls = container.format.name == "hls"
+            self._playlist_ended = hls and container.duration is not None  # FFmpeg sets it only with the end tag
+            self._ends_at = ((container.start_time or 0) + container.duration) / 1e6 if self._playlist_ended else None
+            replay = self._replay if hls and self.spec.live else None
+            if replay is not None:
+                replay.reopened(self._playlist_ended)
+                pacer = pacer or self._segment_pacer  # a live playlist's bursts, released at the frames' pace
             for packet in container.demux(video):
                 if self._halt.is_set():
                     return
@@ -239,6 +297,8 @@ class Reader(threading.Thread):
                     log.warning("stream %s: decode error (%s); skipped", self.spec.stream, e)
                     continue
                 for vf in frames:
+                    if replay is not None and not replay.new(_pts(vf)):
+                        continue  # read before this reopening: not a new picture, not a sign of life
                     if pacer is not None and not self._wait(pacer.due(_pts(vf), self.rate)):
                         return
                     self._deliver(vf, sampler)
@@ -253,6 +313,7 @@ class Reader(threading.Thread):
         self._index += 1
         pts_s = _pts(vf)
         self.stats.on_read()
+        self._last_pts = pts_s
         if not sampler.keep(pts_s, index, self.rate):
             self.stats.sampled_out += 1
             return
