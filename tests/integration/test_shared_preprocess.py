@@ -108,6 +108,9 @@ def _under_load(url: str, name: str, images: list[bytes], action: Any) -> dict[s
     return {"result": result, "requests": len(load.calls), "failed": failed}
 
 
+@pytest.mark.documents(
+    "detserve build ssdlite320_mobilenet_v3_large --repository R --name N --num-classes 6 --checkpoint W --share-preprocessing"
+)
 def test_two_detectors_share_one_preprocessing_through_rollouts(
     server: TritonServer, shared_repo: Path, samples: dict[str, bytes]
 ) -> None:
