@@ -45,6 +45,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.documents("detserve stream vod=V --model M --url U --quiet --jsonl F --out O")
 def test_a_vod_playlist_is_read_as_a_file_every_frame_once_in_order(
     grpc_url: str, shapes_clip: Path, origin: HlsServer, tmp_path: Path
 ) -> None:
