@@ -138,6 +138,7 @@ def test_two_detectors_share_one_preprocessing_through_rollouts(
         rollback(url, KEY, repo, "b")
 
     seen = _under_load(url, "a", images, b_there_and_back)
+    print(f"a under load while b went to 2 and back: {seen['requests']} requests, {len(seen['failed'])} failed")
     assert not seen["failed"] and seen["requests"] >= 8, seen
     assert _same(_detect(url, "b", images), ref["b", 1]) and serving_version(repo, "b") == 1
     first = read_config(repo / "b").ensemble_scheduling.step[0]
@@ -145,6 +146,7 @@ def test_two_detectors_share_one_preprocessing_through_rollouts(
 
     # a forward while b answers: the version b pins stays loaded beside a's new one
     seen = _under_load(url, "b", images, lambda: promote(url, KEY, repo, "a", 2))
+    print(f"b under load while a went to 2: {seen['requests']} requests, {len(seen['failed'])} failed")
     assert not seen["failed"] and seen["requests"] >= 8, seen
     assert _same(_detect(url, "a", images), ref["a", 2]) and _same(_detect(url, "b", images), ref["b", 1])
     assert list(read_config(repo / "a_preprocess").version_policy.specific.versions) == [1, 2]
