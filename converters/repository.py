@@ -384,6 +384,8 @@ def _check_target_options(req: BuildRequest) -> None:
             f"--device gpu needs --target python-torch, not {req.target}",
             hint="--target tensorrt runs its core on the GPU already; --postprocess-on-gpu moves its post-processing there",
         )
+    if req.options.device == "gpu":
+        _require_torch_gpu()
     if req.target != "tensorrt":
         if req.precision != "fp32" or req.calibration_images is not None:
             raise SpecError(f"--precision/--calibration-images apply to --target tensorrt, not {req.target}")
@@ -399,6 +401,19 @@ def _check_target_options(req: BuildRequest) -> None:
     validate_precision(req.precision, req.calibration_images)
     check_precision_supported(import_tensorrt(), req.precision)
     require_cuda_gpu()
+
+
+def _require_torch_gpu() -> None:
+    """--device gpu where torch sees no GPU: its KIND_GPU configs could not load on this machine's server
+    ("no GPUs are available") and the torch artifact would never have run on the device it is built for."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SpecError(
+            "--device gpu: torch sees no CUDA GPU on this machine",
+            hint="build on the GPU machine that serves it (the build checks the torch core there), "
+            "or leave out --device gpu for CPU steps",
+        )
 
 
 def _build_tensorrt(
