@@ -88,6 +88,10 @@ def check_images(
         raise DetserveError(f"--move-to {move_to} is inside {root}", hint="move files aside to a folder outside the one checked")
     if not 0 <= phash_distance <= 16:
         raise DetserveError(f"--phash-distance must be in 0..16 bits, got {phash_distance}")
+    if max_pixels < 1:  # 0 would report every image as a decompression bomb
+        raise DetserveError(f"--max-pixels must be at least 1, got {max_pixels}")
+    if min_side < 0:
+        raise DetserveError(f"--min-side must be at least 0, got {min_side}", hint="0 flags no image as small")
     report = CheckReport(root)
     hashes: dict[str, str] = {}
     near = NearDuplicateIndex(phash_distance) if near_duplicates else None

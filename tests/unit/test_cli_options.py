@@ -58,3 +58,54 @@ def test_build_device_gpu_without_a_gpu_is_refused_naming_why(tmp_path: Path) ->
     assert "error: --device gpu: torch sees no CUDA GPU on this machine" in proc.stderr
     assert "hint:" in proc.stderr and "Traceback" not in proc.stderr
     assert not repo.exists()
+
+
+def _check(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "detserve.app.cli", "check-images", str(folder), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 200x100 and a 40x20 PNG (noise: no two alike) and a non-image file without an image suffix."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("check_images")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"big.png": (100, 200), "small.png": (20, 40)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.dat").write_bytes(b"garbage")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "rc", "lines"),
+    [
+        ([], 0, ["small            small.png: 40x20, a side below 32 px", "checked 2 files: small 1"]),
+        (["--min-side", "10"], 0, ["checked 2 files: no problems"]),
+        (["--max-pixels", "10000", "--min-side", "10"], 1, ["bomb             big.png: PNG image declares 200x100"]),
+        (["--all-files", "--min-side", "10"], 1, ["undecodable      notes.dat: not a decodable image"]),
+    ],
+)
+def test_check_images_options_take_effect(image_folder: Path, args: list[str], rc: int, lines: list[str]) -> None:
+    proc = _check(image_folder, *args)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    assert all(line in proc.stdout for line in lines), proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--phash-distance", "99", "--near-duplicates"], "--phash-distance must be in 0..16 bits, got 99"),
+        (["--max-pixels", "0"], "--max-pixels must be at least 1, got 0"),
+        (["--min-side", "-1"], "--min-side must be at least 0, got -1"),
+    ],
+)
+def test_check_images_refuses_meaningless_limits(image_folder: Path, args: list[str], message: str) -> None:
+    """Before: --max-pixels 0 flagged every image as a decompression bomb ("over the limit of 0") and
+    --min-side -1 passed silently."""
+    proc = _check(image_folder, *args)
+    assert proc.returncode == 1 and f"error: {message}" in proc.stderr, proc.stdout + proc.stderr
