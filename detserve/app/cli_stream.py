@@ -74,6 +74,7 @@ def stream(
         raise DetserveError(
             "--max-fps samples files read in order; --live plays them as cameras", hint="drop one of the two options"
         )
+    _check_limits(in_flight, in_flight_total, max_fps, stall)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     opts = SessionOptions(
         url=url, model=model, transport=transport, max_fps=max_fps, live_files=live, track=track, jsonl=jsonl, video_out=video_out,
@@ -97,6 +98,18 @@ def stream(
     finally:
         session.close()
     _report(session, out)
+
+
+def _check_limits(in_flight: int, in_flight_total: int, max_fps: float | None, stall: float) -> None:
+    """Before anything connects: the session would otherwise rewrite these silently (0 in flight ran as 1,
+    --max-fps 0 or below as every frame) or reopen every live source at once (--stall 0)."""
+    for option, value in (("--in-flight", in_flight), ("--in-flight-total", in_flight_total)):
+        if value < 1:
+            raise DetserveError(f"{option} must be at least 1, got {value}")
+    if max_fps is not None and max_fps <= 0:
+        raise DetserveError(f"--max-fps must be above 0, got {max_fps:g}", hint="leave it out for every frame")
+    if stall <= 0:
+        raise DetserveError(f"--stall must be above 0 seconds, got {stall:g}")
 
 
 def _run(session: Session, quiet: bool) -> None:

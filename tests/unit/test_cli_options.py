@@ -109,3 +109,27 @@ def test_check_images_refuses_meaningless_limits(image_folder: Path, args: list[
     --min-side -1 passed silently."""
     proc = _check(image_folder, *args)
     assert proc.returncode == 1 and f"error: {message}" in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--in-flight", "0"], "--in-flight"),
+        (["--in-flight-total", "0"], "--in-flight-total"),
+        (["--max-fps", "0"], "--max-fps"),
+        (["--stall", "0"], "--stall"),
+    ],
+)
+def test_stream_refuses_limits_that_cannot_run_before_connecting(tmp_path: Path, args: list[str], option: str) -> None:
+    """Before: --in-flight-total 0 was silently raised to 1; --in-flight 0 and --max-fps 0 reached the session
+    (no server is needed to refuse them: nothing listens at the URL given here)."""
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")  # never opened: the options are refused first
+    proc = subprocess.run(
+        [sys.executable, "-m", "detserve.app.cli", "stream", str(video), "--model", "demo", "--url", "127.0.0.1:1",
+         "--out", str(tmp_path / "out"), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert option in proc.stderr and "no Triton server answers" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
