@@ -167,6 +167,12 @@ def stages(
     """CPU ms per pipeline stage (preprocess, core in ONNX Runtime, decode) per family, in this process."""
     from loadtest.stages import DEFAULT_DETECTORS, stage_table
 
+    # refused before the models are built: else a traceback after the timing (no median of 0 runs, torch's own
+    # "set_num_threads expects a positive integer")
+    if repeat < 1:
+        raise DetserveError(f"--repeat must be at least 1, got {repeat}")
+    if torch_threads < 0:
+        raise DetserveError(f"--torch-threads must be 0 (torch's default) or more, got {torch_threads}")
     # every detector asked for, with its default test keywords where it has some (a mix of default and
     # other detectors used to drop the others)
     defaults = dict(DEFAULT_DETECTORS)

@@ -133,3 +133,18 @@ def test_stream_refuses_limits_that_cannot_run_before_connecting(tmp_path: Path,
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert option in proc.stderr and "no Triton server answers" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--repeat", "0"], "--repeat must be at least 1, got 0"), (["--torch-threads", "-1"], "--torch-threads must be")],
+)
+def test_stages_refuses_counts_it_cannot_run(args: list[str], message: str) -> None:
+    """Before: --repeat 0 timed the detector for ~11 s, then a StatisticsError traceback ("no median for empty
+    data"); --torch-threads -1 a RuntimeError traceback from torch.set_num_threads."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "detserve.app.cli", "stages", "--detector", "ssdlite320_mobilenet_v3_large", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Error:" not in proc.stderr, proc.stderr
+    assert f"error: {message}" in proc.stderr, proc.stderr
