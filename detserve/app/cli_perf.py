@@ -114,7 +114,12 @@ def tune(
     """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
     from loadtest.tune import tune_and_report
 
-    levels = tuple(int(n) for n in profile.split(",") if n.strip())
+    try:
+        levels = tuple(int(n) for n in profile.split(",") if n.strip())
+    except ValueError:
+        levels = None
+    if levels is None or any(n < 1 for n in levels):  # refused before any server starts
+        raise DetserveError(f"--profile must be comma-separated user counts of 1 or more, got {profile!r}", hint="e.g. 1,2,4,8")
     typer.echo(tune_and_report(repository, model, out, users, seconds(duration), typer.echo, ort_threads, apply, limit, levels))
 
 

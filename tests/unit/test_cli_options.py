@@ -148,3 +148,15 @@ def test_stages_refuses_counts_it_cannot_run(args: list[str], message: str) -> N
     )  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Error:" not in proc.stderr, proc.stderr
     assert f"error: {message}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("profile", ["1,two,4", "0,4"])
+def test_tune_refuses_a_profile_that_is_not_user_counts(tmp_path: Path, profile: str) -> None:
+    """Before: `--profile 1,two,4` ended in a ValueError traceback (int('two'))."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "detserve.app.cli", "tune", "--repository", str(tmp_path), "--model", "demo",
+         "--profile", profile, "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: --profile must be comma-separated user counts of 1 or more, got {profile!r}" in proc.stderr
