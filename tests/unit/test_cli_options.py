@@ -30,12 +30,10 @@ def _cuda() -> bool:
     ("args", "message"),
     [
         (["--device", "gpu"], "--device gpu needs --target python-torch, not python-onnxruntime"),
-        (["--device", "gpu", "--target", "tensorrt"], "--device gpu needs --target python-torch, not tensorrt"),
         (["--device", "tpu", "--target", "python-torch"], "device must be one of cpu, gpu, got 'tpu'"),
         (["--target", "python-tensorflow"], "unknown target 'python-tensorflow'"),
         (["--postprocess-on-gpu"], "post-processing on the GPU needs --target tensorrt"),
         (["--precision", "fp16"], "--precision/--calibration-images apply to --target tensorrt, not python-onnxruntime"),
-        (["--calibration-images", "."], "--precision/--calibration-images apply to --target tensorrt"),
         (["--target", "python-torch", "--fused-out", "fused"], "the fused CPU layout runs the cores in onnxruntime"),
         (["--max-batch-size", "0"], "max_batch_size must be >= 1, got 0"),
     ],
