@@ -278,7 +278,7 @@ def _grpc_server(cfg: GateConfig) -> str:
         }}
         location / {{ return 404; }}
 {_grpc_error("denied", GRPC_STATUS["denied"], admin_denied_message(cfg.admin_key is not None))}\
-{_grpc_error("too_large", GRPC_STATUS["too_large"], f"request larger than the server's limit of {cfg.max_request_bytes} bytes ({limit_mib:.0f} MiB; detserve serve --max-request-bytes; a ModelStreamInfer stream counts all its messages)")}\
+{_grpc_error("too_large", GRPC_STATUS["too_large"], f"request larger than the server's limit of {cfg.max_request_bytes} bytes ({limit_mib:.3g} MiB; detserve serve --max-request-bytes; a ModelStreamInfer stream counts all its messages)")}\
 {_grpc_error("busy", GRPC_STATUS["busy"], busy)}\
 {_grpc_error("unready", GRPC_STATUS["unready"], cfg.unready_message())}\
 {_grpc_error("unknown", GRPC_STATUS["unknown"], "method not served by detserve")}\

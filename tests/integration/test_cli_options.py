@@ -1,0 +1,201 @@
+"""Options that only `--help` shows, typed through the CLI as a user types them and checked by their effect on a
+real build and a real server (slow: each builds or starts servers). The refusals that need no build are in
+tests/unit/test_cli_options.py.
+
+One repository for the module, built by `detserve build` three times with the trained demo weights: ``onnx``
+(as built by default), ``torch`` (``--target python-torch``) and ``noframes`` (``--no-frames-input
+--max-batch-size 2 --no-verify``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detserve.ops.server import TritonServer
+from loadtest.bench_model import DEMO_DETECTOR, DEMO_WEIGHTS
+from tests.integration.test_lifecycle import start_serve
+from training.synthetic import NUM_CLASSES
+
+pytestmark = pytest.mark.slow
+
+BUILDS = {
+    "onnx": [],
+    "torch": ["--target", "python-torch"],
+    "noframes": ["--no-frames-input", "--max-batch-size", "2", "--no-verify"],
+}
+FLOOR = 0.3  # detections compared above this score: clear of the edge where one side keeps a box the other drops
+
+
+def detserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("cli_options") / "repo"
+    for name, args in BUILDS.items():
+        proc = detserve(
+            "build", DEMO_DETECTOR, "--checkpoint", str(DEMO_WEIGHTS), "--num-classes", str(NUM_CLASSES),
+            "--repository", str(repo), "--name", name, *args,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return repo
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from detserve.app.demo import demo_images
+
+    return demo_images(tmp_path_factory.mktemp("cli_options_images"))[:4]
+
+
+def _detect(url: str, model: str, paths: list[Path], *args: str) -> list[dict[str, Any]]:
+    proc = detserve("detect", *map(str, paths), "--model", model, "--url", url, "--json", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return list(json.loads(proc.stdout))
+
+
+def _arrays(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.array(item["boxes"]).reshape(-1, 4), np.array(item["scores"]), np.array(item["labels"])
+
+
+def test_serve_log_file_request_bytes_and_metrics_host(built: Path, images: list[Path], tmp_path: Path) -> None:
+    """`serve --log-file` gets Triton's log, `--max-request-bytes` refuses a larger request at the gate with
+    the option named, `--metrics-host` is where the metrics answer."""
+    import urllib.request
+
+    from PIL import Image
+
+    big = tmp_path / "noise.png"  # ~1.1 MB: noise does not compress
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(big)
+    log = tmp_path / "triton.log"
+    s = start_serve(built, tmp_path, "--log-file", str(log), "--max-request-bytes", "800000", "--metrics-host", "127.0.0.1")
+    try:
+        s.wait_ready()
+        s.children("tritonserver"), s.children("nginx")
+        assert _detect(s.grpc_url, "onnx", images[:1])[0]["num_detections"] > 0
+        proc = detserve("detect", str(big), "--model", "onnx", "--url", s.grpc_url)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "larger than the server's limit of 800000 bytes (0.763 MiB;" in proc.stderr, proc.stderr  # before: (0 MiB;
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10) as r:
+            assert 'nv_inference_request_success{model="onnx"' in r.read().decode()
+        assert "successfully loaded 'onnx'" in log.read_text()
+    finally:
+        assert s.stop() == 0, s.output()
+        s.kill_leftovers()
+
+
+@pytest.fixture(scope="module")
+def server(built: Path) -> Iterator[TritonServer]:
+    from detserve.ops.server import running_server
+
+    with running_server(built) as srv:
+        yield srv
+
+
+def test_python_torch_target_serves_the_onnx_builds_detections(built: Path, server: TritonServer, images: list[Path]) -> None:
+    """`build --target python-torch`: the cores are torch.export artifacts run by torch, no ONNX; served, its
+    detections are the ONNX Runtime build's (order-free, IoU >= 0.99, |dscore| <= 1e-3 above the floor)."""
+    from detserve.verification.matching import check_parity
+
+    assert (built / "torch_core" / "1" / "model.pt2").is_file()
+    assert not list((built / "torch_core").rglob("*.onnx")) and list((built / "onnx_core").rglob("*.onnx"))
+    url = server.options.grpc_url
+    onnx = _detect(url, "onnx", images, "--score-threshold", "0")
+    torch = _detect(url, "torch", images, "--score-threshold", "0")
+    compared = 0
+    for a, b in zip(onnx, torch, strict=True):
+        check = check_parity(_arrays(a), _arrays(b), score_floor=FLOOR, iou_min=0.99, score_tol=1e-3)
+        assert check.ok, (a["image"], check.failures)
+        compared += check.total
+    assert compared >= len(images)  # the trained demo detector finds shapes in every held-out image
+
+
+def test_no_frames_input_and_its_stream_transports(built: Path, server: TritonServer, images: list[Path], tmp_path: Path) -> None:
+    """`build --no-frames-input`: IMAGE is the ensemble's only input; `stream --transport raw` is refused
+    naming it, the default transport falls back to JPEG. `--max-batch-size 2` and `--no-verify` took effect."""
+    import tritonclient.grpc as grpcclient
+
+    from tests.integration.test_stream import write_video
+
+    url = server.options.grpc_url
+    with grpcclient.InferenceServerClient(url) as client:
+        assert [i.name for i in client.get_model_metadata("noframes").inputs] == ["IMAGE"]
+        assert "FRAMES" in [i.name for i in client.get_model_metadata("onnx").inputs]
+    for step in ("preprocess", "core", "postprocess"):  # the config API is the admin's: read the files
+        assert "max_batch_size: 2\n" in (built / f"noframes_{step}" / "config.pbtxt").read_text(), step
+    record = json.loads((built / "noframes" / "1" / "build.json").read_text())
+    assert record["verification"]["core"] is None, record["verification"]  # --no-verify: nothing checked
+    video = write_video(tmp_path / "clip.mp4", frames=10)
+    proc = detserve(
+        "stream", str(video), "--model", "noframes", "--url", url, "--transport", "raw", "--out", str(tmp_path / "raw")
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "model 'noframes' has no FRAMES input (it has IMAGE): --transport raw needs" in proc.stderr, proc.stderr
+    jsonl = tmp_path / "auto.jsonl"
+    proc = detserve(
+        "stream", str(video), "--model", "noframes", "--url", url, "--jsonl", str(jsonl), "--out", str(tmp_path / "auto")
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(jsonl.read_text().splitlines()) == 10
+
+
+def test_detect_iou_threshold_is_applied_per_request(server: TritonServer, images: list[Path]) -> None:
+    """`detect --iou-threshold`: a lower NMS IoU keeps fewer overlapping boxes of the same class."""
+    url = server.options.grpc_url
+    loose = _detect(url, "onnx", images, "--score-threshold", "0.01", "--iou-threshold", "0.95")
+    tight = _detect(url, "onnx", images, "--score-threshold", "0.01", "--iou-threshold", "0.05")
+    assert sum(t["num_detections"] for t in tight) < sum(x["num_detections"] for x in loose)
+    for t in tight:  # no two boxes of one class overlap by more than 0.05 after NMS at 0.05
+        from detserve.verification.matching import box_iou
+
+        boxes, _, labels = _arrays(t)
+        for label in set(labels.tolist()):
+            iou = box_iou(boxes[labels == label], boxes[labels == label])
+            assert (iou[~np.eye(len(iou), dtype=bool)] <= 0.05 + 1e-3).all()
+
+
+def test_bench_torch_core_prints_its_row(tmp_path: Path) -> None:
+    """`bench --torch-core`: the demo detector served again with torch cores, row (g) and its ratios printed."""
+    out = tmp_path / "bench"
+    proc = detserve(
+        "bench", "--repository", str(tmp_path / "repo"), "--model", "demo", "--users", "2", "--duration", "2s",
+        "--out", str(out), "--torch-core", timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(g) Triton ensemble, torch core (python-torch)" in proc.stdout
+    assert "torch core / ONNX Runtime core (throughput)" in proc.stdout
+    result = json.loads((out / "bench.json").read_text())
+    report = result["torch_core"]["report"]
+    assert report["failures"] == 0 and report["throughput_rps"] > 0, report
+
+
+def test_fuse_instances_and_ort_threads_are_written(built: Path, tmp_path: Path) -> None:
+    """`fuse --instances 3 --ort-threads 1`: three instances of the fused model, onnxruntime at one thread each;
+    a torch-core build is refused (the fused layout runs its cores in onnxruntime)."""
+    proc = detserve("fuse", "--repository", str(built), "--model", "onnx", "--out", str(tmp_path / "fused"),
+                    "--instances", "3", "--ort-threads", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = (tmp_path / "fused" / "onnx" / "config.pbtxt").read_text()
+    assert "count: 3\n" in config and '\\"intra_op_threads\\": 1' in config, config
+    proc = detserve("fuse", "--repository", str(built), "--model", "torch", "--out", str(tmp_path / "fused_torch"))
+    assert proc.returncode == 1 and "holds no model.onnx" in proc.stderr, proc.stderr
+
+
+def test_compare_require_tensorrt_and_score_tol(built: Path, images: list[Path], tmp_path: Path) -> None:
+    """`compare --require-tensorrt` on a build without an engine fails naming why (exit 1); without it the same
+    comparison passes; `--score-tol` is the tolerance the report judged with."""
+    args = ["compare", *map(str, images[:1]), "--model", "onnx", "--repository", str(built)]
+    proc = detserve(*args, "--require-tensorrt", "--out", str(tmp_path / "trt"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: TensorRT side not compared: no model.plan in this version" in proc.stderr, proc.stderr
+    proc = detserve(*args, "--score-tol", "0.002", "--out", str(tmp_path / "cpu"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "cpu" / "compare.json").read_text())["score_tol"] == 0.002
