@@ -148,6 +148,8 @@ def mine(
         raise DetserveError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if limit is not None and limit < 1:
         raise DetserveError(f"--limit must be >= 1, got {limit}")
+    if not 0.0 <= min_score <= 1.0:  # a score is in 0..1: above 1 every image would be "empty"
+        raise DetserveError(f"--min-score must be in 0..1, got {min_score:g}")
     manifest = out / "manifest.jsonl"
     if manifest.exists():
         raise DetserveError(f"{manifest} exists: {out} already holds a mined set", hint="choose another --out")

@@ -4,6 +4,7 @@ server are typed in tests/integration/test_cli_options.py (slow)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,28 @@ def test_tune_refuses_a_profile_that_is_not_user_counts(tmp_path: Path, profile:
     )  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"error: --profile must be comma-separated user counts of 1 or more, got {profile!r}" in proc.stderr
+
+
+def test_mine_min_score_and_prelabel_image_prefix(tmp_path: Path) -> None:
+    """`mine --empty --min-score`: an image is empty below the score given (the default 0.3 picks only the one
+    without detections); `prelabel --image-prefix`: each Label Studio task's image path starts with it."""
+    from tests.unit.test_jobs import RECORDS, _results
+
+    results = _results(tmp_path, RECORDS)
+    cli = [sys.executable, "-m", "detserve.app.cli"]
+    for min_score, picked in (("0.3", {"sub/b.png"}), ("0.95", {"a.png", "sub/b.png", "c.png", "d.png"})):
+        out = tmp_path / f"mined-{min_score}"
+        proc = subprocess.run([*cli, "mine", "--results", str(results), "--out", str(out), "--empty",
+                               "--min-score", min_score], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        assert {m["path"] for m in manifest} == picked, min_score
+    proc = subprocess.run([*cli, "mine", "--results", str(results), "--out", str(tmp_path / "bad"), "--empty",
+                           "--min-score", "2"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    # before: accepted, every image "empty" (a score is at most 1); prelabel's --threshold already refused it
+    assert proc.returncode == 1 and "error: --min-score must be in 0..1, got 2" in proc.stderr, proc.stderr
+    proc = subprocess.run([*cli, "prelabel", "--results", str(results), "--out", str(tmp_path / "ls"), "--format",
+                           "labelstudio", "--image-prefix", "s3://bucket/shapes/"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert [t["data"]["image"] for t in tasks][:2] == ["s3://bucket/shapes/a.png", "s3://bucket/shapes/sub/b.png"]
