@@ -199,3 +199,23 @@ def test_compare_require_tensorrt_and_score_tol(built: Path, images: list[Path],
     proc = detserve(*args, "--score-tol", "0.002", "--out", str(tmp_path / "cpu"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "cpu" / "compare.json").read_text())["score_tol"] == 0.002
+
+
+def test_eval_pytorch_and_no_pytorch(built: Path, server: TritonServer, tmp_path: Path) -> None:
+    """`eval --pytorch` (the default) scores in-process PyTorch beside the served torch-core build and judges the
+    difference; `--no-pytorch` scores the endpoint alone (no PyTorch figures, no verdict)."""
+    data = tmp_path / "test_split"
+    assert detserve("dataset", "test", str(data), "--limit", "6").returncode == 0
+    common = ["eval", "--model", "torch", "--annotations", str(data / "annotations.json"), "--images",
+              str(data / "images"), "--url", server.options.grpc_url, "--repository", str(built), "--progress"]  # fmt: skip
+    for flag in ("--pytorch", "--no-pytorch"):
+        proc = detserve(*common, flag, "--out", str(tmp_path / flag))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (report,) = (tmp_path / flag).glob("eval_torch_*.json")
+        result = json.loads(report.read_text())
+        assert result["served"]["mAP"] > 0, result
+        if flag == "--pytorch":
+            assert result["pytorch"] and result["within_tolerance"] is True, result
+        else:
+            assert result["pytorch"] is None and result["within_tolerance"] is None, result
+            assert "| metric | served |\n" in proc.stdout
