@@ -219,3 +219,14 @@ def test_eval_pytorch_and_no_pytorch(built: Path, server: TritonServer, tmp_path
         else:
             assert result["pytorch"] is None and result["within_tolerance"] is None, result
             assert "| metric | served |\n" in proc.stdout
+
+
+def test_stages_detector_repeat_best_torch_threads() -> None:
+    """`stages --detector D --repeat 2 --best --torch-threads 1`: that one detector's row, every stage timed
+    (no server; slow only for the model build, ~9 s)."""
+    proc = detserve("stages", "--detector", "ssdlite320_mobilenet_v3_large", "--repeat", "2", "--best", "--torch-threads", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ssdlite320_mobilenet_v3_large |")]
+    assert len(rows) == 1 and len(proc.stdout.split("| detector |")) == 2, proc.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert all(float(ms) > 0 for ms in cells[3:6]), cells  # preprocess, core, decode ms
