@@ -61,6 +61,21 @@ class Thresholds:
     p99_slack_ms: float = 50.0  # ... plus 50 ms: on a busy CPU one slow request moves a short window's p99
     max_detections_drop: float = 0.5  # mean detections per probe image down to half the rest's
 
+    def __post_init__(self) -> None:
+        # values outside these judge nothing: a drop of 2 never fires, a negative allowance rejects every canary
+        for option, value in (
+            ("--max-failure-increase", self.max_failure_increase),
+            ("--max-detections-drop", self.max_detections_drop),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise DetserveError(f"{option} must be in 0..1, got {value:g}")
+        if self.max_p99_ratio < 1.0:
+            raise DetserveError(
+                f"--max-p99-ratio must be at least 1, got {self.max_p99_ratio:g}", hint="1: no slower than the rest"
+            )
+        if self.p99_slack_ms < 0:
+            raise DetserveError(f"--p99-slack-ms must be at least 0, got {self.p99_slack_ms:g}")
+
     def describe(self) -> str:
         return (
             f"thresholds: failure ratio +{self.max_failure_increase:.3f}, p99 x{self.max_p99_ratio:g} + "

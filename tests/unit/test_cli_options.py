@@ -184,3 +184,27 @@ def test_mine_min_score_and_prelabel_image_prefix(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
     assert [t["data"]["image"] for t in tasks][:2] == ["s3://bucket/shapes/a.png", "s3://bucket/shapes/sub/b.png"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-failure-increase", "-0.1"], "--max-failure-increase must be in 0..1, got -0.1"),
+        (["--max-p99-ratio", "0.5"], "--max-p99-ratio must be at least 1, got 0.5"),
+        (["--p99-slack-ms", "-5"], "--p99-slack-ms must be at least 0, got -5"),
+        (["--max-detections-drop", "2"], "--max-detections-drop must be in 0..1, got 2"),
+    ],
+)
+def test_promote_canary_thresholds_that_judge_nothing_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
+    """Before: accepted, and the canary ran its watch window against them (a drop limit of 2 never fires: the
+    detections check was off; a negative failure allowance rolls back every canary)."""
+    import os
+    import secrets
+
+    env = {**os.environ, "DETSERVE_ADMIN_KEY": secrets.token_hex(20)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "detserve.app.cli", "promote", "demo", "--version", "2", "--repository", str(tmp_path),
+         "--url", "127.0.0.1:1", "--canary", "1", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1 and f"error: {message}" in proc.stderr, proc.stderr
