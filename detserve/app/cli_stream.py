@@ -51,7 +51,7 @@ def stream(
     in_flight_total: Annotated[
         int,
         typer.Option(
-            help="requests in flight over all streams, at most one per stream + 1 spare (8: one batch of a default detserve build)"
+            help="requests in flight over all streams, at most one per stream + 2 spare (8: one batch of a default detserve build)"
         ),
     ] = 8,
     stall: Annotated[

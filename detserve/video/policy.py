@@ -136,10 +136,10 @@ class FpsSampler:
 # Requests in flight beyond one per stream (Slots): a spare request fills the gap between a stream's answer and
 # its next send (client decode/encode, the network) while the server would otherwise idle; past that a request
 # only waits in Triton's queue and its answer is about an older frame (latency ~ requests in flight / frames per
-# second). Measured, demo, 640x480 25 FPS cameras, 20 s rows (docs/video.md): 2 a stream, 8 over all (before):
-# p99 2.0x the single-image p99 with as many users at 4 cameras (8 in flight vs 4), quiet machine; 2 spare: still
-# 2.02x at 2 cameras; 1 spare: <= 1.87x at every count from 1 to 16 (loaded run), every frame at 1 camera.
-SPARE = 1
+# second). Measured on the demo, 640x480 25 FPS cameras, quiet machine, 20 s rows (docs/video.md): 2 a stream up
+# to 8 (before): 4 cameras p99 2.0x the single-image p99 with 4 users; 1 spare: 2 cameras 0.83x the capacity;
+# 2 spare: 2 cameras 0.93x at p99 1.98x, 4 cameras 0.96x at p99 1.75x.
+SPARE = 2
 
 
 class Slots:
