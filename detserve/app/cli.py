@@ -141,6 +141,8 @@ def _check_weights(checkpoint: Path | None, random_weights: bool) -> None:
 
 def _print_verification(record: dict[str, Any]) -> None:
     """The build's verification lines: per declared output, and by detections where that judged it."""
+    if record["verification"].get("ok", True) is None:
+        typer.echo("  NOT verified (--no-verify): `detserve promote` refuses this version unless --force")
     for role, core in record["verification"].items():  # "core"; a multi-step family: each core step
         if role == "ok" or not core:
             continue

@@ -155,7 +155,13 @@ def _check_build_record(path: Path, model: str, version: int) -> None:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise VersionError(f"{model} version {version}: check 'build record readable' failed: {path}: {e}", hint=hint) from e
-    ok = (record.get("verification") or {}).get("ok")
+    verification = record.get("verification") or {}
+    if "ok" in verification and verification["ok"] is None:  # written by a --no-verify build: nothing was checked
+        raise VersionError(
+            f"{model} version {version}: check 'verification.ok' failed: it was built with --no-verify (nothing checked)",
+            hint="rebuild it without --no-verify, or pass --force to serve it unchecked",
+        )
+    ok = verification.get("ok")
     if ok is False:
         raise VersionError(
             f"{model} version {version}: check 'verification.ok' failed: its build.json says verification failed",

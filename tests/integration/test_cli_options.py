@@ -133,6 +133,7 @@ def test_no_frames_input_and_its_stream_transports(built: Path, server: TritonSe
         assert "max_batch_size: 2\n" in (built / f"noframes_{step}" / "config.pbtxt").read_text(), step
     record = json.loads((built / "noframes" / "1" / "build.json").read_text())
     assert record["verification"]["core"] is None, record["verification"]  # --no-verify: nothing checked
+    assert record["verification"]["ok"] is None  # nothing checked is not "passed": promote asks for --force
     video = write_video(tmp_path / "clip.mp4", frames=10)
     proc = detserve(
         "stream", str(video), "--model", "noframes", "--url", url, "--transport", "raw", "--out", str(tmp_path / "raw")

@@ -126,3 +126,16 @@ def test_tune_and_the_memory_table_read_the_roles_from_the_ensemble(repo: Path, 
     assert read_config(copy / "a_preprocess").instance_group[0].count == 3
     edit_composing(repo, ["b"], set_instances({"preprocess": 2}))
     assert read_config(repo / "a_preprocess").instance_group[0].count == 2
+
+
+def test_a_version_built_with_no_verify_is_not_promoted_without_force(repo: Path) -> None:
+    """Before: ``--no-verify`` recorded ``verification.ok: true`` (nothing was checked, so nothing failed) and
+    promote took the version as verified. Now such a record says ``ok: null`` and promote asks for --force."""
+    for model in ("b_core", "b_postprocess"):
+        (repo / model / "2" / "build.json").write_text('{"verification": {"core": null, "ok": null}}')
+    with pytest.raises(VersionError, match="built with --no-verify"):
+        check_version(repo, "b", 2, force=False)
+    check_version(repo, "b", 2, force=True)
+    (repo / "b_core" / "2" / "build.json").write_text("{}")  # a record from before the field: not refused
+    (repo / "b_postprocess" / "2" / "build.json").write_text("{}")
+    check_version(repo, "b", 2, force=False)
