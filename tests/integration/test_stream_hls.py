@@ -20,9 +20,12 @@ import pytest
 
 from detserve.ops.server import TritonServer
 from tests.hls_server import HlsServer, LivePlaylist, write_vod
+from tests.integration import test_stream_rtsp
 from tests.integration.conftest import SHAPES
 from tests.integration.test_stream_rtsp import Running, lines_of, wait_for
 from tests.rtsp_server import write_shapes_video
+
+running = test_stream_rtsp.running  # the fixture: detserve stream processes, killed after the test
 
 CLIP_FRAMES = 50
 
@@ -93,19 +96,6 @@ def live_playlist(shapes_clip: Path, origin: HlsServer) -> Iterator[LivePlaylist
     yield publisher
     publisher.close()
     assert publisher.error is None, publisher.error
-
-
-@pytest.fixture
-def running() -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(*args: str) -> Running:
-        started.append(Running(*args))
-        return started[-1]
-
-    yield start
-    for r in started:
-        r.kill()
 
 
 def _growth(jsonl: Path, seconds: float) -> int:

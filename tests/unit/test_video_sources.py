@@ -5,6 +5,7 @@ device exists."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from detserve.video.metrics import StreamStats
 from detserve.video.policy import END, Frame, LatestSlot, OrderedSlot
 from detserve.video.sources import Pacer, Reader, ReaderOptions, parse_sources
-from tests.hls_server import HlsServer
+from tests.hls_server import HlsServer, LivePlaylist
 
 FPS = 20
 FRAMES = 10
@@ -278,39 +279,45 @@ def test_a_v4l2_camera_is_read_as_a_live_source() -> None:
     assert isinstance(taken, Frame) and taken.converted().picture.ndim == 3
 
 
+@contextlib.contextmanager
+def _live_origin(video: Path, directory: Path, **kwargs: float) -> Iterator[tuple[HlsServer, LivePlaylist]]:
+    """A live playlist published in real time from ``video`` and served on loopback, once its first segment is out."""
+    publisher = LivePlaylist(video, directory / "live.m3u8", **kwargs)
+    publisher.start()
+    try:
+        with HlsServer(directory) as server:
+            deadline = time.monotonic() + 30
+            while not (directory / "live.m3u8").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            yield server, publisher
+    finally:
+        publisher.close()
+
+
 @pytest.mark.slow
 def test_a_live_playlist_of_long_segments_is_not_reopened_after_each(tmp_path: Path) -> None:
     """4 s segments read with a 2 s stall limit (as Apple's 6 s segments with the default --stall 5): frames come
     a segment at a time, up to ~6 s apart. Before: FFmpeg's read timed out between segments and the playlist was
     reopened after each (seen: 4 reconnects in 20 s, 7.9 s without a frame); the limit now covers two target
     durations and a second."""
-    from tests.hls_server import LivePlaylist
     from training.moving_shapes import MovingShapes, VideoConfig, write_video
 
     video = write_video(MovingShapes(VideoConfig(frames=200, size=(120, 160))), tmp_path / "v.mp4", gop=100)
-    publisher = LivePlaylist(video, tmp_path / "live.m3u8", segment_s=4)
-    publisher.start()
-    try:
-        with HlsServer(tmp_path) as server:
-            deadline = time.monotonic() + 30
-            while not (tmp_path / "live.m3u8").exists() and time.monotonic() < deadline:
+    with _live_origin(video, tmp_path, segment_s=4) as (server, publisher):
+        (spec,) = parse_sources([server.url("live.m3u8")])
+        assert spec.quiet_s == 9.0
+        stats = StreamStats(spec.stream, spec.url, spec.live)
+        reader = Reader(spec, LatestSlot(), stats, ReaderOptions(stall_s=2.0))
+        reader.start()
+        ages = []
+        try:
+            end = time.monotonic() + 16
+            while time.monotonic() < end:
                 time.sleep(0.1)
-            (spec,) = parse_sources([server.url("live.m3u8")])
-            assert spec.quiet_s == 9.0
-            stats = StreamStats(spec.stream, spec.url, spec.live)
-            reader = Reader(spec, LatestSlot(), stats, ReaderOptions(stall_s=2.0))
-            reader.start()
-            ages = []
-            try:
-                end = time.monotonic() + 16
-                while time.monotonic() < end:
-                    time.sleep(0.1)
-                    ages.append(stats.frame_age_s() or 0.0)
-            finally:
-                reader.stop()
-                reader.join(10)
-    finally:
-        publisher.close()
+                ages.append(stats.frame_age_s() or 0.0)
+        finally:
+            reader.stop()
+            reader.join(10)
     assert publisher.error is None and stats.stall_s == 9.0
     assert stats.reconnects == 0 and stats.read > 100 and max(ages) < 9.0, (stats.reconnects, stats.read, max(ages))
 
@@ -332,33 +339,24 @@ def test_a_live_playlist_gives_a_busy_server_frames_at_its_pace_not_one_a_segmen
     """A consumer taking a frame every 100 ms (a server answering 10 a second) from a 25 FPS live playlist of 1 s
     segments. Before: each segment's 25 frames reached the newest-frame slot within milliseconds and the
     consumer got the last of each burst: 2.0 frames a second (measured); released at their pace: 8.1."""
-    from tests.hls_server import LivePlaylist
     from training.moving_shapes import MovingShapes, VideoConfig, write_video
 
     video = write_video(MovingShapes(VideoConfig(frames=250, size=(120, 160))), tmp_path / "v.mp4")
-    publisher = LivePlaylist(video, tmp_path / "live.m3u8")
-    publisher.start()
-    try:
-        with HlsServer(tmp_path) as server:
-            deadline = time.monotonic() + 30
-            while not (tmp_path / "live.m3u8").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            (spec,) = parse_sources([server.url("live.m3u8")])
-            slot, stats = LatestSlot(), StreamStats(spec.stream, spec.url, spec.live)
-            reader = Reader(spec, slot, stats, ReaderOptions())
-            reader.start()
-            try:
-                time.sleep(4)  # past the opening (FFmpeg starts 3 segments before the live end)
-                taken, start = 0, time.monotonic()
-                while time.monotonic() - start < 8:
-                    if isinstance(slot.take(0.5), Frame):
-                        taken += 1
-                        time.sleep(0.1)
-                rate = taken / (time.monotonic() - start)
-            finally:
-                reader.stop()
-                reader.join(10)
-    finally:
-        publisher.close()
+    with _live_origin(video, tmp_path) as (server, publisher):
+        (spec,) = parse_sources([server.url("live.m3u8")])
+        slot, stats = LatestSlot(), StreamStats(spec.stream, spec.url, spec.live)
+        reader = Reader(spec, slot, stats, ReaderOptions())
+        reader.start()
+        try:
+            time.sleep(4)  # past the opening (FFmpeg starts 3 segments before the live end)
+            taken, start = 0, time.monotonic()
+            while time.monotonic() - start < 8:
+                if isinstance(slot.take(0.5), Frame):
+                    taken += 1
+                    time.sleep(0.1)
+            rate = taken / (time.monotonic() - start)
+        finally:
+            reader.stop()
+            reader.join(10)
     assert publisher.error is None and reader.error is None
     assert rate >= 4.0, rate  # 1 burst a second gave 2
