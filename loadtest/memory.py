@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,12 @@ class MemoryRow:
     rest: dict[str, dict[str, float]]  # role -> processes, rss/pss/uss MB (procstats.memory_by_role)
     load: dict[str, dict[str, float]]  # the sample with the most USS while the models served
     throughput_rps: dict[str, float]  # per model, its load run's (a check that it served)
+    variant: str = ""  # the `detserve tune` variant its composing models ran with ("": as built)
+
+    @property
+    def label(self) -> str:
+        """The layout as the tables name it: a variant's row must not read as the built configs' (before: it did)."""
+        return f"{self.layout} ({self.variant})" if self.variant else self.layout
 
     def uss_mb(self, when: str) -> float:
         return float(sum(v["uss_mb"] for v in (self.rest if when == "rest" else self.load).values()))
@@ -169,9 +175,11 @@ def run_memory(
     users: int = 8,
     duration_s: float = 10.0,
     mutate: Any = None,
+    variant: str = "",
 ) -> list[MemoryRow]:
     """The memory table's rows: per layout (name -> repository) and count N, the first N ``models``
-    (their composing configs edited by ``mutate``, a ``tune`` variant's mutation, when given)."""
+    (their composing configs edited by ``mutate``, the mutation of the ``tune`` variant named ``variant``, when given;
+    the fused layout has no composing models and is measured as built)."""
     rows = []
     for layout, repository in layouts.items():
         for n in counts:
@@ -185,7 +193,8 @@ def run_memory(
             if layout == SHARED:
                 share_preprocessing(repo, chosen)
             try:
-                rows.append(measure_set(repo, layout, chosen, out_dir / "runs", users, duration_s))
+                row = measure_set(repo, layout, chosen, out_dir / "runs", users, duration_s)
+                rows.append(replace(row, variant=variant) if mutate is not None and layout != "fused" else row)
                 with (out_dir / "rows.jsonl").open("a") as f:  # what a long run measured survives its failure
                     f.write(json.dumps(asdict(rows[-1])) + "\n")
             finally:
@@ -211,13 +220,13 @@ def render_memory(rows: Sequence[MemoryRow]) -> str:
         server = r.load.get("tritonserver", {}).get("uss_mb", 0.0)
         rps = ", ".join(f"{m} {v:.1f}" for m, v in r.throughput_rps.items())
         lines.append(
-            f"| {r.layout} | {len(r.models)} | {r.stubs()} | {r.uss_mb('rest'):.0f} | {r.uss_mb('load'):.0f} | {server:.0f} | {rps} |"
+            f"| {r.label} | {len(r.models)} | {r.stubs()} | {r.uss_mb('rest'):.0f} | {r.uss_mb('load'):.0f} | {server:.0f} | {rps} |"
         )
     lines.append("")
-    for layout in dict.fromkeys(r.layout for r in rows):
+    for layout, label in dict.fromkeys((r.layout, r.label) for r in rows):
         rest, load = per_additional_mb(rows, layout, "rest"), per_additional_mb(rows, layout, "load")
         if rest is not None and load is not None:
-            lines.append(f"- {layout}: each additional model {rest:.0f} MB USS at rest, {load:.0f} MB under load")
+            lines.append(f"- {label}: each additional model {rest:.0f} MB USS at rest, {load:.0f} MB under load")
     return "\n".join(lines)
 
 
@@ -228,7 +237,7 @@ def render_roles(rows: Sequence[MemoryRow]) -> str:
         for role in sorted(set(r.rest) | set(r.load)):
             rest, load = r.rest.get(role, {}), r.load.get(role, {})
             lines.append(
-                f"| {r.layout} | {len(r.models)} | {role} | {int(rest.get('processes', load.get('processes', 0)))} | "
+                f"| {r.label} | {len(r.models)} | {role} | {int(rest.get('processes', load.get('processes', 0)))} | "
                 f"{rest.get('uss_mb', 0.0):.0f} | {load.get('uss_mb', 0.0):.0f} |"
             )
     return "\n".join(lines)
@@ -248,17 +257,25 @@ def memory_and_report(
     """``detserve memory``: the table for ``models`` of ``repository`` (and of ``fused_repository``,
     and with one pre-processing model per spec when ``share``), written to ``memory.md`` / ``memory.json``;
     ``variant``: a ``detserve tune`` variant's name, applied to every ensemble's composing models first."""
+    from detserve.errors import DetserveError
     from loadtest.tune import variant_named
 
     mutate = variant_named(variant).mutate if variant else None
 
+    if fused_repository is not None:  # before: found missing only after the whole ensemble layout was measured
+        missing = [m for m in models if not (fused_repository / m / "config.pbtxt").is_file()]
+        if missing:
+            raise DetserveError(
+                f"--fused {fused_repository}: no fused layout of {', '.join(missing)} (no <model>/config.pbtxt)",
+                hint="write them with `detserve build ... --fused-out DIR` or `detserve fuse --out DIR`",
+            )
     layouts = {"ensemble": repository}
     if share:
         layouts[SHARED] = repository
     if fused_repository is not None:
         layouts["fused"] = fused_repository
     counts = sorted({n for n in (1, 2, 4) if n < len(models)} | {len(models)})
-    rows = run_memory(layouts, models, out_dir, echo, counts, users, duration_s, mutate)
+    rows = run_memory(layouts, models, out_dir, echo, counts, users, duration_s, mutate, variant or "")
     table = render_memory(rows) + "\n\n" + render_roles(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "memory.md").write_text(table + "\n")

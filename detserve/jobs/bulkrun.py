@@ -42,6 +42,8 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise DetserveError(f"--max-in-flight must be >= 1, got {self.max_in_flight}")
+        if self.retries < 0:  # before: accepted and run as 0 (no retry), not what was typed
+            raise DetserveError(f"--retries must be at least 0, got {self.retries}")
         if not self.images.is_dir():
             raise DetserveError(f"image folder not found: {self.images}")
 

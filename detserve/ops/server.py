@@ -78,6 +78,7 @@ class TritonServer:
         opts = self.options
         if not opts.repository.is_dir():
             raise ServerError(f"model repository not found: {opts.repository}", hint="build one with `detserve build`")
+        opts.check_paths()
         ports = [(opts.metrics_address, opts.metrics_port, "metrics")]
         if opts.public:
             ports += [(opts.host, opts.grpc_port, "grpc"), (opts.host, opts.http_port, "http")]
@@ -122,7 +123,7 @@ class TritonServer:
         opts = self.options
         if self.runtime is None:
             raise ServerError("the server has no runtime directory: start() creates it")
-        env = server_environment(embedded=opts.tritonserver is None)
+        env = server_environment(embedded=opts.embedded)
         if opts.max_request_pixels is not None:  # the python stubs inherit it (runtime/backend/common.py)
             env[MAX_REQUEST_PIXELS_ENV] = str(opts.max_request_pixels)
         self.shm = prepare_shm(opts.extra_args, opts.shm_prefix)  # and clean up after dead servers

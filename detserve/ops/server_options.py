@@ -7,6 +7,7 @@ instead of a gate or a tritonserver that dies during start-up.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from detserve.ops.stubshm import prefix_args
 EXIT_TIMEOUT_S = 10
 SUMMARY_LATENCIES = "--metrics-config=summary_latencies=true"
 DRAIN_TIMEOUT_S = 30.0
+PYTHON_BACKEND = "libtriton_python.so"  # the python backend, in <backend directory>/python
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -81,6 +83,32 @@ class ServerOptions:
         for arg in self.extra_args:
             if arg.split("=", 1)[0] in _OWNED_FLAGS:
                 raise ServerError(f"{arg.split('=', 1)[0]} is set by detserve and cannot be passed as an extra flag")
+
+    @property
+    def embedded(self) -> bool:
+        """Whether tritonserver needs nvidia-pytriton's set-up (embedded.py): its binary needs its libraries, and its
+        python backend (the default) our stub's environment. Before, only a missing --tritonserver counted: naming
+        the embedded binary (or backends) with --tritonserver started the stubs without numpy or torch."""
+        own_binary = pytriton_root() / "bin" / "tritonserver"
+        return any(
+            given is None or given.resolve() == own.resolve()
+            for given, own in ((self.tritonserver, own_binary), (self.backend_directory, backend_directory()))
+        )
+
+    def check_paths(self) -> None:
+        """A --tritonserver or --backend-directory that cannot serve is refused naming it, before anything starts
+        (before: a FileNotFoundError from the spawn not naming the path, or a server whose models all failed)."""
+        if self.tritonserver is not None and not (self.tritonserver.is_file() and os.access(self.tritonserver, os.X_OK)):
+            raise ServerError(
+                f"--tritonserver {self.tritonserver}: not an executable file",
+                hint="give the tritonserver binary itself (e.g. /opt/tritonserver/bin/tritonserver in NVIDIA's image)",
+            )
+        if self.backend_directory is not None and not (self.backend_directory / "python" / PYTHON_BACKEND).is_file():
+            raise ServerError(
+                f"--backend-directory {self.backend_directory}: no python backend (python/{PYTHON_BACKEND}), "
+                "which every detserve model runs on",
+                hint="give the folder holding the backends (e.g. /opt/tritonserver/backends in NVIDIA's image)",
+            )
 
     def command(self, runtime: Path) -> list[str]:
         binary = self.tritonserver or (pytriton_root() / "bin" / "tritonserver")

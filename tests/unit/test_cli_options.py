@@ -208,3 +208,88 @@ def test_promote_canary_thresholds_that_judge_nothing_are_refused(tmp_path: Path
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert proc.returncode == 1 and f"error: {message}" in proc.stderr, proc.stderr
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "detserve.app.cli", *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _python_model_repository(root: Path) -> Path:
+    """One python-backend model: a server without the python backend cannot load it (exits; never serves on)."""
+    repo = root / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    (repo / "m" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n')
+    (repo / "m" / "1" / "model.py").write_text("class TritonPythonModel:\n    def execute(self, requests):\n        return []\n")
+    return repo
+
+
+@pytest.mark.parametrize("option", ["--tritonserver", "--backend-directory"])
+def test_serve_refuses_a_tritonserver_or_backends_that_cannot_serve_naming_them(tmp_path: Path, option: str) -> None:
+    """`serve --tritonserver PATH` / `--backend-directory PATH` (a container's own Triton): before, a missing binary
+    ended as "FileNotFoundError: [Errno 2] No such file or directory" without the path; a backend folder without the
+    python backend started a tritonserver whose every model failed to load. Now both are refused before any start."""
+    from detserve.ops.embedded import pytriton_root
+    from detserve.ops.server import free_port
+
+    empty = tmp_path / "backends"
+    empty.mkdir()
+    given = {"--tritonserver": tmp_path / "nonexistent" / "tritonserver", "--backend-directory": empty}[option]
+    binary = ["--tritonserver", str(pytriton_root() / "bin" / "tritonserver")] if option == "--backend-directory" else []
+    ports = [a for what in ("grpc", "http", "metrics") for a in (f"--{what}-port", str(free_port()))]
+    proc = _cli("serve", "--repository", str(_python_model_repository(tmp_path)), *ports, *binary, option, str(given))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    why = "not an executable file" if option == "--tritonserver" else "no python backend (python/libtriton_python.so)"
+    assert f"error: {option} {given}: {why}" in proc.stderr, proc.stderr
+    assert "ready:" not in proc.stdout
+
+
+def test_run_refuses_negative_retries() -> None:
+    """`run --retries -1`: before, accepted and run as 0 (no retry) after a readiness check of the server."""
+    proc = _cli("run", "--model", "demo", "--images", ".", "--out", "/nonexistent/r.jsonl", "--classes", "a",
+                "--url", "127.0.0.1:1", "--retries", "-1")  # fmt: skip
+    assert proc.returncode == 1 and "error: --retries must be at least 0, got -1" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ('{"verification": {"core": null, "ok": null}}', "it was built with --no-verify (nothing checked)"),
+        ('{"verification": {"ok": false}}', "its build.json says verification failed"),
+    ],
+)
+def test_promote_no_force_refuses_what_the_default_refuses_and_force_overrides_it(
+    tmp_path: Path, record: str, message: str
+) -> None:
+    """`promote --no-force` refuses an unverified (`build --no-verify`) or failed version 2 as the default does, before
+    anything connects; `--force` passes that check (it then stops only at the server: nothing listens here)."""
+    import os
+    import secrets
+
+    from tests.unit.test_shared_preprocess import _build
+
+    repo = tmp_path / "repo"
+    for version in (1, 2):
+        _build(repo, "m", version=version)
+    for step in ("m_preprocess", "m_core", "m_postprocess"):
+        (repo / step / "2" / "build.json").write_text(record)
+    env = {**os.environ, "DETSERVE_ADMIN_KEY": secrets.token_hex(20)}
+    env.pop("DETSERVE_ADMIN_KEY_FILE", None)
+    common = ["promote", "m", "--version", "2", "--repository", str(repo), "--url", "127.0.0.1:1"]
+    for flags in ([], ["--no-force"]):
+        proc = _cli(*common, *flags, env=env)
+        assert proc.returncode == 1 and f"m_preprocess version 2: check 'verification.ok' failed: {message}" in proc.stderr
+        assert "--force" in proc.stderr, proc.stderr  # the hint names the override
+    proc = _cli(*common, "--force", env=env)
+    assert proc.returncode == 1 and "verification" not in proc.stderr and "127.0.0.1:1" in proc.stderr, proc.stderr
+
+
+def test_memory_refuses_an_unknown_variant_and_a_fused_folder_without_the_models(tmp_path: Path) -> None:
+    """`memory --variant NAME` names the variants on a typo; `memory --fused DIR` without the models' fused layouts is
+    refused before any server starts (before: after the whole ensemble layout was measured, ~1 min per count)."""
+    common = ["memory", "--repository", str(tmp_path), "--model", "demo", "--out", str(tmp_path / "out")]
+    proc = _cli(*common, "--variant", "core x9")
+    assert proc.returncode == 1 and "error: no tuning variant named 'core x9'" in proc.stderr, proc.stderr
+    assert "hint: choose one of: " in proc.stderr and "core x2 + post x1" in proc.stderr
+    proc = _cli(*common, "--fused", str(tmp_path / "fused"))
+    assert proc.returncode == 1 and f"error: --fused {tmp_path / 'fused'}: no fused layout of demo" in proc.stderr
+    assert not (tmp_path / "out").exists(), proc.stdout
