@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +231,111 @@ def test_stages_detector_repeat_best_torch_threads() -> None:
     assert len(rows) == 1 and len(proc.stdout.split("| detector |")) == 2, proc.stdout
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert all(float(ms) > 0 for ms in cells[3:6]), cells  # preprocess, core, decode ms
+
+
+def test_serve_tritonserver_backend_directory_and_triton_arg(demo_built: Path, images: list[Path], tmp_path: Path) -> None:
+    """`serve --tritonserver B --backend-directory D --triton-arg=--id=...`, B and D nvidia-pytriton's own (what a
+    container names as /opt/tritonserver/...): a detect answers, and the extra flag reached tritonserver (the
+    server's metadata carries the id). Before: the stubs got no environment for this Python (every model failed:
+    "No module named 'numpy'"). A missing binary or a backend folder without the python backend: unit tests."""
+    import tritonclient.grpc as grpcclient
+
+    from detserve.ops.embedded import backend_directory, pytriton_root
+
+    binary, backends = pytriton_root() / "bin" / "tritonserver", backend_directory()
+    s = start_serve(demo_built, tmp_path, "--tritonserver", str(binary), "--backend-directory", str(backends),
+                    "--triton-arg=--id=detserve-c27")  # fmt: skip
+    try:
+        s.wait_ready()
+        s.children("tritonserver"), s.children("nginx")
+        assert _detect(s.grpc_url, "demo", images[:2])[0]["num_detections"] > 0
+        with grpcclient.InferenceServerClient(s.grpc_url) as client:
+            assert client.get_server_metadata().name == "detserve-c27"
+    finally:
+        assert s.stop() == 0, s.output()
+        s.kill_leftovers()
+
+
+def _folder(images: list[Path], root: Path, copies: int) -> Path:
+    folder = root / "many"
+    folder.mkdir()
+    for k in range(copies):
+        for p in images:
+            (folder / f"{k:03d}_{p.name}").write_bytes(p.read_bytes())
+    return folder
+
+
+def _run_until_lines(args: list[str], out: Path, lines: int) -> subprocess.Popen[str]:
+    """`detserve run` started; returns once it has written ``lines`` results (the server is then stopped under it)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "detserve.app.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out.is_file() and out.read_bytes().count(b"\n") >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    return proc
+
+
+def test_run_retries_zero_leaves_images_to_rerun_and_enough_retries_outlast_a_restart(
+    demo_copy: Callable[[str], Path], images: list[Path], tmp_path: Path
+) -> None:
+    """The server stopped and started again under a folder run (docs/offline-jobs.md): with `--retries 0` the
+    images it could not answer are not written, the run exits 1 naming them, and the same command again answers
+    exactly those; with `--retries 8` (backoff 0.2 s doubling: ~51 s, within the 60 s request deadline) the run
+    outlasts the restart and answers every image, exit 0."""
+    from detserve.ops.server import ServerOptions, TritonServer, free_port
+
+    folder = _folder(images, tmp_path, copies=40)  # 160 images, one request in flight: seconds of work
+    total = len(list(folder.iterdir()))
+    opts = ServerOptions(demo_copy("run_retries"), grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    server = TritonServer(opts)
+    server.start()
+    try:
+        server.wait_ready()
+        for retries in ("0", "8"):
+            out = tmp_path / f"retries{retries}.jsonl"
+            args = ["run", "--model", "demo", "--images", str(folder), "--out", str(out), "--url", opts.grpc_url,
+                    "--max-in-flight", "1", "--retries", retries, "--classes", "a,b,c,d,e,f", "--no-progress"]  # fmt: skip
+            proc = _run_until_lines(args, out, 3)
+            server.stop()  # the outage: drained, then nothing listens
+            if retries == "0":
+                stdout, stderr = proc.communicate(timeout=120)
+                assert proc.returncode == 1 and "image(s) not answered: run the same command again" in stderr, stderr
+                written = out.read_bytes().count(b"\n")
+                assert 3 <= written < total and "retry later" in stdout, stdout
+            server = TritonServer(opts)
+            server.start()
+            server.wait_ready()
+            if retries == "0":
+                again = detserve(*args)
+                assert again.returncode == 0 and f"({written} already done before this run)" in again.stdout, again.stdout
+            else:
+                stdout, stderr = proc.communicate(timeout=180)
+                assert proc.returncode == 0 and "retry later" not in stdout, stdout + stderr
+            paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+            assert sorted(paths) == sorted(p.name for p in folder.iterdir()), retries  # each image exactly once
+            assert not any("error" in json.loads(line) for line in out.read_text().splitlines())
+    finally:
+        server.stop()
+
+
+def test_memory_fused_and_variant_rows_say_so(demo_built: Path, tmp_path: Path) -> None:
+    """`memory --fused R2 --variant "core x2 + post x1"`: a row per layout; the ensemble's row names the variant and
+    ran it (2 core stubs, 1 post-processing stub), the fused row is measured as built and says no variant. Before:
+    the variant's row read "ensemble", as the built configs' would."""
+    fused = tmp_path / "fused"
+    assert detserve("fuse", "--repository", str(demo_built), "--model", "demo", "--out", str(fused)).returncode == 0
+    out = tmp_path / "memory"
+    proc = detserve("memory", "--repository", str(demo_built), "--model", "demo", "--fused", str(fused),
+                    "--variant", "core x2 + post x1", "--users", "1", "--duration", "2s", "--out", str(out), timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["layout"]: r for r in json.loads((out / "memory.json").read_text())}
+    assert set(rows) == {"ensemble", "fused"}, rows.keys()
+    assert rows["ensemble"]["variant"] == "core x2 + post x1" and rows["fused"]["variant"] == "", rows
+    stubs = {role: v["processes"] for role, v in rows["ensemble"]["rest"].items() if role.startswith("stub ")}
+    assert stubs["stub demo_core"] == 2 and stubs["stub demo_postprocess"] == 1, stubs
+    assert all(v > 0 for r in rows.values() for v in r["throughput_rps"].values()), rows
+    table = (out / "memory.md").read_text()
+    assert "| ensemble (core x2 + post x1) | 1 |" in table and "| fused | 1 |" in table, table
