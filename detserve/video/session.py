@@ -3,7 +3,7 @@ live view, a once-a-second tick (watchdog + timeline) and the control file.
 
 Control file (``--control FILE``): one ``[ID=]SOURCE`` a line (``#`` comments); the file is re-read
 when it changes: a new line starts a stream, a removed line stops it (what it has in flight is still
-answered and written). The file must belong to the user running ``detserve stream`` and be writable
+answered and written), a line whose source changed under the same id restarts it (plan_control). The file must belong to the user running ``detserve stream`` and be writable
 by nobody else: whoever can write it chooses what this process opens. With a control file the run
 lasts until Ctrl-C/SIGTERM; without, until every source has ended.
 """
@@ -72,6 +72,40 @@ def tracker_factory() -> Callable[[], Any]:
     return tracking.Tracker  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class ControlPlan:
+    wanted: dict[str, SourceSpec]  # the control file's streams by id
+    by_line: dict[str, SourceSpec]  # each line's source (kept, so an unchanged line is not parsed again)
+    stop: list[str]
+    start: list[SourceSpec]
+
+
+def plan_control(
+    lines: list[str], known: dict[str, SourceSpec], running: dict[str, SourceSpec], owned: set[str], live_files: bool
+) -> ControlPlan:
+    """What a changed control file asks for. ``known``: each line's source from the last reading; ``running``: every
+    stream by id (the command line's too); ``owned``: the ids the control file started. An unchanged line keeps its
+    source as parsed (a live HLS line's playlist is not fetched again at every edit of the file, and its stream is
+    not restarted); a line whose source changed under the same id restarts that stream on the new source (before:
+    ignored while the id ran); a line naming an id the command line started is refused, not taken over."""
+    others = set(running) - owned
+    wanted: dict[str, SourceSpec] = {}
+    by_line: dict[str, SourceSpec] = {}
+    for line in lines:
+        spec = known.get(line)
+        if spec is None or spec.stream in wanted or spec.stream in others:
+            try:
+                spec = parse_sources([line], others | set(wanted), live_files)[0]
+            except DetserveError as e:
+                log.error("control file line %r ignored: %s", line, e.message)
+                continue
+        wanted[spec.stream] = by_line[line] = spec
+    changed = [i for i, spec in wanted.items() if i in owned and i in running and running[i] != spec]
+    stop = sorted((owned - set(wanted)) | set(changed))
+    start = [spec for i, spec in wanted.items() if i not in running or i in changed]
+    return ControlPlan(wanted, by_line, stop, start)
+
+
 def check_control_file(path: Path) -> None:
     """Whoever can write the control file decides what this process opens: it must be ours alone."""
     try:
@@ -105,6 +139,7 @@ class Session:
         self.view = ViewServer(opts.view_port, self.views, self.all_stats) if opts.view_port is not None else None
         self._control_seen: tuple[float, int] | None = None
         self._control_ids: set[str] = set()
+        self._control_specs: dict[str, SourceSpec] = {}  # each control line as parsed when it appeared
         self.started = time.monotonic()
 
     # --------------------------------------------------------------------------- streams
@@ -168,20 +203,13 @@ class Session:
         except (DetserveError, OSError) as e:
             log.error("control file ignored: %s", getattr(e, "message", e))
             return
-        wanted: dict[str, SourceSpec] = {}
-        for line in lines:
-            try:
-                spec = parse_sources([line], set(wanted), self.opts.live_files)[0]
-            except DetserveError as e:
-                log.error("control file line %r ignored: %s", line, e.message)
-                continue
-            wanted[spec.stream] = spec
-        for gone in self._control_ids - set(wanted):
-            self.remove(gone)
         with self._lock:
-            new = [s for i, s in wanted.items() if i not in self.streams]
-        self.add(new)
-        self._control_ids = set(wanted)
+            running = {i: stream.spec for i, stream in self.streams.items()}
+        plan = plan_control(lines, self._control_specs, running, self._control_ids, self.opts.live_files)
+        for gone in plan.stop:
+            self.remove(gone)  # a removed line, or a line whose source changed: stopped before its new one starts
+        self.add(plan.start)
+        self._control_specs, self._control_ids = plan.by_line, set(plan.wanted)
 
     def finished(self) -> bool:
         with self._lock:

@@ -194,10 +194,14 @@ def test_add_and_remove_streams_while_running(
     wait_for(lambda: len(lines_of(jsonl, "file")) == FRAMES, what="the added file's every frame")
     control_file(control, f"file={videos['pan']}")
     wait_for(lambda: _stable(jsonl, "cam"), 30, "the removed stream to stop")
+    # the same id on another source: restarted on it (before: the edit was ignored while the id ran)
+    control_file(control, f"file={videos['still']}")
+    wait_for(lambda: len(lines_of(jsonl, "file")) == FRAMES + 12, what="the changed line's new source")
     r.stop()
-    report = {s["stream"]: s for s in json.loads((tmp_path / "report" / "stream.json").read_text())["streams"]}
+    streams = json.loads((tmp_path / "report" / "stream.json").read_text())["streams"]
+    report = {s["stream"]: s for s in streams if s["state"] == "removed"}
     assert report["cam"]["state"] == "removed" and report["file"]["answered"] == FRAMES
-    assert [x["frame"] for x in lines_of(jsonl, "file")] == list(range(FRAMES))
+    assert [x["frame"] for x in lines_of(jsonl, "file")] == [*range(FRAMES), *range(12)]
 
 
 def _stable(path: Path, stream: str) -> bool:
