@@ -200,6 +200,9 @@ class Reader(threading.Thread):
         except DetserveError as e:
             self.error = e
             log.error("%s", e.message)
+        except Exception as e:  # anything else FFmpeg or a source throws: this stream fails, named; the run goes on
+            log.exception("stream %s: reading %s failed", self.spec.stream, self.spec.url)
+            self.error = DetserveError(f"stream {self.spec.stream}: reading {self.spec.url} failed: {type(e).__name__}: {e}")
         finally:
             self.slot.end()
 
@@ -269,6 +272,12 @@ class Reader(threading.Thread):
         import av
 
         with container:
+            if not container.streams.video:  # an audio-only file or stream: before, an IndexError traceback and "ended"
+                raise DetserveError(
+                    f"stream {self.spec.stream}: {self.spec.url} has no video track",
+                    hint="give a video file or stream (FFmpeg found only: "
+                    f"{', '.join(s.type for s in container.streams) or 'nothing'})",
+                )
             video = container.streams.video[0]
             if self.spec.live:
                 # one decoding thread per live source: FFmpeg's default (frame threads, one per core + 1) gives

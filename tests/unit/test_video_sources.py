@@ -360,3 +360,23 @@ def test_a_live_playlist_gives_a_busy_server_frames_at_its_pace_not_one_a_segmen
             reader.join(10)
     assert publisher.error is None and reader.error is None
     assert rate >= 4.0, rate  # 1 burst a second gave 2
+
+
+def test_a_file_without_a_video_track_fails_naming_it(tmp_path: Path) -> None:
+    """Before: an audio-only file ended the reader thread with an IndexError traceback, the stream reported as
+    `ended` and the command exited 0."""
+    import av
+
+    path = tmp_path / "talk.m4a"
+    with av.open(str(path), "w") as c:
+        audio = c.add_stream("aac", rate=16000)
+        for _ in range(5):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            c.mux(audio.encode(frame))
+        c.mux(audio.encode())
+    (spec,) = parse_sources([str(path)])
+    slot = OrderedSlot(2, lambda: False)
+    reader = Reader(spec, slot, StreamStats(spec.stream, spec.url, spec.live), ReaderOptions())
+    assert _read_all(reader, slot) == []
+    assert reader.error is not None and "has no video track" in reader.error.message
