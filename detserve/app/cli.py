@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from detserve.app.cli_base import app, user_errors
+from detserve.app.cli_base import app, terminate_as_interrupt, user_errors
 from detserve.errors import DetserveError
 from detserve.ops.gate import DEFAULT_MAX_REQUEST_BYTES
 
@@ -291,6 +291,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="where sample and annotated images go")] = Path("out/demo"),
 ) -> None:
     """Build the demo detector, serve it on loopback, detect over gRPC and print the results."""
+    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
+    terminate_as_interrupt()
     from detserve.app.demo import run_demo
 
     result = run_demo(repository, out, typer.echo)

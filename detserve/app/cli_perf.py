@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from detserve.app.cli_base import app, seconds, user_errors
+from detserve.app.cli_base import app, seconds, terminate_as_interrupt, user_errors
 from detserve.errors import DetserveError
 
 
@@ -61,6 +61,8 @@ def bench(
 ) -> None:
     """Served ensemble vs in-process limit, Flask + eager PyTorch, no dynamic batching and the fused CPU layout;
     prints the ratios with the load generator's CPU accounted for, CPU per process and hop, memory per process."""
+    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
+    terminate_as_interrupt()
     from loadtest.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
@@ -87,6 +89,8 @@ def bench_stream(
 ) -> None:
     """N live 25 FPS 640x480 streams through `detserve stream` beside the single-image capacity, same server:
     per-stream and total FPS, drops, latency p50/p99, average batch, CPU per frame, the issue's targets."""
+    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
+    terminate_as_interrupt()
     from loadtest.bench_stream import run_bench_stream
 
     try:
@@ -95,6 +99,10 @@ def bench_stream(
         raise DetserveError(f"--streams takes stream counts, got extra arguments {ctx.args}") from e
     if not counts or min(counts) < 1:
         raise DetserveError(f"--streams must be positive counts, got {counts}")
+    from detserve.video.sender import TRANSPORTS
+
+    if transport not in TRANSPORTS:  # before: found by the first stream, after the build and the capacity run
+        raise DetserveError(f"--transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
     typer.echo(run_bench_stream(repository, counts, seconds, out, typer.echo, transport))
 
 
@@ -112,6 +120,8 @@ def tune(
     profile: Annotated[str, typer.Option(help="also per-step queue/compute at these user counts, e.g. 1,2,4,8,16,32")] = "",
 ) -> None:
     """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
+    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
+    terminate_as_interrupt()
     from loadtest.tune import tune_and_report
 
     try:
@@ -136,6 +146,8 @@ def memory(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/memory"),
 ) -> None:
     """USS of the server (tritonserver + every python stub) with 1, 2, 4 ... models loaded, at rest and under load."""
+    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
+    terminate_as_interrupt()
     from loadtest.memory import memory_and_report
 
     table = memory_and_report(

@@ -339,3 +339,54 @@ def test_memory_fused_and_variant_rows_say_so(demo_built: Path, tmp_path: Path) 
     assert all(v > 0 for r in rows.values() for v in r["throughput_rps"].values()), rows
     table = (out / "memory.md").read_text()
     assert "| ensemble (core x2 + post x1) | 1 |" in table and "| fused | 1 |" in table, table
+
+
+def _children(pid: int) -> list[int]:
+    """Live tritonserver and nginx processes that ``pid`` started (they run in sessions of their own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            comm = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and comm in ("tritonserver", "nginx"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_stops_the_servers_a_measuring_command_started(demo_built: Path, tmp_path: Path) -> None:
+    """`detserve memory` (as bench, bench-stream, tune, demo, ops-report) stopped by SIGTERM (`timeout`, a container
+    stop) mid-run: its tritonserver and gate stop with it, exit 130. Before: the command died at once and both kept
+    running (orphans holding ports and memory)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "detserve.app.cli", "memory", "--repository", str(demo_built),
+                             "--model", "demo", "--users", "1", "--duration", "60s", "--out", str(tmp_path / "memory")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while len(children := _children(proc.pid)) < 2:  # tritonserver and the gate's nginx master
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 130, output
+        time.sleep(1)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)], output
+    finally:
+        for pid in children:  # whatever a failed run left: only what this command started, each in its own group
+            if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+                os.killpg(pid, signal.SIGKILL)  # with the stubs and nginx workers
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

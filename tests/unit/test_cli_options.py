@@ -293,3 +293,13 @@ def test_memory_refuses_an_unknown_variant_and_a_fused_folder_without_the_models
     proc = _cli(*common, "--fused", str(tmp_path / "fused"))
     assert proc.returncode == 1 and f"error: --fused {tmp_path / 'fused'}: no fused layout of demo" in proc.stderr
     assert not (tmp_path / "out").exists(), proc.stdout
+
+
+def test_bench_stream_refuses_an_unknown_transport_before_building(tmp_path: Path) -> None:
+    """`bench-stream --transport bogus`: before, accepted; the demo was built and served and the 30 s capacity run
+    done before the first stream refused it (and a SIGTERM then left that server running)."""
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    proc = _cli("bench-stream", "--transport", "bogus", "--repository", str(repo), "--streams", "1", "--seconds", "1",
+                "--out", str(out))  # fmt: skip
+    assert proc.returncode == 1 and "error: --transport must be one of jpeg, raw, got 'bogus'" in proc.stderr, proc.stderr
+    assert not repo.exists() and not out.exists()
