@@ -241,6 +241,8 @@ def run_eval(
 
     if max_det < 1:
         raise EvalError(f"--max-det must be >= 1, got {max_det}")
+    if max_in_flight < 1:  # before: a ValueError traceback from the bulk client, after the build record was read
+        raise EvalError(f"--max-in-flight must be >= 1, got {max_in_flight}")
     annotations = load_annotations(annotations_path)
     paths = _image_paths(annotations, images_dir)
     version, record = build_record(repository, model)

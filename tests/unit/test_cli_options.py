@@ -303,3 +303,11 @@ def test_bench_stream_refuses_an_unknown_transport_before_building(tmp_path: Pat
                 "--out", str(out))  # fmt: skip
     assert proc.returncode == 1 and "error: --transport must be one of jpeg, raw, got 'bogus'" in proc.stderr, proc.stderr
     assert not repo.exists() and not out.exists()
+
+
+def test_eval_refuses_no_requests_in_flight(tmp_path: Path) -> None:
+    """`eval --max-in-flight 0`: before, a ValueError traceback from the bulk client ("max_in_flight must be >= 1")."""
+    proc = _cli("eval", "--model", "demo", "--annotations", str(tmp_path / "a.json"), "--images", str(tmp_path),
+                "--repository", str(tmp_path), "--url", "127.0.0.1:1", "--max-in-flight", "0", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: --max-in-flight must be >= 1, got 0" in proc.stderr, proc.stderr
