@@ -147,4 +147,6 @@ def _report(session: Session, out: Path) -> None:
     typer.echo(f"report: {', '.join(str(p) for p in files.values())}")
     failed = session.failed_streams()
     if failed:
-        raise DetserveError("some sources could not be read: " + "; ".join(failed))
+        raise DetserveError(
+            "some streams failed: " + "; ".join(failed), hint="a frame's error is in the JSONL (--jsonl) and the log above"
+        )

@@ -78,6 +78,7 @@ class StreamStats:
     sent: int = 0
     answered: int = 0
     failed: int = 0
+    first_error: str | None = None  # the first failed request's reason (every one is in the JSONL)
     decode_errors: int = 0
     reconnects: int = 0
     stalls: int = 0

@@ -246,5 +246,13 @@ class Session:
         self.outputs.sender.close()
 
     def failed_streams(self) -> list[str]:
+        """Sources that could not be read, and files with frames that got no answer: a file is a job, and a job
+        that lost frames must not exit 0 (before: a file whose every frame the server refused ended `ended`, exit
+        0). A live source's failed requests are counted and reported; a camera has no "every frame" to lose."""
         with self._lock:
-            return [f"{k}: {s.reader.error.message}" for k, s in self.streams.items() if s.reader.error is not None]
+            streams = list(self.streams.items())
+        failed = [f"{k}: {s.reader.error.message}" for k, s in streams if s.reader.error is not None]
+        for k, s in streams:
+            if s.reader.error is None and not s.spec.live and s.stats.failed:
+                failed.append(f"{k}: {s.stats.failed} of {s.stats.sent} frames got no answer (first: {s.stats.first_error})")
+        return failed

@@ -153,6 +153,7 @@ class Stream:
         }
         if a.detections is None:
             record["error"] = str(a.error)
+            self.stats.first_error = self.stats.first_error or record["error"][:300]
             log.warning("stream %s: frame %d failed: %s", f.stream, f.index, a.error)
         else:
             record["detections"] = detections_json(a.detections, self.out.names, tracks)

@@ -407,3 +407,26 @@ def test_a_file_played_live_like_a_camera(
     for x in lines:
         by_picture.setdefault(x["frame"] % 12, set()).add(tuple(sorted(d["class"] for d in x["detections"])))
     assert all(len(pictures) == 1 and next(iter(pictures)) for pictures in by_picture.values()), by_picture
+
+
+@pytest.mark.slow
+def test_a_file_whose_frames_the_server_refuses_exits_1_naming_them(
+    demo_copy: Callable[[str], Path], videos: dict[str, Path], tmp_path: Path
+) -> None:
+    """A file is a job: before, a file whose every frame was refused ended `ended` with exit 0 (seen: 9000x8000
+    frames over the gate's request size limit). Here the server's per-image pixel limit is below the frames'
+    size: every frame fails alone (each error in the JSONL), and the run exits 1 naming the stream and count."""
+    from detserve.ops.server import running_server
+
+    repo = demo_copy("stream-small")
+    config = repo / "demo_preprocess" / "config.pbtxt"
+    text = config.read_text()
+    assert '\\"max_image_pixels\\": 40000000' in text
+    config.write_text(text.replace('\\"max_image_pixels\\": 40000000', '\\"max_image_pixels\\": 1000'))
+    with running_server(repo) as srv:
+        run = detserve("stream", f"clip={videos['still']}", "--model", "demo", "--url", srv.options.grpc_url,
+                       "--quiet", "--jsonl", str(tmp_path / "f.jsonl"), "--out", str(tmp_path / "report"))  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "clip: 12 of 12 frames got no answer" in run.stderr and "Traceback" not in run.stderr
+    lines = read_jsonl(tmp_path / "f.jsonl")
+    assert [x["frame"] for x in lines] == list(range(12)) and all("pixels" in x["error"] for x in lines)
