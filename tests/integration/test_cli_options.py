@@ -4,7 +4,7 @@ tests/unit/test_cli_options.py.
 
 One repository for the module, built by `detserve build` three times with the trained demo weights: ``onnx``
 (as built by default), ``torch`` (``--target python-torch``) and ``noframes`` (``--no-frames-input
---max-batch-size 2 --no-verify``)."""
+--max-batch-size 2 --no-verify --max-image-pixels 400000``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 BUILDS = {
     "onnx": [],
     "torch": ["--target", "python-torch"],
-    "noframes": ["--no-frames-input", "--max-batch-size", "2", "--no-verify"],
+    "noframes": ["--no-frames-input", "--max-batch-size", "2", "--no-verify", "--max-image-pixels", "400000"],
 }
 FLOOR = 0.3  # detections compared above this score: clear of the edge where one side keeps a box the other drops
 
@@ -390,3 +390,21 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_build_max_image_pixels_is_the_served_limit(built: Path, server: TritonServer, tmp_path: Path) -> None:
+    """`build --max-image-pixels 400000` (the ``noframes`` build): a 800x600 image (480,000 pixels) is refused by
+    that model naming its limit, a 600x600 one answers; the default build (40 M) answers the 800x600 one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    paths = {}
+    for name, (w, h) in {"over": (800, 600), "under": (600, 600)}.items():
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[name])
+    url = server.options.grpc_url
+    proc = detserve("detect", str(paths["over"]), "--model", "noframes", "--url", url)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "800x600 = 480000 pixels, over the limit of 400000" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "num_detections" in _detect(url, "noframes", [paths["under"]])[0]
+    assert "num_detections" in _detect(url, "onnx", [paths["over"]])[0]
