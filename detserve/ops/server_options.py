@@ -81,8 +81,10 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         for arg in self.extra_args:
-            if arg.split("=", 1)[0] in _OWNED_FLAGS:
-                raise ServerError(f"{arg.split('=', 1)[0]} is set by detserve and cannot be passed as an extra flag")
+            if (owned := owned_flag(arg)) is not None:
+                name = arg.split("=", 1)[0]
+                said = name if name == owned else f"{name} (tritonserver reads it as {owned})"
+                raise ServerError(f"{said} is set by detserve and cannot be passed as an extra flag")
 
     @property
     def embedded(self) -> bool:
@@ -171,3 +173,15 @@ _OWNED_FLAGS = {
     "--allow-grpc",
     "--allow-http",
 }
+
+
+def owned_flag(arg: str) -> str | None:
+    """The detserve-owned flag that the extra tritonserver argument ``arg`` sets, abbreviated or not: tritonserver
+    parses with getopt_long, which takes any unambiguous prefix of a long option (checked with 2.51:
+    ``--grpc-addr=unix:...`` set the gRPC address, ``--model-control=poll`` the model control mode). Before, only
+    the full names were refused, so ``--triton-arg=--grpc-addr=0.0.0.0`` moved tritonserver's keyless gRPC
+    (the admin APIs included) off its private socket, past the gate."""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--") or len(name) <= 2:
+        return None
+    return next((flag for flag in sorted(_OWNED_FLAGS) if flag.startswith(name)), None)

@@ -311,3 +311,25 @@ def test_eval_refuses_no_requests_in_flight(tmp_path: Path) -> None:
                 "--repository", str(tmp_path), "--url", "127.0.0.1:1", "--max-in-flight", "0", "--out", str(tmp_path / "o"))  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "error: --max-in-flight must be >= 1, got 0" in proc.stderr, proc.stderr
+
+
+def test_serve_triton_arg_refuses_detserve_flags_abbreviated_too(tmp_path: Path) -> None:
+    """`serve --triton-arg` passes a flag to tritonserver, but not one detserve sets: tritonserver takes any
+    unambiguous prefix of a long option (getopt_long; checked with 2.51), so `--grpc-addr=0.0.0.0` would have moved
+    its keyless gRPC (the admin APIs included) off the private socket, past the gate. Before: only full names refused."""
+    from detserve.errors import ServerError
+    from detserve.ops.server import ServerOptions
+    from detserve.ops.server_options import owned_flag
+
+    proc = _cli("serve", "--repository", str(tmp_path), "--triton-arg=--grpc-addr=0.0.0.0")
+    assert proc.returncode == 1 and "ready:" not in proc.stdout, proc.stdout + proc.stderr
+    assert (
+        "error: --grpc-addr (tritonserver reads it as --grpc-address) is set by detserve and cannot be passed" in proc.stderr
+    ), proc.stderr
+    for arg, owned in [("--model-control=poll", "--model-control-mode"), ("--grpc-restricted-proto=x:y=z",
+                       "--grpc-restricted-protocol"), ("--http-p", "--http-port"), ("--allow-g=true", "--allow-grpc")]:  # fmt: skip
+        assert owned_flag(arg) == owned, arg
+        with pytest.raises(ServerError, match="is set by detserve"):
+            ServerOptions(tmp_path, extra_args=[arg])
+    for arg in ["--log-verbose=1", "--http-thread-count=4", "--allow-metrics=false", "--exit-timeout-secs=30", "-v"]:
+        assert owned_flag(arg) is None and ServerOptions(tmp_path, extra_args=[arg]).extra_args == [arg]
