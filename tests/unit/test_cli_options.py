@@ -333,3 +333,12 @@ def test_serve_triton_arg_refuses_detserve_flags_abbreviated_too(tmp_path: Path)
             ServerOptions(tmp_path, extra_args=[arg])
     for arg in ["--log-verbose=1", "--http-thread-count=4", "--allow-metrics=false", "--exit-timeout-secs=30", "-v"]:
         assert owned_flag(arg) is None and ServerOptions(tmp_path, extra_args=[arg]).extra_args == [arg]
+
+
+def test_build_calibration_images_outside_tensorrt_int8_is_refused(tmp_path: Path) -> None:
+    """`build --calibration-images DIR` (TensorRT int8 only) on the default target: refused before writing."""
+    repo = tmp_path / "repo"
+    proc = _build(repo, "--calibration-images", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: --precision/--calibration-images apply to --target tensorrt, not python-onnxruntime" in proc.stderr
+    assert not repo.exists()
