@@ -91,11 +91,13 @@ class ServerOptions:
         """Whether tritonserver needs nvidia-pytriton's set-up (embedded.py): its binary needs its libraries, and its
         python backend (the default) our stub's environment. Before, only a missing --tritonserver counted: naming
         the embedded binary (or backends) with --tritonserver started the stubs without numpy or torch."""
-        own_binary = pytriton_root() / "bin" / "tritonserver"
-        return any(
-            given is None or given.resolve() == own.resolve()
-            for given, own in ((self.tritonserver, own_binary), (self.backend_directory, backend_directory()))
-        )
+        if self.tritonserver is None or self.backend_directory is None:
+            return True
+        try:
+            own = (pytriton_root() / "bin" / "tritonserver", backend_directory())
+        except ServerError:  # no nvidia-pytriton (NVIDIA's image): both are that image's own
+            return False
+        return self.tritonserver.resolve() == own[0].resolve() or self.backend_directory.resolve() == own[1].resolve()
 
     def check_paths(self) -> None:
         """A --tritonserver or --backend-directory that cannot serve is refused naming it, before anything starts

@@ -342,3 +342,23 @@ def test_build_calibration_images_outside_tensorrt_int8_is_refused(tmp_path: Pat
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "error: --precision/--calibration-images apply to --target tensorrt, not python-onnxruntime" in proc.stderr
     assert not repo.exists()
+
+
+def test_a_containers_own_triton_needs_no_nvidia_pytriton(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVIDIA's image (docker/Dockerfile) has no nvidia-pytriton: `serve --tritonserver /opt/... --backend-directory
+    /opt/...` must not look for it (the check of whether the binary is nvidia-pytriton's own stays quiet there)."""
+    import detserve.ops.server_options as server_options
+    from detserve.errors import ServerError
+    from detserve.ops.embedded import backend_directory, pytriton_root
+
+    binary, backends = pytriton_root() / "bin" / "tritonserver", backend_directory()
+    theirs = server_options.ServerOptions(tmp_path, tritonserver=tmp_path / "tritonserver", backend_directory=tmp_path)
+    assert not theirs.embedded
+    assert server_options.ServerOptions(tmp_path, tritonserver=binary, backend_directory=backends).embedded
+    assert server_options.ServerOptions(tmp_path, tritonserver=tmp_path / "tritonserver").embedded  # the wheel's stub
+
+    def missing() -> Path:
+        raise ServerError("nvidia-pytriton is not installed")
+
+    monkeypatch.setattr(server_options, "pytriton_root", missing)
+    assert not theirs.embedded
