@@ -40,6 +40,16 @@ def seconds(text: str) -> float:
         raise DetserveError(f"not a duration: {text!r}", hint="e.g. 30s, 2m") from e
 
 
+def load_window(users: int, duration: str) -> float:
+    """``--users``/``--duration`` of a command that serves before it loads, checked before anything starts (before: the
+    load generator refused them only after the build and the server start)."""
+    if users < 1:
+        raise DetserveError(f"--users must be at least 1, got {users}")
+    if (duration_s := seconds(duration)) <= 0:
+        raise DetserveError(f"--duration must be above 0, got {duration!r}", hint="e.g. 10s, 2m")
+    return duration_s
+
+
 URL = Annotated[str, typer.Option(help="gRPC HOST:PORT")]
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from detserve.app.cli_base import URL, app, seconds, terminate_as_interrupt, user_errors
+from detserve.app.cli_base import URL, app, load_window, seconds, terminate_as_interrupt, user_errors
 
 if TYPE_CHECKING:
     from detserve.ops.fleet import Target
@@ -253,7 +253,7 @@ def ops_report(
     if soak is not None:
         _soak(work, out, users, seconds(soak))
         return
-    md, lost = run_ops_report(work, out, typer.echo, users=users, duration_s=seconds(duration))
+    md, lost = run_ops_report(work, out, typer.echo, users=users, duration_s=load_window(users, duration))
     typer.echo(md.read_text())
     if lost:
         typer.secho(f"{lost} request(s) lost", fg=typer.colors.RED, err=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from detserve.app.cli_base import app, seconds, terminate_as_interrupt, user_errors
+from detserve.app.cli_base import app, load_window, seconds, terminate_as_interrupt, user_errors
 from detserve.errors import DetserveError
 
 
@@ -66,7 +66,7 @@ def bench(
     from loadtest.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
-        repository=repository, model=model, out_dir=out, users=users, duration_s=seconds(duration), torch_core=torch_core,
+        repository=repository, model=model, out_dir=out, users=users, duration_s=load_window(users, duration), torch_core=torch_core,
         peers=peers,
     )  # fmt: skip
     run_bench(cfg, typer.echo)
@@ -130,7 +130,8 @@ def tune(
         levels = None
     if levels is None or any(n < 1 for n in levels):  # refused before any server starts
         raise DetserveError(f"--profile must be comma-separated user counts of 1 or more, got {profile!r}", hint="e.g. 1,2,4,8")
-    typer.echo(tune_and_report(repository, model, out, users, seconds(duration), typer.echo, ort_threads, apply, limit, levels))
+    window = load_window(users, duration)
+    typer.echo(tune_and_report(repository, model, out, users, window, typer.echo, ort_threads, apply, limit, levels))
 
 
 @app.command()
@@ -151,7 +152,7 @@ def memory(
     from loadtest.memory import memory_and_report
 
     table = memory_and_report(
-        repository, model, out, typer.echo, fused, share_preprocessing, users, seconds(duration), variant or None
+        repository, model, out, typer.echo, fused, share_preprocessing, users, load_window(users, duration), variant or None
     )
     typer.echo(table)
 

@@ -362,3 +362,23 @@ def test_a_containers_own_triton_needs_no_nvidia_pytriton(tmp_path: Path, monkey
 
     monkeypatch.setattr(server_options, "pytriton_root", missing)
     assert not theirs.embedded
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        (["memory", "--model", "demo"], ["--users", "0"], "--users must be at least 1, got 0"),
+        (["tune", "--model", "demo"], ["--duration", "0s"], "--duration must be above 0, got '0s'"),
+        (["bench"], ["--users", "-2"], "--users must be at least 1, got -2"),
+        (["ops-report"], ["--duration", "-5s"], "--duration must be above 0, got '-5s'"),
+    ],
+)
+def test_serving_measurements_refuse_an_empty_load_before_starting(
+    tmp_path: Path, command: list[str], args: list[str], message: str
+) -> None:
+    """`memory`/`tune`/`bench`/`ops-report --users 0` or `--duration 0s`: before, the load generator refused them only
+    once the models were built (bench, ops-report) or copied and served (memory, tune)."""
+    where = ["--work", str(tmp_path / "work")] if command == ["ops-report"] else ["--repository", str(tmp_path / "repo")]
+    proc = _cli(*command, *where, "--out", str(tmp_path / "out"), *args)
+    assert proc.returncode == 1 and f"error: {message}" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "repo").exists() and not (tmp_path / "work").exists()
