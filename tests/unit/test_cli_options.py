@@ -250,18 +250,9 @@ def test_run_refuses_negative_retries() -> None:
     assert proc.returncode == 1 and "error: --retries must be at least 0, got -1" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize(
-    ("record", "message"),
-    [
-        ('{"verification": {"core": null, "ok": null}}', "it was built with --no-verify (nothing checked)"),
-        ('{"verification": {"ok": false}}', "its build.json says verification failed"),
-    ],
-)
-def test_promote_no_force_refuses_what_the_default_refuses_and_force_overrides_it(
-    tmp_path: Path, record: str, message: str
-) -> None:
-    """`promote --no-force` refuses an unverified (`build --no-verify`) or failed version 2 as the default does, before
-    anything connects; `--force` passes that check (it then stops only at the server: nothing listens here)."""
+def test_promote_no_force_refuses_what_the_default_refuses_and_force_overrides_it(tmp_path: Path) -> None:
+    """`promote --no-force` refuses an unverified (`build --no-verify`) version 2 as the default does, and a failed one,
+    before anything connects; `--force` passes that check (it then stops only at the server: nothing listens here)."""
     import os
     import secrets
 
@@ -270,15 +261,21 @@ def test_promote_no_force_refuses_what_the_default_refuses_and_force_overrides_i
     repo = tmp_path / "repo"
     for version in (1, 2):
         _build(repo, "m", version=version)
-    for step in ("m_preprocess", "m_core", "m_postprocess"):
-        (repo / step / "2" / "build.json").write_text(record)
     env = {**os.environ, "DETSERVE_ADMIN_KEY": secrets.token_hex(20)}
     env.pop("DETSERVE_ADMIN_KEY_FILE", None)
     common = ["promote", "m", "--version", "2", "--repository", str(repo), "--url", "127.0.0.1:1"]
-    for flags in ([], ["--no-force"]):
-        proc = _cli(*common, *flags, env=env)
-        assert proc.returncode == 1 and f"m_preprocess version 2: check 'verification.ok' failed: {message}" in proc.stderr
-        assert "--force" in proc.stderr, proc.stderr  # the hint names the override
+    cases = [
+        ('{"verification": {"core": null, "ok": null}}', "it was built with --no-verify (nothing checked)", [[], ["--no-force"]]),
+        ('{"verification": {"ok": false}}', "its build.json says verification failed", [["--no-force"]]),
+    ]
+    for record, message, refused in cases:
+        for step in ("m_preprocess", "m_core", "m_postprocess"):
+            (repo / step / "2" / "build.json").write_text(record)
+        for flags in refused:
+            proc = _cli(*common, *flags, env=env)
+            assert proc.returncode == 1, proc.stderr
+            assert f"m_preprocess version 2: check 'verification.ok' failed: {message}" in proc.stderr, proc.stderr
+            assert "--force" in proc.stderr, proc.stderr  # the hint names the override
     proc = _cli(*common, "--force", env=env)
     assert proc.returncode == 1 and "verification" not in proc.stderr and "127.0.0.1:1" in proc.stderr, proc.stderr
 
