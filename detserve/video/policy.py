@@ -10,7 +10,7 @@ In-flight requests are bounded per stream and overall (:class:`Slots`).
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -71,6 +71,11 @@ class LatestSlot:
             self._ended = True
             self._cond.notify_all()
 
+    def ready(self, timeout_s: float) -> bool:
+        """Whether a frame (or the end) is there to take, waiting up to ``timeout_s``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._frame is not None or self._ended, timeout_s)
+
     def take(self, timeout_s: float) -> Frame | bool | None:
         """The newest frame; False when none came within ``timeout_s``; END (None) when ended."""
         with self._cond:
@@ -86,33 +91,43 @@ class OrderedSlot:
     """Every frame in order through a queue of ``depth`` frames; the reader waits when it is full."""
 
     def __init__(self, depth: int, stopped: Callable[[], bool]) -> None:
-        self._queue: queue.Queue[Frame | None] = queue.Queue(maxsize=max(1, depth))
+        self.depth = max(1, depth)
+        self._frames: collections.deque[Frame | None] = collections.deque()  # None: the end marker
+        self._cond = threading.Condition()
         self._stopped = stopped
         self.dropped = 0  # a file drops nothing; kept for one interface
 
-    def put(self, frame: Frame) -> None:
-        while not self._stopped():
-            try:
-                self._queue.put(frame, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._frames)
 
-    def end(self) -> None:
-        # the end marker must not be lost behind a full queue, nor block a stopped stream forever
-        while True:
-            try:
-                self._queue.put(END, timeout=0.2)
-                return
-            except queue.Full:
+    def put(self, frame: Frame) -> None:
+        with self._cond:
+            while len(self._frames) >= self.depth:
                 if self._stopped():
                     return
+                self._cond.wait(0.2)
+            self._frames.append(frame)
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        # the end marker goes past a full queue (it costs nothing): it must not be lost, nor block a stopped stream
+        with self._cond:
+            self._frames.append(END)
+            self._cond.notify_all()
+
+    def ready(self, timeout_s: float) -> bool:
+        """Whether a frame (or the end) is there to take, waiting up to ``timeout_s``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self._frames) or self._stopped(), timeout_s)
 
     def take(self, timeout_s: float) -> Frame | bool | None:
-        try:
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return END if self._stopped() else False
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._frames), timeout_s):
+                return END if self._stopped() else False
+            frame = self._frames.popleft()
+            self._cond.notify_all()
+            return frame
 
 
 class FpsSampler:
@@ -166,8 +181,14 @@ class Slots:
         with self._cond:
             self.streams = max(0, self.streams - 1)
 
-    def acquire(self, stream: threading.BoundedSemaphore, timeout_s: float) -> bool:
+    def acquire(self, stream: threading.BoundedSemaphore, timeout_s: float, ready: Callable[[float], bool] | None = None) -> bool:
+        """The stream's own request, then -- once ``ready`` says the stream has a frame to send -- one of the
+        requests shared by all streams. Taken before the frame was there, a shared request sat idle while its
+        stream waited for its next picture and other streams' frames waited for a request."""
         if not stream.acquire(timeout=timeout_s):
+            return False
+        if ready is not None and not ready(timeout_s):
+            stream.release()
             return False
         with self._cond:
             if not self._cond.wait_for(lambda: self.in_use < self.limit, timeout_s):

@@ -86,7 +86,9 @@ class Stream:
         self.out.slots.join()  # counts toward the spare requests in flight (policy.Slots)
         try:
             while True:
-                if not self.out.slots.acquire(self._sem, 0.2):
+                if not self.out.slots.acquire(self._sem, 0.2, self.slot.ready):
+                    if self._stop.is_set() and self.spec.live:
+                        break  # stopped, and nothing to send (a stalled source may never end its slot)
                     continue
                 item = self.slot.take(0.2)
                 self.stats.dropped_live = self.slot.dropped

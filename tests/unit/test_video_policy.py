@@ -52,7 +52,7 @@ def test_ordered_slot_is_bounded_and_keeps_every_frame_in_order() -> None:
     t = threading.Thread(target=reader)
     t.start()
     time.sleep(0.1)
-    assert slot._queue.qsize() == 2  # the reader waits: a file never runs ahead of the sender
+    assert len(slot) == 2  # the reader waits: a file never runs ahead of the sender
     while (item := slot.take(1.0)) is not END:
         assert isinstance(item, Frame)
         got.append(item.index)
@@ -95,6 +95,25 @@ def test_slots_one_request_per_stream_plus_the_spare_ones() -> None:
     slots.leave(), slots.leave()  # two streams ended: limit 4, and 6 are still in flight
     slots.release(sems[0])
     assert not slots.acquire(sems[0], 0.01)
+
+
+def test_a_stream_without_a_frame_holds_no_shared_request() -> None:
+    """Before: a stream's pump took one of the requests shared by all streams and then waited up to 0.2 s for its
+    next frame, while other streams' frames waited for a request (2 of the 8 shared requests idle at 16 cameras
+    whenever a stream had just sent). Now the shared request is taken only once the stream has a frame."""
+    slots = Slots(1, spare=0)
+    a, b = threading.BoundedSemaphore(2), threading.BoundedSemaphore(2)
+    slots.join(), slots.join()
+    empty, full = LatestSlot(), LatestSlot()
+    full.put(_frame(0))
+    assert not slots.acquire(a, 0.01, empty.ready) and slots.in_use == 0
+    assert a.acquire(blocking=False) and a.acquire(blocking=False)  # a gave its own request back too
+    a.release(), a.release()
+    assert slots.acquire(b, 0.01, full.ready) and slots.in_use == 1
+    ordered = OrderedSlot(2, lambda: False)
+    assert not ordered.ready(0.01)
+    ordered.end()
+    assert ordered.ready(0.01) and ordered.take(0.01) is END
 
 
 def test_latency_quantiles_within_two_percent_in_fixed_memory() -> None:
