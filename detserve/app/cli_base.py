@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -53,8 +54,37 @@ def load_window(users: int, duration: str) -> float:
 URL = Annotated[str, typer.Option(help="gRPC HOST:PORT")]
 
 
-def terminate_as_interrupt() -> None:
+# A stop signal this soon after the previous one is the same stop sent twice, not a second Ctrl-C
+DUPLICATE_STOP_S = 1.0
+
+
+class _Interrupt:
+    """SIGTERM/SIGINT raised as KeyboardInterrupt (Ctrl-C), a duplicate within DUPLICATE_STOP_S ignored.
+    ``timeout`` (coreutils) sends its signal to the command and then to the whole process group, so the command
+    gets it twice; the second landed while the first one's stop ran and aborted it (seen: ``detserve stream`` ended
+    with exit 130 and no report, its MP4s unfinished, with the second SIGTERM 10-200 ms after the first). A signal
+    later than that still aborts the stop: a person pressing Ctrl-C again means it."""
+
+    def __init__(self) -> None:
+        self.last = -DUPLICATE_STOP_S
+
+    def __call__(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        duplicate = now - self.last < DUPLICATE_STOP_S
+        self.last = now
+        if not duplicate:
+            raise KeyboardInterrupt
+
+
+_INTERRUPT = _Interrupt()
+
+
+def terminate_as_interrupt(sigint: bool = False) -> None:
     """SIGTERM handled as Ctrl-C. In a container the command is PID 1, for which the kernel ignores a
     signal without a handler: ``kubectl delete job`` would leave a promote running until SIGKILL,
-    skipping the undo that Ctrl-C runs (a canary switched back, an aborted rollout narrowed back)."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    skipping the undo that Ctrl-C runs (a canary switched back, an aborted rollout narrowed back).
+    SIGINT gets the same handler where Python's own is installed (not where it was ignored: a
+    background job), or always with ``sigint`` (a command whose Ctrl-C is how a run ends)."""
+    signal.signal(signal.SIGTERM, _INTERRUPT)
+    if sigint or signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _INTERRUPT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -82,11 +81,10 @@ def stream(
         stall_s=stall, score_threshold=score_threshold,
     )  # fmt: skip
     specs = parse_sources(source, realtime=live)
-    terminate_as_interrupt()
     # Ctrl-C (SIGINT) is how a run ends and writes its report, even where it was started in the background of a
     # script (`detserve stream ... &`): the shell sets SIGINT to ignored there, and Python then never raises
     # KeyboardInterrupt — `kill -INT` would do nothing and the run would never end.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    terminate_as_interrupt(sigint=True)
     session = Session(opts)
     if session.view is not None:
         typer.echo(f"live view: {session.view.url}  metrics: {session.view.url}metrics", err=True)
