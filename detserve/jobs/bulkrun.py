@@ -30,7 +30,9 @@ class RunOptions:
     results: Path
     url: str = "127.0.0.1:8001"
     max_in_flight: int = 8
-    retries: int = 3
+    # 0.2 s doubling: 8 retries wait 51 s in all, past a server restart (the demo's: 22 s on 2 cores); 3 waited 1.4 s,
+    # so a restart during an overnight run left its in-flight images to a rerun and the run exited 1
+    retries: int = 8
     backoff_s: float = 0.2
     timeout_s: float = 60.0
     score_threshold: float | None = 0.05
