@@ -153,6 +153,7 @@ class StreamStats:
             "sent": self.sent,
             "answered": self.answered,
             "failed": self.failed,
+            "first_error": self.first_error,
             "dropped": self.dropped_live,
             "sampled_out": self.sampled_out,
             "decode_errors": self.decode_errors,
