@@ -233,6 +233,9 @@ def _grpc_error(name: str, status: int, message: str) -> str:
     )
 
 
+GRPC_KEEPALIVE_REQUESTS = 10_000_000  # ~55 h at 50 req/s: keepalive_time (1 h) ends a channel's connection first
+
+
 def _grpc_server(cfg: GateConfig) -> str:
     open_re = "|".join(GRPC_OPEN)
     admin_re = "|".join(GRPC_ADMIN)
@@ -252,6 +255,10 @@ def _grpc_server(cfg: GateConfig) -> str:
     return f"""    server {{
         listen {_listen(cfg.host, cfg.grpc_port)} http2;
         http2_max_concurrent_streams {min(cfg.client_requests, 128)};
+        # nginx ends a connection after 1000 requests (keepalive_requests) with a GOAWAY, and a call the client
+        # started as it came failed: UNAVAILABLE "Stream removed (GOAWAY received)", ~1 frame in 1000 in
+        # bench-stream. A gRPC channel is meant to live: recycled after keepalive_time (1 h) instead
+        keepalive_requests {GRPC_KEEPALIVE_REQUESTS};
 {_client_limits(cfg)}        client_max_body_size {cfg.max_request_bytes};
         grpc_read_timeout {cfg.read_timeout_s}s;
         grpc_send_timeout {cfg.read_timeout_s}s;

@@ -361,6 +361,46 @@ def test_abandoned_http_requests_are_not_decoded(demo_server: TritonServer, slow
 # ---- 7b / 7c / 7f / 7g --------------------------------------------------------------------------------------------
 
 
+def test_a_client_connection_is_not_recycled_every_thousand_requests(server: TritonServer) -> None:
+    """nginx closes an HTTP/2 connection after ``keepalive_requests`` (default 1000) with a GOAWAY; a request the
+    client started as it came failed (seen: ``UNAVAILABLE Stream removed (GOAWAY received; Error code: 0)``, one
+    frame in ~1 000 in ``detserve bench-stream`` rows; the client's local port changed every ~1 000 requests).
+    2 500 calls with 8 in flight on one channel: one connection throughout, no failure."""
+    import numpy as np
+    import psutil
+    import tritonclient.grpc as grpcclient
+
+    port = server.options.grpc_port
+    me = psutil.Process()
+    ports: set[int] = set()
+    errors: list[str] = []
+    free, done, lock = threading.Semaphore(8), threading.Event(), threading.Lock()
+    count = [0]
+    total = 2500
+
+    def answered(result: object, error: object) -> None:
+        with lock:
+            count[0] += 1
+            if error is not None:
+                errors.append(str(error))
+            if count[0] == total:
+                done.set()
+        free.release()
+
+    data = np.array([[b"x"]], dtype=object)
+    with grpcclient.InferenceServerClient(server.options.grpc_url) as client:
+        for i in range(total):
+            free.acquire()
+            item = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+            item.set_data_from_numpy(data)
+            client.async_infer("echo", [item], answered)
+            if i % 100 == 0:
+                ports |= {c.laddr.port for c in me.net_connections("tcp") if c.raddr and c.raddr.port == port}
+        assert done.wait(120)
+    _record("connection_reuse", {"requests": total, "client_ports": len(ports), "failed": len(errors)})
+    assert errors == [] and len(ports) == 1, (ports, errors[:3])
+
+
 def test_the_admin_key_is_exact_and_case_sensitive(server: TritonServer) -> None:
     port = server.options.http_port
     assert _http(port, "POST", "/v2/repository/index", b"{}", {"admin-key": KEY})[0] == 200
