@@ -183,10 +183,12 @@ def test_video_sink_writes_a_readable_mp4_with_every_frame(tmp_path: Path) -> No
     sink = VideoSink(tmp_path / "s.mp4", 25.0)
     for i in range(12):
         sink.write(np.full((49, 65, 3), i * 20, np.uint8))  # odd sizes: cropped to even for yuv420p
+    for i in range(3):  # the source changed size (a camera renegotiated): PyAV's encoder scales it to the file's
+        sink.write(np.full((30, 40, 3), 200, np.uint8))
     sink.close()
     with av.open(str(tmp_path / "s.mp4")) as c:
         frames = list(c.decode(video=0))
-    assert len(frames) == 12 and (frames[0].width, frames[0].height) == (64, 48)
+    assert len(frames) == 15 and {(f.width, f.height) for f in frames} == {(64, 48)}
 
 
 def test_auto_transport_sends_raw_only_to_this_host() -> None:
