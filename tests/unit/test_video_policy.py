@@ -183,7 +183,7 @@ def test_video_sink_writes_a_readable_mp4_with_every_frame(tmp_path: Path) -> No
     sink = VideoSink(tmp_path / "s.mp4", 25.0)
     for i in range(12):
         sink.write(np.full((49, 65, 3), i * 20, np.uint8))  # odd sizes: cropped to even for yuv420p
-    for i in range(3):  # the source changed size (a camera renegotiated): PyAV's encoder scales it to the file's
+    for _ in range(3):  # the source changed size (a camera renegotiated): PyAV's encoder scales it to the file's
         sink.write(np.full((30, 40, 3), 200, np.uint8))
     sink.close()
     with av.open(str(tmp_path / "s.mp4")) as c:
