@@ -76,6 +76,11 @@ def test_serve_refuses_before_starting_anything(tmp_path: Path) -> None:
     assert embedded.process is None and not embedded.log_path.exists()  # a failed start leaves no log behind
     backends, _ = _triton(tmp_path, "libnvinfer.so.10.5.0")
     (backends / "tensorrt" / "libnvinfer.so.10.5.0").touch()  # as a self-contained backend folder carries it
+    # an external server that passes the path checks (an executable binary, a python backend): refused for its engines
+    (backends / "python").mkdir()
+    (backends / "python" / "libtriton_python.so").touch()
+    (tmp_path / "tritonserver").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "tritonserver").chmod(0o755)
     external = TritonServer(ServerOptions(repository=repo, tritonserver=tmp_path / "tritonserver", backend_directory=backends))
     with pytest.raises(ServerError, match=r"TensorRT 10\.13\.2\.6, but this server's TensorRT is 10\.5\.0"):
         external.start()
