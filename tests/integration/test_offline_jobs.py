@@ -162,6 +162,7 @@ def test_mine_and_prelabel_the_served_results(results: Path, tree: Path, tmp_pat
     assert len(json.loads((tmp_path / "labelstudio" / "audit-tasks.json").read_text())) == 4
 
 
+@pytest.mark.slow  # a benchmark (figures recorded, nothing asserted on speed): the fast suite's budget
 def test_bulk_run_throughput_beside_the_load_test(server: TritonServer, tree: Path, tmp_path: Path) -> None:
     """Same model, same images, same concurrency and request controls, one after the other in one run."""
     from detserve.jobs.bulkrun import RunOptions, run_bulk
