@@ -291,7 +291,6 @@ def demo(
     out: Annotated[Path, typer.Option(help="where sample and annotated images go")] = Path("out/demo"),
 ) -> None:
     """Build the demo detector, serve it on loopback, detect over gRPC and print the results."""
-    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
     terminate_as_interrupt()
     from detserve.app.demo import run_demo
 

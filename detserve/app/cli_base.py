@@ -82,7 +82,9 @@ _INTERRUPT = _Interrupt()
 def terminate_as_interrupt(sigint: bool = False) -> None:
     """SIGTERM handled as Ctrl-C. In a container the command is PID 1, for which the kernel ignores a
     signal without a handler: ``kubectl delete job`` would leave a promote running until SIGKILL,
-    skipping the undo that Ctrl-C runs (a canary switched back, an aborted rollout narrowed back).
+    skipping the undo that Ctrl-C runs (a canary switched back, an aborted rollout narrowed back), and
+    a command that starts its own servers (bench, bench-stream, tune, memory, demo, ops-report) would
+    leave them running (seen before they called this: `timeout` left tritonserver and nginx behind).
     SIGINT gets the same handler where Python's own is installed (not where it was ignored: a
     background job), or always with ``sigint`` (a command whose Ctrl-C is how a run ends)."""
     signal.signal(signal.SIGTERM, _INTERRUPT)

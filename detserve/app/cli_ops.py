@@ -246,7 +246,6 @@ def ops_report(
     ] = None,
 ) -> None:
     """Inject each fault and bad input with traffic flowing and count lost requests (must be 0); exit 1 if any was lost."""
-    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
     terminate_as_interrupt()
     from loadtest.opsreport import run_ops_report
 

@@ -61,7 +61,6 @@ def bench(
 ) -> None:
     """Served ensemble vs in-process limit, Flask + eager PyTorch, no dynamic batching and the fused CPU layout;
     prints the ratios with the load generator's CPU accounted for, CPU per process and hop, memory per process."""
-    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
     terminate_as_interrupt()
     from loadtest.bench import BenchConfig, run_bench
 
@@ -89,7 +88,6 @@ def bench_stream(
 ) -> None:
     """N live 25 FPS 640x480 streams through `detserve stream` beside the single-image capacity, same server:
     per-stream and total FPS, drops, latency p50/p99, average batch, CPU per frame, the issue's targets."""
-    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
     terminate_as_interrupt()
     from loadtest.bench_stream import run_bench_stream
 
@@ -120,7 +118,6 @@ def tune(
     profile: Annotated[str, typer.Option(help="also per-step queue/compute at these user counts, e.g. 1,2,4,8,16,32")] = "",
 ) -> None:
     """Serve scheduling variants (instances, batching delay, ORT threads) in turn; prints a comparison table."""
-    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
     terminate_as_interrupt()
     from loadtest.tune import tune_and_report
 
@@ -147,7 +144,6 @@ def memory(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("out/memory"),
 ) -> None:
     """USS of the server (tritonserver + every python stub) with 1, 2, 4 ... models loaded, at rest and under load."""
-    # SIGTERM (timeout, kill, a container stop) as Ctrl-C: the servers it started stop too (before: left running)
     terminate_as_interrupt()
     from loadtest.memory import memory_and_report
 

@@ -3,8 +3,9 @@ live view, a once-a-second tick (watchdog + timeline) and the control file.
 
 Control file (``--control FILE``): one ``[ID=]SOURCE`` a line (``#`` comments); the file is re-read
 when it changes: a new line starts a stream, a removed line stops it (what it has in flight is still
-answered and written), a line whose source changed under the same id restarts it (plan_control). The file must belong to the user running ``detserve stream`` and be writable
-by nobody else: whoever can write it chooses what this process opens. With a control file the run
+answered and written), a line whose source changed under the same id restarts it (plan_control). The
+file must belong to the user running ``detserve stream`` and be writable by nobody else: whoever can
+write it chooses what this process opens. With a control file the run
 lasts until Ctrl-C/SIGTERM; without, until every source has ended.
 """
 
