@@ -48,8 +48,11 @@ class ServingOptions:
 
     Defaults measured with ``detserve tune`` on the 2-core CPU machine (docs/performance.md):
     against torch on all cores in every stub, one torch thread per stub gave 1.5x the throughput;
-    a second post-processing instance (the costliest step: per-class NMS) +33%; one onnxruntime
-    thread +10%; the batching delay (0 / 2 / 10 ms) made no difference beyond noise.
+    one onnxruntime thread +10%; the batching delay (0 / 2 / 10 ms) made no difference beyond noise.
+    One post-processing instance: a second one (+33% when the untrained heads' per-class NMS was the
+    costliest step) did no more work per CPU-second with trained or seeded heads (quiet A/B, 3 pairs
+    each: 0.99 and 1.01) and cost a torch process, ~370 MB USS, per model; ``detserve tune`` offers
+    "postprocess x2 instances" where a model's NMS needs it.
     """
 
     max_batch_size: int = 8
@@ -63,7 +66,7 @@ class ServingOptions:
     queue_timeout_ms: int = 30_000
     preprocess_instances: int = 1
     core_instances: int = 1
-    postprocess_instances: int = 2
+    postprocess_instances: int = 1
     ort_intra_op_threads: int = 1  # 0: onnxruntime decides (all cores)
     # onnxruntime's threads spin after each call; on a small CPU that steals time from the
     # torch pre/post-processing stubs running beside it

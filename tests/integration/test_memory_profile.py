@@ -22,11 +22,11 @@ def test_memory_table_of_the_served_model(demo_copy: Callable[[str], Path], tmp_
     assert (out / "memory.md").read_text().strip() in text
     (row,) = json.loads((out / "memory.json").read_text())
     stubs = {role: v for role, v in row["rest"].items() if role.startswith("stub ")}
-    # the built defaults: one pre-processing, one core and two post-processing instances, each its own stub
+    # the built defaults: one pre-processing, one core and one post-processing instance, each its own stub
     assert {r: int(v["processes"]) for r, v in stubs.items()} == {
         "stub demo_preprocess": 1,
         "stub demo_core": 1,
-        "stub demo_postprocess": 2,
+        "stub demo_postprocess": 1,
     }
     assert all(v["uss_mb"] > 0 for v in row["load"].values()) and row["throughput_rps"]["demo"] > 0
 

@@ -1,6 +1,7 @@
 """/dev/shm and python stubs after each way a server goes: nothing of detserve's is left behind.
 
-Each test serves the trained demo detector (four python stubs, 16 MB region each) and counts only
+Each test serves the trained demo detector with two post-processing instances (tune's "postprocess x2
+instances"; the built default is one): four python stubs, 16 MB region each. It counts only
 what belongs to its own server (its region prefix): other servers run beside these tests.
 Measurements go to out/reports/shm.json.
 """
@@ -19,6 +20,7 @@ import pytest
 from detserve.ops import stubshm
 from detserve.ops.server import ServerOptions, TritonServer, free_port, running_server
 from detserve.ops.watchdog import children_of, stub_identity
+from loadtest.tune import apply_variant, variant_named
 from tests.reports import record
 
 
@@ -28,7 +30,10 @@ def _record(key: str, value: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def demo_repo(demo_copy: Callable[[str], Path]) -> Path:
-    return demo_copy("shm_repo")
+    repo = demo_copy("shm_repo")
+    # a model with two instances of one step: the kill test needs a sibling stub of the killed one
+    assert apply_variant(repo, "demo", variant_named("postprocess x2 instances"))
+    return repo
 
 
 def _state(prefix: str) -> dict[str, Any]:
