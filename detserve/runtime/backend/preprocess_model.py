@@ -12,12 +12,12 @@ import triton_python_backend_utils as pb_utils
 from detserve.errors import ImageError, RequestError
 from detserve.pipeline import FRAMES, IMAGE
 from detserve.runtime.backend.common import (
+    EarlySender,
     apply_torch_threads,
     check_wanted,
     config_parameter,
     preprocess_spec,
     request_parameters,
-    respond_each,
     tune_stub_malloc,
 )
 from detserve.runtime.canvas import CANVAS_PARAMETER, PER_IMAGE
@@ -132,6 +132,7 @@ class TritonPythonModel:
         self.spec = preprocess_spec(args)  # the build's, with the server's pixel budget if it sets one
         self.per_image = config_parameter(args, CANVAS_PARAMETER, "") == PER_IMAGE
         self.device = step_device(args)
+        self.sender = EarlySender(pb_utils)
 
     def _handle(self, request: Any) -> Any:
         # checked per request, just before its decode: the last of a batch of large images may
@@ -156,5 +157,6 @@ class TritonPythonModel:
         tensor = pb_utils.Tensor.from_dlpack("images", torch.utils.dlpack.to_dlpack(images))
         return pb_utils.InferenceResponse(output_tensors=[tensor, pb_utils.Tensor("image_info", info)])
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        return respond_each(pb_utils, requests, self._handle)
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        # each request handed on as soon as its images are pre-processed (EarlySender)
+        return self.sender.execute(requests, self._handle)
