@@ -121,9 +121,10 @@ VARIANTS = [
     # did as well or better by throughput at equal CPU per request, with ~250 MB less memory per model
     Variant("core x2 + post x1", set_instances({"core": 2, "postprocess": 1})),
     Variant("torch all cores in stubs", set_torch_threads(0)),
-    # each request's pre-processing handed on as soon as it is done, not with its batch's last image
-    # (it decodes image by image: batching saves one execute call, no compute); without a dynamic
-    # batcher the first step has no queue bound (ServingOptions.max_queue_size): a measurement, not a default
+    # without a dynamic batcher on the first step: each request alone in its execute. The step now sends
+    # each response as soon as it is made (backend/common.EarlySender), which took most of what this
+    # variant gained; without a batcher the first step has no queue bound (ServingOptions.max_queue_size):
+    # a measurement, not a default
     Variant(
         "preprocess unbatched + core x2 + post x1",
         combine(only(("preprocess",), no_dynamic_batching), set_instances({"core": 2, "postprocess": 1})),
