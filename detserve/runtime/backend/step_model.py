@@ -13,8 +13,7 @@ request's controls (request parameters pass through the ensemble to every step).
 Image by image (runtime/canvas.py): each image's inputs are cropped to its own canvas (a core's
 ``images``, by ``image_info`` where the config gives it) or to its own shape (an input's
 ``<name>__shape`` companion), and images of the same canvas and input shapes, from any requests,
-run as one batch (the onnxruntime core: from one request, each request answered as soon as it is done,
-``OnnxCore.execute``); each request gets its own rows back (a core's outputs zero-padded to the largest
+run as one batch; each request gets its own rows back (a core's outputs zero-padded to the largest
 with ``<name>__shape`` companions where the config declares them; a torch step's rows of different
 lengths zero-padded by ``stack_rows``, another output saying the count). A batch that fails fails
 its requests only; a bad control fails its own request before the batch runs.
