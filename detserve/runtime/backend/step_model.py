@@ -39,7 +39,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from detserve.runtime.backend.common import (
-    EarlySender,
     apply_torch_threads,
     config_parameter,
     error_response,
@@ -106,7 +105,6 @@ class OnnxCore:
         self.outputs = [n for n in declared if not is_shape_name(n)]
         self.companions = {n for n in self.outputs if shape_name(n) in declared}
         self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
-        self.sender = EarlySender(pb_utils)
 
     def _run(self, members: list[tuple[_CoreRequest, int]]) -> list[dict[str, np.ndarray]]:
         feed = {n: np.stack([r.images[j][n] for r, j in members]) for n in self.feeds}
@@ -122,19 +120,10 @@ class OnnxCore:
                 tensors.append(pb_utils.Tensor(shape_name(n), shapes))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def _one(self, request: Any) -> Any:
-        """One request's images (grouped by canvas) through onnxruntime: its response or its error."""
-        response: list[Any] = [None]
-        parsed = _CoreRequest(request, self.feeds, self.names)
-        return run_per_image(pb_utils, {0: parsed}, lambda r, j: r.key(j), self._run, self._respond, response)[0]
-
-    def execute(self, requests: list[Any]) -> list[Any] | None:
-        # Request by request, each response sent as soon as it is made (EarlySender), not one onnxruntime
-        # call for the batch: on the CPU a batch costs the same per image (in process 39.5 images/s at batch
-        # 1, 41.0 at 4), but every request waited for the batch's last image while the post-processing had
-        # nothing to do. Quiet A/B (docs/performance.md): 1.16x the requests, the same per CPU-second, p99
-        # 0.41x. The dynamic batcher stays for its queue bound and timeouts.
-        return self.sender.execute(requests, self._one)
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        parsed = _parse_all(requests, lambda r: _CoreRequest(r, self.feeds, self.names), responses)
+        return run_per_image(pb_utils, parsed, lambda r, j: r.key(j), self._run, self._respond, responses)
 
 
 class TorchCore:
@@ -293,5 +282,5 @@ class TritonPythonModel:
             self.step = TorchStep(args)
         release_free_heap()
 
-    def execute(self, requests: list[Any]) -> list[Any] | None:
+    def execute(self, requests: list[Any]) -> list[Any]:
         return self.step.execute(requests)
