@@ -23,7 +23,7 @@ class _Error:
         self.message, self.code = message, code
 
 
-def _pb(sent: list[tuple[str, Any]], warnings: list[str], early: bool = True) -> SimpleNamespace:
+def _pb(warnings: list[str], early: bool = True) -> SimpleNamespace:
     pb = SimpleNamespace(
         InferenceResponse=lambda output_tensors=None, error=None: {"out": output_tensors, "error": error},
         TritonError=_Error,
@@ -57,7 +57,7 @@ def _handle(request: _Request) -> Any:
 def test_each_response_is_sent_as_it_is_made_and_a_bad_request_fails_alone() -> None:
     sent: list[tuple[str, Any]] = []
     order: list[str] = []
-    sender = EarlySender(_pb(sent, []))
+    sender = EarlySender(_pb([]))
 
     def handle(request: _Request) -> Any:
         order.append(f"handle {request.name} after {len(sent)} sent")
@@ -72,20 +72,21 @@ def test_each_response_is_sent_as_it_is_made_and_a_bad_request_fails_alone() -> 
 
 def test_a_backend_that_cannot_send_early_gets_the_list() -> None:
     sent: list[tuple[str, Any]] = []
-    sender = EarlySender(_pb(sent, []))
+    warnings: list[str] = []
+    sender = EarlySender(_pb(warnings))
     refusing = "Unable to send response. Response sender has no reference to the decoupled state of the model."
     out = sender.execute([_Request("a", sent, refusing), _Request("bad", sent, refusing)], _handle)
     assert sent == [] and out is not None and out[0] == ["a"] and out[1]["error"].code == "INVALID_ARG"
-    assert sender.works is False
+    assert sender.works is False and len(warnings) == 1 and "cannot send early" in warnings[0]  # said, once
     assert sender.execute([_Request("c", sent)], _handle) == [["c"]]  # stays on the list
-    no_constant = EarlySender(_pb(sent, [], early=False))  # an older pb_utils: the list from the start
+    no_constant = EarlySender(_pb([], early=False))  # an older pb_utils: the list from the start
     assert no_constant.execute([_Request("d", sent)], _handle) == [["d"]] and sent == []
 
 
 def test_one_response_that_cannot_be_sent_does_not_stop_the_others() -> None:
     sent: list[tuple[str, Any]] = []
     warnings: list[str] = []
-    sender = EarlySender(_pb(sent, warnings))
+    sender = EarlySender(_pb(warnings))
     assert sender.execute([_Request("a", sent)], _handle) is None  # works: later refusals are per request
     assert sender.execute([_Request("b", sent, "client gone"), _Request("c", sent)], _handle) is None
     assert [n for n, _ in sent] == ["a", "c"] and len(warnings) == 1 and "client gone" in warnings[0]
@@ -94,6 +95,6 @@ def test_one_response_that_cannot_be_sent_does_not_stop_the_others() -> None:
 @pytest.mark.parametrize("first_refused", [True, False])
 def test_the_first_send_decides_only_once(first_refused: bool) -> None:
     sent: list[tuple[str, Any]] = []
-    sender = EarlySender(_pb(sent, []))
+    sender = EarlySender(_pb([]))
     out = sender.execute([_Request("a", sent, "no" if first_refused else None), _Request("b", sent)], _handle)
     assert (out is not None) is first_refused and sender.works is (not first_refused)

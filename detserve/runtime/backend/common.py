@@ -209,9 +209,9 @@ class EarlySender:
     """Each request's response handed to Triton as soon as it is made, not with its batch's last one.
 
     The pre-processing decodes a batch image by image; returning the responses together kept every
-    request waiting for the batch's slowest image while the core had nothing to run (a quiet A/B on 2
-    cores, docs/performance.md: the step without a batcher did 1.16x the requests, the same per
-    CPU-second). Sending through each request's response sender keeps the dynamic batcher, and with it
+    request waiting for the batch's slowest image while the core had nothing to run (quiet A/B on 2
+    cores, docs/performance.md: sent early, 1.20x the requests and 1.04x per CPU-second). Sending
+    through each request's response sender keeps the dynamic batcher, and with it
     the queue bound and timeouts (ServingOptions.max_queue_size), while the next step starts on each
     request as it comes. A python backend without response senders in non-decoupled models (before
     Triton 24.xx) refuses the first send; nothing has been sent then, and this instance answers the
@@ -237,6 +237,7 @@ class EarlySender:
             except Exception as e:
                 if self.works is None and i == 0:  # this backend cannot: nothing sent yet, answer as before
                     self.works = False
+                    self.pb_utils.Logger.log_warn(f"detserve: responses go back per batch (cannot send early: {e})")
                     return [response, *respond_each(self.pb_utils, requests[1:], handle)]
                 # this request only (its client is gone, say): the others are answered all the same
                 self.pb_utils.Logger.log_warn(f"detserve: a response could not be sent: {type(e).__name__}: {e}")
