@@ -40,3 +40,33 @@ def test_tune_with_the_limit_and_the_step_profile(demo_copy: Callable[[str], Pat
     text = ok(detserve("tune", *args, "--out", str(out), "--ort-threads", "--limit", "--profile", "1,2", timeout=1500))
     assert "core: queue / compute ms, batch, busy %" in text and "in-process limit:" in text
     assert (out / "tuning.md").read_text().strip() in text
+
+
+@pytest.mark.documents(
+    "detserve memory --repository R --model demo --model ssdlite --share-preprocessing --users 4 --duration 8s"
+)
+def test_memory_with_one_preprocessing_model_per_spec(tmp_path: Path) -> None:
+    """Two same-spec detectors built without the option (the trained demo, a seeded SSDlite: other weights and
+    classes): `--share-preprocessing` adds the shared layout's rows, in which the second model runs the first's
+    pre-processing stub (the per-model figure docs/performance.md quotes, 461 MB, comes from this command)."""
+    from detserve.app.demo import DEMO_WEIGHTS
+
+    repo, out = tmp_path / "repo", tmp_path / "memory"
+    build = ("build", "ssdlite320_mobilenet_v3_large", "--repository", str(repo))
+    ok(detserve(*build, "--name", "demo", "--num-classes", "6", "--checkpoint", str(DEMO_WEIGHTS), timeout=900))
+    ok(detserve(*build, "--name", "ssdlite", "--num-classes", "5", "--random-weights", timeout=900))
+    args = ("--model", "demo", "--model", "ssdlite", "--share-preprocessing", "--users", "1", "--duration", "2s")
+    text = ok(detserve("memory", "--repository", str(repo), *args, "--out", str(out), timeout=1200))
+    rows = {(r["layout"], len(r["models"])): r for r in json.loads((out / "memory.json").read_text())}
+    assert set(rows) == {
+        ("ensemble", 1),
+        ("ensemble", 2),
+        ("ensemble, shared pre-processing", 1),
+        ("ensemble, shared pre-processing", 2),
+    }
+    stubs = {role for role in rows[("ensemble, shared pre-processing", 2)]["rest"] if role.startswith("stub ")}
+    assert "stub demo_preprocess" in stubs and "stub ssdlite_preprocess" not in stubs and "stub ssdlite_core" in stubs, stubs
+    assert "stub ssdlite_preprocess" in rows[("ensemble", 2)]["rest"]  # the plain layout keeps its own
+    assert all(v > 0 for r in rows.values() for v in r["throughput_rps"].values()), rows
+    assert "ensemble, shared pre-processing: each additional model" in text
+    assert not (repo / "ssdlite" / "config.pbtxt").read_text().count("demo_preprocess")  # the built repository untouched
