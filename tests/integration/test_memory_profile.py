@@ -43,7 +43,7 @@ def test_tune_with_the_limit_and_the_step_profile(demo_copy: Callable[[str], Pat
 
 
 @pytest.mark.documents(
-    "detserve memory --repository R --model demo --model ssdlite --share-preprocessing --users 4 --duration 8s"
+    "detserve memory --repository R --model demo --model ssdlite --share-preprocessing --users 1 --duration 2s --out O"
 )
 def test_memory_with_one_preprocessing_model_per_spec(tmp_path: Path) -> None:
     """Two same-spec detectors built without the option (the trained demo, a seeded SSDlite: other weights and
