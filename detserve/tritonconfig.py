@@ -51,7 +51,7 @@ class ServingOptions:
     one onnxruntime thread +10%; the batching delay (0 / 2 / 10 ms) made no difference beyond noise.
     One post-processing instance: a second one (+33% when the untrained heads' per-class NMS was the
     costliest step) did no more work per CPU-second with trained or seeded heads (quiet A/B, 3 pairs
-    each: 0.99 and 1.01) and cost a torch process, ~370 MB USS, per model; ``detserve tune`` offers
+    each: 0.99 and 1.00) and cost a torch process, ~370 MB USS, per model; ``detserve tune`` offers
     "postprocess x2 instances" where a model's NMS needs it.
     """
 
